@@ -1,0 +1,70 @@
+"""Where Farm keeps things, and the node's own configuration (``farm.yaml``).
+
+The configuration file is found at ``--config``, ``$FARM_CONFIG``, or
+``farm.yaml`` in the user's config directory; a missing default file means defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from farm.errors import UsageError
+
+APP = "farm"
+
+
+def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The state directory: ``--state``, then ``$FARM_STATE``, then the platform's."""
+    chosen = explicit or os.environ.get("FARM_STATE") or platformdirs.user_state_dir(APP)
+    return Path(chosen).expanduser().resolve()
+
+
+def config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP))
+
+
+class NodeConfig(BaseModel):
+    """What a node allows and offers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    slots: int | None = Field(default=None, ge=1)
+    #: Executables the command processor may start: names looked up on PATH, or
+    #: absolute paths. The default allows only what the shipped examples need.
+    allow_commands: list[str] = Field(default_factory=lambda: ["ffmpeg"])
+    #: Seconds between SIGTERM and SIGKILL when a segment's process group is ended.
+    kill_grace: float = Field(default=1.5, ge=0)
+
+
+class FarmConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> FarmConfig:
+    """Read ``farm.yaml``; an explicitly named file must exist."""
+    named = explicit or os.environ.get("FARM_CONFIG")
+    path = Path(named).expanduser() if named else config_dir() / "farm.yaml"
+    if not path.exists():
+        if named:
+            raise UsageError(f"config file {path} does not exist")
+        return FarmConfig()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UsageError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    try:
+        return FarmConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"{path}: {key}: {first['msg']}") from None

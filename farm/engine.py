@@ -1,0 +1,119 @@
+"""The bridge to the execution engine, Dask distributed.
+
+The controller's queue decides what runs where; this module only hands one attempt to
+one named worker, asks a worker to cancel an attempt, and reports outcomes and
+progress back through a single queue that the scheduler drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+from distributed import Client, LocalCluster
+
+from farm.model import Job, Segment
+from farm.node import PROGRESS_TOPIC, cancel_attempt, run_segment
+
+log = logging.getLogger("farm.engine")
+
+
+@dataclass
+class NodeView:
+    address: str
+    name: str
+    slots: int
+    capabilities: dict[str, str] = field(default_factory=dict)
+
+
+class Engine:
+    """Runs attempts on Dask workers; ``outcomes`` receives ``(kind, attempt_id, value)``."""
+
+    def __init__(self, client: Client, cluster: LocalCluster | None = None,
+                 capabilities: dict[str, str] | None = None):
+        self.client = client
+        self.cluster = cluster
+        self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+        self._capabilities = capabilities or {}
+        self._futures: dict[str, Any] = {}
+        client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+
+    @classmethod
+    def embedded(cls, slots: int | None = None, capabilities: dict[str, str] | None = None) -> Engine:
+        """An in-process LocalCluster sized to this machine, listening on nothing."""
+        slots = slots or os.cpu_count() or 1
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(
+                n_workers=1,
+                threads_per_worker=slots,
+                processes=False,
+                # Dask serves HTTP (dashboard, health) on all interfaces by default;
+                # the embedded default listens on nothing but loopback.
+                dashboard_address="127.0.0.1:0",
+                worker_dashboard_address="127.0.0.1:0",
+                silence_logs=logging.ERROR,
+            )
+        client = Client(cluster, set_as_default=False)
+        return cls(client, cluster, capabilities)
+
+    def nodes(self) -> list[NodeView]:
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        return [
+            NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
+            for address, info in workers.items()
+        ]
+
+    def submit(self, job: Job, segment: Segment, address: str) -> None:
+        future = self.client.submit(
+            run_segment, job, segment,
+            key=f"farm-{segment.attempt_id}", workers=[address], allow_other_workers=False, pure=False,
+        )
+        self._futures[segment.attempt_id] = future
+        attempt_id = segment.attempt_id
+        future.add_done_callback(lambda _: self.outcomes.put(("finished", attempt_id, None)))
+
+    def collect(self, attempt_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Outcomes of finished attempts, fetched in one round trip where possible."""
+        outcomes: dict[str, dict[str, Any]] = {}
+        finished = []
+        for attempt_id in attempt_ids:
+            future = self._futures.pop(attempt_id, None)
+            if future is None:
+                continue
+            if future.status == "finished":
+                finished.append((attempt_id, future))
+            else:
+                try:
+                    error = future.exception(timeout=5)
+                    reason = f"{type(error).__name__}: {error}"
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                if "KilledWorker" in reason:
+                    reason = f"the node running it died ({reason})"
+                outcomes[attempt_id] = {"ok": False, "reason": reason, "lost": True, "log": ""}
+        if finished:
+            values = self.client.gather([future for _, future in finished])
+            outcomes.update({attempt_id: value for (attempt_id, _), value in zip(finished, values)})
+        return outcomes
+
+    def cancel(self, attempt_id: str, address: str) -> None:
+        """Ask the node to end the attempt; its future reports back as usual."""
+        try:
+            self.client.run(cancel_attempt, attempt_id, workers=[address], wait=False)
+        except Exception:  # the node may already be gone; its future will say so
+            log.debug("could not reach %s to cancel %s", address, attempt_id, exc_info=True)
+
+    def _on_progress(self, event: Any) -> None:
+        _, message = event
+        self.outcomes.put(("progress", message.get("attempt", ""), message))
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()

@@ -1,0 +1,51 @@
+"""Error categories and the exit status each one maps to.
+
+Every error a user can cause is a :class:`FarmError` whose message says what went
+wrong, where, and what was expected; the CLI prints it as one line.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    JOB_FAILED = 1
+    BAD_INPUT = 2
+    INTERNAL = 3
+    INTERRUPTED = 130
+
+
+class FarmError(Exception):
+    """A problem a person can fix; the message is shown as it is."""
+
+    exit_status = ExitStatus.BAD_INPUT
+
+
+class ProfileError(FarmError):
+    """A profile that cannot be found, parsed or validated."""
+
+
+class UsageError(FarmError):
+    """Bad arguments, inputs or destinations."""
+
+
+class PlanError(FarmError):
+    """A processor could not cut a job into segments."""
+
+
+class ProcessorError(FarmError):
+    """A segment or an assemble step failed; the message is the job's reason."""
+
+
+class IllegalTransition(FarmError):
+    """A state change that the transition table does not allow."""
+
+    exit_status = ExitStatus.INTERNAL
+
+
+class StoreError(FarmError):
+    """The state store cannot be opened or written."""
+
+    exit_status = ExitStatus.INTERNAL

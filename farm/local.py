@@ -1,0 +1,125 @@
+"""The embedded default: store, Dask LocalCluster and scheduler in this process.
+
+Also the checks every submission passes before anything is stored: inputs that
+exist and are files, a destination that can be written, and a machine that can run
+the profile at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm.config import FarmConfig, state_dir
+from farm.engine import Engine
+from farm.errors import UsageError
+from farm.node import NodeRuntime, install_runtime
+from farm.plugins import Plugins
+from farm.profiles import LoadedProfile
+from farm.requirements import unmet_requirements
+from farm.scheduler import Scheduler
+from farm.store import Store
+
+STORE_NAME = "farm.db"
+
+
+def check_inputs(loaded: LoadedProfile, plugins: Plugins, inputs: list[str]) -> list[Path | None]:
+    """The job inputs for a submission: existing files, or ``[None]`` for a job without one."""
+    processor = plugins.processor(loaded.profile.processor)
+    mode = processor.input_mode(loaded.settings)
+    if mode == "none":
+        if inputs:
+            raise UsageError(
+                f"profile {loaded.profile.name!r} takes no input files (processor {processor.name}), "
+                f"but {len(inputs)} were given: {inputs[0]!r}"
+            )
+        return [None]
+    if not inputs:
+        if mode == "optional":
+            return [None]
+        raise UsageError(f"profile {loaded.profile.name!r} needs at least one input file; none was given")
+    checked: list[Path | None] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise UsageError(f"input {raw!r} does not exist")
+        if path.is_dir():
+            raise UsageError(f"input {raw!r} is a directory; expected a file")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"input {raw!r} cannot be read (permission denied)")
+        checked.append(path.resolve())
+    return checked
+
+
+def check_destination(raw: str | os.PathLike[str]) -> Path:
+    """Create the destination folder if needed and prove that a file can be written in it."""
+    path = Path(raw).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"destination {str(raw)!r} is a file; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".farm-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"destination {str(raw)!r} is not writable: {exc.strerror or exc}") from None
+    return path.resolve()
+
+
+def check_runnable(loaded: LoadedProfile, plugins: Plugins, inputs: list[Path | None], capabilities: dict[str, str]) -> None:
+    """Refuse a profile that no node here could run, before anything is stored."""
+    from farm.model import Job
+
+    processor = plugins.processor(loaded.profile.processor)
+    probe = Job(id="check", batch_id="check", input=inputs[0], profile=loaded.profile, settings=loaded.settings,
+                destination=Path("."), work_dir=Path("."), frames=loaded.profile.frame_list)
+    unmet = unmet_requirements(processor.requires(probe), capabilities)
+    if unmet:
+        offered = ", ".join(sorted(name for name in capabilities if not name.startswith("processor:"))) or "nothing"
+        raise UsageError(
+            f"profile {loaded.profile.name!r} needs {', '.join(unmet)}, which this machine does not offer "
+            f"(it offers: {offered}); commands must be on node.allow_commands in farm.yaml"
+        )
+
+
+@dataclass
+class LocalFarm:
+    """Everything ``farm run`` needs, started together and closed together."""
+
+    store: Store
+    engine: Engine
+    scheduler: Scheduler
+    node: NodeRuntime
+
+    @classmethod
+    def start(cls, config: FarmConfig, plugins: Plugins, state: str | None = None,
+              node: NodeRuntime | None = None) -> LocalFarm:
+        root = state_dir(state)
+        store = Store(root / STORE_NAME)
+        node = node or install_runtime(config.node)
+        engine = Engine.embedded(node.slots, node.capabilities)
+        scheduler = Scheduler(store, plugins, engine, root / "work")
+        return cls(store, engine, scheduler, node)
+
+    def close(self) -> None:
+        try:
+            self.scheduler.close()
+        finally:
+            # Dask reports closing comms at shutdown; none of that concerns the user.
+            quiet = logging.getLogger("distributed")
+            level = quiet.level
+            quiet.setLevel(logging.CRITICAL)
+            try:
+                self.engine.close()
+            finally:
+                quiet.setLevel(level)
+                self.store.close()
+
+    def __enter__(self) -> LocalFarm:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

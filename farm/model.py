@@ -1,0 +1,147 @@
+"""Batches, jobs, segments and attempts: their states and the moves between them.
+
+Each entity has one transition table; :func:`check_transition` is the only judge of
+whether a move is allowed, and an illegal move raises an error that names the entity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from farm.errors import IllegalTransition
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ASSEMBLING = "assembling"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class SegmentState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AttemptState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_JOB_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
+    "job": {
+        JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+        JobState.RUNNING: frozenset(
+            {JobState.QUEUED, JobState.ASSEMBLING, JobState.FAILED, JobState.CANCELLED}
+        ),
+        JobState.ASSEMBLING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+        JobState.DONE: frozenset(),
+        JobState.FAILED: frozenset(),
+        JobState.CANCELLED: frozenset(),
+    },
+    "segment": {
+        # running -> queued is a retry (or a hand-back); the attempt keeps the reason.
+        SegmentState.QUEUED: frozenset(
+            {SegmentState.RUNNING, SegmentState.FAILED, SegmentState.CANCELLED}
+        ),
+        SegmentState.RUNNING: frozenset(
+            {SegmentState.QUEUED, SegmentState.DONE, SegmentState.FAILED, SegmentState.CANCELLED}
+        ),
+        SegmentState.DONE: frozenset(),
+        SegmentState.FAILED: frozenset(),
+        SegmentState.CANCELLED: frozenset(),
+    },
+    "attempt": {
+        AttemptState.RUNNING: frozenset(
+            {
+                AttemptState.DONE,
+                AttemptState.FAILED,
+                AttemptState.TIMED_OUT,
+                AttemptState.LOST,
+                AttemptState.CANCELLED,
+            }
+        ),
+        AttemptState.DONE: frozenset(),
+        AttemptState.FAILED: frozenset(),
+        AttemptState.TIMED_OUT: frozenset(),
+        AttemptState.LOST: frozenset(),
+        AttemptState.CANCELLED: frozenset(),
+    },
+}
+
+
+def check_transition(kind: str, entity_id: str, old: str, new: str) -> None:
+    """Raise :class:`IllegalTransition` unless ``kind`` may move from ``old`` to ``new``."""
+    table = TRANSITIONS[kind]
+    if old not in table:
+        raise IllegalTransition(f"{kind} {entity_id}: unknown state {old!r}")
+    if new not in table[old]:
+        allowed = ", ".join(sorted(table[old])) or "nothing (it is final)"
+        raise IllegalTransition(
+            f"{kind} {entity_id}: cannot go from {old} to {new}; from {old} it may go to {allowed}"
+        )
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """What a processor's plan returns for one segment.
+
+    ``frames`` is the frame list for frame-based processors (else ``None``);
+    ``params`` is the processor's own JSON-serialisable description (a time range, ...);
+    ``label`` is how people see it (``frames 1-10``, ``00:10-00:20``, ``audio``).
+    """
+
+    label: str
+    frames: list[int] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One source processed with one profile into one destination, as plugins see it."""
+
+    id: str
+    batch_id: str
+    input: Path | None
+    profile: Any  # farm.profiles.Profile
+    settings: Any  # the processor's validated settings model
+    destination: Path
+    work_dir: Path  # cluster storage for this job's segment outputs
+    frames: list[int] | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a job, handed to a node for one attempt."""
+
+    id: str
+    job: Job
+    index: int
+    label: str
+    frames: list[int] | None
+    params: dict[str, Any]
+    attempt_id: str
+    output_dir: Path  # where this attempt writes, inside cluster storage
+
+    @property
+    def start(self) -> int | None:
+        return self.frames[0] if self.frames else None
+
+    @property
+    def end(self) -> int | None:
+        return self.frames[-1] if self.frames else None

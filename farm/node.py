@@ -1,0 +1,350 @@
+"""The node runtime: runs one segment attempt on whatever machine Dask placed it.
+
+Every subprocess is an argv list (never a shell string) started in its own process
+group, which is ended (TERM, then KILL after a grace period) on cancel; on Linux the
+group leader also dies with its worker (parent-death signal). Every attempt's log
+has a header (command, host, cwd, ids) and a footer (exit status, signal, times,
+peak memory).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm.config import NodeConfig, load_config
+from farm.errors import FarmError, ProcessorError
+from farm.model import Job, Segment
+from farm.processor import Context, NodeInfo
+
+LOG_LINES_LIMIT = 2000
+PROGRESS_TOPIC = "farm-progress"
+
+
+class Cancelled(Exception):
+    """The attempt was cancelled (by a user, a timeout or the node leaving)."""
+
+
+# -- the per-process runtime ----------------------------------------------------------
+
+
+class NodeRuntime:
+    def __init__(self, config: NodeConfig | None = None, name: str | None = None):
+        from farm.plugins import load_plugins
+
+        self.config = config or load_config().node
+        self.name = name or self.config.name or socket.gethostname()
+        self.plugins = load_plugins()
+        self.slots = self.config.slots or os.cpu_count() or 1
+        self.capabilities = node_capabilities(self.config, self.plugins)
+        self._active: dict[str, threading.Event] = {}
+        self._cancelled_early: set[str] = set()
+        self._lock = threading.Lock()
+
+    def info(self) -> NodeInfo:
+        return NodeInfo(self.name, self.slots, self.config, self.capabilities)
+
+    def cancel(self, attempt_id: str) -> bool:
+        with self._lock:
+            event = self._active.get(attempt_id)
+            if event is None:
+                self._cancelled_early.add(attempt_id)
+                return False
+            event.set()
+            return True
+
+    def _register(self, attempt_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._active[attempt_id] = event
+            if attempt_id in self._cancelled_early:
+                self._cancelled_early.discard(attempt_id)
+                event.set()
+        return event
+
+    def _unregister(self, attempt_id: str) -> None:
+        with self._lock:
+            self._active.pop(attempt_id, None)
+
+
+_runtime: NodeRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> NodeRuntime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = NodeRuntime()
+        return _runtime
+
+
+def install_runtime(config: NodeConfig, name: str | None = None) -> NodeRuntime:
+    """Set this process's node runtime (the embedded default does this before starting)."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = NodeRuntime(config, name)
+        return _runtime
+
+
+def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
+    capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
+    for answer in plugins.hook.farm_node_capabilities(config=config):
+        capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
+    return capabilities
+
+
+# -- running commands -----------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class CommandResult:
+    argv: list[str]
+    exit_status: int | None
+    signal: int | None
+    seconds: float
+    peak_memory_kib: int
+    output: str
+
+
+class AttemptLog:
+    """A bounded log of one attempt: keeps the head and the tail when it overflows."""
+
+    def __init__(self) -> None:
+        self._head: list[str] = []
+        self._tail: list[str] = []
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if len(self._head) < LOG_LINES_LIMIT // 2:
+                self._head.append(line)
+                return
+            self._tail.append(line)
+            if len(self._tail) > LOG_LINES_LIMIT // 2:
+                self._tail.pop(0)
+                self._dropped += 1
+
+    def text(self) -> str:
+        with self._lock:
+            cut = [f"[... {self._dropped} lines cut ...]"] if self._dropped else []
+            return "\n".join(self._head + cut + self._tail)
+
+
+class CommandRunner:
+    """Starts subprocesses for one attempt; ``Context.run`` is its :meth:`run`."""
+
+    def __init__(self, log: AttemptLog, cancelled: threading.Event, ids: str, kill_grace: float):
+        self.log = log
+        self.cancelled = cancelled
+        self.ids = ids
+        self.kill_grace = kill_grace
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        argv = [os.fspath(arg) for arg in argv]
+        if not argv or not all(isinstance(arg, str) for arg in argv):
+            raise ProcessorError(f"a command must be a non-empty list of strings, got {argv!r}")
+        if self.cancelled.is_set():
+            raise Cancelled("cancelled before the command started")
+        workdir = os.fspath(cwd) if cwd else os.getcwd()
+        self.log.write(f"=== command: {shlex.join(argv)}")
+        self.log.write(f"=== host: {socket.gethostname()}  pid: {os.getpid()}  cwd: {workdir}  ids: {self.ids}")
+        self.log.write(f"=== started: {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=workdir,
+                env={**os.environ, **env} if env else None,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except FileNotFoundError:
+            self.log.write(f"=== could not start: {argv[0]} not found")
+            raise ProcessorError(f"cannot start {argv[0]!r}: not found on node {socket.gethostname()}") from None
+        except PermissionError:
+            raise ProcessorError(f"cannot start {argv[0]!r}: permission denied") from None
+        except OSError as exc:
+            raise ProcessorError(f"cannot start {argv[0]!r}: {exc}") from None
+
+        tail: list[str] = []
+
+        def read_output() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                self.log.write(line)
+                tail.append(line)
+                if len(tail) > 20:
+                    tail.pop(0)
+                if on_line is not None:
+                    try:
+                        on_line(line)
+                    except Exception:  # a progress parser must not break the run
+                        pass
+
+        outcome: dict[str, Any] = {}
+        finished = threading.Event()
+
+        def wait_for_exit() -> None:
+            _, status, usage = os.wait4(proc.pid, 0)
+            outcome["status"], outcome["usage"] = status, usage
+            finished.set()
+
+        reader = threading.Thread(target=read_output, daemon=True)
+        waiter = threading.Thread(target=wait_for_exit, daemon=True)
+        reader.start()
+        waiter.start()
+        terminated_at: float | None = None
+        while not finished.wait(0.05):
+            if self.cancelled.is_set():
+                if terminated_at is None:
+                    self.log.write("=== cancel: sending SIGTERM to the process group")
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    terminated_at = time.monotonic()
+                elif time.monotonic() - terminated_at > self.kill_grace:
+                    self.log.write("=== cancel: still running after the grace period, sending SIGKILL")
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    terminated_at = float("inf")
+        # Whatever the leader left behind in its group goes with it.
+        _signal_group(proc.pid, signal.SIGKILL)
+        reader.join(timeout=5)
+        status, usage = outcome["status"], outcome["usage"]
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
+        seconds = time.monotonic() - started
+        exit_status = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        peak = int(usage.ru_maxrss)
+        ending = f"exit status {exit_status}" if sig is None else f"killed by {signal.Signals(sig).name}"
+        self.log.write(
+            f"=== finished: {ending}; wall {seconds:.2f} s; cpu user {usage.ru_utime:.2f} s "
+            f"sys {usage.ru_stime:.2f} s; peak memory {peak / 1024:.1f} MiB"
+        )
+        result = CommandResult(argv, exit_status, sig, seconds, peak, "\n".join(tail))
+        if self.cancelled.is_set():
+            raise Cancelled(f"{argv[0]} was ended ({ending})")
+        if check and exit_status != 0:
+            last = next((line for line in reversed(tail) if line.strip()), "")
+            detail = f": {last.strip()}" if last else ""
+            raise ProcessorError(f"{Path(argv[0]).name} failed with {ending}{detail}")
+        return result
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- the task Dask runs ----------------------------------------------------------------
+
+
+def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
+    """Run one attempt; never raises: the outcome is a dict the controller stores."""
+    node = runtime()
+    cancelled = node._register(segment.attempt_id)
+    log = AttemptLog()
+    logger = logging.getLogger(f"farm.segment.{segment.id}")
+    handler = _LogHandler(log)
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    scratch = Path(tempfile.mkdtemp(prefix=f"farm-{segment.attempt_id}-"))
+    log.write(f"=== segment {segment.id} ({segment.label}) attempt {segment.attempt_id} of job {job.id} on node {node.name}")
+    try:
+        processor = node.plugins.processor(job.profile.processor)
+        segment.output_dir.mkdir(parents=True, exist_ok=True)
+        runner = CommandRunner(log, cancelled, f"job={job.id} segment={segment.id} attempt={segment.attempt_id}", node.config.kill_grace)
+        context = Context(
+            scratch=scratch,
+            logger=logger,
+            progress=_progress_reporter(segment.attempt_id),
+            cancelled=cancelled,
+            node=node.info(),
+            run=runner.run,
+        )
+        result = processor.run(segment, context)
+        if cancelled.is_set():
+            raise Cancelled("cancelled")
+        return {"ok": True, "result": result or {}, "log": log.text(), "node": node.name}
+    except Cancelled as exc:
+        return {"ok": False, "cancelled": True, "reason": str(exc), "log": log.text(), "node": node.name}
+    except FarmError as exc:
+        log.write(f"=== failed: {exc}")
+        return {"ok": False, "reason": str(exc), "log": log.text(), "node": node.name}
+    except Exception as exc:  # a processor bug is this segment's failure, not the node's
+        log.write(traceback.format_exc())
+        return {"ok": False, "reason": f"processor error: {type(exc).__name__}: {exc}", "log": log.text(), "node": node.name}
+    finally:
+        node._unregister(segment.attempt_id)
+        logger.removeHandler(handler)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def cancel_attempt(attempt_id: str) -> bool:
+    """Run on a node (through ``Client.run``) to end an attempt's process group."""
+    return runtime().cancel(attempt_id)
+
+
+def _progress_reporter(attempt_id: str) -> Callable[[float, str], None]:
+    last = [0.0]
+
+    def report(fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.25 and fraction < 1.0:
+            return
+        last[0] = now
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(PROGRESS_TOPIC, {"attempt": attempt_id, "fraction": float(fraction), "message": message})
+        except ValueError:  # not inside a Dask worker (a direct call): nobody to tell
+            pass
+
+    return report
+
+
+class _LogHandler(logging.Handler):
+    def __init__(self, log: AttemptLog):
+        super().__init__()
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
+
+
+__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime"]

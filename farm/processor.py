@@ -1,0 +1,85 @@
+"""The processor contract: what a plugin implements to plan, run and assemble jobs.
+
+A processor is a class with a ``name``, a ``settings_model`` (a pydantic model that
+validates the profile's ``settings``), and the methods below. Return instances of
+it from the :func:`~farm.hookspecs.farm_processors` hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from farm.model import Job, Segment, SegmentPlan
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class NodeInfo:
+    """The node a segment runs on, as a processor sees it."""
+
+    name: str
+    slots: int
+    config: Any  # farm.config.NodeConfig
+    capabilities: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What the node gives a running segment (and the controller an assemble step).
+
+    ``run`` starts a subprocess the way every segment must: an argv list, in its own
+    process group, ended on cancel, with a logged header and footer.
+    """
+
+    scratch: Path
+    logger: logging.Logger
+    progress: Callable[[float, str], None]
+    cancelled: threading.Event
+    node: NodeInfo
+    run: Callable[..., Any]  # farm.node.CommandRunner.run
+
+
+class Processor:
+    """Base class for processors; every method has a safe default except ``run``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    settings_model: ClassVar[type[BaseModel]] = NoSettings
+    #: "file": every job needs an input file; "none": inputs are refused;
+    #: "optional": one job without input when none is given.
+    inputs: ClassVar[str] = "file"
+    #: True when the profile's ``frames`` and ``segment.frames`` apply.
+    frame_based: ClassVar[bool] = False
+
+    def input_mode(self, settings: BaseModel) -> str:
+        """How this profile takes inputs: ``file``, ``none`` or ``optional`` (see ``inputs``)."""
+        return self.inputs
+
+    def requires(self, job: Job) -> dict[str, str]:
+        """Capabilities a node must offer to run this job's segments (name -> version spec)."""
+        return dict(job.profile.requires)
+
+    def check(self, profile: Any, settings: BaseModel) -> None:
+        """Refuse, with a :class:`~farm.errors.ProfileError`, a profile that cannot work."""
+
+    def plan(self, job: Job) -> Sequence[SegmentPlan]:
+        """Cut a job into segments; cheap and pure (may probe, never writes outputs)."""
+        return [SegmentPlan(label="whole job")]
+
+    def run(self, segment: Segment, context: Context) -> dict[str, Any]:
+        """Process one segment into ``segment.output_dir``; return a JSON-serialisable result."""
+        raise NotImplementedError(f"processor {self.name!r} does not implement run()")
+
+    def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
+        """Join segment results into the destination; verify; return output paths."""
+        return []

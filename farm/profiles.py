@@ -1,0 +1,373 @@
+"""Find, load, merge and validate YAML job profiles.
+
+Profiles are found by path, or by name in ``./profiles``, the user's config directory
+(``profiles/``) and the shipped ``profiles/``, first match wins. ``extends:`` starts
+from another profile; ``--set a.b=c`` overrides any key. Every error names the file
+(and line where there is one), the key path, and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from farm.config import config_dir
+from farm.errors import FarmError, ProfileError
+from farm.frames import parse_frames
+
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+PRIORITY_NAMES = {"high": 10, "normal": 0, "low": -10}
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"1h30m"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 30m or 1h30m")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match or not any(match.groups()):
+            raise ValueError(f"expected a duration such as 90s, 30m or 1h30m, got {value!r}")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise ValueError(f"a duration must be more than zero, got {value!r}")
+    return seconds
+
+
+def parse_priority(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected high, normal, low or a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lower() in PRIORITY_NAMES:
+        return PRIORITY_NAMES[value.strip().lower()]
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    raise ValueError(f"expected high, normal, low or a whole number, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Priority = Annotated[int, BeforeValidator(parse_priority)]
+
+
+class SegmentConfig(BaseModel):
+    """How a job is cut: by frames (frame-based processors) or seconds (time-based)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: int | None = Field(default=None, ge=1, description="frames per segment")
+    seconds: float | None = Field(default=None, gt=0, description="seconds per segment")
+    target_seconds: float | None = Field(
+        default=None, gt=0, description="re-cut remaining frames so a segment takes about this long"
+    )
+
+
+class Profile(BaseModel):
+    """The keys common to every processor; ``settings`` belongs to the processor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    processor: str = Field(min_length=1)
+    frames: str | None = Field(default=None, description="frame range: 1-240, 1-240x2, 1,5,10-20")
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    output: str | None = Field(default=None, description="output name template")
+    destination: str | None = None
+    overwrite: bool = False
+    retries: int = Field(default=2, ge=0, description="retries per segment")
+    timeout: Duration | None = Field(default=None, description="per segment attempt")
+    stall_timeout: Duration | None = Field(
+        default=None, description="an attempt with no progress for this long is ended"
+    )
+    priority: Priority = 0
+    requires: dict[str, str] = Field(default_factory=dict)
+    then: str | None = None
+    max_node_failures: int = Field(
+        default=3, ge=1, description="failures on one node before it is kept off the job"
+    )
+
+    @field_validator("frames", mode="before")
+    @classmethod
+    def _frames(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected frames such as 1-240, 1-240x2 or 1,5,10-20, got {value!r}")
+        try:
+            parse_frames(value)
+        except FarmError as exc:
+            raise ValueError(str(exc)) from None
+        return str(value)
+
+    @field_validator("requires", mode="before")
+    @classmethod
+    def _requires(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @property
+    def frame_list(self) -> list[int] | None:
+        return parse_frames(self.frames) if self.frames is not None else None
+
+
+@dataclass
+class LoadedProfile:
+    profile: Profile
+    settings: BaseModel
+    source: Path | None
+    origins: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+
+# -- finding ------------------------------------------------------------------------
+
+
+def search_paths() -> list[Path]:
+    return [Path.cwd() / "profiles", config_dir() / "profiles", SHIPPED_PROFILES]
+
+
+def _looks_like_path(ref: str) -> bool:
+    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml"))
+
+
+def resolve(ref: str, relative_to: Path | None = None) -> Path:
+    """The file behind a profile name or path."""
+    if _looks_like_path(ref):
+        candidates = [Path(ref).expanduser()]
+        if relative_to is not None and not Path(ref).is_absolute():
+            candidates.insert(0, relative_to / ref)
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.resolve()
+        if candidates[-1].is_dir():
+            raise ProfileError(f"profile {ref!r} is a directory; expected a YAML file")
+        raise ProfileError(f"profile file {ref!r} does not exist")
+    folders = ([relative_to] if relative_to else []) + search_paths()
+    for folder in folders:
+        for suffix in (".yaml", ".yml"):
+            candidate = folder / f"{ref}{suffix}"
+            if candidate.is_file():
+                return candidate.resolve()
+    looked = ", ".join(str(p) for p in folders)
+    known = ", ".join(sorted(entry.name for entry in list_profiles())) or "none"
+    raise ProfileError(f"unknown profile {ref!r}; looked in {looked}; known profiles: {known}")
+
+
+@dataclass
+class ProfileEntry:
+    name: str
+    path: Path
+    description: str
+
+
+def list_profiles() -> list[ProfileEntry]:
+    """Every profile on the search path; a name found twice is listed once (first wins)."""
+    found: dict[str, ProfileEntry] = {}
+    for folder in search_paths():
+        if not folder.is_dir():
+            continue
+        for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+            if path.stem in found:
+                continue
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                description = str(data.get("description", "")) if isinstance(data, dict) else ""
+            except (OSError, yaml.YAMLError):
+                description = "(unreadable)"
+            found[path.stem] = ProfileEntry(path.stem, path, description)
+    return sorted(found.values(), key=lambda entry: entry.name)
+
+
+# -- reading and merging --------------------------------------------------------------
+
+
+def _read_layer(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read profile ({exc})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ProfileError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}:1: a profile must be a mapping of keys, got {type(data).__name__}")
+    origins: dict[tuple[str, ...], str] = {}
+
+    def walk(current: yaml.Node | None, prefix: tuple[str, ...]) -> None:
+        if isinstance(current, yaml.MappingNode):
+            for key_node, value_node in current.value:
+                key_path = (*prefix, str(key_node.value))
+                origins[key_path] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, key_path)
+
+    walk(node, ())
+    return data, origins
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ProfileError(f"{path}: extends itself in a cycle: {cycle}")
+    data, origins = _read_layer(path)
+    data.setdefault("name", path.stem)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data, origins
+    if not isinstance(parent_ref, str):
+        raise ProfileError(f"{origins.get(('extends',), path)}: extends: expected a profile name or path")
+    try:
+        parent_path = resolve(parent_ref, relative_to=path.parent)
+    except ProfileError as exc:
+        raise ProfileError(f"{origins.get(('extends',), path)}: extends: {exc}") from None
+    parent_data, parent_origins = _load_layers(parent_path, (*chain, path))
+    return _deep_merge(parent_data, data), {**parent_origins, **origins}
+
+
+def apply_overrides(
+    data: dict[str, Any], origins: dict[tuple[str, ...], str], overrides: list[str]
+) -> None:
+    """Apply ``a.b=c`` overrides in place; values are read as YAML scalars or lists."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ProfileError(f"--set {item!r}: expected KEY=VALUE, such as segment.frames=5")
+        path = tuple(part for part in key.strip().split("."))
+        if any(not part for part in path):
+            raise ProfileError(f"--set {item!r}: {key!r} is not a dotted key path")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        target = data
+        for depth, part in enumerate(path[:-1]):
+            existing = target.get(part)
+            if existing is None:
+                existing = target[part] = {}
+            if not isinstance(existing, dict):
+                where = ".".join(path[: depth + 1])
+                raise ProfileError(f"--set {item!r}: {where} is a value, not a group of keys")
+            target = existing
+        target[path[-1]] = value
+        origins[path] = f"--set {item}"
+
+
+# -- validating -----------------------------------------------------------------------
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return None
+        current = _model_in(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return annotation
+
+
+def describe_validation_error(
+    exc: ValidationError,
+    model: type[BaseModel],
+    origins: dict[tuple[str, ...], str],
+    source: Path | None,
+    prefix: tuple[str, ...] = (),
+) -> str:
+    """One line for the first problem (and a count of the rest)."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        key_path = (*prefix, *loc)
+        where = None
+        for depth in range(len(key_path), 0, -1):
+            where = origins.get(key_path[:depth])
+            if where:
+                break
+        where = where or (str(source) if source else "profile")
+        key = ".".join(key_path)
+        if error["type"] == "extra_forbidden":
+            known = _known_keys(model, tuple(error["loc"][:-1]))
+            hint = f"; expected one of: {', '.join(known)}" if known else ""
+            message = f"unknown key {loc[-1]!r}{hint}"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] not in ("value_error",) and "input" in error:
+                message += f" (got {error['input']!r})"
+        problems.append(f"{where}: {key}: {message}")
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None) -> LoadedProfile:
+    """Find, merge, override and validate a profile, including its processor's settings."""
+    source = resolve(ref)
+    data, origins = _load_layers(source)
+    apply_overrides(data, origins, overrides or [])
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(describe_validation_error(exc, Profile, origins, source)) from None
+    try:
+        processor = plugins.processor(profile.processor)
+    except FarmError as exc:
+        where = origins.get(("processor",), str(source))
+        raise ProfileError(f"{where}: processor: {exc}") from None
+    try:
+        settings = processor.settings_model.model_validate(profile.settings)
+    except ValidationError as exc:
+        raise ProfileError(
+            describe_validation_error(exc, processor.settings_model, origins, source, prefix=("settings",))
+        ) from None
+    if profile.frames is not None and not processor.frame_based:
+        where = origins.get(("frames",), str(source))
+        raise ProfileError(
+            f"{where}: frames: processor {processor.name!r} does not work on frame ranges; remove the key"
+        )
+    try:
+        processor.check(profile, settings)
+    except FarmError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
+    return LoadedProfile(profile, settings, source, origins)

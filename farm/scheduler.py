@@ -1,0 +1,469 @@
+"""The controller's queue: plan, store, dispatch, collect, retry, assemble.
+
+The queue lives here, not inside Dask: a segment is handed to Dask only when a node
+has a free slot, pinned to that node. Each hand-out is an attempt with its own id;
+only the current attempt's outcome counts, so a late result is recorded and ignored.
+Writes are batched: one transaction per scheduling round.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from farm.engine import Engine, NodeView
+from farm.errors import FarmError
+from farm.model import AttemptState, Job, JobState, Segment, SegmentState, TERMINAL_JOB_STATES
+from farm.node import AttemptLog, CommandRunner, runtime
+from farm.processor import Context, Processor
+from farm.profiles import LoadedProfile
+from farm.requirements import unmet_requirements
+from farm.store import Store
+
+log = logging.getLogger("farm.scheduler")
+CANCEL_POLL_SECONDS = 0.5
+NODE_POLL_SECONDS = 1.0
+
+
+@dataclass
+class SegmentRuntime:
+    id: str
+    index: int
+    label: str
+    frames: list[int] | None
+    params: dict[str, Any]
+    state: str = SegmentState.QUEUED
+    attempts: int = 0
+    failures: int = 0
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class JobRuntime:
+    job: Job
+    processor: Processor
+    seq: int
+    created: float
+    priority: int
+    requires: dict[str, str]
+    state: str = JobState.QUEUED
+    segments: dict[str, SegmentRuntime] = field(default_factory=dict)
+    queue: deque[str] = field(default_factory=deque)
+    node_failures: Counter[str] = field(default_factory=Counter)
+    excluded: set[str] = field(default_factory=set)
+    error: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    waiting: str | None = None
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        return (-self.priority, self.created, self.seq)
+
+
+@dataclass
+class AttemptRuntime:
+    id: str
+    job_id: str
+    segment_id: str
+    node: NodeView
+    started: float
+    last_progress: float
+    current: bool = True  # False once ended by a timeout or a cancel; its slot stays busy
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(5)}"
+
+
+class Scheduler:
+    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path):
+        self.store = store
+        self.plugins = plugins
+        self.engine = engine
+        self.work_root = work_root
+        self.jobs: dict[str, JobRuntime] = {}
+        self.attempts: dict[str, AttemptRuntime] = {}
+        self.listeners: list[Callable[[str, JobRuntime, dict[str, Any]], None]] = []
+        self._order: list[JobRuntime] = []
+        self._nodes: list[NodeView] = []
+        self._nodes_checked = 0.0
+        self._cancel_checked = 0.0
+        self._assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-assemble")
+        self._cancel_local: set[str] = set()
+        self._to_cancel: list[AttemptRuntime] = []  # ended in this round; told to nodes after commit
+        self._lock = threading.Lock()
+
+    # -- submitting --------------------------------------------------------------------
+
+    def submit(
+        self,
+        loaded: LoadedProfile,
+        inputs: list[Path | None],
+        destination: Path,
+        origin: str = "cli",
+        overwrite: bool = False,
+    ) -> tuple[str, list[str]]:
+        """Plan every job, store the batch, and queue its segments."""
+        profile = loaded.profile
+        processor = self.plugins.processor(profile.processor)
+        batch_id = new_id("b")
+        job_rows, segment_rows, runtimes = [], [], []
+        now = time.time()
+        for seq, source in enumerate(inputs):
+            job_id = new_id("j")
+            job = Job(
+                id=job_id, batch_id=batch_id, input=source, profile=profile, settings=loaded.settings,
+                destination=destination, work_dir=self.work_root / job_id,
+                frames=profile.frame_list, overwrite=overwrite or profile.overwrite,
+            )
+            rt = JobRuntime(job, processor, seq, now, profile.priority,
+                            {f"processor:{processor.name}": "", **processor.requires(job)})
+            try:
+                plans = list(processor.plan(job))
+            except FarmError as exc:
+                rt.state, rt.error = JobState.FAILED, f"cannot plan {source or 'the job'}: {exc}"
+                plans = []
+            except Exception as exc:  # a processor bug fails this job, not the batch
+                rt.state, rt.error = JobState.FAILED, f"processor {processor.name} failed to plan: {type(exc).__name__}: {exc}"
+                plans = []
+            for index, plan in enumerate(plans):
+                seg = SegmentRuntime(f"{job_id}.s{index:05d}", index, plan.label, plan.frames, dict(plan.params))
+                rt.segments[seg.id] = seg
+                rt.queue.append(seg.id)
+                segment_rows.append({"id": seg.id, "job_id": job_id, "idx": index, "label": seg.label,
+                                     "frames": seg.frames, "params": seg.params})
+            job_rows.append({
+                "id": job_id, "batch_id": batch_id, "seq": seq, "input": str(source) if source else None,
+                "profile_name": profile.name, "profile": profile.model_dump_json(), "processor": processor.name,
+                "destination": str(destination), "work_dir": str(job.work_dir), "priority": profile.priority,
+                "state": rt.state, "error": rt.error,
+            })
+            runtimes.append(rt)
+        self.store.add_batch(batch_id, origin, job_rows, segment_rows)
+        with self._lock:
+            for rt in runtimes:
+                self.jobs[rt.job.id] = rt
+            self._reorder()
+        self.plugins.notify("farm_batch_submitted", batch_id=batch_id, jobs=[rt.job for rt in runtimes])
+        for rt in runtimes:
+            if rt.state == JobState.FAILED:
+                self.plugins.notify("farm_job_failed", job=rt.job, reason=rt.error)
+                self._emit("job_failed", rt)
+            elif not rt.segments:
+                with self.store.transaction():
+                    self._set_job(rt, JobState.RUNNING)
+                    self._start_assembly(rt)
+        return batch_id, [rt.job.id for rt in runtimes]
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job (thread-safe; takes effect in the next round)."""
+        with self._lock:
+            self._cancel_local.add(job_id)
+        self.engine.outcomes.put(("wake", "", None))
+
+    # -- running -----------------------------------------------------------------------
+
+    def run_until_done(self, job_ids: list[str]) -> None:
+        wanted = [self.jobs[j] for j in job_ids]
+        while any(rt.state not in TERMINAL_JOB_STATES for rt in wanted):
+            self.step()
+        self._drain_stragglers()
+
+    def step(self, wait: float = 0.2) -> None:
+        """One round: take outcomes, enforce timeouts and cancels, dispatch."""
+        items = []
+        try:
+            items.append(self.engine.outcomes.get(timeout=wait if not self._can_dispatch() else 0.001))
+            while True:
+                items.append(self.engine.outcomes.get_nowait())
+        except queue.Empty:
+            pass
+        finished = [attempt_id for kind, attempt_id, _ in items if kind == "finished"]
+        outcomes = self.engine.collect(finished) if finished else {}
+        dispatched: list[tuple[JobRuntime, Segment, NodeView]] = []
+        with self.store.transaction():
+            for kind, attempt_id, value in items:
+                if kind == "progress":
+                    self._on_progress(attempt_id, value)
+                elif kind == "finished":
+                    self._on_finished(attempt_id, outcomes.get(attempt_id) or {"ok": False, "reason": "no result came back"})
+                elif kind == "assembled":
+                    self._on_assembled(attempt_id, value)
+            self._enforce_timeouts()
+            self._apply_cancels()
+            dispatched = self._dispatch()
+        to_cancel, self._to_cancel = self._to_cancel, []
+        for attempt in to_cancel:
+            self.engine.cancel(attempt.id, attempt.node.address)
+        for rt, segment, node in dispatched:
+            self.engine.submit(rt.job, segment, node.address)
+
+    def _can_dispatch(self) -> bool:
+        return any(rt.queue for rt in self._order) and self._free_slots_exist()
+
+    def _free_slots_exist(self) -> bool:
+        busy = Counter(a.node.address for a in self.attempts.values())
+        return any(busy[n.address] < n.slots for n in self._current_nodes())
+
+    def _current_nodes(self) -> list[NodeView]:
+        now = time.monotonic()
+        if now - self._nodes_checked > NODE_POLL_SECONDS or not self._nodes:
+            self._nodes = self.engine.nodes()
+            self._nodes_checked = now
+        return self._nodes
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _dispatch(self) -> list[tuple[JobRuntime, Segment, NodeView]]:
+        busy = Counter(a.node.address for a in self.attempts.values())
+        nodes = sorted(self._current_nodes(), key=lambda n: busy[n.address] - n.slots)
+        handed: list[tuple[JobRuntime, Segment, NodeView]] = []
+        for node in nodes:
+            while busy[node.address] < node.slots:
+                picked = self._next_for(node)
+                if picked is None:
+                    break
+                handed.append(picked)
+                busy[node.address] += 1
+        self._fail_unrunnable(nodes)
+        return handed
+
+    def _next_for(self, node: NodeView) -> tuple[JobRuntime, Segment, NodeView] | None:
+        for rt in self._order:
+            if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
+                continue
+            if node.name in rt.excluded or unmet_requirements(rt.requires, node.capabilities):
+                continue
+            seg = rt.segments[rt.queue.popleft()]
+            seg.attempts += 1
+            attempt_id = f"{seg.id}.a{seg.attempts}"
+            if rt.state == JobState.QUEUED:
+                self._set_job(rt, JobState.RUNNING)
+            self.store.move_segment(seg.id, seg.state, SegmentState.RUNNING)
+            seg.state = SegmentState.RUNNING
+            self.store.start_attempt(attempt_id, seg.id, rt.job.id, node.name, seg.attempts)
+            now = time.monotonic()
+            self.attempts[attempt_id] = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
+            segment = Segment(
+                id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
+                params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,
+            )
+            self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
+            return rt, segment, node
+        return None
+
+    def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
+        if not nodes:
+            return
+        for rt in self._order:
+            if rt.queue and rt.state in (JobState.QUEUED, JobState.RUNNING):
+                able = [n for n in nodes if not unmet_requirements(rt.requires, n.capabilities)]
+                if able and all(n.name in rt.excluded for n in able) and not self._running_of(rt):
+                    names = ", ".join(sorted(rt.excluded))
+                    self._fail_job(rt, f"every node that can run it failed it {rt.job.profile.max_node_failures} "
+                                       f"times and was kept off the job ({names}); last error: {rt.error or 'unknown'}")
+                elif not able:
+                    missing = unmet_requirements(rt.requires, nodes[0].capabilities)
+                    rt.waiting = f"no node offers {', '.join(missing)}"
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _on_progress(self, attempt_id: str, message: dict[str, Any]) -> None:
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None or not attempt.current:
+            return
+        attempt.last_progress = time.monotonic()
+        rt = self.jobs[attempt.job_id]
+        self._emit("segment_progress", rt, {"segment": attempt.segment_id, "fraction": message.get("fraction", 0.0),
+                                            "message": message.get("message", "")})
+
+    def _on_finished(self, attempt_id: str, outcome: dict[str, Any]) -> None:
+        attempt = self.attempts.pop(attempt_id, None)
+        if attempt is None:
+            return
+        if not attempt.current:
+            self.store.event("late_result_ignored", job_id=attempt.job_id, segment_id=attempt.segment_id,
+                             attempt_id=attempt_id, data={"ok": bool(outcome.get("ok"))})
+            return
+        rt = self.jobs[attempt.job_id]
+        seg = rt.segments[attempt.segment_id]
+        attempt_log = outcome.get("log")
+        if outcome.get("ok"):
+            self.store.end_attempt(attempt_id, AttemptState.DONE, exit_status=0, log=attempt_log)
+            self.store.move_segment(seg.id, seg.state, SegmentState.DONE, result=outcome.get("result"))
+            seg.state, seg.result = SegmentState.DONE, outcome.get("result") or {}
+            self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
+                                result=seg.result, reason=None)
+            self._emit("segment_done", rt, {"segment": seg.id})
+            if all(s.state == SegmentState.DONE for s in rt.segments.values()):
+                self._start_assembly(rt)
+            return
+        reason = outcome.get("reason") or "unknown failure"
+        if outcome.get("cancelled"):
+            reason = f"cancelled on the node: {reason}"
+        end_state = AttemptState.LOST if outcome.get("lost") else AttemptState.FAILED
+        self.store.end_attempt(attempt_id, end_state, exit_status=outcome.get("exit_status"), reason=reason, log=attempt_log)
+        self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end_state, result=None, reason=reason)
+        self._segment_failed(rt, seg, attempt.node, reason)
+
+    def _segment_failed(self, rt: JobRuntime, seg: SegmentRuntime, node: NodeView, reason: str) -> None:
+        seg.failures += 1
+        rt.node_failures[node.name] += 1
+        rt.error = reason
+        if rt.node_failures[node.name] >= rt.job.profile.max_node_failures:
+            rt.excluded.add(node.name)
+        if seg.failures > rt.job.profile.retries:
+            self.store.move_segment(seg.id, seg.state, SegmentState.FAILED, error=reason)
+            seg.state = SegmentState.FAILED
+            tries = "attempt" if seg.failures == 1 else "attempts"
+            self._fail_job(rt, f"segment {seg.label} failed after {seg.failures} {tries}: {reason}")
+            return
+        self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED, error=reason)
+        seg.state = SegmentState.QUEUED
+        rt.queue.appendleft(seg.id)
+        self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
+
+    # -- timeouts and cancels ------------------------------------------------------------
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for attempt in list(self.attempts.values()):
+            if not attempt.current:
+                continue
+            profile = self.jobs[attempt.job_id].job.profile
+            reason = None
+            if profile.timeout and now - attempt.started > profile.timeout:
+                reason = f"ran longer than the profile's timeout of {profile.timeout:g} s on {attempt.node.name}; ended"
+            elif profile.stall_timeout and now - attempt.last_progress > profile.stall_timeout:
+                reason = f"showed no progress for {profile.stall_timeout:g} s (stall_timeout) on {attempt.node.name}; ended"
+            if reason:
+                attempt.current = False
+                rt = self.jobs[attempt.job_id]
+                seg = rt.segments[attempt.segment_id]
+                self.store.end_attempt(attempt.id, AttemptState.TIMED_OUT, reason=reason)
+                self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id,
+                                    state=AttemptState.TIMED_OUT, result=None, reason=reason)
+                self._to_cancel.append(attempt)
+                self._segment_failed(rt, seg, attempt.node, reason)
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            wanted = set(self._cancel_local)
+            self._cancel_local.clear()
+        now = time.monotonic()
+        if now - self._cancel_checked > CANCEL_POLL_SECONDS:
+            self._cancel_checked = now
+            live = [rt.job.id for rt in self._order if rt.state not in TERMINAL_JOB_STATES]
+            wanted |= self.store.cancel_requests(live)
+        for job_id in wanted:
+            rt = self.jobs.get(job_id)
+            if rt is None or rt.state in TERMINAL_JOB_STATES or rt.state == JobState.ASSEMBLING:
+                continue
+            self._stop_job(rt, JobState.CANCELLED, "cancelled by request")
+
+    def _stop_job(self, rt: JobRuntime, final: str, reason: str) -> None:
+        for attempt in self._running_of(rt):
+            attempt.current = False
+            self.store.end_attempt(attempt.id, AttemptState.CANCELLED, reason=reason)
+            self._to_cancel.append(attempt)
+        for seg in rt.segments.values():
+            if seg.state in (SegmentState.QUEUED, SegmentState.RUNNING):
+                self.store.move_segment(seg.id, seg.state, SegmentState.CANCELLED)
+                seg.state = SegmentState.CANCELLED
+        rt.queue.clear()
+        self._set_job(rt, final, error=reason if final == JobState.FAILED else None)
+        if final == JobState.FAILED:
+            rt.error = reason
+            self.plugins.notify("farm_job_failed", job=rt.job, reason=reason)
+        self._emit(f"job_{final}", rt, {"reason": reason})
+
+    def _fail_job(self, rt: JobRuntime, reason: str) -> None:
+        self._stop_job(rt, JobState.FAILED, reason)
+
+    def _running_of(self, rt: JobRuntime) -> list[AttemptRuntime]:
+        return [a for a in self.attempts.values() if a.job_id == rt.job.id and a.current]
+
+    # -- assembly ----------------------------------------------------------------------
+
+    def _start_assembly(self, rt: JobRuntime) -> None:
+        self._set_job(rt, JobState.ASSEMBLING)
+        results = [seg.result or {} for seg in sorted(rt.segments.values(), key=lambda s: s.index)]
+        self._emit("job_assembling", rt, {})
+        self._assembler.submit(self._assemble, rt, results)
+
+    def _assemble(self, rt: JobRuntime, results: list[dict[str, Any]]) -> None:
+        attempt_log = AttemptLog()
+        cancelled = threading.Event()
+        node = runtime()
+        scratch = rt.job.work_dir / "assemble"
+        try:
+            scratch.mkdir(parents=True, exist_ok=True)
+            context = Context(
+                scratch=scratch, logger=logging.getLogger(f"farm.assemble.{rt.job.id}"),
+                progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
+                run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
+            )
+            outputs = rt.processor.assemble(rt.job, results, context)
+            value: Any = {"ok": True, "outputs": [str(p) for p in outputs]}
+        except FarmError as exc:
+            value = {"ok": False, "reason": str(exc), "log": attempt_log.text()}
+        except Exception as exc:
+            value = {"ok": False, "reason": f"processor {rt.processor.name} failed to assemble: {type(exc).__name__}: {exc}",
+                     "log": attempt_log.text()}
+        self.engine.outcomes.put(("assembled", rt.job.id, value))
+
+    def _on_assembled(self, job_id: str, value: dict[str, Any]) -> None:
+        rt = self.jobs[job_id]
+        if value["ok"]:
+            rt.outputs = value["outputs"]
+            self._set_job(rt, JobState.DONE, outputs=rt.outputs)
+            shutil.rmtree(rt.job.work_dir, ignore_errors=True)
+            self.plugins.notify("farm_job_finished", job=rt.job, outputs=rt.outputs)
+            self._emit("job_done", rt, {"outputs": rt.outputs})
+        else:
+            reason = f"assembly failed: {value['reason']}"
+            rt.error = reason
+            self._set_job(rt, JobState.FAILED, error=reason)
+            self.plugins.notify("farm_job_failed", job=rt.job, reason=reason)
+            self._emit("job_failed", rt, {"reason": reason})
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _set_job(self, rt: JobRuntime, new: str, **fields: Any) -> None:
+        self.store.move_job(rt.job.id, rt.state, new, **fields)
+        rt.state = new
+        if new in TERMINAL_JOB_STATES:
+            self._reorder()
+
+    def _reorder(self) -> None:
+        self._order = sorted((rt for rt in self.jobs.values() if rt.state not in TERMINAL_JOB_STATES),
+                             key=lambda rt: rt.sort_key)
+
+    def _emit(self, kind: str, rt: JobRuntime, data: dict[str, Any] | None = None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, rt, data or {})
+            except Exception:
+                log.exception("event listener failed on %s", kind)
+
+    def _drain_stragglers(self, timeout: float = 5.0) -> None:
+        """Wait (briefly) for ended attempts so their subprocesses are gone before exit."""
+        deadline = time.monotonic() + timeout
+        while self.attempts and time.monotonic() < deadline:
+            self.step(wait=0.1)
+
+    def close(self) -> None:
+        self._assembler.shutdown(wait=True)
+
+
+__all__ = ["Scheduler", "JobRuntime", "new_id"]

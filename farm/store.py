@@ -1,0 +1,260 @@
+"""Durable state in SQLite (WAL): the single source of truth.
+
+Every state change is a row, written before it is acted on. Writers batch their
+changes with :meth:`Store.transaction` so that a busy scheduler commits once per
+round, not once per event. Moves are compare-and-set against the transition table
+in :mod:`farm.model`, so a change based on a stale view raises instead of winning.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from farm.errors import IllegalTransition, StoreError
+from farm.model import check_transition
+
+LOG_LIMIT = 64 * 1024  # bytes of each attempt's log kept in the store (the tail)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    origin TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL REFERENCES batches(id),
+    seq INTEGER NOT NULL,
+    input TEXT,
+    profile_name TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    processor TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    work_dir TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    error TEXT,
+    outputs TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs(batch_id);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS segments (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    idx INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    frames TEXT,
+    params TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_by_job ON segments(job_id, idx);
+CREATE TABLE IF NOT EXISTS attempts (
+    id TEXT PRIMARY KEY,
+    segment_id TEXT NOT NULL REFERENCES segments(id),
+    job_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    exit_status INTEGER,
+    reason TEXT,
+    log TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_by_segment ON attempts(segment_id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    job_id TEXT,
+    segment_id TEXT,
+    attempt_id TEXT,
+    data TEXT
+);
+"""
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the state store at {self.path}: {exc}") from None
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- transactions -----------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes into one commit; nested use joins the outer transaction."""
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self._execute("COMMIT")
+
+    def _execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"the state store at {self.path} cannot be written: {exc}") from None
+
+    def _write(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        with self.transaction():
+            return self._execute(sql, params)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def add_batch(self, batch_id: str, origin: str, jobs: list[dict[str, Any]], segments: list[dict[str, Any]]) -> None:
+        now = time.time()
+        with self.transaction():
+            self._execute("INSERT INTO batches(id, created, origin) VALUES (?, ?, ?)", (batch_id, now, origin))
+            self._db.executemany(
+                "INSERT INTO jobs(id, batch_id, seq, input, profile_name, profile, processor, destination,"
+                " work_dir, priority, state, created, updated, error)"
+                " VALUES (:id, :batch_id, :seq, :input, :profile_name, :profile, :processor, :destination,"
+                " :work_dir, :priority, :state, :created, :created, :error)",
+                [{"error": None, "created": now, **job} for job in jobs],
+            )
+            self._db.executemany(
+                "INSERT INTO segments(id, job_id, idx, label, frames, params, state, updated)"
+                " VALUES (:id, :job_id, :idx, :label, :frames, :params, 'queued', :now)",
+                [{**seg, "frames": _json(seg["frames"]), "params": _json(seg["params"]), "now": now} for seg in segments],
+            )
+            self.event("batch_submitted", data={"batch": batch_id, "jobs": len(jobs)})
+
+    def _move(self, table: str, kind: str, entity_id: str, old: str, new: str, fields: dict[str, Any]) -> None:
+        check_transition(kind, entity_id, old, new)
+        assignments = "".join(f", {name} = :{name}" for name in fields)
+        params = {**fields, "id": entity_id, "old": old, "new": new, "now": time.time()}
+        stamp = ", updated = :now" if table != "attempts" else ""
+        cursor = self._write(
+            f"UPDATE {table} SET state = :new{stamp}{assignments} WHERE id = :id AND state = :old", params
+        )
+        if cursor.rowcount != 1:
+            row = self._execute(f"SELECT state FROM {table} WHERE id = ?", (entity_id,)).fetchone()
+            actual = row["state"] if row else "missing"
+            raise IllegalTransition(f"{kind} {entity_id}: expected state {old}, found {actual}")
+
+    def move_job(self, job_id: str, old: str, new: str, **fields: Any) -> None:
+        if "outputs" in fields:
+            fields["outputs"] = _json(fields["outputs"])
+        self._move("jobs", "job", job_id, old, new, fields)
+        self.event(f"job_{new}", job_id=job_id, data={"error": fields.get("error")} if fields.get("error") else None)
+
+    def move_segment(self, segment_id: str, old: str, new: str, **fields: Any) -> None:
+        if "result" in fields:
+            fields["result"] = _json(fields["result"])
+        self._move("segments", "segment", segment_id, old, new, fields)
+
+    def start_attempt(self, attempt_id: str, segment_id: str, job_id: str, node: str, number: int) -> None:
+        with self.transaction():
+            self._execute(
+                "INSERT INTO attempts(id, segment_id, job_id, node, state, started) VALUES (?, ?, ?, ?, 'running', ?)",
+                (attempt_id, segment_id, job_id, node, time.time()),
+            )
+            self._execute("UPDATE segments SET attempts = ? WHERE id = ?", (number, segment_id))
+            self.event("attempt_started", job_id=job_id, segment_id=segment_id, attempt_id=attempt_id, data={"node": node})
+
+    def end_attempt(
+        self,
+        attempt_id: str,
+        new: str,
+        *,
+        exit_status: int | None = None,
+        reason: str | None = None,
+        log: str | None = None,
+    ) -> None:
+        if log is not None and len(log) > LOG_LIMIT:
+            log = "[... earlier output cut ...]\n" + log[-LOG_LIMIT:]
+        with self.transaction():
+            self._move(
+                "attempts", "attempt", attempt_id, "running", new,
+                {"ended": time.time(), "exit_status": exit_status, "reason": reason, "log": log},
+            )
+            self.event(f"attempt_{new}", attempt_id=attempt_id, data={"reason": reason} if reason else None)
+
+    def event(self, kind: str, *, job_id: str | None = None, segment_id: str | None = None,
+              attempt_id: str | None = None, data: dict[str, Any] | None = None) -> None:
+        self._write(
+            "INSERT INTO events(ts, kind, job_id, segment_id, attempt_id, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), kind, job_id, segment_id, attempt_id, _json(data)),
+        )
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask whoever runs the job to cancel it; False when there is no such job."""
+        cursor = self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        return cursor.rowcount == 1
+
+    # -- reading ----------------------------------------------------------------------
+
+    def cancel_requests(self, job_ids: list[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        marks = ",".join("?" * len(job_ids))
+        rows = self._execute(
+            f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids
+        ).fetchall()
+        return {row["id"] for row in rows}
+
+    def job(self, job_id: str) -> sqlite3.Row | None:
+        return self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    def jobs(self, batch_id: str | None = None) -> list[sqlite3.Row]:
+        if batch_id is None:
+            return self._execute("SELECT * FROM jobs ORDER BY created, seq").fetchall()
+        return self._execute("SELECT * FROM jobs WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
+
+    def segments(self, job_id: str) -> list[sqlite3.Row]:
+        return self._execute("SELECT * FROM segments WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
+
+    def attempts(self, *, segment_id: str | None = None, job_id: str | None = None) -> list[sqlite3.Row]:
+        if segment_id is not None:
+            return self._execute(
+                "SELECT * FROM attempts WHERE segment_id = ? ORDER BY started", (segment_id,)
+            ).fetchall()
+        return self._execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY started", (job_id,)).fetchall()
+
+    def events(self, job_id: str | None = None) -> list[sqlite3.Row]:
+        if job_id is None:
+            return self._execute("SELECT * FROM events ORDER BY id").fetchall()
+        return self._execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()

@@ -1,0 +1,221 @@
+"""The ``command`` processor: any command line, run once per frame-range segment.
+
+The command is an argv template: a list whose items may hold tokens. Each item stays
+one argument whatever a token expands to, so a profile value can never become shell
+syntax or an extra option. Only executables on the node's allow-list
+(``node.allow_commands`` in farm.yaml) ever run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from farm import hookimpl
+from farm.errors import PlanError, ProcessorError, ProfileError
+from farm.frames import chunk_frames, format_frames
+from farm.model import Job, Segment, SegmentPlan
+from farm.processor import Context, Processor
+
+#: Tokens a command template may use, and what each one means.
+COMMAND_TOKENS = {
+    "start": "first frame of the segment",
+    "end": "last frame of the segment",
+    "count": "number of frames in the segment",
+    "frames": "the segment's frames as a spec (1-10, or 1-9x2)",
+    "input": "the job's input file (absolute path)",
+    "output_dir": "the folder this attempt writes into (absolute path)",
+    "segment": "the segment's index, from 0",
+}
+#: ``expect`` templates are checked once per frame of the segment.
+EXPECT_TOKENS = {"frame": "a frame number", "segment": "the segment's index"}
+
+_formatter = string.Formatter()
+
+
+def template_fields(template: str) -> list[str]:
+    """The token names in a template; raises ValueError on a malformed one."""
+    return [name for _, name, _, _ in _formatter.parse(template) if name is not None]
+
+
+def check_template(template: str, allowed: dict[str, str], where: str) -> None:
+    try:
+        fields = template_fields(template)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {template!r} is not a valid template ({exc}); write {{{{ and }}}} for braces")
+    for name in fields:
+        if name not in allowed:
+            known = ", ".join("{" + token + "}" for token in allowed)
+            raise ValueError(f"{where}: unknown token {{{name}}} in {template!r}; expected one of {known}")
+
+
+def expand(template: str, values: dict[str, Any]) -> str:
+    """Fill a checked template; only plain names with a format spec are accepted."""
+    out = []
+    for literal, name, spec, conversion in _formatter.parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if conversion:
+            raise ProcessorError(f"template {template!r}: conversions such as !{conversion} are not supported")
+        out.append(format(values[name], spec or ""))
+    return "".join(out)
+
+
+class CommandSettings(BaseModel):
+    """Settings of the ``command`` processor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1, description="argv template; the first item is the executable")
+    expect: list[str] = Field(
+        default_factory=list,
+        description="output files each frame must leave in {output_dir}, e.g. frame_{frame:04d}.png",
+    )
+    cwd: str | None = Field(default=None, description="working directory (default: the attempt's folder)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, argv: list[str]) -> list[str]:
+        for index, item in enumerate(argv):
+            check_template(item, COMMAND_TOKENS, f"item {index}")
+        if template_fields(argv[0]):
+            raise ValueError("the executable (item 0) must be a fixed name or path, not a template")
+        return argv
+
+    @field_validator("expect")
+    @classmethod
+    def _expect(cls, names: list[str]) -> list[str]:
+        for name in names:
+            check_template(name, EXPECT_TOKENS, "expect")
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"expect: {name!r} must be a name inside the output folder")
+        return names
+
+    @property
+    def uses_input(self) -> bool:
+        return any("input" in template_fields(item) for item in self.command)
+
+
+def executable_name(argv0: str) -> str:
+    return Path(argv0).name
+
+
+def allowed_executable(argv0: str, allow: list[str]) -> str | None:
+    """The absolute path that ``argv0`` runs, when the allow-list permits it."""
+    resolved = shutil.which(argv0)
+    if resolved is None:
+        return None
+    resolved = os.path.realpath(resolved)
+    for entry in allow:
+        if os.sep in entry:
+            if os.path.realpath(entry) == resolved:
+                return resolved
+        elif entry == argv0 or (os.sep not in argv0 and entry == executable_name(argv0)):
+            return resolved
+    return None
+
+
+class CommandProcessor(Processor):
+    name = "command"
+    description = "runs a command line once per frame-range segment"
+    settings_model = CommandSettings
+    frame_based = True
+
+    def input_mode(self, settings: CommandSettings) -> str:
+        return "file" if settings.uses_input else "none"
+
+    def check(self, profile: Any, settings: CommandSettings) -> None:
+        if profile.frames is None:
+            raise ProfileError("frames: the command processor needs a frame range, such as frames: 1-100")
+
+    def requires(self, job: Job) -> dict[str, str]:
+        return {**job.profile.requires, f"command:{executable_name(job.settings.command[0])}": ""}
+
+    def plan(self, job: Job) -> list[SegmentPlan]:
+        frames = job.frames or []
+        size = job.profile.segment.frames or len(frames)
+        if not frames:
+            raise PlanError("the frame range is empty")
+        return [
+            SegmentPlan(label=f"frames {format_frames(chunk)}", frames=chunk)
+            for chunk in chunk_frames(frames, size)
+        ]
+
+    def run(self, segment: Segment, context: Context) -> dict[str, Any]:
+        settings: CommandSettings = segment.job.settings
+        allow = context.node.config.allow_commands
+        executable = allowed_executable(settings.command[0], allow)
+        if executable is None:
+            raise ProcessorError(
+                f"command {settings.command[0]!r} is not allowed on node {context.node.name} "
+                f"(allowed: {', '.join(allow) or 'nothing'}; see node.allow_commands in farm.yaml)"
+            )
+        frames = segment.frames or []
+        values = {
+            "start": frames[0], "end": frames[-1], "count": len(frames), "frames": format_frames(frames),
+            "input": str(segment.job.input or ""), "output_dir": str(segment.output_dir), "segment": segment.index,
+        }
+        argv = [executable] + [expand(item, values) for item in settings.command[1:]]
+        cwd = Path(settings.cwd) if settings.cwd else segment.output_dir
+        context.run(argv, cwd=cwd, env=settings.env or None)
+        context.progress(1.0, "command finished")
+        missing = [
+            name
+            for frame in frames
+            for name in (expand(pattern, {"frame": frame, "segment": segment.index}) for pattern in settings.expect)
+            if not (segment.output_dir / name).is_file()
+        ]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ProcessorError(f"the command exited 0 but did not write {shown} in {segment.output_dir}")
+        files = sorted(
+            str(path.relative_to(segment.output_dir)) for path in segment.output_dir.rglob("*") if path.is_file()
+        )
+        return {"dir": str(segment.output_dir), "files": files}
+
+    def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
+        moves: dict[Path, Path] = {}
+        for result in results:
+            for name in result.get("files", []):
+                target = job.destination / name
+                if target in moves:
+                    raise ProcessorError(f"two segments wrote {name}; each segment must write its own files")
+                moves[target] = Path(result["dir"]) / name
+        if not job.overwrite:
+            existing = sorted(str(target) for target in moves if target.exists())
+            if existing:
+                more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+                raise ProcessorError(
+                    f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite to replace"
+                )
+        for target, source in sorted(moves.items()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Copy under a temporary name on the destination's filesystem, then rename:
+            # a reader never sees half a file, and a re-run is harmless.
+            temporary = target.with_name(f".{target.name}.farm-{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(source, temporary)
+            os.replace(temporary, target)
+        return [str(target) for target in sorted(moves)]
+
+
+@hookimpl
+def farm_processors() -> list[Processor]:
+    return [CommandProcessor()]
+
+
+@hookimpl
+def farm_node_capabilities(config: Any) -> dict[str, str]:
+    """``command:NAME`` for every allowed executable this node actually has."""
+    offered = {}
+    for entry in config.allow_commands:
+        if shutil.which(entry):
+            offered[f"command:{executable_name(entry)}"] = ""
+    return offered
