@@ -1,0 +1,43 @@
+"""Output names from a profile's template, kept inside the job's destination.
+
+Tokens: ``{stem}`` (the input's name without extension), ``{profile}``, ``{ext}`` (the
+extension the processor writes, without the dot), ``{date}`` (YYYY-MM-DD), and
+``{job}``. A template that would leave the destination is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import string
+from pathlib import Path
+
+from farm.errors import ProcessorError
+from farm.model import Job
+
+OUTPUT_TOKENS = ("stem", "profile", "ext", "date", "job")
+
+
+def output_path(job: Job, default_template: str, ext: str) -> Path:
+    """The path in the destination for this job's output, from ``output:`` or the default."""
+    template = job.profile.output or default_template
+    values = {
+        "stem": job.input.stem if job.input else job.profile.name,
+        "profile": job.profile.name,
+        "ext": ext.lstrip("."),
+        "date": datetime.date.today().isoformat(),
+        "job": job.id,
+    }
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ProcessorError(f"output template {template!r} is malformed: {exc}") from None
+    unknown = [name for name in fields if name not in OUTPUT_TOKENS]
+    if unknown:
+        known = ", ".join("{" + token + "}" for token in OUTPUT_TOKENS)
+        raise ProcessorError(f"output template {template!r}: unknown token {{{unknown[0]}}}; expected {known}")
+    name = template.format(**values)
+    destination = job.destination.resolve()
+    target = (destination / name).resolve()
+    if not name or target == destination or not target.is_relative_to(destination):
+        raise ProcessorError(f"output template {template!r} gives {name!r}, which is not inside {destination}")
+    return target

@@ -1,0 +1,8 @@
+"""The `transcode` processor (being built; registers nothing yet)."""
+
+from farm import hookimpl
+
+
+@hookimpl
+def farm_processors():
+    return []
