@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        jobs = [scheduler.jobs[job_id] for job_id in job_ids]
+        jobs = [scheduler.jobs[job_id] for job_id in scheduler.family(job_ids)]
         report = {
             "batch": batch_id,
             "jobs": [

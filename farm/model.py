@@ -48,7 +48,8 @@ TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
         JobState.RUNNING: frozenset(
             {JobState.QUEUED, JobState.ASSEMBLING, JobState.FAILED, JobState.CANCELLED}
         ),
-        JobState.ASSEMBLING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+        # assembling -> running: verification found segments to run again.
+        JobState.ASSEMBLING: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
         JobState.DONE: frozenset(),
         JobState.FAILED: frozenset(),
         JobState.CANCELLED: frozenset(),

@@ -80,6 +80,14 @@ class Processor:
         """Process one segment into ``segment.output_dir``; return a JSON-serialisable result."""
         raise NotImplementedError(f"processor {self.name!r} does not implement run()")
 
+    def verify(self, job: Job, results: list[dict[str, Any]], context: Context) -> Sequence[SegmentPlan]:
+        """Check segment outputs before ``assemble``; return segments to run again (or none).
+
+        Each round that returns segments counts against the profile's ``retries``; raise
+        :class:`~farm.errors.ProcessorError` to fail the job with a reason at once.
+        """
+        return []
+
     def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
         """Join segment results into the destination; verify; return output paths."""
         return []

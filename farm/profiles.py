@@ -341,9 +341,10 @@ def describe_validation_error(
     return problems[0] + more
 
 
-def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None) -> LoadedProfile:
+def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None,
+                 relative_to: Path | None = None) -> LoadedProfile:
     """Find, merge, override and validate a profile, including its processor's settings."""
-    source = resolve(ref)
+    source = resolve(ref, relative_to)
     data, origins = _load_layers(source)
     apply_overrides(data, origins, overrides or [])
     try:

@@ -9,6 +9,7 @@ Writes are batched: one transaction per scheduling round.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import secrets
 import shutil
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from farm.engine import Engine, NodeView
-from farm.errors import FarmError
-from farm.model import AttemptState, Job, JobState, Segment, SegmentState, TERMINAL_JOB_STATES
+from farm.errors import FarmError, ProfileError
+from farm.frames import chunk_frames, format_frames
+from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, runtime
 from farm.processor import Context, Processor
-from farm.profiles import LoadedProfile
+from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
 from farm.store import Store
 
@@ -46,6 +48,7 @@ class SegmentRuntime:
     attempts: int = 0
     failures: int = 0
     result: dict[str, Any] | None = None
+    seconds: float | None = None  # how long the successful attempt took
 
 
 @dataclass
@@ -64,6 +67,9 @@ class JobRuntime:
     error: str | None = None
     outputs: list[str] = field(default_factory=list)
     waiting: str | None = None
+    verify_rounds: int = 0
+    then: LoadedProfile | None = None  # the profile of the job chained after this one
+    children: list[str] = field(default_factory=list)
 
     @property
     def sort_key(self) -> tuple[int, float, int]:
@@ -116,6 +122,13 @@ class Scheduler:
         """Plan every job, store the batch, and queue its segments."""
         profile = loaded.profile
         processor = self.plugins.processor(profile.processor)
+        then = None
+        if profile.then:
+            where = loaded.origins.get(("then",), str(loaded.source))
+            try:
+                then = load_profile(profile.then, self.plugins, relative_to=loaded.source.parent if loaded.source else None)
+            except FarmError as exc:
+                raise ProfileError(f"{where}: then: {exc}") from None
         batch_id = new_id("b")
         job_rows, segment_rows, runtimes = [], [], []
         now = time.time()
@@ -127,7 +140,7 @@ class Scheduler:
                 frames=profile.frame_list, overwrite=overwrite or profile.overwrite,
             )
             rt = JobRuntime(job, processor, seq, now, profile.priority,
-                            {f"processor:{processor.name}": "", **processor.requires(job)})
+                            {f"processor:{processor.name}": "", **processor.requires(job)}, then=then)
             try:
                 plans = list(processor.plan(job))
             except FarmError as exc:
@@ -173,9 +186,19 @@ class Scheduler:
 
     # -- running -----------------------------------------------------------------------
 
+    def family(self, job_ids: list[str]) -> list[str]:
+        """These jobs and every job chained after them (``then:``), in submission order."""
+        found: list[str] = []
+        pending = list(job_ids)
+        while pending:
+            job_id = pending.pop(0)
+            if job_id not in found:
+                found.append(job_id)
+                pending.extend(self.jobs[job_id].children)
+        return found
+
     def run_until_done(self, job_ids: list[str]) -> None:
-        wanted = [self.jobs[j] for j in job_ids]
-        while any(rt.state not in TERMINAL_JOB_STATES for rt in wanted):
+        while any(self.jobs[j].state not in TERMINAL_JOB_STATES for j in self.family(job_ids)):
             self.step()
         self._drain_stragglers()
 
@@ -302,6 +325,8 @@ class Scheduler:
             self.store.end_attempt(attempt_id, AttemptState.DONE, exit_status=0, log=attempt_log)
             self.store.move_segment(seg.id, seg.state, SegmentState.DONE, result=outcome.get("result"))
             seg.state, seg.result = SegmentState.DONE, outcome.get("result") or {}
+            seg.seconds = time.monotonic() - attempt.started
+            self._recut(rt)
             self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})
@@ -413,8 +438,12 @@ class Scheduler:
                 progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
                 run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
             )
-            outputs = rt.processor.assemble(rt.job, results, context)
-            value: Any = {"ok": True, "outputs": [str(p) for p in outputs]}
+            again = list(rt.processor.verify(rt.job, results, context))
+            if again:
+                value: Any = {"ok": False, "again": again}
+            else:
+                outputs = rt.processor.assemble(rt.job, results, context)
+                value = {"ok": True, "outputs": [str(p) for p in outputs]}
         except FarmError as exc:
             value = {"ok": False, "reason": str(exc), "log": attempt_log.text()}
         except Exception as exc:
@@ -424,18 +453,92 @@ class Scheduler:
 
     def _on_assembled(self, job_id: str, value: dict[str, Any]) -> None:
         rt = self.jobs[job_id]
+        if rt.state != JobState.ASSEMBLING:
+            return
+        if value.get("again"):
+            plans: list[SegmentPlan] = value["again"]
+            rt.verify_rounds += 1
+            labels = "; ".join(plan.label for plan in plans)
+            if rt.verify_rounds > rt.job.profile.retries:
+                self._set_job(rt, JobState.FAILED, error=f"verification still failing after {rt.job.profile.retries} "
+                                                          f"re-runs: {labels}")
+                rt.error = f"verification still failing after {rt.job.profile.retries} re-runs: {labels}"
+                self.plugins.notify("farm_job_failed", job=rt.job, reason=rt.error)
+                self._emit("job_failed", rt, {"reason": rt.error})
+                return
+            self._set_job(rt, JobState.RUNNING)
+            self.store.event("verify_rerun", job_id=rt.job.id, data={"round": rt.verify_rounds, "segments": labels})
+            self._add_segments(rt, plans)
+            self._emit("job_rerun", rt, {"segments": labels})
+            return
         if value["ok"]:
             rt.outputs = value["outputs"]
             self._set_job(rt, JobState.DONE, outputs=rt.outputs)
             shutil.rmtree(rt.job.work_dir, ignore_errors=True)
             self.plugins.notify("farm_job_finished", job=rt.job, outputs=rt.outputs)
             self._emit("job_done", rt, {"outputs": rt.outputs})
+            self._chain(rt)
         else:
             reason = f"assembly failed: {value['reason']}"
             rt.error = reason
             self._set_job(rt, JobState.FAILED, error=reason)
             self.plugins.notify("farm_job_failed", job=rt.job, reason=reason)
             self._emit("job_failed", rt, {"reason": reason})
+
+    # -- growing and re-cutting jobs -----------------------------------------------------
+
+    def _add_segments(self, rt: JobRuntime, plans: list[SegmentPlan]) -> None:
+        start = max((seg.index for seg in rt.segments.values()), default=-1) + 1
+        rows = []
+        for offset, plan in enumerate(plans):
+            index = start + offset
+            seg = SegmentRuntime(f"{rt.job.id}.s{index:05d}", index, plan.label, plan.frames, dict(plan.params))
+            rt.segments[seg.id] = seg
+            rt.queue.append(seg.id)
+            rows.append({"id": seg.id, "job_id": rt.job.id, "idx": index, "label": seg.label,
+                         "frames": seg.frames, "params": seg.params})
+        self.store.add_segments(rows)
+
+    def _recut(self, rt: JobRuntime) -> None:
+        """With ``segment.target_seconds``, re-cut the frames nobody has started so that
+        each segment takes about that long, judged by the segments already done."""
+        target = rt.job.profile.segment.target_seconds
+        if not target or not rt.queue:
+            return
+        timed = [s for s in rt.segments.values() if s.state == SegmentState.DONE and s.seconds and s.frames]
+        unstarted = [rt.segments[sid] for sid in rt.queue if rt.segments[sid].attempts == 0 and rt.segments[sid].frames]
+        if not timed or not unstarted:
+            return
+        per_frame = sum(s.seconds or 0.0 for s in timed) / sum(len(s.frames or []) for s in timed)
+        frames = sorted(frame for seg in unstarted for frame in seg.frames or [])
+        slots = sum(node.slots for node in self._nodes) or 1
+        # Never so large that the last segments leave nodes idle while one finishes alone.
+        size = max(1, min(round(target / max(per_frame, 1e-6)), math.ceil(len(frames) / slots)))
+        current = max(len(seg.frames or []) for seg in unstarted)
+        if abs(size - current) < max(1.0, 0.25 * current):
+            return
+        dropped = {seg.id for seg in unstarted}
+        self.store.drop_unstarted_segments(sorted(dropped))
+        for seg_id in dropped:
+            del rt.segments[seg_id]
+        rt.queue = deque(sid for sid in rt.queue if sid not in dropped)
+        params = dict(unstarted[0].params)
+        self._add_segments(rt, [SegmentPlan(label=f"frames {format_frames(chunk)}", frames=chunk, params=params)
+                                for chunk in chunk_frames(frames, size)])
+        self.store.event("recut", job_id=rt.job.id, data={"frames_per_segment": size, "seconds_per_frame": per_frame})
+        self._emit("job_recut", rt, {"frames_per_segment": size})
+
+    def _chain(self, rt: JobRuntime) -> None:
+        """Submit the ``then:`` job with this job's first output as its input."""
+        if rt.then is None:
+            return
+        if not rt.outputs:
+            self.store.event("chain_skipped", job_id=rt.job.id, data={"reason": "the job has no outputs"})
+            return
+        _, child_ids = self.submit(rt.then, [Path(rt.outputs[0])], rt.job.destination,
+                                   origin=f"then:{rt.job.id}", overwrite=rt.job.overwrite)
+        rt.children.extend(child_ids)
+        self.store.event("chained", job_id=rt.job.id, data={"jobs": child_ids})
 
     # -- helpers -----------------------------------------------------------------------
 

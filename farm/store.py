@@ -155,12 +155,29 @@ class Store:
                 " :work_dir, :priority, :state, :created, :created, :error)",
                 [{"error": None, "created": now, **job} for job in jobs],
             )
+            self.add_segments(segments)
+            self.event("batch_submitted", data={"batch": batch_id, "jobs": len(jobs)})
+
+    def add_segments(self, segments: list[dict[str, Any]]) -> None:
+        """Segments added to a running job (a re-cut, or a re-run after verification)."""
+        now = time.time()
+        with self.transaction():
             self._db.executemany(
                 "INSERT INTO segments(id, job_id, idx, label, frames, params, state, updated)"
                 " VALUES (:id, :job_id, :idx, :label, :frames, :params, 'queued', :now)",
-                [{**seg, "frames": _json(seg["frames"]), "params": _json(seg["params"]), "now": now} for seg in segments],
+                [{**seg, "frames": _json(seg["frames"]), "params": _json(seg["params"]), "now": now}
+                 for seg in segments],
             )
-            self.event("batch_submitted", data={"batch": batch_id, "jobs": len(jobs)})
+
+    def drop_unstarted_segments(self, segment_ids: list[str]) -> None:
+        """Remove queued segments that never ran (their frames were re-cut into others)."""
+        marks = ",".join("?" * len(segment_ids))
+        with self.transaction():
+            cursor = self._execute(
+                f"DELETE FROM segments WHERE id IN ({marks}) AND state = 'queued' AND attempts = 0", segment_ids
+            )
+            if cursor.rowcount != len(segment_ids):
+                raise IllegalTransition(f"segments {', '.join(segment_ids)}: only queued, never-run segments can be re-cut")
 
     def _move(self, table: str, kind: str, entity_id: str, old: str, new: str, fields: dict[str, Any]) -> None:
         check_transition(kind, entity_id, old, new)
