@@ -315,8 +315,12 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def cancel_attempt(attempt_id: str) -> bool:
-    """Run on a node (through ``Client.run``) to end an attempt's process group."""
+async def cancel_attempt(attempt_id: str) -> bool:
+    """Run on a node (through ``Client.run``) to end an attempt's process group.
+
+    A coroutine, because Dask runs only coroutines without waiting for the answer, and
+    the scheduler must not wait on a node that may be slow or gone.
+    """
     return runtime().cancel(attempt_id)
 
 

@@ -1,0 +1,99 @@
+"""The store and the transition table: legal moves persist, illegal ones name the entity."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from farm.errors import IllegalTransition
+from farm.model import TRANSITIONS, check_transition
+from farm.store import LOG_LIMIT, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "farm.db")
+    job = {"id": "j1", "batch_id": "b1", "seq": 0, "input": None, "profile_name": "p", "profile": "{}",
+           "processor": "command", "destination": "/d", "work_dir": "/w", "priority": 0, "state": "queued"}
+    s.add_batch("b1", "test", [job], [{"id": "j1.s0", "job_id": "j1", "idx": 0, "label": "frames 1-2",
+                                       "frames": [1, 2], "params": {}}])
+    yield s
+    s.close()
+
+
+def test_store_is_sqlite_in_wal_mode(store):
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_job_runs_to_done_and_every_change_is_an_event(store, tmp_path):
+    store.move_job("j1", "queued", "running")
+    store.move_segment("j1.s0", "queued", "running")
+    store.start_attempt("j1.s0.a1", "j1.s0", "j1", "node-a", 1)
+    store.end_attempt("j1.s0.a1", "done", exit_status=0, log="ok")
+    store.move_segment("j1.s0", "running", "done", result={"files": ["a"]})
+    store.move_job("j1", "running", "assembling")
+    store.move_job("j1", "assembling", "done", outputs=["/d/a"])
+    store.close()
+    reopened = Store(tmp_path / "farm.db")  # the truth survives the process
+    assert reopened.job("j1")["state"] == "done"
+    assert reopened.segments("j1")[0]["state"] == "done"
+    attempt = reopened.attempts(segment_id="j1.s0")[0]
+    assert (attempt["node"], attempt["state"], attempt["exit_status"]) == ("node-a", "done", 0)
+    kinds = [row["kind"] for row in reopened.events()]
+    assert kinds == ["batch_submitted", "job_running", "attempt_started", "attempt_done", "job_assembling", "job_done"]
+    reopened.close()
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSITIONS))
+def test_every_illegal_move_in_the_table_raises_naming_the_entity(kind):
+    table = TRANSITIONS[kind]
+    for old in table:
+        for new in table:
+            if new in table[old]:
+                check_transition(kind, "x1", old, new)
+            else:
+                with pytest.raises(IllegalTransition, match=f"{kind} x1: cannot go from {old} to {new}"):
+                    check_transition(kind, "x1", old, new)
+
+
+def test_final_states_have_no_way_out():
+    for kind, table in TRANSITIONS.items():
+        for state in ("done", "failed", "cancelled"):
+            assert table[state] == frozenset(), (kind, state)
+
+
+def test_a_stale_move_is_refused(store):
+    store.move_job("j1", "queued", "running")
+    with pytest.raises(IllegalTransition, match="job j1: expected state queued, found running"):
+        store.move_job("j1", "queued", "cancelled")
+
+
+def test_a_failed_transaction_leaves_nothing_behind(store):
+    with pytest.raises(IllegalTransition):
+        with store.transaction():
+            store.move_job("j1", "queued", "running")
+            store.move_job("j1", "running", "done")  # not allowed: must assemble first
+    assert store.job("j1")["state"] == "queued"
+
+
+def test_attempt_logs_are_bounded(store):
+    store.start_attempt("j1.s0.a1", "j1.s0", "j1", "n", 1)
+    store.end_attempt("j1.s0.a1", "failed", reason="boom", log="x" * (LOG_LIMIT * 3))
+    log = store.attempts(segment_id="j1.s0")[0]["log"]
+    assert len(log) < LOG_LIMIT + 100 and log.startswith("[... earlier output cut ...]")
+
+
+def test_only_unstarted_segments_can_be_recut(store):
+    store.start_attempt("j1.s0.a1", "j1.s0", "j1", "n", 1)
+    with pytest.raises(IllegalTransition, match="never-run"):
+        store.drop_unstarted_segments(["j1.s0"])
+
+
+def test_an_unopenable_store_is_a_clear_error(tmp_path):
+    from farm.errors import StoreError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot open the state store"):
+        Store(blocker / "farm.db")
