@@ -46,7 +46,9 @@ class Engine:
     def embedded(cls, slots: int | None = None, capabilities: dict[str, str] | None = None) -> Engine:
         """An in-process LocalCluster sized to this machine, listening on nothing."""
         slots = slots or os.cpu_count() or 1
-        with dask.config.set({"distributed.worker.daemon": False}):
+        # Dask keeps 100,000 entries of per-task history by default: hundreds of MiB for a
+        # long job. A render farm's history lives in its own store.
+        with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.low-level-log-length": 1000}):
             cluster = LocalCluster(
                 n_workers=1,
                 threads_per_worker=slots,

@@ -138,6 +138,7 @@ class Segment:
     params: dict[str, Any]
     attempt_id: str
     output_dir: Path  # where this attempt writes, inside cluster storage
+    announce_start: bool = False  # tell the controller when it starts (it may wait on the node)
 
     @property
     def start(self) -> int | None:

@@ -44,12 +44,12 @@ class Cancelled(Exception):
 
 
 class NodeRuntime:
-    def __init__(self, config: NodeConfig | None = None, name: str | None = None):
+    def __init__(self, config: NodeConfig | None = None, name: str | None = None, plugins: Any = None):
         from farm.plugins import load_plugins
 
         self.config = config or load_config().node
         self.name = name or self.config.name or socket.gethostname()
-        self.plugins = load_plugins()
+        self.plugins = plugins or load_plugins()
         self.slots = self.config.slots or os.cpu_count() or 1
         self.capabilities = node_capabilities(self.config, self.plugins)
         self._active: dict[str, threading.Event] = {}
@@ -94,11 +94,11 @@ def runtime() -> NodeRuntime:
         return _runtime
 
 
-def install_runtime(config: NodeConfig, name: str | None = None) -> NodeRuntime:
+def install_runtime(config: NodeConfig, name: str | None = None, plugins: Any = None) -> NodeRuntime:
     """Set this process's node runtime (the embedded default does this before starting)."""
     global _runtime
     with _runtime_lock:
-        _runtime = NodeRuntime(config, name)
+        _runtime = NodeRuntime(config, name, plugins)
         return _runtime
 
 
@@ -285,6 +285,8 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     logger.setLevel(logging.INFO)
     scratch = Path(tempfile.mkdtemp(prefix=f"farm-{segment.attempt_id}-"))
     log.write(f"=== segment {segment.id} ({segment.label}) attempt {segment.attempt_id} of job {job.id} on node {node.name}")
+    if segment.announce_start:
+        _progress_reporter(segment.attempt_id)(0.0, "started", started=True)
     try:
         processor = node.plugins.processor(job.profile.processor)
         segment.output_dir.mkdir(parents=True, exist_ok=True)
@@ -327,15 +329,16 @@ async def cancel_attempt(attempt_id: str) -> bool:
 def _progress_reporter(attempt_id: str) -> Callable[[float, str], None]:
     last = [0.0]
 
-    def report(fraction: float, message: str = "") -> None:
+    def report(fraction: float, message: str = "", started: bool = False) -> None:
         now = time.monotonic()
-        if now - last[0] < 0.25 and fraction < 1.0:
+        if now - last[0] < 0.25 and fraction < 1.0 and not started:
             return
         last[0] = now
+        event = {"attempt": attempt_id, "fraction": float(fraction), "message": message, "started": started}
         try:
             from distributed import get_worker
 
-            get_worker().log_event(PROGRESS_TOPIC, {"attempt": attempt_id, "fraction": float(fraction), "message": message})
+            get_worker().log_event(PROGRESS_TOPIC, event)
         except ValueError:  # not inside a Dask worker (a direct call): nobody to tell
             pass
 

@@ -33,6 +33,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError("expected a duration such as 90s, 30m or 1h30m")
     if isinstance(value, (int, float)):
         seconds = float(value)
+    elif re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(value)):
+        seconds = float(value)
     else:
         match = _DURATION.match(str(value))
         if not match or not any(match.groups()):

@@ -82,7 +82,7 @@ class AttemptRuntime:
     job_id: str
     segment_id: str
     node: NodeView
-    started: float
+    started: float  # when it was handed out; with prefetch, updated when the node starts it
     last_progress: float
     current: bool = True  # False once ended by a timeout or a cancel; its slot stays busy
 
@@ -92,7 +92,10 @@ def new_id(prefix: str) -> str:
 
 
 class Scheduler:
-    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path):
+    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0):
+        """``prefetch``: segments handed to a node beyond its free slots, so that very short
+        segments do not wait on the round trip; 0 keeps every waiting segment here."""
+        self.prefetch = prefetch
         self.store = store
         self.plugins = plugins
         self.engine = engine
@@ -236,7 +239,7 @@ class Scheduler:
 
     def _free_slots_exist(self) -> bool:
         busy = Counter(a.node.address for a in self.attempts.values())
-        return any(busy[n.address] < n.slots for n in self._current_nodes())
+        return any(busy[n.address] < n.slots + self.prefetch for n in self._current_nodes())
 
     def _current_nodes(self) -> list[NodeView]:
         now = time.monotonic()
@@ -252,7 +255,7 @@ class Scheduler:
         nodes = sorted(self._current_nodes(), key=lambda n: busy[n.address] - n.slots)
         handed: list[tuple[JobRuntime, Segment, NodeView]] = []
         for node in nodes:
-            while busy[node.address] < node.slots:
+            while busy[node.address] < node.slots + self.prefetch:
                 picked = self._next_for(node)
                 if picked is None:
                     break
@@ -280,6 +283,7 @@ class Scheduler:
             segment = Segment(
                 id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
                 params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,
+                announce_start=self.prefetch > 0,
             )
             self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
             return rt, segment, node
@@ -306,6 +310,9 @@ class Scheduler:
         if attempt is None or not attempt.current:
             return
         attempt.last_progress = time.monotonic()
+        if message.get("started"):
+            attempt.started = attempt.last_progress  # it waited on the node; time it from now
+            return
         rt = self.jobs[attempt.job_id]
         self._emit("segment_progress", rt, {"segment": attempt.segment_id, "fraction": message.get("fraction", 0.0),
                                             "message": message.get("message", "")})
