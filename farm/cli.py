@@ -8,6 +8,7 @@ a typed exit status (see :class:`farm.errors.ExitStatus`); a traceback only with
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -87,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a job",
                                  description="Ask the process running a job to cancel it.")
     cancel.add_argument("job", help="a job id")
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(module_name)
+        COMMANDS.update(module.add_commands(commands, common))
     return parser
+
+
+#: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
+#: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _submission_arguments(parser: argparse.ArgumentParser) -> None:
