@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli",)
 
 
 def _submission_arguments(parser: argparse.ArgumentParser) -> None:

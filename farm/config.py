@@ -28,6 +28,22 @@ def config_dir() -> Path:
     return Path(platformdirs.user_config_dir(APP))
 
 
+class PartTime(BaseModel):
+    """Qmaster's part-time processing: take work only when the machine is idle and/or
+    inside given hours."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Local hours when work is taken, e.g. "18:00-08:00" (may wrap past midnight).
+    hours: str | None = Field(default=None, pattern=r"^\d{1,2}:\d{2}-\d{1,2}:\d{2}$")
+    #: Idle means other processes use less than this share of the CPU (percent) ...
+    idle_cpu_below: float | None = Field(default=None, gt=0, le=100)
+    #: ... for this many minutes.
+    idle_minutes: float = Field(default=5.0, ge=0)
+    #: When the machine gets busy, hand running segments back (re-queued elsewhere).
+    hand_back: bool = False
+
+
 class NodeConfig(BaseModel):
     """What a node allows and offers."""
 
@@ -40,12 +56,36 @@ class NodeConfig(BaseModel):
     allow_commands: list[str] = Field(default_factory=lambda: ["ffmpeg"])
     #: Seconds between SIGTERM and SIGKILL when a segment's process group is ended.
     kill_grace: float = Field(default=1.5, ge=0)
+    #: Path prefixes as the controller writes them -> as this node sees them,
+    #: e.g. {"/Volumes/Media": "/mnt/media"}.
+    path_map: dict[str, str] = Field(default_factory=dict)
+    part_time: PartTime | None = None
+
+
+class ControllerConfig(BaseModel):
+    """Where the controller listens and keeps segment outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The cluster bundle (file or folder from `farm cluster init`).
+    bundle: str | None = None
+    #: Address to listen on for Dask and the API; nodes on other machines need a
+    #: reachable one (0.0.0.0 listens everywhere).
+    host: str = "0.0.0.0"
+    scheduler_port: int = Field(default=8786, ge=0, le=65535)
+    api_port: int = Field(default=8780, ge=0, le=65535)
+    #: Cluster storage: a folder every node reaches at the same path (after path_map),
+    #: where segment outputs wait for assembly. Default: under the state directory.
+    storage: str | None = None
+    #: Advertise with zeroconf so that nodes find the controller by themselves.
+    advertise: bool = True
 
 
 class FarmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     node: NodeConfig = Field(default_factory=NodeConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> FarmConfig:

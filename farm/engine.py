@@ -17,7 +17,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
-from farm.node import PROGRESS_TOPIC, cancel_attempt, run_segment
+from farm.node import PROGRESS_TOPIC, cancel_attempt, node_report, run_segment
 
 log = logging.getLogger("farm.engine")
 
@@ -28,6 +28,10 @@ class NodeView:
     name: str
     slots: int
     capabilities: dict[str, str] = field(default_factory=dict)
+    accepting: bool = True  # False when a part-time node is busy or outside its hours
+    hand_back: bool = False  # True when it also wants its running segments taken back
+    reason: str = ""
+    running: int = 0
 
 
 class Engine:
@@ -63,11 +67,32 @@ class Engine:
         return cls(client, cluster, capabilities)
 
     def nodes(self) -> list[NodeView]:
+        """The nodes connected now; remote ones describe themselves (capabilities, load)."""
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        return [
-            NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
-            for address, info in workers.items()
-        ]
+        if self.cluster is not None and self._capabilities:
+            return [NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
+                    for address, info in workers.items()]
+        if not workers:
+            return []
+        try:
+            reports = self.client.run(node_report, workers=list(workers), on_error="return")
+        except Exception as exc:  # a node going away mid-call: the next poll sees the rest
+            log.debug("could not ask nodes for their state: %s", exc)
+            return []
+        views = []
+        for address, report in reports.items():
+            if not isinstance(report, dict):
+                log.warning("node %s did not describe itself: %s", address, report)
+                continue
+            views.append(NodeView(address, report["name"], report["slots"], report["capabilities"],
+                                  report["accepting"], report["hand_back"], report["reason"], report["running"]))
+        return views
+
+    def forget(self, attempt_id: str) -> None:
+        """Stop waiting for an attempt (its node left); Dask may drop the task."""
+        future = self._futures.pop(attempt_id, None)
+        if future is not None:
+            future.release()
 
     def submit(self, job: Job, segment: Segment, address: str) -> None:
         future = self.client.submit(

@@ -51,8 +51,9 @@ TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
         # assembling -> running: verification found segments to run again.
         JobState.ASSEMBLING: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
         JobState.DONE: frozenset(),
-        JobState.FAILED: frozenset(),
-        JobState.CANCELLED: frozenset(),
+        # failed or cancelled -> queued is a retry asked for by a person.
+        JobState.FAILED: frozenset({JobState.QUEUED}),
+        JobState.CANCELLED: frozenset({JobState.QUEUED}),
     },
     "segment": {
         # running -> queued is a retry (or a hand-back); the attempt keeps the reason.
@@ -63,8 +64,8 @@ TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
             {SegmentState.QUEUED, SegmentState.DONE, SegmentState.FAILED, SegmentState.CANCELLED}
         ),
         SegmentState.DONE: frozenset(),
-        SegmentState.FAILED: frozenset(),
-        SegmentState.CANCELLED: frozenset(),
+        SegmentState.FAILED: frozenset({SegmentState.QUEUED}),
+        SegmentState.CANCELLED: frozenset({SegmentState.QUEUED}),
     },
     "attempt": {
         AttemptState.RUNNING: frozenset(

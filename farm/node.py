@@ -10,6 +10,7 @@ peak memory).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import shlex
@@ -52,6 +53,7 @@ class NodeRuntime:
         self.plugins = plugins or load_plugins()
         self.slots = self.config.slots or os.cpu_count() or 1
         self.capabilities = node_capabilities(self.config, self.plugins)
+        self.availability = Availability(self.config.part_time)
         self._active: dict[str, threading.Event] = {}
         self._cancelled_early: set[str] = set()
         self._lock = threading.Lock()
@@ -100,6 +102,134 @@ def install_runtime(config: NodeConfig, name: str | None = None, plugins: Any = 
     with _runtime_lock:
         _runtime = NodeRuntime(config, name, plugins)
         return _runtime
+
+
+def node_report() -> dict[str, Any]:
+    """Run on a node (through ``Client.run``): who it is, what it offers, whether it takes work."""
+    node = runtime()
+    accepting, hand_back, reason = node.availability.state()
+    with node._lock:
+        running = len(node._active)
+    return {"name": node.name, "slots": node.slots, "capabilities": node.capabilities,
+            "accepting": accepting, "hand_back": hand_back, "reason": reason, "running": running}
+
+
+# -- part-time nodes ----------------------------------------------------------------------
+
+_ACTIVE_GROUPS: set[int] = set()  # process groups of running segments, not "other" load
+_ACTIVE_GROUPS_LOCK = threading.Lock()
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def _own_jiffies() -> int:
+    """CPU used by this node's own process and its segments' process groups."""
+    own_session = os.getsid(0)
+    with _ACTIVE_GROUPS_LOCK:
+        groups = set(_ACTIVE_GROUPS)
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pgrp, session = int(stat[2]), int(stat[3])
+        if session == own_session or pgrp in groups:
+            total += int(stat[11]) + int(stat[12])
+    return total
+
+
+class Availability:
+    """Whether a part-time node takes work now: inside its hours, and idle (other
+    processes below a CPU share for N minutes)."""
+
+    SAMPLE_SECONDS = 1.0
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+        self._other_busy = 0.0
+        self._idle_since: float | None = time.monotonic()
+        self._lock = threading.Lock()
+        if policy is not None and policy.idle_cpu_below is not None and Path("/proc/stat").exists():
+            threading.Thread(target=self._sample, name="farm-part-time", daemon=True).start()
+
+    def _sample(self) -> None:
+        busy, total = _cpu_jiffies()
+        own = _own_jiffies()
+        while True:
+            time.sleep(self.SAMPLE_SECONDS)
+            busy2, total2 = _cpu_jiffies()
+            own2 = _own_jiffies()
+            span = max(total2 - total, 1)
+            other = max(0.0, (busy2 - busy) - (own2 - own)) * 100.0 / span
+            with self._lock:
+                self._other_busy = other
+                if other < self.policy.idle_cpu_below:
+                    self._idle_since = self._idle_since or time.monotonic()
+                else:
+                    self._idle_since = None
+            busy, total, own = busy2, total2, own2
+
+    def state(self) -> tuple[bool, bool, str]:
+        """(accepting, hand_back, reason)."""
+        policy = self.policy
+        if policy is None:
+            return True, False, ""
+        if policy.hours and not _inside_hours(policy.hours, time.localtime()):
+            return False, policy.hand_back, f"outside its hours ({policy.hours})"
+        if policy.idle_cpu_below is not None:
+            with self._lock:
+                idle_since, other = self._idle_since, self._other_busy
+            if idle_since is None:
+                return False, policy.hand_back, (f"the machine is busy (other processes use {other:.0f}% CPU, "
+                                                 f"part-time threshold {policy.idle_cpu_below:g}%)")
+            waited = time.monotonic() - idle_since
+            if waited < policy.idle_minutes * 60:
+                return False, False, f"idle for {waited:.0f} s of the {policy.idle_minutes:g} min it waits"
+        return True, False, ""
+
+
+def _inside_hours(hours: str, now: time.struct_time) -> bool:
+    start, end = ((int(h) * 60 + int(m)) for h, m in (part.split(":") for part in hours.split("-")))
+    minute = now.tm_hour * 60 + now.tm_min
+    if start <= end:
+        return start <= minute < end
+    return minute >= start or minute < end
+
+
+# -- path mapping -------------------------------------------------------------------------
+
+
+def map_path(path: Path | None, mapping: dict[str, str]) -> Path | None:
+    """A controller-side path as this node sees it (longest matching prefix wins)."""
+    if path is None or not mapping:
+        return path
+    text = str(path)
+    for prefix in sorted(mapping, key=len, reverse=True):
+        if text == prefix or text.startswith(prefix.rstrip("/") + "/"):
+            return Path(mapping[prefix] + text[len(prefix.rstrip("/")):])
+    return path
+
+
+def unmap_values(value: Any, mapping: dict[str, str]) -> Any:
+    """Node-side paths inside a result, put back the way the controller sees them."""
+    if not mapping:
+        return value
+    reverse = {node_side: controller_side for controller_side, node_side in mapping.items()}
+    if isinstance(value, str) and value.startswith("/"):
+        return str(map_path(Path(value), reverse))
+    if isinstance(value, list):
+        return [unmap_values(item, mapping) for item in value]
+    if isinstance(value, dict):
+        return {key: unmap_values(item, mapping) for key, item in value.items()}
+    return value
 
 
 def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
@@ -200,6 +330,8 @@ class CommandRunner:
         except OSError as exc:
             raise ProcessorError(f"cannot start {argv[0]!r}: {exc}") from None
 
+        with _ACTIVE_GROUPS_LOCK:
+            _ACTIVE_GROUPS.add(proc.pid)
         tail: list[str] = []
 
         def read_output() -> None:
@@ -241,6 +373,8 @@ class CommandRunner:
                     terminated_at = float("inf")
         # Whatever the leader left behind in its group goes with it.
         _signal_group(proc.pid, signal.SIGKILL)
+        with _ACTIVE_GROUPS_LOCK:
+            _ACTIVE_GROUPS.discard(proc.pid)
         reader.join(timeout=5)
         status, usage = outcome["status"], outcome["usage"]
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
@@ -276,6 +410,11 @@ def _signal_group(pgid: int, sig: int) -> None:
 def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     """Run one attempt; never raises: the outcome is a dict the controller stores."""
     node = runtime()
+    mapping = node.config.path_map
+    if mapping:
+        job = dataclasses.replace(job, input=map_path(job.input, mapping),
+                                  destination=map_path(job.destination, mapping), work_dir=map_path(job.work_dir, mapping))
+        segment = dataclasses.replace(segment, job=job, output_dir=map_path(segment.output_dir, mapping))
     cancelled = node._register(segment.attempt_id)
     log = AttemptLog()
     logger = logging.getLogger(f"farm.segment.{segment.id}")
@@ -302,7 +441,7 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
         result = processor.run(segment, context)
         if cancelled.is_set():
             raise Cancelled("cancelled")
-        return {"ok": True, "result": result or {}, "log": log.text(), "node": node.name}
+        return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}
     except Cancelled as exc:
         return {"ok": False, "cancelled": True, "reason": str(exc), "log": log.text(), "node": node.name}
     except FarmError as exc:

@@ -8,6 +8,7 @@ Writes are batched: one transaction per scheduling round.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ class Scheduler:
         self._cancel_local: set[str] = set()
         self._to_cancel: list[AttemptRuntime] = []  # ended in this round; told to nodes after commit
         self._lock = threading.Lock()
+        self.paused_nodes: set[str] = store.paused_nodes()
+        self._unrunnable_checked = 0.0
 
     # -- submitting --------------------------------------------------------------------
 
@@ -162,7 +165,7 @@ class Scheduler:
                 "id": job_id, "batch_id": batch_id, "seq": seq, "input": str(source) if source else None,
                 "profile_name": profile.name, "profile": profile.model_dump_json(), "processor": processor.name,
                 "destination": str(destination), "work_dir": str(job.work_dir), "priority": profile.priority,
-                "state": rt.state, "error": rt.error,
+                "state": rt.state, "error": rt.error, "overwrite": int(job.overwrite),
             })
             runtimes.append(rt)
         self.store.add_batch(batch_id, origin, job_rows, segment_rows)
@@ -181,11 +184,118 @@ class Scheduler:
                     self._start_assembly(rt)
         return batch_id, [rt.job.id for rt in runtimes]
 
+    def recover(self) -> list[str]:
+        """Rebuild the queue from the store after a restart; returns the jobs taken back.
+
+        Attempts that were running when the controller stopped are recorded as lost
+        (without counting against the segment) and their segments queued again; their
+        outputs went to their own attempt folders, so nothing is written twice.
+        """
+        from farm.profiles import Profile
+
+        recovered = []
+        for row in self.store.unfinished_jobs():
+            if row["id"] in self.jobs:
+                continue
+            with self.store.transaction():
+                rt = self._rebuild(row, Profile)
+            if rt is not None:
+                recovered.append(rt.job.id)
+        with self._lock:
+            self._reorder()
+        return recovered
+
+    def _rebuild(self, row: Any, profile_model: Any) -> JobRuntime | None:
+        profile = profile_model.model_validate_json(row["profile"])
+        try:
+            processor = self.plugins.processor(row["processor"])
+            settings = processor.settings_model.model_validate(profile.settings)
+        except Exception as exc:
+            self.store.move_job(row["id"], row["state"], JobState.FAILED,
+                                error=f"cannot resume after a restart: {exc}")
+            return None
+        job = Job(id=row["id"], batch_id=row["batch_id"], input=Path(row["input"]) if row["input"] else None,
+                  profile=profile, settings=settings, destination=Path(row["destination"]),
+                  work_dir=Path(row["work_dir"]), frames=profile.frame_list, overwrite=bool(row["overwrite"]))
+        then = None
+        if profile.then:
+            try:
+                then = load_profile(profile.then, self.plugins)
+            except FarmError as exc:
+                self.store.event("chain_lost", job_id=job.id, data={"reason": str(exc)})
+        rt = JobRuntime(job, processor, row["seq"], row["created"], row["priority"],
+                        {f"processor:{processor.name}": "", **processor.requires(job)}, state=row["state"], then=then)
+        for seg_row in self.store.segments(job.id):
+            seg = SegmentRuntime(seg_row["id"], seg_row["idx"], seg_row["label"],
+                                 json.loads(seg_row["frames"]) if seg_row["frames"] else None,
+                                 json.loads(seg_row["params"]), state=seg_row["state"], attempts=seg_row["attempts"],
+                                 result=json.loads(seg_row["result"]) if seg_row["result"] else None)
+            attempts = self.store.attempts(segment_id=seg.id)
+            seg.failures = sum(1 for a in attempts if a["state"] in (AttemptState.FAILED, AttemptState.TIMED_OUT))
+            for attempt in attempts:
+                if attempt["state"] == AttemptState.RUNNING:
+                    self.store.end_attempt(attempt["id"], AttemptState.LOST,
+                                           reason="the controller stopped while it ran; it runs again")
+            if seg.state == SegmentState.RUNNING:
+                self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
+                seg.state = SegmentState.QUEUED
+            rt.segments[seg.id] = seg
+            if seg.state == SegmentState.QUEUED:
+                rt.queue.append(seg.id)
+        self.jobs[job.id] = rt
+        self.store.event("job_recovered", job_id=job.id, data={"queued": len(rt.queue)})
+        if rt.state == JobState.ASSEMBLING:
+            results = [seg.result or {} for seg in sorted(rt.segments.values(), key=lambda s: s.index)]
+            self._assembler.submit(self._assemble, rt, results)
+        elif rt.segments and all(seg.state == SegmentState.DONE for seg in rt.segments.values()):
+            if rt.state == JobState.QUEUED:
+                self._set_job(rt, JobState.RUNNING)
+            self._start_assembly(rt)
+        return rt
+
     def cancel(self, job_id: str) -> None:
         """Cancel a job (thread-safe; takes effect in the next round)."""
         with self._lock:
             self._cancel_local.add(job_id)
         self.engine.outcomes.put(("wake", "", None))
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` in the scheduler's own thread, between rounds (for the API)."""
+        future: Future[Any] = Future()
+        self.engine.outcomes.put(("call", "", (fn, future)))
+        return future
+
+    def retry(self, job_id: str) -> int:
+        """Queue a failed or cancelled job's unfinished segments again; returns how many."""
+        rt = self.jobs.get(job_id)
+        if rt is None:
+            raise FarmError(f"job {job_id} is not known to this controller")
+        if rt.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise FarmError(f"job {job_id} is {rt.state}; only failed or cancelled jobs can be retried")
+        again = [seg for seg in sorted(rt.segments.values(), key=lambda s: s.index)
+                 if seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
+        with self.store.transaction():
+            self.store.clear_cancel(job_id)
+            self._set_job(rt, JobState.QUEUED, error=None)
+            for seg in again:
+                self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED, error=None)
+                seg.state, seg.failures = SegmentState.QUEUED, 0
+                rt.queue.append(seg.id)
+            rt.error, rt.excluded, rt.verify_rounds = None, set(), 0
+            rt.node_failures.clear()
+            self._reorder()
+            if not again and all(seg.state == SegmentState.DONE for seg in rt.segments.values()):
+                self._set_job(rt, JobState.RUNNING)
+                self._start_assembly(rt)
+        self._emit("job_retried", rt, {"segments": len(again)})
+        return len(again)
+
+    def set_node_paused(self, name: str, paused: bool) -> None:
+        self.store.set_node_paused(name, paused)
+        if paused:
+            self.paused_nodes.add(name)
+        else:
+            self.paused_nodes.discard(name)
 
     # -- running -----------------------------------------------------------------------
 
@@ -225,6 +335,9 @@ class Scheduler:
                     self._on_finished(attempt_id, outcomes.get(attempt_id) or {"ok": False, "reason": "no result came back"})
                 elif kind == "assembled":
                     self._on_assembled(attempt_id, value)
+                elif kind == "call":
+                    self._run_call(*value)
+            self._check_nodes()
             self._enforce_timeouts()
             self._apply_cancels()
             dispatched = self._dispatch()
@@ -234,12 +347,56 @@ class Scheduler:
         for rt, segment, node in dispatched:
             self.engine.submit(rt.job, segment, node.address)
 
+    def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
+        try:
+            with self.store.transaction():
+                future.set_result(fn())
+        except BaseException as exc:  # handed back to the caller, whose request it was
+            future.set_exception(exc)
+
+    def _check_nodes(self) -> None:
+        """Attempts on nodes that left, or that hand work back, go back to the queue."""
+        if not self.attempts:
+            return
+        nodes = {node.address: node for node in self._current_nodes()}
+        for attempt in list(self.attempts.values()):
+            if not attempt.current:
+                continue
+            node = nodes.get(attempt.node.address)
+            if node is None:
+                reason = f"node {attempt.node.name} left the cluster while running it"
+                self._requeue(attempt, AttemptState.LOST, reason, count=True)
+            elif node.hand_back:
+                reason = f"node {node.name} got busy and handed it back ({node.reason})"
+                self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
+
+    def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
+        attempt.current = False
+        self.attempts.pop(attempt.id, None)
+        self.engine.forget(attempt.id)
+        rt = self.jobs[attempt.job_id]
+        seg = rt.segments[attempt.segment_id]
+        self.store.end_attempt(attempt.id, end, reason=reason)
+        self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end, result=None, reason=reason)
+        if end == AttemptState.CANCELLED:
+            self._to_cancel.append(attempt)
+        if count:
+            self._segment_failed(rt, seg, attempt.node, reason)
+        else:
+            self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
+            seg.state = SegmentState.QUEUED
+            rt.queue.appendleft(seg.id)
+            self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
+
     def _can_dispatch(self) -> bool:
         return any(rt.queue for rt in self._order) and self._free_slots_exist()
 
     def _free_slots_exist(self) -> bool:
         busy = Counter(a.node.address for a in self.attempts.values())
-        return any(busy[n.address] < n.slots + self.prefetch for n in self._current_nodes())
+        return any(busy[n.address] < n.slots + self.prefetch for n in self._current_nodes() if self._takes_work(n))
+
+    def _takes_work(self, node: NodeView) -> bool:
+        return node.accepting and node.name not in self.paused_nodes
 
     def _current_nodes(self) -> list[NodeView]:
         now = time.monotonic()
@@ -255,13 +412,18 @@ class Scheduler:
         nodes = sorted(self._current_nodes(), key=lambda n: busy[n.address] - n.slots)
         handed: list[tuple[JobRuntime, Segment, NodeView]] = []
         for node in nodes:
+            if not self._takes_work(node):
+                continue
             while busy[node.address] < node.slots + self.prefetch:
                 picked = self._next_for(node)
                 if picked is None:
                     break
                 handed.append(picked)
                 busy[node.address] += 1
-        self._fail_unrunnable(nodes)
+        now = time.monotonic()
+        if now - self._unrunnable_checked > NODE_POLL_SECONDS / 2:
+            self._unrunnable_checked = now
+            self._fail_unrunnable(nodes)
         return handed
 
     def _next_for(self, node: NodeView) -> tuple[JobRuntime, Segment, NodeView] | None:
@@ -290,18 +452,27 @@ class Scheduler:
         return None
 
     def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
-        if not nodes:
-            return
+        """Fail jobs every able node was kept off; say why the others are waiting."""
         for rt in self._order:
-            if rt.queue and rt.state in (JobState.QUEUED, JobState.RUNNING):
-                able = [n for n in nodes if not unmet_requirements(rt.requires, n.capabilities)]
-                if able and all(n.name in rt.excluded for n in able) and not self._running_of(rt):
-                    names = ", ".join(sorted(rt.excluded))
-                    self._fail_job(rt, f"every node that can run it failed it {rt.job.profile.max_node_failures} "
-                                       f"times and was kept off the job ({names}); last error: {rt.error or 'unknown'}")
-                elif not able:
-                    missing = unmet_requirements(rt.requires, nodes[0].capabilities)
-                    rt.waiting = f"no node offers {', '.join(missing)}"
+            if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
+                continue
+            able = [n for n in nodes if not unmet_requirements(rt.requires, n.capabilities)]
+            waiting = None
+            if not nodes:
+                waiting = "no node is connected"
+            elif able and all(n.name in rt.excluded for n in able) and not self._running_of(rt):
+                names = ", ".join(sorted(rt.excluded))
+                self._fail_job(rt, f"every node that can run it failed it {rt.job.profile.max_node_failures} "
+                                   f"times and was kept off the job ({names}); last error: {rt.error or 'unknown'}")
+                continue
+            elif not able:
+                missing = sorted({need for n in nodes for need in unmet_requirements(rt.requires, n.capabilities)})
+                waiting = f"no node offers {', '.join(missing)}"
+            elif not any(self._takes_work(n) for n in able):
+                waiting = "every node that can run it is paused or busy (part-time)"
+            if waiting != rt.waiting:
+                rt.waiting = waiting
+                self.store.set_waiting(rt.job.id, waiting)
 
     # -- outcomes ----------------------------------------------------------------------
 

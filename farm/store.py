@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL,
     error TEXT,
     outputs TEXT,
+    overwrite INTEGER NOT NULL DEFAULT 0,
+    waiting TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs(batch_id);
@@ -75,6 +77,11 @@ CREATE TABLE IF NOT EXISTS attempts (
     log TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_by_segment ON attempts(segment_id);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -150,10 +157,10 @@ class Store:
             self._execute("INSERT INTO batches(id, created, origin) VALUES (?, ?, ?)", (batch_id, now, origin))
             self._db.executemany(
                 "INSERT INTO jobs(id, batch_id, seq, input, profile_name, profile, processor, destination,"
-                " work_dir, priority, state, created, updated, error)"
+                " work_dir, priority, state, created, updated, error, overwrite)"
                 " VALUES (:id, :batch_id, :seq, :input, :profile_name, :profile, :processor, :destination,"
-                " :work_dir, :priority, :state, :created, :created, :error)",
-                [{"error": None, "created": now, **job} for job in jobs],
+                " :work_dir, :priority, :state, :created, :created, :error, :overwrite)",
+                [{"error": None, "created": now, "overwrite": 0, **job} for job in jobs],
             )
             self.add_segments(segments)
             self.event("batch_submitted", data={"batch": batch_id, "jobs": len(jobs)})
@@ -237,6 +244,25 @@ class Store:
             (time.time(), kind, job_id, segment_id, attempt_id, _json(data)),
         )
 
+    def set_node_paused(self, name: str, paused: bool) -> None:
+        with self.transaction():
+            self._execute(
+                "INSERT INTO nodes(name, paused, updated) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET paused = excluded.paused, updated = excluded.updated",
+                (name, int(paused), time.time()),
+            )
+            self.event("node_paused" if paused else "node_resumed", data={"node": name})
+
+    def paused_nodes(self) -> set[str]:
+        return {row["name"] for row in self._execute("SELECT name FROM nodes WHERE paused = 1").fetchall()}
+
+    def set_waiting(self, job_id: str, reason: str | None) -> None:
+        """Why a queued job is not running (no node offers what it needs, ...), or None."""
+        self._write("UPDATE jobs SET waiting = ? WHERE id = ?", (reason, job_id))
+
+    def clear_cancel(self, job_id: str) -> None:
+        self._write("UPDATE jobs SET cancel_requested = 0 WHERE id = ?", (job_id,))
+
     def request_cancel(self, job_id: str) -> bool:
         """Ask whoever runs the job to cancel it; False when there is no such job."""
         cursor = self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
@@ -252,6 +278,11 @@ class Store:
             f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids
         ).fetchall()
         return {row["id"] for row in rows}
+
+    def unfinished_jobs(self) -> list[sqlite3.Row]:
+        return self._execute(
+            "SELECT * FROM jobs WHERE state NOT IN ('done', 'failed', 'cancelled') ORDER BY created, seq"
+        ).fetchall()
 
     def job(self, job_id: str) -> sqlite3.Row | None:
         return self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

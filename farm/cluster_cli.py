@@ -1,0 +1,261 @@
+"""Cluster commands: `farm cluster init`, `farm controller`, `farm node`,
+`farm quickcluster`, and the client side `farm submit`, `farm nodes`, `farm retry`,
+`farm pause-node`, `farm resume-node`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from farm.errors import ExitStatus
+
+
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, Any]:
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--controller", metavar="URL", help="the controller's API URL (default: $FARM_CONTROLLER, "
+                                                            "else found by zeroconf)")
+    remote.add_argument("--bundle", metavar="FILE", help="cluster bundle (default: $FARM_BUNDLE or the config dir's)")
+
+    cluster = commands.add_parser("cluster", parents=[common], help="create a cluster's certificates and token",
+                                  description="Cluster set-up.")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
+    cluster_commands.required = True
+    init = cluster_commands.add_parser(
+        "init", parents=[common], help="create a cluster: CA, controller and node bundles, API token",
+        description="Create a cluster's own CA, the controller's and the nodes' certificates and an API token. "
+                    "Copy node.yaml to each node (like an SSH key).")
+    init.add_argument("name", help="the cluster's name (letters, digits, . _ -)")
+    init.add_argument("--dir", help="where to write the files (default: the config dir's cluster/)")
+
+    controller = commands.add_parser(
+        "controller", parents=[common], help="run the controller service",
+        description="Run the controller: store, queue, Dask scheduler, HTTP API, zeroconf. SIGTERM stops it.")
+    controller.add_argument("--bundle", metavar="FILE", help="controller bundle (default: controller.yaml in the "
+                                                             "config dir's cluster/)")
+    controller.add_argument("--scheduler", metavar="ADDRESS", help="use an existing Dask scheduler")
+    controller.add_argument("--host", help="address to listen on (default from farm.yaml: 0.0.0.0)")
+    controller.add_argument("--port", type=int, help="Dask scheduler port (default 8786)")
+    controller.add_argument("--api-port", type=int, help="HTTP API port (default 8780)")
+    controller.add_argument("--storage", metavar="DIR", help="cluster storage every node reaches")
+    controller.add_argument("--no-advertise", action="store_true", help="do not announce with zeroconf")
+
+    node = commands.add_parser(
+        "node", parents=[common], help="run a service node",
+        description="Run a service node: a Dask worker that finds the controller and rejoins when it comes back.")
+    node.add_argument("--bundle", metavar="FILE", help="node bundle (default: $FARM_BUNDLE or node.yaml in the "
+                                                       "config dir's cluster/)")
+    where = node.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="NAME", help="find this cluster's controller by zeroconf")
+    where.add_argument("--controller", metavar="URL", help="the controller's API URL")
+    node.add_argument("--slots", type=int, help="segments at once (default: node.slots or the CPU count)")
+    node.add_argument("--name", help="node name (default: node.name or the host name)")
+    node.add_argument("--part-time", metavar="HOURS", nargs="?", const="", default=None,
+                      help="take work only when idle (and within HOURS such as 18:00-08:00 if given)")
+
+    quick = commands.add_parser("quickcluster", parents=[common], help="a controller and a node on this machine",
+                                description="Start a controller and one node on this machine (QuickCluster).")
+    quick.add_argument("--slots", type=int, help="the node's slots")
+    quick.add_argument("--api-port", type=int, default=8780)
+    quick.add_argument("--port", type=int, default=8786)
+
+    submit = commands.add_parser("submit", parents=[common, remote], help="submit a batch to the controller",
+                                 description="Submit a batch to a controller; --wait exits like `farm run`.")
+    submit.add_argument("profile")
+    submit.add_argument("inputs", nargs="*", metavar="INPUT", help="input paths as the controller sees them")
+    submit.add_argument("-o", "--output", metavar="DEST")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--priority", help="high, normal, low or a number")
+    submit.add_argument("--overwrite", action="store_true")
+    submit.add_argument("--wait", action="store_true", help="wait for every job to end")
+    submit.add_argument("--json", action="store_true")
+
+    nodes = commands.add_parser("nodes", parents=[common, remote], help="list the cluster's nodes",
+                                description="List the nodes connected to the controller.")
+    nodes.add_argument("--json", action="store_true")
+
+    retry = commands.add_parser("retry", parents=[common, remote], help="retry a failed or cancelled job",
+                                description="Queue a failed or cancelled job's unfinished segments again.")
+    retry.add_argument("job")
+
+    for verb in ("pause", "resume"):
+        parser = commands.add_parser(f"{verb}-node", parents=[common, remote], help=f"{verb} a node",
+                                     description=f"{verb.capitalize()} a node: a paused node gets no new segments.")
+        parser.add_argument("node")
+    return {"cluster": cmd_cluster, "controller": cmd_controller, "node": cmd_node, "quickcluster": cmd_quickcluster,
+            "submit": cmd_submit, "nodes": cmd_nodes, "retry": cmd_retry,
+            "pause-node": cmd_pause_node, "resume-node": cmd_resume_node}
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from farm.config import load_config
+
+    return load_config(getattr(args, "config", None))
+
+
+def cmd_cluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    from farm.client import default_bundle_path
+    from farm.security import Bundle, init_cluster
+
+    folder = Path(args.dir).expanduser() if args.dir else default_bundle_path().parent
+    paths = init_cluster(args.name, folder)
+    fingerprint = Bundle.load(paths["controller"]).fingerprint
+    print(f"cluster {args.name} created in {folder}", file=stdout)
+    print(f"  controller bundle: {paths['controller']}  (keep it on the controller)", file=stdout)
+    print(f"  node bundle:       {paths['node']}  (copy it to each node and client, like an SSH key)", file=stdout)
+    print(f"  controller certificate fingerprint: {fingerprint}", file=stdout)
+    return ExitStatus.OK
+
+
+def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    from farm.client import default_bundle_path
+    from farm.controller import Controller
+    from farm.security import Bundle
+
+    config = _config(args)
+    settings = config.controller
+    for key, value in (("host", args.host), ("scheduler_port", args.port), ("api_port", args.api_port),
+                       ("storage", args.storage)):
+        if value is not None:
+            setattr(settings, key, value)
+    bundle = Bundle.load(args.bundle or settings.bundle or default_bundle_path("controller"))
+    controller = Controller(config, bundle, getattr(args, "state", None), args.scheduler,
+                            advertise=False if args.no_advertise else None)
+    try:
+        controller.start()
+        print(f"controller of cluster {bundle.cluster}: API {controller.api_url}, scheduler "
+              f"{controller.dask_address}", file=stdout, flush=True)
+        controller.serve_forever()
+    finally:
+        controller.close()
+    return ExitStatus.OK
+
+
+def cmd_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    from farm.client import find_bundle
+    from farm.config import PartTime
+    from farm.nodeservice import serve_node
+
+    config = _config(args)
+    bundle = find_bundle(args.bundle, "node")
+    if args.part_time is not None:
+        policy = config.node.part_time or PartTime(idle_cpu_below=25)
+        if args.part_time:
+            policy = policy.model_copy(update={"hours": args.part_time})
+        config.node.part_time = PartTime.model_validate(policy.model_dump())
+    name = args.name or config.node.name or socket.gethostname()
+    slots = args.slots or config.node.slots or os.cpu_count() or 1
+    print(f"node {name} ({slots} slot(s)) looking for cluster {bundle.cluster}", file=stdout, flush=True)
+    serve_node(config, bundle, controller_url=args.controller, cluster=args.cluster, name=name, slots=slots)
+    return ExitStatus.OK
+
+
+def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    from farm.config import state_dir
+    from farm.controller import Controller
+    from farm.security import Bundle, init_cluster
+
+    config = _config(args)
+    folder = state_dir(getattr(args, "state", None)) / "quickcluster"
+    if not (folder / "controller.yaml").exists():
+        init_cluster("quickcluster", folder)
+    config.controller.host = "127.0.0.1"
+    config.controller.api_port = args.api_port
+    config.controller.scheduler_port = args.port
+    controller = Controller(config, Bundle.load(folder / "controller.yaml"), getattr(args, "state", None),
+                            advertise=False)
+    node = None
+    try:
+        controller.start()
+        command = [sys.executable, "-m", "farm.cli", "node", "--bundle", str(folder / "node.yaml"),
+                   "--controller", controller.api_url, "--name", f"{socket.gethostname()}-quick"]
+        if args.slots:
+            command += ["--slots", str(args.slots)]
+        if getattr(args, "config", None):
+            command += ["--config", args.config]
+        node = subprocess.Popen(command)
+        print(f"quickcluster: API {controller.api_url} (bundle {folder / 'node.yaml'}); Ctrl-C stops it",
+              file=stdout, flush=True)
+        controller.serve_forever()
+    finally:
+        if node is not None:
+            node.terminate()
+            try:
+                node.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        controller.close()
+    return ExitStatus.OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from farm.client import ControllerClient, find_bundle
+
+    return ControllerClient(find_bundle(args.bundle), args.controller)
+
+
+def cmd_submit(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    client = _client(args)
+    inputs = [str(Path(p).expanduser().absolute()) for p in args.inputs]
+    destination = str(Path(args.output).expanduser().absolute()) if args.output else None
+    answer = client.submit(profile=args.profile, inputs=inputs, destination=destination,
+                           overrides=args.overrides, overwrite=args.overwrite, priority=args.priority)
+    jobs = answer["jobs"]
+    if args.wait:
+        jobs = client.wait([job["id"] for job in jobs])
+    report = {"batch": answer["batch"], "jobs": [
+        {"id": j["id"], "input": j["input"], "state": j["state"], "outputs": j["outputs"],
+         "segments": j.get("segments"), "error": j["error"] if j["state"] != "done" else None} for j in jobs]}
+    if args.json:
+        print(json.dumps(report, indent=2), file=stdout)
+    else:
+        print(f"batch {report['batch']}", file=stdout)
+        for job in report["jobs"]:
+            print(f"  {job['id']}  {job['state']:<9}  {job['input'] or '(no input)'}", file=stdout)
+            if job["error"]:
+                print(f"    reason: {job['error']}", file=stdout)
+    if not args.wait or all(job["state"] == "done" for job in report["jobs"]):
+        return ExitStatus.OK
+    return ExitStatus.JOB_FAILED
+
+
+def cmd_nodes(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    nodes = _client(args).request("GET", "/api/nodes")
+    if args.json:
+        print(json.dumps(nodes, indent=2), file=stdout)
+        return ExitStatus.OK
+    if not nodes:
+        print("no nodes connected", file=stdout)
+    for node in nodes:
+        offers = ", ".join(f"{k} {v}".strip() for k, v in sorted(node["capabilities"].items()))
+        reason = f" ({node['reason']})" if node["reason"] else ""
+        print(f"{node['name']}  {node['state']}{reason}  {node['running']}/{node['slots']} slots  {offers}", file=stdout)
+    return ExitStatus.OK
+
+
+def cmd_retry(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    answer = _client(args).request("POST", f"/api/jobs/{args.job}/retry")
+    print(f"job {args.job}: {answer['segments_queued']} segment(s) queued again", file=stdout)
+    return ExitStatus.OK
+
+
+def _pause(args: argparse.Namespace, stdout: TextIO, paused: bool) -> ExitStatus:
+    _client(args).request("POST", f"/api/nodes/{args.node}/{'pause' if paused else 'resume'}")
+    print(f"node {args.node} {'paused' if paused else 'resumed'}", file=stdout)
+    return ExitStatus.OK
+
+
+def cmd_pause_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    return _pause(args, stdout, True)
+
+
+def cmd_resume_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    return _pause(args, stdout, False)
+
+
+__all__ = ["add_commands"]

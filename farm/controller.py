@@ -1,0 +1,172 @@
+"""The controller: the store, the queue, a Dask scheduler, the HTTP API and zeroconf,
+in one long-running process.
+
+The store is the truth: a controller killed with SIGKILL and started again takes
+every unfinished job back from it. SIGTERM stops it cleanly; the jobs it held resume
+at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm import __version__
+from farm.config import FarmConfig, state_dir
+from farm.engine import Engine
+from farm.errors import UsageError
+from farm.local import STORE_NAME, check_destination, check_inputs
+from farm.plugins import load_plugins
+from farm.profiles import load_profile
+from farm.scheduler import Scheduler
+from farm.security import Bundle
+from farm.store import Store
+
+log = logging.getLogger("farm.controller")
+
+
+@dataclass
+class Submission:
+    profile: str
+    inputs: list[str]
+    destination: str | None = None
+    overrides: list[str] | None = None
+    overwrite: bool = False
+    priority: str | int | None = None
+    origin: str = "api"
+
+
+class Controller:
+    def __init__(self, config: FarmConfig, bundle: Bundle, state: str | None = None,
+                 scheduler_address: str | None = None, advertise: bool | None = None):
+        if bundle.role != "controller":
+            raise UsageError(f"{bundle.path}: this is a {bundle.role} bundle; the controller needs controller.yaml "
+                             "from `farm cluster init`")
+        self.config = config
+        self.bundle = bundle
+        self.root = state_dir(state)
+        self.scheduler_address = scheduler_address
+        self.advertise = config.controller.advertise if advertise is None else advertise
+        self.stopping = threading.Event()
+        self.plugins = load_plugins()
+        self.api_url = ""
+        self._threads: list[threading.Thread] = []
+        self._advertiser: Any = None
+        self._server: Any = None
+
+    # -- starting and stopping -----------------------------------------------------------
+
+    def start(self) -> None:
+        from distributed import Client, LocalCluster
+
+        settings = self.config.controller
+        self.store = Store(self.root / STORE_NAME)
+        security = self.bundle.dask_security()
+        cluster = None
+        if self.scheduler_address:
+            client = Client(self.scheduler_address, security=security, set_as_default=False)
+        else:
+            cluster = LocalCluster(
+                n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
+                protocol="tls://", security=security, dashboard_address=None,
+                scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
+            )
+            client = Client(cluster, security=security, set_as_default=False)
+        self.engine = Engine(client, cluster)
+        storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
+        storage.mkdir(parents=True, exist_ok=True)
+        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage)
+        recovered = self.scheduler.recover()
+        if recovered:
+            log.warning("resumed %d unfinished job(s) from the store", len(recovered))
+        self._start_api()
+        self.dask_address = self._reachable(client.scheduler.address)
+        if self.advertise:
+            from farm.discovery import Advertised, Advertiser
+
+            self._advertiser = Advertiser(
+                Advertised(self.bundle.cluster, self.api_url, self.dask_address, self.bundle.fingerprint),
+                settings.api_port or 0)
+
+    def _reachable(self, address: str) -> str:
+        """The scheduler's address as another machine dials it (not 0.0.0.0)."""
+        if "0.0.0.0" in address or "://:" in address:
+            from farm.discovery import local_addresses
+
+            return address.replace("0.0.0.0", local_addresses()[0]).replace("://:", f"://{local_addresses()[0]}:")
+        return address
+
+    def _start_api(self) -> None:
+        import uvicorn
+
+        from farm.api import create_app
+
+        settings = self.config.controller
+        files = self.bundle.files()
+        config = uvicorn.Config(create_app(self), host=settings.host, port=settings.api_port,
+                                ssl_certfile=files["cert"], ssl_keyfile=files["key"], log_level="warning",
+                                lifespan="off")
+        self._server = uvicorn.Server(config)
+        thread = threading.Thread(target=self._server.run, name="farm-api", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not self._server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self._server.started:
+            raise UsageError(f"the API could not listen on {settings.host}:{settings.api_port} (port in use?)")
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        host = settings.host if settings.host not in ("0.0.0.0", "") else self._first_address()
+        self.api_url = f"https://{host}:{port}"
+        self._threads.append(thread)
+
+    def _first_address(self) -> str:
+        from farm.discovery import local_addresses
+
+        return local_addresses()[0]
+
+    def serve_forever(self) -> None:
+        """Run the queue until SIGTERM or SIGINT."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stopping.set())
+        while not self.stopping.is_set():
+            self.scheduler.step(wait=0.2)
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self._advertiser is not None:
+            self._advertiser.close()
+        if self._server is not None:
+            self._server.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout=5)
+        quiet = logging.getLogger("distributed")
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            self.scheduler.close()
+            self.engine.close()
+        finally:
+            self.store.close()
+
+    # -- what the API asks for -------------------------------------------------------------
+
+    def submit(self, request: Submission) -> tuple[str, list[str]]:
+        overrides = list(request.overrides or [])
+        if request.priority is not None:
+            overrides.append(f"priority={request.priority}")
+        loaded = load_profile(request.profile, self.plugins, overrides)
+        inputs = check_inputs(loaded, self.plugins, request.inputs)
+        destination = check_destination(request.destination or loaded.profile.destination or self.root / "out")
+        return self.scheduler.call(
+            lambda: self.scheduler.submit(loaded, inputs, destination, origin=request.origin,
+                                          overwrite=request.overwrite)
+        ).result(timeout=120)
+
+    def info(self) -> dict[str, Any]:
+        return {"cluster": self.bundle.cluster, "version": __version__, "scheduler": self.dask_address,
+                "api": self.api_url, "fingerprint": self.bundle.fingerprint}

@@ -1,0 +1,138 @@
+"""`farm node`: a Dask worker under a nanny, supervised so that it finds the controller
+by itself (zeroconf or a URL) and joins again whenever the controller comes back.
+
+Dask workers exit when their scheduler goes away and never return by themselves; this
+loop starts a new one each time. The worker process watches its parent so that a
+node killed outright takes its segments' processes with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from farm.config import FarmConfig
+from farm.errors import UsageError
+from farm.security import Bundle
+
+log = logging.getLogger("farm.node")
+RETRY_SECONDS = (1, 2, 3, 5)
+
+
+def api_get(url: str, bundle: Bundle, path: str, timeout: float = 5.0) -> Any:
+    import httpx
+
+    with httpx.Client(verify=bundle.client_ssl_context(), timeout=timeout) as client:
+        response = client.get(url.rstrip("/") + path, headers={"Authorization": f"Bearer {bundle.token}"})
+    if response.status_code != 200:
+        raise UsageError(f"{url}{path}: {response.status_code} {response.text[:200]}")
+    return response.json()
+
+
+def find_scheduler(bundle: Bundle, controller_url: str | None, cluster: str | None, timeout: float = 5.0) -> str | None:
+    """The Dask scheduler's address, from the controller's API or zeroconf; None if not found now."""
+    if controller_url:
+        try:
+            return api_get(controller_url, bundle, "/api/cluster", timeout)["scheduler"]
+        except Exception as exc:  # the controller may be down; the caller tries again
+            log.info("controller %s not reachable: %s", controller_url, exc)
+            return None
+    from farm.discovery import browse
+
+    for found in browse(cluster or bundle.cluster, timeout=timeout):
+        try:
+            return api_get(found.api, bundle, "/api/cluster", timeout)["scheduler"]
+        except Exception as exc:
+            log.info("controller advertised at %s not reachable: %s", found.api, exc)
+    return None
+
+
+def node_config_file(config: FarmConfig, name: str, slots: int) -> Path:
+    """The worker process reads its node settings from here (through FARM_CONFIG)."""
+    data = config.model_dump(mode="json")
+    data["node"].update({"name": name, "slots": slots})
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="farm-node-", delete=False)
+    with handle:
+        yaml.safe_dump({"node": data["node"]}, handle)
+    return Path(handle.name)
+
+
+async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: dict[str, str],
+                      stopping: threading.Event) -> str:
+    import dask
+    from distributed import Nanny
+
+    with dask.config.set({"distributed.worker.memory.pause": False,
+                          "distributed.admin.low-level-log-length": 1000}):
+        async with Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
+                         preload=["farm.nodeservice"], dashboard=False, memory_limit=0) as nanny:
+            log.warning("node %s joined %s with %d slot(s)", name, address, slots)
+            while nanny.status.name in ("running", "starting") and not stopping.is_set():
+                if nanny.process is None or nanny.process.status.name not in ("running", "starting"):
+                    break
+                await asyncio.sleep(0.5)
+            return "stopping" if stopping.is_set() else "the controller went away"
+
+
+def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None, cluster: str | None,
+               name: str, slots: int) -> None:
+    if bundle.cluster != (cluster or bundle.cluster):
+        raise UsageError(f"the bundle is for cluster {bundle.cluster!r}, not {cluster!r}")
+    stopping = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+    config_path = node_config_file(config, name, slots)
+    env = {"FARM_CONFIG": str(config_path), "FARM_NODE_SUPERVISED": "1"}
+    attempt = 0
+    try:
+        while not stopping.is_set():
+            address = find_scheduler(bundle, controller_url, cluster)
+            if address is None:
+                wait = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
+                log.warning("no controller for cluster %s yet; looking again in %d s", bundle.cluster, wait)
+                attempt += 1
+                stopping.wait(wait)
+                continue
+            attempt = 0
+            try:
+                why = asyncio.run(_run_worker(address, bundle, name, slots, env, stopping))
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                why = f"could not join {address}: {exc}"
+            except Exception as exc:  # Dask refusing us (TLS, name taken) must not end the node
+                why = f"worker stopped: {type(exc).__name__}: {exc}"
+            if not stopping.is_set():
+                log.warning("node %s left the cluster (%s); looking for the controller again", name, why)
+                stopping.wait(1)
+    finally:
+        config_path.unlink(missing_ok=True)
+
+
+# -- inside the worker process (a Dask preload) ------------------------------------------
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            # The supervisor died without closing us: end our segments and ourselves.
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload: build this node's runtime before the first segment arrives."""
+    from farm.node import runtime
+
+    runtime()
+    if os.environ.get("FARM_NODE_SUPERVISED"):
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="farm-parent-watch", daemon=True).start()

@@ -1,0 +1,189 @@
+"""Cluster identity: a private CA, certificates for the controller and the nodes, an
+API token, and the one-file bundle a node or a client needs to join.
+
+Dask's comms run as mutual TLS with these certificates, so a worker without the
+bundle, or with another cluster's, is refused; the HTTP API is served over TLS with
+the controller's certificate and wants the token on every request.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+import secrets
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from farm.errors import UsageError
+
+BUNDLE_NAME = "bundle.yaml"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_cluster_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise UsageError(f"cluster name {name!r}: use letters, digits, '.', '_' or '-' (at most 63), "
+                         "starting with a letter or digit")
+    return name
+
+
+def _write_private(path: Path, data: bytes | str) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(raw)
+
+
+def _new_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_cert(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _issue(common_name: str, key, issuer_cert, issuer_key, *, ca: bool, days: int):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False), critical=True)
+    else:
+        # Every member both serves (Dask listens on workers too) and connects.
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(common_name), x509.DNSName("localhost")]), critical=False)
+    return builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
+
+
+def fingerprint(cert_pem: bytes | str) -> str:
+    """SHA-256 of the certificate (DER), as shown to people and published over zeroconf."""
+    pem = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+@dataclass
+class Bundle:
+    """What a member of the cluster holds: its certificate, the CA, and the API token."""
+
+    cluster: str
+    role: str  # "controller" or "node"
+    token: str
+    ca: str
+    cert: str
+    key: str
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert)
+
+    def save(self, path: Path) -> None:
+        _write_private(path, yaml.safe_dump({
+            "cluster": self.cluster, "role": self.role, "token": self.token,
+            "ca": self.ca, "cert": self.cert, "key": self.key,
+        }, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Bundle:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            path = path / BUNDLE_NAME
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"cluster bundle {path} does not exist; create one with `farm cluster init NAME`") from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"cluster bundle {path} cannot be read: {exc}") from None
+        missing = [k for k in ("cluster", "role", "token", "ca", "cert", "key") if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise UsageError(f"cluster bundle {path} is incomplete: missing {', '.join(missing)}")
+        return cls(**{k: data[k] for k in ("cluster", "role", "token", "ca", "cert", "key")}, path=path)
+
+    def files(self) -> dict[str, str]:
+        """PEM files for libraries that want paths (Dask, uvicorn), in a private temp dir."""
+        folder = Path(tempfile.mkdtemp(prefix="farm-tls-"))
+        paths = {}
+        for name in ("ca", "cert", "key"):
+            paths[name] = str(folder / f"{name}.pem")
+            _write_private(folder / f"{name}.pem", getattr(self, name))
+        return paths
+
+    def dask_security(self):
+        """Mutual TLS for every Dask connection this member makes or accepts."""
+        from distributed import Security
+
+        files = self.files()
+        return Security(
+            tls_ca_file=files["ca"],
+            tls_client_cert=files["cert"], tls_client_key=files["key"],
+            tls_scheduler_cert=files["cert"], tls_scheduler_key=files["key"],
+            tls_worker_cert=files["cert"], tls_worker_key=files["key"],
+            require_encryption=True,
+        )
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """Trust only this cluster's CA. Host names are not checked: nodes reach the
+        controller by whatever address zeroconf gives, and the CA is the cluster's own."""
+        context = ssl.create_default_context(cadata=self.ca)
+        context.check_hostname = False
+        return context
+
+
+def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
+    """Create the cluster's CA, controller and node bundles, and token, in ``folder``."""
+    check_cluster_name(name)
+    if (folder / "controller.yaml").exists():
+        raise UsageError(f"{folder} already holds cluster files; remove them or choose another --dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    ca_key = _new_key()
+    ca_cert = _issue(f"{name} farm CA", ca_key, None, None, ca=True, days=days)
+    token = secrets.token_urlsafe(32)
+    paths = {}
+    for role in ("controller", "node"):
+        key = _new_key()
+        cert = _issue(f"{role}.{name}.farm", key, ca_cert, ca_key, ca=False, days=days)
+        bundle = Bundle(name, role, token, _pem_cert(ca_cert).decode(), _pem_cert(cert).decode(), _pem_key(key).decode())
+        paths[role] = folder / f"{role}.yaml"
+        bundle.save(paths[role])
+    _write_private(folder / "ca.key", _pem_key(ca_key))
+    return paths
+
+
+def token_matches(expected: str, given: str | None) -> bool:
+    return given is not None and secrets.compare_digest(expected.encode(), given.encode())
