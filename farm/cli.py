@@ -84,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Show jobs (or one job with its segments) from the store.")
     status.add_argument("job", nargs="?", help="a job id")
     status.add_argument("--json", action="store_true", help="print JSON")
+    _remote_arguments(status)
 
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a job",
                                  description="Ask the process running a job to cancel it.")
     cancel.add_argument("job", help="a job id")
+    _remote_arguments(cancel)
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(module_name)
         COMMANDS.update(module.add_commands(commands, common))
@@ -97,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
 COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli",)
+
+
+def _remote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--controller", metavar="URL",
+                        help="ask this controller instead of the local store (default: $FARM_CONTROLLER)")
+    parser.add_argument("--bundle", metavar="FILE", help="cluster bundle for --controller (default: $FARM_BUNDLE)")
+
+
+def _remote(args: argparse.Namespace) -> Any:
+    """A controller client when one is named, else None (the local store is used)."""
+    import os
+
+    if not (args.controller or os.environ.get("FARM_CONTROLLER")):
+        return None
+    from farm.client import ControllerClient, find_bundle
+
+    return ControllerClient(find_bundle(args.bundle), args.controller)
 
 
 def _submission_arguments(parser: argparse.ArgumentParser) -> None:
@@ -362,6 +381,10 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    remote = _remote(args)
+    if remote is not None:
+        docs = [remote.job(args.job)] if args.job else remote.jobs()
+        return _print_status(args, docs, stdout)
     store = _open_store(args)
     try:
         if args.job:
@@ -377,6 +400,10 @@ def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
             docs = [_job_doc(row, store.segments(row["id"])) for row in store.jobs()]
     finally:
         store.close()
+    return _print_status(args, docs, stdout)
+
+
+def _print_status(args: argparse.Namespace, docs: list[dict[str, Any]], stdout: TextIO) -> ExitStatus:
     if args.json:
         print(json.dumps(docs if not args.job else docs[0], indent=2), file=stdout)
         return ExitStatus.OK
@@ -385,20 +412,29 @@ def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
               f"{doc['profile']}  {doc['input'] or '(no input)'}", file=stdout)
         if doc["error"]:
             print(f"    reason: {doc['error']}", file=stdout)
+        if doc.get("waiting") and doc["state"] == "queued":
+            print(f"    waiting: {doc['waiting']}", file=stdout)
         for seg in doc.get("segment_list", []):
-            print(f"    {seg['id']}  {seg['state']:<9} {seg['label']}  attempts {seg['attempts']}", file=stdout)
+            tries = seg["attempts"] if isinstance(seg["attempts"], int) else len(seg["attempts"])
+            print(f"    {seg['id']}  {seg['state']:<9} {seg['label']}  attempts {tries}", file=stdout)
     return ExitStatus.OK
 
 
 def _job_doc(row: Any, segments: list[Any]) -> dict[str, Any]:
     return {
         "id": row["id"], "batch": row["batch_id"], "input": row["input"], "profile": row["profile_name"],
-        "state": row["state"], "error": row["error"], "outputs": json.loads(row["outputs"] or "[]"),
+        "state": row["state"], "error": row["error"], "waiting": row["waiting"],
+        "outputs": json.loads(row["outputs"] or "[]"),
         "segments": len(segments), "segments_done": sum(1 for s in segments if s["state"] == "done"),
     }
 
 
 def cmd_cancel(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    remote = _remote(args)
+    if remote is not None:
+        remote.request("POST", f"/api/jobs/{args.job}/cancel")
+        print(f"cancel requested for job {args.job}", file=stdout)
+        return ExitStatus.OK
     store = _open_store(args)
     try:
         row = store.job(args.job)

@@ -13,6 +13,7 @@ import platformdirs
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from farm.droplets.config import DropletList
 from farm.errors import UsageError
 
 APP = "farm"
@@ -85,6 +86,7 @@ class FarmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     node: NodeConfig = Field(default_factory=NodeConfig)
+    droplets: DropletList = Field(default_factory=list)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
 

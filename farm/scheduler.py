@@ -335,12 +335,13 @@ class Scheduler:
                     self._on_finished(attempt_id, outcomes.get(attempt_id) or {"ok": False, "reason": "no result came back"})
                 elif kind == "assembled":
                     self._on_assembled(attempt_id, value)
-                elif kind == "call":
-                    self._run_call(*value)
             self._check_nodes()
             self._enforce_timeouts()
             self._apply_cancels()
             dispatched = self._dispatch()
+        for kind, _, value in items:
+            if kind == "call":  # each in its own transaction, answered after its commit
+                self._run_call(*value)
         to_cancel, self._to_cancel = self._to_cancel, []
         for attempt in to_cancel:
             self.engine.cancel(attempt.id, attempt.node.address)
@@ -350,9 +351,11 @@ class Scheduler:
     def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
         try:
             with self.store.transaction():
-                future.set_result(fn())
+                value = fn()
         except BaseException as exc:  # handed back to the caller, whose request it was
             future.set_exception(exc)
+        else:
+            future.set_result(value)  # after the commit, so the caller reads what it did
 
     def _check_nodes(self) -> None:
         """Attempts on nodes that left, or that hand work back, go back to the queue."""

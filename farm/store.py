@@ -91,6 +91,36 @@ CREATE TABLE IF NOT EXISTS events (
     attempt_id TEXT,
     data TEXT
 );
+-- droplets (farm.droplets): the exactly-once ledger of dropped files, one row per file
+-- seen (state submitted -> processed | failed; skipped for a duplicate), keyed by the
+-- watched folder; and the state each running droplet last reported.
+CREATE TABLE IF NOT EXISTS droplet_files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    folder TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    state TEXT NOT NULL,
+    job_id TEXT,
+    reason TEXT,
+    moved_to TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS droplet_files_by_path ON droplet_files(folder, path);
+CREATE INDEX IF NOT EXISTS droplet_files_by_digest ON droplet_files(folder, digest);
+CREATE INDEX IF NOT EXISTS droplet_files_by_state ON droplet_files(folder, state);
+CREATE TABLE IF NOT EXISTS droplets (
+    folder TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT,
+    info TEXT,
+    pid INTEGER,
+    host TEXT,
+    updated REAL NOT NULL
+);
 """
 
 
@@ -306,3 +336,79 @@ class Store:
         if job_id is None:
             return self._execute("SELECT * FROM events ORDER BY id").fetchall()
         return self._execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+
+    # -- droplets (farm.droplets): the ledger of dropped files ------------------------------
+    # One row per file a droplet took: ``submitted`` (with its job) in the same transaction
+    # as the job, then ``processed`` or ``failed`` once the job ended; ``skipped`` for a
+    # duplicate of content already submitted. Keyed by the watched folder, not the
+    # droplet's name, so a renamed droplet keeps its history.
+
+    def droplet_add(self, folder: str, path: str, size: int, mtime_ns: int, digest: str, state: str,
+                    job_id: str | None = None, reason: str | None = None, moved_to: str | None = None) -> int:
+        now = time.time()
+        cursor = self._write(
+            "INSERT INTO droplet_files(folder, path, size, mtime_ns, digest, state, job_id, reason, moved_to,"
+            " created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (folder, path, size, mtime_ns, digest, state, job_id, reason, moved_to, now, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def droplet_finish(self, row_id: int, state: str, reason: str | None = None, moved_to: str | None = None) -> None:
+        """End a ``submitted`` row; a row that is not ``submitted`` any more is left alone."""
+        self._write(
+            "UPDATE droplet_files SET state = ?, reason = ?, moved_to = ?, updated = ? WHERE id = ? AND state = 'submitted'",
+            (state, reason, moved_to, time.time(), row_id),
+        )
+
+    def droplet_seen(self, folder: str, path: str, size: int, mtime_ns: int) -> sqlite3.Row | None:
+        """The newest row for this very file (same path, size and mtime), if any."""
+        return self._execute(
+            "SELECT * FROM droplet_files WHERE folder = ? AND path = ? AND size = ? AND mtime_ns = ?"
+            " ORDER BY id DESC LIMIT 1", (folder, path, size, mtime_ns),
+        ).fetchone()
+
+    def droplet_taken(self, folder: str, digest: str) -> sqlite3.Row | None:
+        """The first row that submitted this content (``submitted`` or ``processed``), if any."""
+        return self._execute(
+            "SELECT * FROM droplet_files WHERE folder = ? AND digest = ? AND state IN ('submitted', 'processed')"
+            " ORDER BY id LIMIT 1", (folder, digest),
+        ).fetchone()
+
+    def droplet_pending(self, folder: str) -> list[sqlite3.Row]:
+        return self._execute(
+            "SELECT * FROM droplet_files WHERE folder = ? AND state = 'submitted' ORDER BY id", (folder,)
+        ).fetchall()
+
+    def droplet_files(self, folder: str | None = None, limit: int = 20) -> list[sqlite3.Row]:
+        """The newest rows (of one folder, or all), newest first."""
+        if folder is None:
+            return self._execute("SELECT * FROM droplet_files ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return self._execute(
+            "SELECT * FROM droplet_files WHERE folder = ? ORDER BY id DESC LIMIT ?", (folder, limit)
+        ).fetchall()
+
+    def droplet_job_states(self, job_ids: list[str]) -> dict[str, sqlite3.Row]:
+        """``{job id: (id, state, error, outputs)}`` for the jobs that exist."""
+        found: dict[str, sqlite3.Row] = {}
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._execute(
+                f"SELECT id, state, error, outputs FROM jobs WHERE id IN ({marks})", chunk
+            ).fetchall():
+                found[row["id"]] = row
+        return found
+
+    def droplet_report(self, folder: str, name: str, state: str, message: str | None,
+                       info: dict[str, Any] | None, pid: int | None, host: str | None) -> None:
+        """What a running droplet says of itself (watching, folder missing, stopped, ...)."""
+        self._write(
+            "INSERT INTO droplets(folder, name, state, message, info, pid, host, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(folder) DO UPDATE SET name = excluded.name,"
+            " state = excluded.state, message = excluded.message, info = excluded.info, pid = excluded.pid,"
+            " host = excluded.host, updated = excluded.updated",
+            (folder, name, state, message, _json(info), pid, host, time.time()),
+        )
+
+    def droplet_states(self) -> list[sqlite3.Row]:
+        return self._execute("SELECT * FROM droplets ORDER BY name").fetchall()

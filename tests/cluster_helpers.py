@@ -1,0 +1,117 @@
+"""Starting real controllers and nodes (separate processes) for the cluster tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import FARM, Result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, root: Path, name: str = "testfarm", advertise: bool = False, node_config: dict | None = None):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.bundles = root / "bundles"
+        self.api_port, self.scheduler_port = free_port(), free_port()
+        self.url = f"https://127.0.0.1:{self.api_port}"
+        self.config = root / "farm.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "node": {"allow_commands": ["ffmpeg", sys.executable], "kill_grace": 1.0, **(node_config or {})},
+            "controller": {"host": "127.0.0.1", "api_port": self.api_port, "scheduler_port": self.scheduler_port,
+                           "advertise": advertise, "storage": str(root / "storage")},
+        }))
+        self.env = {**os.environ, "FARM_CONFIG": str(self.config), "FARM_STATE": str(root / "state"),
+                    "FARM_BUNDLE": str(self.bundles / "node.yaml"), "FARM_CONTROLLER": self.url,
+                    "DASK_LOGGING__DISTRIBUTED": "warning"}
+        self.controller: subprocess.Popen | None = None
+        self.nodes: dict[str, subprocess.Popen] = {}
+        subprocess.run([*FARM, "cluster", "init", name, "--dir", str(self.bundles)], env=self.env, check=True,
+                       capture_output=True)
+
+    def farm(self, *args: str, timeout: float = 120, env: dict | None = None) -> Result:
+        proc = subprocess.run([*FARM, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env={**self.env, **(env or {})}, cwd=self.root)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def start_controller(self) -> None:
+        log = open(self.root / "controller.log", "a")
+        self.controller = subprocess.Popen([*FARM, "controller", "--bundle", str(self.bundles / "controller.yaml")],
+                                           env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        self.wait_until(lambda: self.api_up(), 30, "the controller's API")
+
+    def api_up(self) -> bool:
+        return self.farm("nodes", "--json", timeout=30).returncode == 0
+
+    def start_node(self, name: str, *extra: str, bundle: Path | None = None, config: Path | None = None) -> subprocess.Popen:
+        log = open(self.root / f"node-{name}.log", "a")
+        env = dict(self.env)
+        if config:
+            env["FARM_CONFIG"] = str(config)
+        args = [*FARM, "node", "--name", name, "--bundle", str(bundle or self.bundles / "node.yaml"), *extra]
+        if "--cluster" not in extra:
+            args += ["--controller", self.url]
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                start_new_session=True)
+        self.nodes[name] = proc
+        return proc
+
+    def node_names(self) -> list[str]:
+        result = self.farm("nodes", "--json")
+        return sorted(node["name"] for node in json.loads(result.stdout)) if result.returncode == 0 else []
+
+    def wait_for_nodes(self, *names: str, timeout: float = 60) -> None:
+        self.wait_until(lambda: set(names) <= set(self.node_names()), timeout, f"nodes {names}")
+
+    def job(self, job_id: str) -> dict:
+        result = self.farm("status", job_id, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    @staticmethod
+    def wait_until(check, timeout: float, what: str, every: float = 0.3):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(every)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.nodes.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for proc in self.nodes.values():
+            proc.terminate()
+        if self.controller is not None:
+            self.controller.terminate()
+        for proc in [*self.nodes.values(), *([self.controller] if self.controller else [])]:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for proc in self.nodes.values():  # whatever a node's session left
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.nodes.clear()

@@ -1,0 +1,200 @@
+"""Farm on many machines, on this one: a controller and nodes as real processes, real
+TLS Dask, the real HTTP API, zeroconf, SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.cluster_helpers import Cluster
+from tests.conftest import ROOT, write_profile
+
+pytestmark = pytest.mark.slow
+
+WORK = """
+    import os, sys, time, pathlib
+    out, frame, pids, seconds = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3]), float(sys.argv[4])
+    (pids / f"{frame}-{os.getpid()}").touch()
+    time.sleep(seconds)
+    (out / f"frame_{int(frame):04d}.txt").write_text(frame)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(**kwargs) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def work_profile(c: Cluster, frames: str, seconds: float, per_segment: int = 1, **extra) -> Path:
+    script = c.root / "work.py"
+    script.write_text(textwrap.dedent(WORK))
+    pids = c.root / "pids"
+    pids.mkdir(exist_ok=True)
+    return write_profile(c.root, "work", {
+        "processor": "command", "frames": frames, "segment": {"frames": per_segment},
+        "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}", str(pids), str(seconds)],
+                     "expect": ["frame_{frame:04d}.txt"]},
+        **extra,
+    })
+
+
+def frames_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_two_nodes_share_a_batch_and_list_their_capabilities(cluster):
+    c = cluster(advertise=True)
+    c.start_controller()
+    c.start_node("alpha", "--slots", "1")
+    c.start_node("beta", "--cluster", "testfarm", "--slots", "1")  # found by zeroconf alone
+    c.wait_for_nodes("alpha", "beta")
+
+    nodes = json.loads(c.farm("nodes", "--json").stdout)
+    assert {n["name"] for n in nodes} == {"alpha", "beta"}
+    for node in nodes:
+        assert "processor:command" in node["capabilities"] and f"command:{Path(sys.executable).name}" in node["capabilities"]
+        assert node["slots"] == 1 and node["state"] in ("idle", "busy")
+
+    profile = work_profile(c, "1-8", 0.5)
+    result = c.farm("submit", profile, "-o", c.root / "out", "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)["jobs"][0]
+    assert job["state"] == "done"
+    assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 9)]
+    detail = c.job(job["id"])
+    used = {a["node"] for seg in detail["segment_list"] for a in seg["attempts"]}
+    assert used == {"alpha", "beta"}  # the work was spread
+
+    # the examples' ffmpeg batch runs on the cluster too
+    frames = c.farm("submit", ROOT / "examples" / "testsrc-frames.yaml", "-o", c.root / "frames", "--set",
+                    "frames=1-20", "--wait", "--json")
+    assert frames.returncode == 0, frames.stderr
+    assert len(list((c.root / "frames").glob("testsrc_*.png"))) == 20
+
+
+def test_the_api_wants_the_token_and_a_foreign_node_cannot_join(cluster):
+    c = cluster()
+    other = cluster(name="otherfarm")
+    c.start_controller()
+    response = httpx.get(f"{c.url}/api/jobs", verify=False)
+    assert response.status_code == 401 and "token" in response.json()["error"]
+    wrong = httpx.get(f"{c.url}/api/jobs", verify=False, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+
+    c.start_node("intruder", bundle=other.bundles / "node.yaml")
+    c.start_node("member")
+    c.wait_for_nodes("member")
+    time.sleep(2)
+    assert c.node_names() == ["member"]
+    refused = c.farm("nodes", env={"FARM_BUNDLE": str(other.bundles / "node.yaml")})
+    assert refused.returncode == 2 and "cannot reach the controller" in refused.stderr
+
+
+def test_a_node_killed_mid_batch_loses_nothing(cluster):
+    c = cluster()
+    c.start_controller()
+    c.start_node("steady", "--slots", "1")
+    c.start_node("doomed", "--slots", "1")
+    c.wait_for_nodes("steady", "doomed")
+    profile = work_profile(c, "1-10", 1.5)
+    submitted = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)
+    job_id = submitted["jobs"][0]["id"]
+
+    def doomed_running():
+        detail = c.job(job_id)
+        return any(a["node"] == "doomed" and a["state"] == "running" for s in detail["segment_list"] for a in s["attempts"])
+
+    c.wait_until(doomed_running, 60, "a segment running on the doomed node")
+    c.kill_node("doomed")
+    done = c.wait_until(lambda: (d := c.job(job_id))["state"] in ("done", "failed") and d, 120, "the job to end")
+    assert done["state"] == "done", done["error"]
+    assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 11)]
+    lost = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"]
+    assert lost and all("doomed" in a["reason"] for a in lost)
+    time.sleep(1)
+    pids = [int(p.name.split("-")[1]) for p in (c.root / "pids").iterdir()]
+    assert not [pid for pid in pids if alive(pid)], "a killed node's segment processes survived"
+
+
+def test_the_controller_killed_mid_batch_resumes_from_the_store(cluster):
+    c = cluster()
+    c.start_controller()
+    c.start_node("n1", "--slots", "2")
+    c.wait_for_nodes("n1")
+    profile = work_profile(c, "1-12", 0.8)
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    c.wait_until(lambda: c.job(job_id)["segments_done"] >= 3, 60, "three segments done")
+    c.controller.send_signal(signal.SIGKILL)
+    c.controller.wait()
+    c.start_controller()
+    c.wait_for_nodes("n1")  # the node came back by itself
+    done = c.wait_until(lambda: (d := c.job(job_id))["state"] in ("done", "failed") and d, 120, "the job to end")
+    assert done["state"] == "done", done["error"]
+    assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 13)]
+    assert done["outputs"] == sorted(str(c.root / "out" / n) for n in frames_in(c.root / "out"))
+
+
+def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster):
+    c = cluster()
+    c.start_controller()
+    off_hours = c.root / "part-time.yaml"
+    data = yaml.safe_load(c.config.read_text())
+    now = time.localtime()
+    start = (now.tm_hour + 2) % 24
+    data["node"]["part_time"] = {"hours": f"{start:02d}:00-{(start + 1) % 24:02d}:00"}
+    off_hours.write_text(yaml.safe_dump(data))
+    c.start_node("desktop", config=off_hours)
+    c.wait_for_nodes("desktop")
+    desktop = json.loads(c.farm("nodes", "--json").stdout)[0]
+    assert desktop["state"] == "part-time" and "outside its hours" in desktop["reason"]
+
+    profile = work_profile(c, "1-2", 0.1)
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    waiting = c.wait_until(lambda: c.job(job_id)["waiting"], 20, "a waiting reason")
+    assert "paused or busy (part-time)" in waiting and c.job(job_id)["state"] == "queued"
+
+    renderer = work_profile(c, "1", 0.1, requires={"blender": ">=99"})
+    other = json.loads(c.farm("submit", renderer, "-o", c.root / "out2", "--json").stdout)["jobs"][0]["id"]
+    assert "no node offers blender >=99" in c.wait_until(lambda: c.job(other)["waiting"], 20, "a reason")
+
+    assert c.farm("pause-node", "farmbox").returncode == 0  # paused before it even joins
+    c.start_node("farmbox")
+    c.wait_for_nodes("farmbox")
+    time.sleep(2)
+    assert {n["name"]: n["state"] for n in json.loads(c.farm("nodes", "--json").stdout)}["farmbox"] == "paused"
+    assert c.job(job_id)["state"] == "queued"
+    assert c.farm("resume-node", "farmbox").returncode == 0
+    done = c.wait_until(lambda: (d := c.job(job_id))["state"] == "done" and d, 60, "the job to run on farmbox")
+    assert {a["node"] for s in done["segment_list"] for a in s["attempts"]} == {"farmbox"}
+    assert c.job(other)["state"] == "queued"
+    cancelled = c.farm("cancel", other)
+    assert cancelled.returncode == 0
+    assert c.wait_until(lambda: c.job(other)["state"] == "cancelled", 20, "the cancel")
+    retried = c.farm("retry", other)
+    assert retried.returncode == 0 and "1 segment(s) queued again" in retried.stdout
