@@ -198,3 +198,33 @@ def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster
     assert c.wait_until(lambda: c.job(other)["state"] == "cancelled", 20, "the cancel")
     retried = c.farm("retry", other)
     assert retried.returncode == 0 and "1 segment(s) queued again" in retried.stdout
+
+
+def test_a_part_time_node_that_gets_busy_takes_nothing_new(cluster):
+    import subprocess
+
+    c = cluster()
+    c.start_controller()
+    idle_only = c.root / "idle.yaml"
+    data = yaml.safe_load(c.config.read_text())
+    data["node"]["part_time"] = {"idle_cpu_below": 40, "idle_minutes": 0}
+    idle_only.write_text(yaml.safe_dump(data))
+    c.start_node("desktop", config=idle_only)
+    c.wait_for_nodes("desktop")
+
+    def state():
+        return json.loads(c.farm("nodes", "--json").stdout)[0]
+
+    c.wait_until(lambda: state()["state"] == "idle", 20, "the idle desktop to take work")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        busy = c.wait_until(lambda: (s := state())["state"] == "part-time" and s, 30, "the desktop to notice its user")
+        assert "the machine is busy" in busy["reason"]
+        profile = work_profile(c, "1", 0.1)
+        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+        time.sleep(2)
+        assert c.job(job_id)["state"] == "queued"
+    finally:
+        for hog in hogs:
+            hog.kill()
+    assert c.wait_until(lambda: c.job(job_id)["state"] == "done", 60, "the job once the desktop is idle again")
