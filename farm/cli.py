@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli",)
+COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli")
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +141,8 @@ def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
     handler.setLevel(logging.DEBUG if debug else logging.WARNING)
     handler.setFormatter(logging.Formatter("farm: %(levelname)s: %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
 
     def show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if debug or category is UserWarning:

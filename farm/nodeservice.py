@@ -94,6 +94,10 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
             signal.signal(sig, lambda *_: stopping.set())
     config_path = node_config_file(config, name, slots)
     env = {"FARM_CONFIG": str(config_path), "FARM_NODE_SUPERVISED": "1"}
+    if not log.isEnabledFor(logging.DEBUG):
+        # Dask's per-task INFO lines would drown the node's own messages.
+        env["DASK_LOGGING__DISTRIBUTED"] = os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     attempt = 0
     try:
         while not stopping.is_set():
