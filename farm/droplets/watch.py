@@ -144,8 +144,10 @@ class FolderWatch:
     the observer's thread only fills the inbox.
     """
 
-    def __init__(self, config: DropletConfig, wake: Any, mounts: str | None = None):
+    def __init__(self, config: DropletConfig, wake: Any, mounts: str | None = None, observe: bool = True):
+        """``observe=False``: no observer and no rescans; only the files found at start."""
         self.config = config
+        self.observe = observe
         self.folder = config.folder
         self.wake = wake
         self.kind, self.kind_reason = choose_observer(config, mounts)
@@ -242,18 +244,20 @@ class FolderWatch:
             self._identity = None
             return
         identity = (info.st_dev, info.st_ino)
-        if self.state == "watching" and identity == self._identity and self._observer_alive():
+        if self.state == "watching" and identity == self._identity and (self._observer_alive() or not self.observe):
             return
         was_out = self.state == "unavailable"
         self._stop_observer()
         try:
-            self._start_observer()
+            if self.observe:
+                self._start_observer()
         except OSError as exc:
             self.state, self.message = "unavailable", f"cannot watch {self.folder}: {exc.strerror or exc}"
             log.warning("droplet %s: %s; retrying", self.config.label, self.message)
             return
         self._identity = identity
-        self.state, self.message = "watching", f"{self.kind} observer ({self.kind_reason})"
+        self.state = "watching"
+        self.message = f"{self.kind} observer ({self.kind_reason})" if self.observe else "files present at start only"
         if was_out:
             log.warning("droplet %s: folder %s is back; watching again", self.config.label, self.folder)
         # Anything that arrived while nobody watched is found by a scan.
@@ -340,7 +344,7 @@ class FolderWatch:
                 self.scan(path)
             elif kind == "gone" and os.path.normpath(path) == os.path.normpath(self.folder):
                 self._health_checked = 0.0  # look at once
-        if self.config.rescan and time.monotonic() - self._scanned > self.config.rescan:
+        if self.observe and self.config.rescan and time.monotonic() - self._scanned > self.config.rescan:
             self.scan()
         now = time.time() if now is None else now
         settled: list[Settled] = []
