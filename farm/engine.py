@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +18,10 @@ import dask
 from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
-from farm.node import PROGRESS_TOPIC, cancel_attempt, node_report, run_segment
+from farm.node import NODE_TOPIC, PROGRESS_TOPIC, cancel_attempt, run_segment
 
 log = logging.getLogger("farm.engine")
+NODE_SILENCE_SECONDS = 10.0
 
 
 @dataclass
@@ -44,7 +46,9 @@ class Engine:
         self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._capabilities = capabilities or {}
         self._futures: dict[str, Any] = {}
+        self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+        client.subscribe_topic(NODE_TOPIC, self._on_report)
 
     @classmethod
     def embedded(cls, slots: int | None = None, capabilities: dict[str, str] | None = None) -> Engine:
@@ -72,21 +76,21 @@ class Engine:
         if self.cluster is not None and self._capabilities:
             return [NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
                     for address, info in workers.items()]
-        if not workers:
-            return []
-        try:
-            reports = self.client.run(node_report, workers=list(workers), on_error="return")
-        except Exception as exc:  # a node going away mid-call: the next poll sees the rest
-            log.debug("could not ask nodes for their state: %s", exc)
-            return []
+        # Nodes push a report every second; one that falls silent (hung, stopped, cut
+        # off) is treated as gone, so a stuck node can never stall the controller.
+        now = time.monotonic()
         views = []
-        for address, report in reports.items():
-            if not isinstance(report, dict):
-                log.warning("node %s did not describe itself: %s", address, report)
+        for address in workers:
+            heard, report = self._reports.get(address, (0.0, None))
+            if report is None or now - heard > NODE_SILENCE_SECONDS:
                 continue
             views.append(NodeView(address, report["name"], report["slots"], report["capabilities"],
                                   report["accepting"], report["hand_back"], report["reason"], report["running"]))
         return views
+
+    def _on_report(self, event: Any) -> None:
+        _, report = event
+        self._reports[report["address"]] = (time.monotonic(), report)
 
     def forget(self, attempt_id: str) -> None:
         """Stop waiting for an attempt (its node left); Dask may drop the task."""

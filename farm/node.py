@@ -35,6 +35,7 @@ from farm.processor import Context, NodeInfo
 
 LOG_LINES_LIMIT = 2000
 PROGRESS_TOPIC = "farm-progress"
+NODE_TOPIC = "farm-node"  # each node's report: who it is, what it offers, whether it takes work
 
 
 class Cancelled(Exception):

@@ -133,10 +133,22 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
+REPORT_MS = 1000
+
+
 def dask_setup(worker: Any) -> None:
-    """Dask preload: build this node's runtime before the first segment arrives."""
-    from farm.node import runtime
+    """Dask preload: build this node's runtime, then report to the controller every second."""
+    from tornado.ioloop import PeriodicCallback
+
+    from farm.node import NODE_TOPIC, node_report, runtime
 
     runtime()
+
+    def report() -> None:
+        if worker.status.name == "running":
+            worker.log_event(NODE_TOPIC, {**node_report(), "address": worker.address})
+
+    worker._farm_reporter = PeriodicCallback(report, REPORT_MS)
+    worker._farm_reporter.start()
     if os.environ.get("FARM_NODE_SUPERVISED"):
         threading.Thread(target=_watch_parent, args=(os.getppid(),), name="farm-parent-watch", daemon=True).start()
