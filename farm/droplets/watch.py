@@ -108,6 +108,16 @@ class Settled:
     mtime_ns: int
 
 
+class _QuietStop(logging.Filter):
+    """watchdog logs an error when an inotify emitter is stopped while it reads: harmless, so dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in str(record.msg)
+
+
+_quiet_stop = _QuietStop()
+
+
 class _Handler:
     """Turns watchdog events into paths to look at; runs on the observer's thread."""
 
@@ -190,6 +200,9 @@ class FolderWatch:
         else:
             from watchdog.observers import Observer
 
+            inotify_log = logging.getLogger("watchdog.observers.inotify")
+            if _quiet_stop not in inotify_log.filters:
+                inotify_log.addFilter(_quiet_stop)
             observer = Observer()
         observer.daemon = True
         observer.schedule(
@@ -252,8 +265,10 @@ class FolderWatch:
             if self.observe:
                 self._start_observer()
         except OSError as exc:
-            self.state, self.message = "unavailable", f"cannot watch {self.folder}: {exc.strerror or exc}"
-            log.warning("droplet %s: %s; retrying", self.config.label, self.message)
+            message = f"cannot watch {self.folder}: {exc.strerror or exc}"
+            if (self.state, self.message) != ("unavailable", message):
+                log.warning("droplet %s: %s; retrying every %g s", self.config.label, message, HEALTH_SECONDS)
+            self.state, self.message = "unavailable", message
             return
         self._identity = identity
         self.state = "watching"
