@@ -22,6 +22,7 @@ from farm.node import NODE_TOPIC, PROGRESS_TOPIC, cancel_attempt, run_segment
 
 log = logging.getLogger("farm.engine")
 NODE_SILENCE_SECONDS = 10.0
+RESULT_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass
@@ -126,9 +127,16 @@ class Engine:
                 if "KilledWorker" in reason:
                     reason = f"the node running it died ({reason})"
                 outcomes[attempt_id] = {"ok": False, "reason": reason, "lost": True, "log": ""}
-        if finished:
-            values = self.client.gather([future for _, future in finished])
-            outcomes.update({attempt_id: value for (attempt_id, _), value in zip(finished, values)})
+        for attempt_id, future in finished:
+            # A result held only by a node that has just died would make Dask compute it
+            # again, which a pinned task never can: wait a little, then call it lost.
+            try:
+                outcomes[attempt_id] = future.result(timeout=RESULT_TIMEOUT_SECONDS)
+            except Exception as exc:
+                future.release()
+                outcomes[attempt_id] = {"ok": False, "lost": True, "log": "",
+                                        "reason": "its result was lost with the node that held it "
+                                                  f"({type(exc).__name__}: {exc or 'not fetched in time'})"}
         return outcomes
 
     def cancel(self, attempt_id: str, address: str) -> None:

@@ -1,0 +1,123 @@
+"""Faults with real processes: every accepted job ends done, failed with a reason, or
+cancelled, and no destination holds a duplicated or half-written output."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from farm.store import Store
+from tests.cluster_helpers import Cluster
+from tests.test_cluster import alive, frames_in, work_profile
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made: list[Cluster] = []
+
+    def make(**kwargs) -> Cluster:
+        made.append(Cluster(tmp_path / f"c{len(made)}", **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def finished(c: Cluster, job_id: str, timeout: float = 300) -> dict:
+    return c.wait_until(lambda: (d := c.job(job_id))["state"] in ("done", "failed", "cancelled") and d, timeout,
+                        f"job {job_id} to end", every=1)
+
+
+def assert_exact_outputs(folder: Path, count: int) -> None:
+    assert frames_in(folder) == [f"frame_{i:04d}.txt" for i in range(1, count + 1)], "missing, extra or temporary files"
+
+
+def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluster):
+    c = cluster()
+    c.start_controller()
+    c.start_node("healthy", "--slots", "1")
+    hung = c.start_node("sleepy", "--slots", "1")
+    c.wait_for_nodes("healthy", "sleepy")
+    profile = work_profile(c, "1-6", 1.0, timeout="3s", retries=3)
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+
+    def on_sleepy():
+        detail = c.job(job_id)
+        return any(a["node"] == "sleepy" and a["state"] == "running" for s in detail["segment_list"] for a in s["attempts"])
+
+    c.wait_until(on_sleepy, 60, "a segment on the node about to hang", every=0.1)
+    os.killpg(hung.pid, signal.SIGSTOP)  # the supervisor and its Dask worker hang
+    time.sleep(5)
+    os.killpg(hung.pid, signal.SIGCONT)  # ... and wake after the profile's timeout
+    done = finished(c, job_id)
+    assert done["state"] == "done", done["error"]
+    assert_exact_outputs(c.root / "out", 6)
+    timed_out = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "timed_out"]
+    assert timed_out and all(a["node"] == "sleepy" and "timeout of 3 s" in a["reason"] for a in timed_out)
+    store = Store(c.root / "state" / "farm.db")
+    late = [e["kind"] for e in store.events(job_id) if e["kind"] == "late_result_ignored"]
+    store.close()
+    assert late, "the hung node's late result was not recorded as ignored"
+
+
+def test_repeated_node_kills_during_one_batch(cluster):
+    c = cluster()
+    c.start_controller()
+    c.start_node("steady", "--slots", "1")
+    profile = work_profile(c, "1-200", 0.4, retries=25)
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    rng = random.Random(7)
+    kills = 0
+    for round_number in range(20):
+        name = f"victim{round_number}"
+        c.start_node(name, "--slots", "1")
+        c.wait_for_nodes(name)
+        time.sleep(rng.uniform(0.3, 1.2))
+        if c.job(job_id)["state"] != "running":
+            break
+        c.kill_node(name)
+        kills += 1
+    done = finished(c, job_id)
+    assert kills == 20
+    assert done["state"] == "done", done["error"]
+    assert_exact_outputs(c.root / "out", 200)
+    time.sleep(1)
+    pids = [int(p.name.split("-")[1]) for p in (c.root / "pids").iterdir()]
+    assert not [pid for pid in pids if alive(pid)], "segment processes of killed nodes survived"
+
+
+def test_the_controller_killed_five_times_during_one_batch(cluster):
+    c = cluster()
+    c.start_controller()
+    c.start_node("n1", "--slots", "2")
+    c.wait_for_nodes("n1")
+    profile = work_profile(c, "1-60", 0.2)
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    for _ in range(5):
+        time.sleep(1.5)
+        c.controller.send_signal(signal.SIGKILL)
+        c.controller.wait()
+        c.start_controller()
+    done = finished(c, job_id)
+    assert done["state"] == "done", done["error"]
+    assert_exact_outputs(c.root / "out", 60)
+    store = Store(c.root / "state" / "farm.db")
+    recovered = [e for e in store.events(job_id) if e["kind"] == "job_recovered"]
+    store.close()
+    assert len(recovered) >= 3
