@@ -19,7 +19,7 @@ from typing import Any
 from farm import __version__
 from farm.config import FarmConfig, state_dir
 from farm.engine import Engine
-from farm.errors import UsageError
+from farm.errors import StoreError, UsageError
 from farm.local import STORE_NAME, check_destination, check_inputs
 from farm.plugins import load_plugins
 from farm.profiles import load_profile
@@ -28,6 +28,7 @@ from farm.security import Bundle
 from farm.store import Store
 
 log = logging.getLogger("farm.controller")
+STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self._advertiser: Any = None
         self._server: Any = None
+        self.store_error: str | None = None  # set while the store cannot be written
 
     # -- starting and stopping -----------------------------------------------------------
 
@@ -65,7 +67,7 @@ class Controller:
         from distributed import Client, LocalCluster
 
         settings = self.config.controller
-        self.store = Store(self.root / STORE_NAME)
+        self.store = Store(self.root / STORE_NAME, busy_timeout=STORE_BUSY_SECONDS)
         security = self.bundle.dask_security()
         cluster = None
         if self.scheduler_address:
@@ -135,7 +137,28 @@ class Controller:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stopping.set())
         while not self.stopping.is_set():
-            self.scheduler.step(wait=0.2)
+            try:
+                self.scheduler.step(wait=0.2)
+            except StoreError as exc:
+                self._survive(exc)
+
+    def _survive(self, exc: StoreError) -> None:
+        """The store refused a write (disk full, locked): take no new work, keep what was
+        accepted, and start again from the store once it can be written."""
+        log.error("%s; new work is refused until the store can be written again", exc)
+        self.store_error = str(exc)
+        self.scheduler.reset()
+        while not self.stopping.wait(2.0):
+            self.scheduler.refuse_pending(exc)
+            try:
+                self.scheduler.recover()
+            except StoreError as again:
+                log.error("the store still cannot be written: %s", again)
+                self.scheduler.reset()
+                continue
+            self.store_error = None
+            log.warning("the store can be written again; resumed from it")
+            return
 
     def close(self) -> None:
         self.stopping.set()
@@ -156,6 +179,8 @@ class Controller:
     # -- what the API asks for -------------------------------------------------------------
 
     def submit(self, request: Submission) -> tuple[str, list[str]]:
+        if self.store_error:
+            raise StoreError(f"the controller takes no new work until its store can be written: {self.store_error}")
         overrides = list(request.overrides or [])
         if request.priority is not None:
             overrides.append(f"priority={request.priority}")

@@ -327,18 +327,24 @@ class Scheduler:
         finished = [attempt_id for kind, attempt_id, _ in items if kind == "finished"]
         outcomes = self.engine.collect(finished) if finished else {}
         dispatched: list[tuple[JobRuntime, Segment, NodeView]] = []
-        with self.store.transaction():
-            for kind, attempt_id, value in items:
-                if kind == "progress":
-                    self._on_progress(attempt_id, value)
-                elif kind == "finished":
-                    self._on_finished(attempt_id, outcomes.get(attempt_id) or {"ok": False, "reason": "no result came back"})
-                elif kind == "assembled":
-                    self._on_assembled(attempt_id, value)
-            self._check_nodes()
-            self._enforce_timeouts()
-            self._apply_cancels()
-            dispatched = self._dispatch()
+        try:
+            with self.store.transaction():
+                for kind, attempt_id, value in items:
+                    if kind == "progress":
+                        self._on_progress(attempt_id, value)
+                    elif kind == "finished":
+                        self._on_finished(attempt_id, outcomes.get(attempt_id) or {"ok": False, "reason": "no result came back"})
+                    elif kind == "assembled":
+                        self._on_assembled(attempt_id, value)
+                self._check_nodes()
+                self._enforce_timeouts()
+                self._apply_cancels()
+                dispatched = self._dispatch()
+        except BaseException as exc:
+            for kind, _, value in items:  # nobody waiting on an answer is left hanging
+                if kind == "call":
+                    value[1].set_exception(exc)
+            raise
         for kind, _, value in items:
             if kind == "call":  # each in its own transaction, answered after its commit
                 self._run_call(*value)
@@ -745,6 +751,27 @@ class Scheduler:
         deadline = time.monotonic() + timeout
         while self.attempts and time.monotonic() < deadline:
             self.step(wait=0.1)
+
+    def refuse_pending(self, exc: BaseException) -> None:
+        """Answer every waiting request with ``exc`` and drop queued outcomes (after a
+        :meth:`reset`, the store decides what runs again)."""
+        while True:
+            try:
+                kind, _, value = self.engine.outcomes.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call":
+                value[1].set_exception(exc)
+
+    def reset(self) -> None:
+        """Forget everything held in memory (after the store refused a write): the store
+        is the truth, and :meth:`recover` rebuilds from it."""
+        for attempt_id in list(self.attempts):
+            self.engine.forget(attempt_id)
+        self.attempts.clear()
+        self.jobs.clear()
+        self._order = []
+        self._to_cancel = []
 
     def close(self) -> None:
         self._assembler.shutdown(wait=True)

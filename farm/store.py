@@ -129,12 +129,13 @@ def _json(value: Any) -> str | None:
 
 
 class Store:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, busy_timeout: float = 30.0):
+        """``busy_timeout``: seconds a write waits for another process's lock before failing."""
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30
+                self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -121,3 +121,31 @@ def test_the_controller_killed_five_times_during_one_batch(cluster):
     recovered = [e for e in store.events(job_id) if e["kind"] == "job_recovered"]
     store.close()
     assert len(recovered) >= 3
+
+
+def test_a_locked_store_refuses_new_work_and_loses_nothing_accepted(cluster):
+    import sqlite3
+
+    c = cluster()
+    c.start_controller()
+    c.start_node("n1", "--slots", "1")
+    c.wait_for_nodes("n1")
+    profile = work_profile(c, "1-15", 0.3)
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    c.wait_until(lambda: c.job(job_id)["segments_done"] >= 2, 60, "the batch to be under way")
+
+    locker = sqlite3.connect(c.root / "state" / "farm.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holds the store
+    try:
+        refused = c.farm("submit", profile, "-o", c.root / "out2", "--json", timeout=120)
+        assert refused.returncode != 0
+        assert "cannot be written" in refused.stderr and "locked" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    done = finished(c, job_id)
+    assert done["state"] == "done", done["error"]
+    assert_exact_outputs(c.root / "out", 15)
+    jobs = json.loads(c.farm("status", "--json").stdout)
+    assert [j["id"] for j in jobs] == [job_id]  # the refused batch left nothing behind
