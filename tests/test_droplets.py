@@ -68,8 +68,9 @@ def python_profile(farm_env):
 class Running:
     """A droplet in this process, next to a LocalFarm whose scheduler a thread drives."""
 
-    def __init__(self, farm_env, profile, recover=False, **droplet):
+    def __init__(self, farm_env, profile, recover=False, others=(), **droplet):
         self.tmp = farm_env["tmp"]
+        self.others = list(others)
         self.folder = Path(droplet.pop("folder", self.tmp / "in"))
         self.dest = Path(droplet.pop("destination", self.tmp / "out"))
         self.config = DropletConfig(folder=self.folder, destination=self.dest, profile=str(profile),
@@ -90,7 +91,7 @@ class Running:
         self.farm = LocalFarm.start(config, plugins, None, node)
         if self.recover:
             self.farm.scheduler.recover()
-        prepared = prepare_droplets([self.config], plugins)
+        prepared = prepare_droplets([self.config, *self.others], plugins)
         self.service = DropletService(
             self.farm.scheduler, prepared,
             on_event=lambda kind, name, path, job, detail: self.events.append((kind, path, job, detail)))
@@ -340,6 +341,35 @@ def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check
         wait_for(lambda: watch.state == "watching", 10, what="the new folder to be watched")
         drop(clips[0], folder, "new-folder.mp4")  # content processed before: skipped, not lost
         run.wait_kind("skipped")
+
+
+def test_one_droplet_down_leaves_the_others_running(farm_env, folders, clips, check_profile):
+    folder, _ = folders
+    other = farm_env["tmp"] / "other"
+    other.mkdir()
+    second = DropletConfig(name="second", folder=other, profile=str(check_profile),
+                           destination=farm_env["tmp"] / "out2", settle=SETTLE)
+    with Running(farm_env, check_profile, others=[second]) as run:
+        first, other_watch = (d.watch for d in run.service.droplets)
+        shutil.rmtree(folder)
+        wait_for(lambda: first.state == "unavailable", 10, what="the outage")
+        drop(clips[0], other, "still-running.mp4")
+        kind, path, job_id, _ = run.wait_kind("processed")[0]
+        assert path == str(other / "still-running.mp4") and other_watch.state == "watching"
+        states = {row["name"]: row["state"] for row in run.store.droplet_states()}
+        assert states == {str(folder): "unavailable", "second": "watching"}
+
+
+def test_include_and_exclude_patterns(tmp_path):
+    from farm.droplets.watch import FolderWatch
+
+    config = DropletConfig(folder=tmp_path / "in", profile="p", destination=tmp_path / "out",
+                           include=["*.mov", "*.mp4"], exclude=["*proxy*"])
+    watch = FolderWatch(config, threading.Event())
+    taken = [name for name in ("a.mov", "B.MP4", "a-proxy.mov", "a.txt", "a.mov.part", ".a.mov", "sub/a.mov")
+             if watch.wanted(str(tmp_path / "in" / name))]
+    assert taken == ["a.mov", "B.MP4"]
+    assert not watch.wanted(str(tmp_path / "elsewhere.mov"))
 
 
 def test_a_non_media_file_goes_to_failed_with_the_reason(farm_env, folders, check_profile):

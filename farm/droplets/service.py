@@ -103,6 +103,7 @@ class Droplet:
     known: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime_ns) already decided
     counts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "processed": 0, "failed": 0, "skipped": 0})
     reported: tuple[str, str] | None = None
+    reported_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -155,7 +156,6 @@ class DropletService:
         self._calls_lock = threading.Lock()
         self._locks: list[Any] = []
         self._cancel_reason: str | None = None
-        self._reported = 0.0
         self._busy = False
         self._store: Any = None
         self.tick = min((d.watch.interval for d in self.droplets), default=0.1)
@@ -533,10 +533,9 @@ class DropletService:
             state = "draining"
         current = (state, droplet.watch.message)
         now = time.monotonic()
-        if not force and current == droplet.reported and now - self._reported < REPORT_SECONDS:
+        if not force and current == droplet.reported and now - droplet.reported_at < REPORT_SECONDS:
             return
-        self._reported = now
-        droplet.reported = current
+        droplet.reported, droplet.reported_at = current, now
         info = {
             **droplet.watch.describe(),
             "profile": droplet.loaded.profile.name, "destination": str(droplet.destination),

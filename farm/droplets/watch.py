@@ -299,9 +299,10 @@ class FolderWatch:
         name = relative.parts[-1]
         if is_partial_name(name):
             return False
-        if not any(fnmatch.fnmatch(name, pattern) for pattern in self.config.include):
+        name = name.lower()  # *.mov takes A.MOV too
+        if not any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in self.config.include):
             return False
-        return not any(fnmatch.fnmatch(name, pattern) for pattern in self.config.exclude)
+        return not any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in self.config.exclude)
 
     def _skip_paths(self, path: Path) -> list[Path]:
         # done/ and failed/ as seen through the watched folder's own spelling
