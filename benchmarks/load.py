@@ -79,6 +79,9 @@ def main() -> None:
                 for job in http.get(f"{c.url}/api/jobs", headers=headers).json():
                     states[job["state"]] = states.get(job["state"], 0) + 1
             memory = peak_kib(c.controller.pid)
+        except Exception:
+            print((c.root / "controller.log").read_text()[-3000:], file=sys.stderr)
+            raise
         finally:
             c.stop()
     table = Table(title=f"{args.jobs} jobs through the API ({args.clients} clients), {args.nodes} one-slot nodes")

@@ -170,9 +170,22 @@ class Store:
             if outer:
                 self._execute("COMMIT")
 
+    def _one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
+        """The first row; the statement is finished at once, because a half-read cursor
+        keeps its read snapshot open and later reads on this connection would see old data."""
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        """All rows, read under the lock: threads share this connection, and one thread's
+        unfinished statement would pin another's reads to an old snapshot."""
+        with self._lock:
+            return self._execute(sql, params).fetchall()
+
     def _execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         try:
-            return self._db.execute(sql, params)
+            with self._lock:
+                return self._db.execute(sql, params)
         except sqlite3.OperationalError as exc:
             raise StoreError(f"the state store at {self.path} cannot be written: {exc}") from None
 
@@ -226,7 +239,7 @@ class Store:
             f"UPDATE {table} SET state = :new{stamp}{assignments} WHERE id = :id AND state = :old", params
         )
         if cursor.rowcount != 1:
-            row = self._execute(f"SELECT state FROM {table} WHERE id = ?", (entity_id,)).fetchone()
+            row = self._one(f"SELECT state FROM {table} WHERE id = ?", (entity_id,))
             actual = row["state"] if row else "missing"
             raise IllegalTransition(f"{kind} {entity_id}: expected state {old}, found {actual}")
 
@@ -285,7 +298,7 @@ class Store:
             self.event("node_paused" if paused else "node_resumed", data={"node": name})
 
     def paused_nodes(self) -> set[str]:
-        return {row["name"] for row in self._execute("SELECT name FROM nodes WHERE paused = 1").fetchall()}
+        return {row["name"] for row in self._rows("SELECT name FROM nodes WHERE paused = 1")}
 
     def set_waiting(self, job_id: str, reason: str | None) -> None:
         """Why a queued job is not running (no node offers what it needs, ...), or None."""
@@ -305,38 +318,38 @@ class Store:
         if not job_ids:
             return set()
         marks = ",".join("?" * len(job_ids))
-        rows = self._execute(
+        rows = self._rows(
             f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids
-        ).fetchall()
+        )
         return {row["id"] for row in rows}
 
     def unfinished_jobs(self) -> list[sqlite3.Row]:
-        return self._execute(
+        return self._rows(
             "SELECT * FROM jobs WHERE state NOT IN ('done', 'failed', 'cancelled') ORDER BY created, seq"
-        ).fetchall()
+        )
 
     def job(self, job_id: str) -> sqlite3.Row | None:
-        return self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def jobs(self, batch_id: str | None = None) -> list[sqlite3.Row]:
         if batch_id is None:
-            return self._execute("SELECT * FROM jobs ORDER BY created, seq").fetchall()
-        return self._execute("SELECT * FROM jobs WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
+            return self._rows("SELECT * FROM jobs ORDER BY created, seq")
+        return self._rows("SELECT * FROM jobs WHERE batch_id = ? ORDER BY seq", (batch_id,))
 
     def segments(self, job_id: str) -> list[sqlite3.Row]:
-        return self._execute("SELECT * FROM segments WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
+        return self._rows("SELECT * FROM segments WHERE job_id = ? ORDER BY idx", (job_id,))
 
     def attempts(self, *, segment_id: str | None = None, job_id: str | None = None) -> list[sqlite3.Row]:
         if segment_id is not None:
-            return self._execute(
+            return self._rows(
                 "SELECT * FROM attempts WHERE segment_id = ? ORDER BY started", (segment_id,)
-            ).fetchall()
-        return self._execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY started", (job_id,)).fetchall()
+            )
+        return self._rows("SELECT * FROM attempts WHERE job_id = ? ORDER BY started", (job_id,))
 
     def events(self, job_id: str | None = None) -> list[sqlite3.Row]:
         if job_id is None:
-            return self._execute("SELECT * FROM events ORDER BY id").fetchall()
-        return self._execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+            return self._rows("SELECT * FROM events ORDER BY id")
+        return self._rows("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
 
     # -- droplets (farm.droplets): the ledger of dropped files ------------------------------
     # One row per file a droplet took: ``submitted`` (with its job) in the same transaction
@@ -363,30 +376,30 @@ class Store:
 
     def droplet_seen(self, folder: str, path: str, size: int, mtime_ns: int) -> sqlite3.Row | None:
         """The newest row for this very file (same path, size and mtime), if any."""
-        return self._execute(
+        return self._one(
             "SELECT * FROM droplet_files WHERE folder = ? AND path = ? AND size = ? AND mtime_ns = ?"
             " ORDER BY id DESC LIMIT 1", (folder, path, size, mtime_ns),
-        ).fetchone()
+        )
 
     def droplet_taken(self, folder: str, digest: str) -> sqlite3.Row | None:
         """The first row that submitted this content (``submitted`` or ``processed``), if any."""
-        return self._execute(
+        return self._one(
             "SELECT * FROM droplet_files WHERE folder = ? AND digest = ? AND state IN ('submitted', 'processed')"
             " ORDER BY id LIMIT 1", (folder, digest),
-        ).fetchone()
+        )
 
     def droplet_pending(self, folder: str) -> list[sqlite3.Row]:
-        return self._execute(
+        return self._rows(
             "SELECT * FROM droplet_files WHERE folder = ? AND state = 'submitted' ORDER BY id", (folder,)
-        ).fetchall()
+        )
 
     def droplet_files(self, folder: str | None = None, limit: int = 20) -> list[sqlite3.Row]:
         """The newest rows (of one folder, or all), newest first."""
         if folder is None:
-            return self._execute("SELECT * FROM droplet_files ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return self._execute(
+            return self._rows("SELECT * FROM droplet_files ORDER BY id DESC LIMIT ?", (limit,))
+        return self._rows(
             "SELECT * FROM droplet_files WHERE folder = ? ORDER BY id DESC LIMIT ?", (folder, limit)
-        ).fetchall()
+        )
 
     def droplet_job_states(self, job_ids: list[str]) -> dict[str, sqlite3.Row]:
         """``{job id: (id, state, error, outputs)}`` for the jobs that exist."""
@@ -394,9 +407,9 @@ class Store:
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._execute(
+            for row in self._rows(
                 f"SELECT id, state, error, outputs FROM jobs WHERE id IN ({marks})", chunk
-            ).fetchall():
+            ):
                 found[row["id"]] = row
         return found
 
@@ -412,4 +425,4 @@ class Store:
         )
 
     def droplet_states(self) -> list[sqlite3.Row]:
-        return self._execute("SELECT * FROM droplets ORDER BY name").fetchall()
+        return self._rows("SELECT * FROM droplets ORDER BY name")
