@@ -58,9 +58,10 @@ class Cluster:
     def api_up(self) -> bool:
         return self.farm("nodes", "--json", timeout=30).returncode == 0
 
-    def start_node(self, name: str, *extra: str, bundle: Path | None = None, config: Path | None = None) -> subprocess.Popen:
+    def start_node(self, name: str, *extra: str, bundle: Path | None = None, config: Path | None = None,
+                   extra_env: dict | None = None) -> subprocess.Popen:
         log = open(self.root / f"node-{name}.log", "a")
-        env = dict(self.env)
+        env = {**self.env, **(extra_env or {})}
         if config:
             env["FARM_CONFIG"] = str(config)
         args = [*FARM, "node", "--name", name, "--bundle", str(bundle or self.bundles / "node.yaml"), *extra]

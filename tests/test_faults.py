@@ -149,3 +149,46 @@ def test_a_locked_store_refuses_new_work_and_loses_nothing_accepted(cluster):
     assert_exact_outputs(c.root / "out", 15)
     jobs = json.loads(c.farm("status", "--json").stdout)
     assert [j["id"] for j in jobs] == [job_id]  # the refused batch left nothing behind
+
+
+FILL_SCRATCH = """
+import pathlib, sys
+scratch, out, frame = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+(scratch / "render.tmp").write_bytes(b"x" * 2_000_000)  # a renderer's temporary files
+(out / f"frame_{int(frame):04d}.txt").write_text(frame)
+"""
+
+
+def test_a_node_with_a_full_scratch_disk_fails_clearly_and_the_work_runs_elsewhere(cluster, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as a full scratch disk needs root")
+    small = tmp_path / "small-scratch"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        c = cluster()
+        c.start_controller()
+        env_full = {"TMPDIR": str(small)}
+        c.start_node("cramped", "--slots", "1", extra_env=env_full)
+        c.start_node("roomy", "--slots", "1")
+        c.wait_for_nodes("cramped", "roomy")
+        script = c.root / "fill.py"
+        script.write_text(FILL_SCRATCH)
+        from tests.conftest import write_profile
+
+        profile = write_profile(c.root, "fill", {
+            "processor": "command", "frames": "1-4", "segment": {"frames": 1}, "retries": 3,
+            "settings": {"command": [sys.executable, str(script), "{scratch}", "{output_dir}", "{start}"],
+                         "expect": ["frame_{frame:04d}.txt"]},
+        })
+        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+        done = finished(c, job_id)
+        assert done["state"] == "done", done["error"]
+        assert_exact_outputs(c.root / "out", 4)
+        failures = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "failed"]
+        assert failures and all(a["node"] == "cramped" and "No space left on device" in a["reason"] for a in failures)
+        assert {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "done"} == {"roomy"}
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

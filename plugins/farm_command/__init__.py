@@ -32,6 +32,7 @@ COMMAND_TOKENS = {
     "input": "the job's input file (absolute path)",
     "output_dir": "the folder this attempt writes into (absolute path)",
     "segment": "the segment's index, from 0",
+    "scratch": "a private folder on the node's own disk, removed after the segment",
 }
 #: ``expect`` templates are checked once per frame of the segment.
 EXPECT_TOKENS = {"frame": "a frame number", "segment": "the segment's index"}
@@ -162,6 +163,7 @@ class CommandProcessor(Processor):
         values = {
             "start": frames[0], "end": frames[-1], "count": len(frames), "frames": format_frames(frames),
             "input": str(segment.job.input or ""), "output_dir": str(segment.output_dir), "segment": segment.index,
+            "scratch": str(context.scratch),
         }
         argv = [executable] + [expand(item, values) for item in settings.command[1:]]
         cwd = Path(settings.cwd) if settings.cwd else segment.output_dir
