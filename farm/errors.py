@@ -39,6 +39,10 @@ class ProcessorError(FarmError):
     """A segment or an assemble step failed; the message is the job's reason."""
 
 
+class SourceChanged(ProcessorError):
+    """A job's input was deleted or changed after the job was accepted; retrying cannot help."""
+
+
 class IllegalTransition(FarmError):
     """A state change that the transition table does not allow."""
 

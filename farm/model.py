@@ -125,6 +125,7 @@ class Job:
     work_dir: Path  # cluster storage for this job's segment outputs
     frames: list[int] | None = None
     overwrite: bool = False
+    input_stamp: tuple[int, int] | None = None  # (size, mtime_ns) of the input when accepted
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.config import NodeConfig, load_config
-from farm.errors import FarmError, ProcessorError
+from farm.errors import FarmError, ProcessorError, SourceChanged
 from farm.model import Job, Segment
 from farm.processor import Context, NodeInfo
 
@@ -408,6 +408,31 @@ def _signal_group(pgid: int, sig: int) -> None:
 # -- the task Dask runs ----------------------------------------------------------------
 
 
+def input_stamp(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def check_source(job: Job) -> None:
+    """Refuse to go on when the job's input is gone or is not the file that was accepted."""
+    if job.input is None or job.input_stamp is None:
+        return
+    try:
+        now = input_stamp(job.input)
+    except FileNotFoundError:
+        raise SourceChanged(f"the source {job.input} was deleted after the job was accepted") from None
+    except OSError as exc:
+        raise SourceChanged(f"the source {job.input} cannot be read any more: {exc.strerror or exc}") from None
+    if now != tuple(job.input_stamp):
+        size, mtime = job.input_stamp
+        raise SourceChanged(
+            f"the source {job.input} changed after the job was accepted (size {size} -> {now[0]} bytes, "
+            f"modified {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now[1] / 1e9))}); submit it again"
+        )
+
+
 def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     """Run one attempt; never raises: the outcome is a dict the controller stores."""
     node = runtime()
@@ -423,11 +448,16 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel(logging.INFO)
-    scratch = Path(tempfile.mkdtemp(prefix=f"farm-{segment.attempt_id}-"))
+    scratch: Path | None = None
     log.write(f"=== segment {segment.id} ({segment.label}) attempt {segment.attempt_id} of job {job.id} on node {node.name}")
     if segment.announce_start:
         _progress_reporter(segment.attempt_id)(0.0, "started", started=True)
     try:
+        check_source(job)
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=f"farm-{segment.attempt_id}-"))
+        except OSError as exc:
+            raise ProcessorError(f"no scratch space on node {node.name}: {exc.strerror or exc}") from None
         processor = node.plugins.processor(job.profile.processor)
         segment.output_dir.mkdir(parents=True, exist_ok=True)
         runner = CommandRunner(log, cancelled, f"job={job.id} segment={segment.id} attempt={segment.attempt_id}", node.config.kill_grace)
@@ -445,6 +475,9 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
         return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}
     except Cancelled as exc:
         return {"ok": False, "cancelled": True, "reason": str(exc), "log": log.text(), "node": node.name}
+    except SourceChanged as exc:
+        log.write(f"=== failed: {exc}")
+        return {"ok": False, "fatal": True, "reason": str(exc), "log": log.text(), "node": node.name}
     except FarmError as exc:
         log.write(f"=== failed: {exc}")
         return {"ok": False, "reason": str(exc), "log": log.text(), "node": node.name}
@@ -454,7 +487,8 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     finally:
         node._unregister(segment.attempt_id)
         logger.removeHandler(handler)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 async def cancel_attempt(attempt_id: str) -> bool:

@@ -27,7 +27,7 @@ from farm.engine import Engine, NodeView
 from farm.errors import FarmError, ProfileError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
-from farm.node import AttemptLog, CommandRunner, runtime
+from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
 from farm.processor import Context, Processor
 from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
@@ -144,6 +144,7 @@ class Scheduler:
                 id=job_id, batch_id=batch_id, input=source, profile=profile, settings=loaded.settings,
                 destination=destination, work_dir=self.work_root / job_id,
                 frames=profile.frame_list, overwrite=overwrite or profile.overwrite,
+                input_stamp=input_stamp(source),
             )
             rt = JobRuntime(job, processor, seq, now, profile.priority,
                             {f"processor:{processor.name}": "", **processor.requires(job)}, then=then)
@@ -166,6 +167,7 @@ class Scheduler:
                 "profile_name": profile.name, "profile": profile.model_dump_json(), "processor": processor.name,
                 "destination": str(destination), "work_dir": str(job.work_dir), "priority": profile.priority,
                 "state": rt.state, "error": rt.error, "overwrite": int(job.overwrite),
+                "input_stamp": json.dumps(job.input_stamp) if job.input_stamp else None,
             })
             runtimes.append(rt)
         self.store.add_batch(batch_id, origin, job_rows, segment_rows)
@@ -216,7 +218,8 @@ class Scheduler:
             return None
         job = Job(id=row["id"], batch_id=row["batch_id"], input=Path(row["input"]) if row["input"] else None,
                   profile=profile, settings=settings, destination=Path(row["destination"]),
-                  work_dir=Path(row["work_dir"]), frames=profile.frame_list, overwrite=bool(row["overwrite"]))
+                  work_dir=Path(row["work_dir"]), frames=profile.frame_list, overwrite=bool(row["overwrite"]),
+                  input_stamp=tuple(json.loads(row["input_stamp"])) if row["input_stamp"] else None)
         then = None
         if profile.then:
             try:
@@ -521,6 +524,12 @@ class Scheduler:
                 self._start_assembly(rt)
             return
         reason = outcome.get("reason") or "unknown failure"
+        if outcome.get("fatal"):  # retrying cannot help (the source changed)
+            self.store.end_attempt(attempt_id, AttemptState.FAILED, reason=reason, log=attempt_log)
+            self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.FAILED,
+                                result=None, reason=reason)
+            self._fail_job(rt, reason)
+            return
         if outcome.get("cancelled"):
             reason = f"cancelled on the node: {reason}"
         end_state = AttemptState.LOST if outcome.get("lost") else AttemptState.FAILED
@@ -625,6 +634,7 @@ class Scheduler:
                 progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
                 run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
             )
+            check_source(rt.job)
             again = list(rt.processor.verify(rt.job, results, context))
             if again:
                 value: Any = {"ok": False, "again": again}

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     outputs TEXT,
     overwrite INTEGER NOT NULL DEFAULT 0,
+    input_stamp TEXT,
     waiting TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0
 );
@@ -201,10 +202,10 @@ class Store:
             self._execute("INSERT INTO batches(id, created, origin) VALUES (?, ?, ?)", (batch_id, now, origin))
             self._db.executemany(
                 "INSERT INTO jobs(id, batch_id, seq, input, profile_name, profile, processor, destination,"
-                " work_dir, priority, state, created, updated, error, overwrite)"
+                " work_dir, priority, state, created, updated, error, overwrite, input_stamp)"
                 " VALUES (:id, :batch_id, :seq, :input, :profile_name, :profile, :processor, :destination,"
-                " :work_dir, :priority, :state, :created, :created, :error, :overwrite)",
-                [{"error": None, "created": now, "overwrite": 0, **job} for job in jobs],
+                " :work_dir, :priority, :state, :created, :created, :error, :overwrite, :input_stamp)",
+                [{"error": None, "created": now, "overwrite": 0, "input_stamp": None, **job} for job in jobs],
             )
             self.add_segments(segments)
             self.event("batch_submitted", data={"batch": batch_id, "jobs": len(jobs)})

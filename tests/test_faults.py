@@ -192,3 +192,42 @@ def test_a_node_with_a_full_scratch_disk_fails_clearly_and_the_work_runs_elsewhe
         assert {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "done"} == {"roomy"}
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+SLOW_READ = """
+import pathlib, sys, time
+source, out, frame = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+data = source.read_bytes()
+time.sleep(0.7)
+(out / f"frame_{int(frame):04d}.txt").write_bytes(data[:10])
+"""
+
+
+@pytest.mark.parametrize("change", ["deleted", "changed"])
+def test_a_source_deleted_or_changed_mid_job_fails_the_job_with_the_reason(farm_env, change):
+    from tests.conftest import write_config, write_profile
+
+    write_config(farm_env, slots=1)
+    tmp = farm_env["tmp"]
+    source = tmp / "source.mov"
+    source.write_bytes(b"original content")
+    script = tmp / "read.py"
+    script.write_text(SLOW_READ)
+    profile = write_profile(tmp, "reader", {
+        "processor": "command", "frames": "1-6", "segment": {"frames": 1},
+        "settings": {"command": [sys.executable, str(script), "{input}", "{output_dir}", "{start}"]},
+    })
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(profile), str(source), "-o", str(tmp / "out"),
+                             "--json", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    if change == "deleted":
+        source.unlink()
+    else:
+        source.write_bytes(b"something else entirely")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    job = json.loads(out)["jobs"][0]
+    assert job["state"] == "failed"
+    assert f"the source {source} was {change}" in job["error"] if change == "deleted" else \
+        f"the source {source} changed after the job was accepted" in job["error"]
+    assert not (tmp / "out").exists() or not list((tmp / "out").iterdir())  # nothing half-done was delivered
