@@ -115,6 +115,12 @@ def test_the_api_wants_the_token_and_a_foreign_node_cannot_join(cluster):
     refused = c.farm("nodes", env={"FARM_BUNDLE": str(other.bundles / "node.yaml")})
     assert refused.returncode == 2 and "cannot reach the controller" in refused.stderr
 
+    from farm.security import Bundle
+
+    token = Bundle.load(c.bundles / "node.yaml").token
+    logs = {path.name: path.read_text(errors="replace") for path in c.root.glob("*.log")}
+    assert logs and not [name for name, text in logs.items() if token in text], "the token leaked into a log"
+
 
 def test_a_node_killed_mid_batch_loses_nothing(cluster):
     c = cluster()

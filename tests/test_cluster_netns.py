@@ -126,3 +126,63 @@ def test_nodes_find_the_controller_by_zeroconf_alone_across_hosts(hosts, tmp_pat
                            f"import httpx; print(httpx.get('https://{addresses['ctl']}:8780/api/jobs', verify=False).status_code)"],
                           capture_output=True, text=True, timeout=60)
     assert curl.stdout.strip() == "401", curl.stderr
+
+
+def test_a_node_cut_off_from_the_network_loses_its_work_to_others_and_rejoins(hosts, tmp_path):
+    names, addresses = hosts
+    bundles = tmp_path / "bundles"
+    subprocess.run([*FARM, "cluster", "init", "cutfarm", "--dir", str(bundles)], check=True, capture_output=True)
+    config = tmp_path / "farm.yaml"
+    config.write_text(yaml.safe_dump({
+        "node": {"allow_commands": [sys.executable]},
+        "controller": {"host": addresses["ctl"], "api_port": 8780, "scheduler_port": 8786, "advertise": False,
+                       "storage": str(tmp_path / "storage")},
+    }))
+    env = {**os.environ, "FARM_CONFIG": str(config), "FARM_STATE": str(tmp_path / "state"),
+           "FARM_BUNDLE": str(bundles / "node.yaml"), "FARM_CONTROLLER": f"https://{addresses['ctl']}:8780",
+           "DASK_LOGGING__DISTRIBUTED": "warning"}
+
+    def start(role: str, *args: str):
+        return subprocess.Popen(["ip", "netns", "exec", names[role], *FARM, *args], env=env, cwd=tmp_path,
+                                stdout=open(tmp_path / f"{role}.log", "w"), stderr=subprocess.STDOUT)
+
+    def farm_in_ctl(*args: str):
+        return subprocess.run(["ip", "netns", "exec", names["ctl"], *FARM, *args], env=env, capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+
+    def node_names():
+        result = farm_in_ctl("nodes", "--json")
+        return sorted(n["name"] for n in json.loads(result.stdout)) if result.returncode == 0 else []
+
+    def wait(check, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if value := check():
+                return value
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    start("ctl", "controller", "--bundle", str(bundles / "controller.yaml"))
+    start("n1", "node", "--controller", f"https://{addresses['ctl']}:8780", "--name", "n1", "--slots", "1")
+    start("n2", "node", "--controller", f"https://{addresses['ctl']}:8780", "--name", "n2", "--slots", "1")
+    wait(lambda: node_names() == ["n1", "n2"], 60, "both nodes")
+    script = tmp_path / "work.py"
+    script.write_text("import sys, time, pathlib; time.sleep(0.5); "
+                      "pathlib.Path(sys.argv[1], 'f%03d.txt' % int(sys.argv[2])).write_text('x')")
+    profile = write_profile(tmp_path, "cut", {
+        "processor": "command", "frames": "1-40", "segment": {"frames": 1}, "retries": 5,
+        "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}"]},
+    })
+    job_id = json.loads(farm_in_ctl("submit", str(profile), "-o", str(tmp_path / "out"), "--json").stdout)["jobs"][0]["id"]
+    time.sleep(3)
+    _run("ip", "-n", names["n2"], "link", "set", "eth0", "down")  # n2 is cut off mid-batch
+    wait(lambda: node_names() == ["n1"], 60, "the controller to give up on n2")
+    time.sleep(3)
+    _run("ip", "-n", names["n2"], "link", "set", "eth0", "up")
+    wait(lambda: node_names() == ["n1", "n2"], 120, "n2 to rejoin by itself")
+    done = wait(lambda: (d := json.loads(farm_in_ctl("status", job_id, "--json").stdout))["state"] in ("done", "failed")
+                and d, 300, "the job")
+    assert done["state"] == "done", done["error"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"f{i:03d}.txt" for i in range(1, 41)]
+    lost = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"]
+    assert lost and all(a["node"] == "n2" for a in lost)
