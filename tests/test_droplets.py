@@ -80,7 +80,7 @@ class Running:
 
     def __enter__(self) -> Running:
         from farm.config import load_config
-        from farm.droplets.service import DropletService, prepare_droplets
+        from farm.droplets.service import start_droplets
         from farm.local import LocalFarm
         from farm.node import install_runtime
         from farm.plugins import load_plugins
@@ -91,11 +91,10 @@ class Running:
         self.farm = LocalFarm.start(config, plugins, None, node)
         if self.recover:
             self.farm.scheduler.recover()
-        prepared = prepare_droplets([self.config, *self.others], plugins)
-        self.service = DropletService(
-            self.farm.scheduler, prepared,
+        # as a controller starts them: after recover(), before the scheduler steps
+        self.service = start_droplets(
+            self.farm.scheduler, [self.config, *self.others], plugins,
             on_event=lambda kind, name, path, job, detail: self.events.append((kind, path, job, detail)))
-        self.service.start()
         self._stop = threading.Event()
         self._driver = threading.Thread(target=self._drive, daemon=True)
         self._driver.start()

@@ -250,7 +250,13 @@ class DropletService:
                 for droplet in self.droplets:
                     settled = droplet.watch.poll(now)
                     if settled:
-                        self._take(droplet, settled)
+                        try:
+                            self._take(droplet, settled)
+                        except Exception:
+                            for item in settled:  # looked at again in the next rounds, not forgotten
+                                if droplet.known.get(item.path) != (item.size, item.mtime_ns):
+                                    droplet.watch.note(item.path)
+                            raise
                     self._report(droplet)
             self._finish()
         finally:
@@ -557,6 +563,30 @@ class DropletService:
             log.exception("droplet event listener failed on %s", kind)
 
 
+def start_droplets(scheduler: Any, configs: list[DropletConfig], plugins: Any,
+                   on_event: EventCallback | None = None) -> DropletService | None:
+    """For a controller: check and start the droplets of farm.yaml; None when there are none.
+
+    Call it after ``scheduler.recover()`` (so the jobs of files taken before a restart
+    are waited for, not failed), from the thread that drives the scheduler, before that
+    thread steps again; call ``close()`` on the result before the scheduler closes. A bad
+    droplet is a :class:`UsageError` (the controller refuses to start); a folder that is
+    missing is an outage the droplet reports and waits out.
+    """
+    prepared = prepare_droplets(configs, plugins)
+    if not prepared:
+        return None
+    service = DropletService(scheduler, prepared, on_event=on_event or _log_event)
+    service.start()
+    return service
+
+
+def _log_event(kind: str, name: str, path: str, job_id: str | None, detail: str) -> None:
+    level = logging.WARNING if kind == "failed" else logging.INFO
+    log.log(level, "droplet %s: %s %s%s%s", name, kind, path, f" (job {job_id})" if job_id else "",
+            f": {detail}" if detail else "")
+
+
 class _Stopped(Exception):
     """The service stopped while a submission waited for the scheduler."""
 
@@ -585,4 +615,4 @@ def _unique(target: Path, also: str = "") -> Path:
     return candidate
 
 
-__all__ = ["DropletService", "PreparedDroplet", "prepare_droplets"]
+__all__ = ["DropletService", "PreparedDroplet", "prepare_droplets", "start_droplets"]
