@@ -60,6 +60,7 @@ class Controller:
         self._advertiser: Any = None
         self._server: Any = None
         self.store_error: str | None = None  # set while the store cannot be written
+        self.droplets: Any = None
 
     # -- starting and stopping -----------------------------------------------------------
 
@@ -86,6 +87,10 @@ class Controller:
         recovered = self.scheduler.recover()
         if recovered:
             log.warning("resumed %d unfinished job(s) from the store", len(recovered))
+        if self.config.droplets:
+            from farm.droplets.service import start_droplets
+
+            self.droplets = start_droplets(self.scheduler, self.config.droplets, self.plugins)
         self._start_api()
         self.dask_address = self._reachable(client.scheduler.address)
         if self.advertise:
@@ -171,6 +176,8 @@ class Controller:
         quiet = logging.getLogger("distributed")
         quiet.setLevel(logging.CRITICAL)
         try:
+            if self.droplets is not None:
+                self.droplets.close()
             self.scheduler.close()
             self.engine.close()
         finally:

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,18 +186,20 @@ class Scheduler:
                     self._start_assembly(rt)
         return batch_id, [rt.job.id for rt in runtimes]
 
-    def recover(self) -> list[str]:
+    def recover(self, job_ids: Iterable[str] | None = None) -> list[str]:
         """Rebuild the queue from the store after a restart; returns the jobs taken back.
 
         Attempts that were running when the controller stopped are recorded as lost
         (without counting against the segment) and their segments queued again; their
-        outputs went to their own attempt folders, so nothing is written twice.
+        outputs went to their own attempt folders, so nothing is written twice. With
+        ``job_ids``, only those jobs (another process may own the rest).
         """
         from farm.profiles import Profile
 
         recovered = []
+        wanted = set(job_ids) if job_ids is not None else None
         for row in self.store.unfinished_jobs():
-            if row["id"] in self.jobs:
+            if row["id"] in self.jobs or (wanted is not None and row["id"] not in wanted):
                 continue
             with self.store.transaction():
                 rt = self._rebuild(row, Profile)

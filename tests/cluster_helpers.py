@@ -53,7 +53,7 @@ class Cluster:
         log = open(self.root / "controller.log", "a")
         self.controller = subprocess.Popen([*FARM, "controller", "--bundle", str(self.bundles / "controller.yaml")],
                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
-        self.wait_until(lambda: self.api_up(), 30, "the controller's API")
+        self.wait_until(lambda: self.api_up(), 90, "the controller's API")
 
     def api_up(self) -> bool:
         return self.farm("nodes", "--json", timeout=30).returncode == 0

@@ -30,6 +30,7 @@ COMMAND_TOKENS = {
     "count": "number of frames in the segment",
     "frames": "the segment's frames as a spec (1-10, or 1-9x2)",
     "input": "the job's input file (absolute path)",
+    "stem": "the input file's name without its extension (or the profile's name)",
     "output_dir": "the folder this attempt writes into (absolute path)",
     "segment": "the segment's index, from 0",
     "scratch": "a private folder on the node's own disk, removed after the segment",
@@ -164,6 +165,7 @@ class CommandProcessor(Processor):
             "start": frames[0], "end": frames[-1], "count": len(frames), "frames": format_frames(frames),
             "input": str(segment.job.input or ""), "output_dir": str(segment.output_dir), "segment": segment.index,
             "scratch": str(context.scratch),
+            "stem": segment.job.input.stem if segment.job.input else segment.job.profile.name,
         }
         argv = [executable] + [expand(item, values) for item in settings.command[1:]]
         cwd = Path(settings.cwd) if settings.cwd else segment.output_dir
