@@ -21,7 +21,6 @@ How a dropped file travels:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -488,16 +487,9 @@ class DropletService:
                  len(resumed), len(rows) - len(orphans))
 
     def _resume(self, job_ids: list[str]) -> set[str]:
-        recover = getattr(self.scheduler, "recover", None)
-        if not job_ids or recover is None:
+        if not job_ids:
             return set()
-        try:
-            accepts_ids = "job_ids" in inspect.signature(recover).parameters
-        except (TypeError, ValueError):
-            accepts_ids = False
-        if not accepts_ids:
-            return set()
-        return set(recover(job_ids=job_ids)) & set(job_ids)
+        return set(self.scheduler.recover(job_ids=job_ids)) & set(job_ids)
 
     # -- one process per folder ----------------------------------------------------------
 
