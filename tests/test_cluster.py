@@ -234,3 +234,28 @@ def test_a_part_time_node_that_gets_busy_takes_nothing_new(cluster):
         for hog in hogs:
             hog.kill()
     assert c.wait_until(lambda: c.job(job_id)["state"] == "done", 60, "the job once the desktop is idle again")
+
+
+def test_a_droplet_in_the_controller_turns_a_dropped_file_into_a_job_on_a_node(cluster):
+    import subprocess
+
+    c = cluster()
+    drop, dest = c.root / "drop", c.root / "checked"
+    drop.mkdir()
+    data = yaml.safe_load(c.config.read_text())
+    data["droplets"] = [{"name": "incoming", "folder": str(drop), "profile": str(ROOT / "examples" / "droplet.yaml"),
+                         "destination": str(dest), "settle": 0.5}]
+    c.config.write_text(yaml.safe_dump(data))
+    c.start_controller()
+    c.start_node("n1")
+    c.wait_for_nodes("n1")
+    staging = c.root / "clip.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=160x120:rate=25:duration=1", "-pix_fmt", "yuv420p", str(staging)], check=True)
+    staging.rename(drop / "clip.mp4")
+    (drop / "notes.mov").write_text("not a movie")
+    c.wait_until(lambda: (drop / "done" / "clip.mp4").exists(), 60, "the clip to be processed and moved to done/")
+    c.wait_until(lambda: (drop / "failed" / "notes.mov.error.txt").exists(), 60, "the text file to fail")
+    assert "Invalid data" in (drop / "failed" / "notes.mov.error.txt").read_text()
+    jobs = json.loads(c.farm("status", "--json").stdout)
+    assert sorted(Path(j["input"]).name for j in jobs) == ["clip.mp4", "notes.mov"]
