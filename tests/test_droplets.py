@@ -386,7 +386,8 @@ def test_a_non_media_file_goes_to_failed_with_the_reason(farm_env, folders, chec
 
 def test_the_polling_observer(farm_env, folders, clips, check_profile):
     folder, _ = folders
-    with Running(farm_env, check_profile, observer="polling", poll_interval=0.2) as run:
+    # settle longer than the pause between the two writes below, as a user would set it
+    with Running(farm_env, check_profile, observer="polling", poll_interval=0.2, settle=1.5) as run:
         watch = run.service.droplets[0].watch
         assert watch.kind == "polling" and type(watch.observer).__name__ == "PollingObserver"
         drop(clips[0], folder, "polled.mp4")
