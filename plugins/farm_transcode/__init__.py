@@ -1,8 +1,374 @@
-"""The `transcode` processor (being built; registers nothing yet)."""
+"""The ``transcode`` processor: one source into one output, its video encoded in
+segments on many nodes, joined without re-encoding, and verified before it is moved
+into the destination.
+
+Plan
+    ffprobe reads the source's streams and every video packet's timestamp: the exact
+    frame count, the keyframes, and whether the frame rate is constant. The video is cut
+    into segments of about ``segment.seconds`` (default 10) on frame boundaries; a
+    source shorter than two segments, ``segmented: false`` (two-pass encodes) or a
+    variable-frame-rate source (unless ``vfr: convert``) is one segment. The audio is one
+    more segment, encoded once over the whole duration, so nothing clicks or drifts at
+    the joins.
+
+Run (per video segment)
+    Exactly the segment's frames: the node seeks to just before the segment, keeps the
+    source's own timestamps, and a ``trim`` on presentation timestamps picks the frames
+    (for a frame-rate change, the same on the new rate's grid, after ``fps``). The
+    encoder starts afresh, so the first frame is a keyframe. Threads per encoder are
+    the node's cores divided by its slots. The frames written are counted before the
+    segment is reported done.
+
+Assemble
+    The segments are joined with ffmpeg's concat demuxer (stream copy), the audio, text
+    subtitles, metadata and chapters are added, and the result is written under a
+    temporary name in the destination, checked with ffprobe (frame count, durations,
+    audio against video) and only then renamed to its name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
 from farm import hookimpl
+from farm.errors import PlanError, ProcessorError
+from farm.model import Job, Segment, SegmentPlan
+from farm.outputs import output_path
+from farm.processor import Context, Processor
+
+from farm_transcode import ffmpeg_io
+from farm_transcode.planning import cut_points, frame_label, output_frames, ranges, timecode
+from farm_transcode.probe import FFPROBE, SourceFacts, probe_output, probe_source
+from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
+from farm_transcode.verify import Expected, problems
+
+DEFAULT_SECONDS = 10.0
+DEFAULT_OUTPUT = "{stem}-{profile}.{ext}"
+#: Common rates a variable-frame-rate source is converted to when the profile names none.
+COMMON_RATES = [Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
+                Fraction(50), Fraction(60000, 1001), Fraction(60)]
+
+
+class TranscodeProcessor(Processor):
+    name = "transcode"
+    description = "ffmpeg transcodes: video encoded in segments across nodes, joined frame-exact and verified"
+    settings_model = TranscodeSettings
+    inputs = "file"
+
+    # -- what a node needs ---------------------------------------------------------------
+
+    def requires(self, job: Job) -> dict[str, str]:
+        settings: TranscodeSettings = job.settings
+        needs = {**job.profile.requires, "ffmpeg": job.profile.requires.get("ffmpeg", ""),
+                 "ffprobe": job.profile.requires.get("ffprobe", "")}
+        if settings.video is not None:
+            needs[f"ffmpeg-encoder:{settings.video.codec}"] = ""
+        if settings.audio is not None and settings.audio.codec != "copy":
+            needs[f"ffmpeg-encoder:{settings.audio.codec}"] = ""
+        return needs
+
+    # -- plan -----------------------------------------------------------------------------
+
+    def plan(self, job: Job) -> list[SegmentPlan]:
+        settings: TranscodeSettings = job.settings
+        if job.input is None:
+            raise PlanError("a transcode needs an input file")
+        target = self.target(job)
+        if target == job.input.resolve():
+            raise PlanError(f"the output {target} would replace the source; change output: or the destination")
+        if target.exists() and not job.overwrite:
+            raise PlanError(f"the output {target} already exists; set overwrite: true or pass --overwrite to replace it")
+        facts = probe_source(job.input)
+        summary = facts.summary()
+        plans: list[SegmentPlan] = []
+        if settings.audio is not None and facts.audio:
+            streams = self._audio_streams(facts, settings)
+            seconds = max(facts.audio[0].duration, 0.0)
+            tracks = f"{len(streams)} track{'s' if len(streams) > 1 else ''}"
+            plans.append(SegmentPlan(label=f"audio: {tracks} ({timecode(0)}-{timecode(seconds)})",
+                                     params={"kind": "audio", "streams": streams, "facts": summary}))
+        if settings.video is None:
+            if not facts.audio:
+                raise PlanError(f"{job.input.name} has no audio stream, and profile {job.profile.name!r} makes audio only")
+            if settings.audio is None:
+                raise PlanError("nothing to make")
+            return plans
+        if facts.video is None:
+            raise PlanError(f"{job.input.name} has no video stream, and profile {job.profile.name!r} makes video; "
+                            "use an audio-only profile for it")
+        return plans + self._video_plans(job, facts, summary)
+
+    def _audio_streams(self, facts: SourceFacts, settings: TranscodeSettings) -> list[int]:
+        assert settings.audio is not None
+        tracks = settings.audio.tracks
+        if tracks == "all":
+            return [a.index for a in facts.audio]
+        if tracks == "first":
+            return [facts.audio[0].index]
+        missing = [index for index in tracks if index >= len(facts.audio)]
+        if missing:
+            raise PlanError(f"the profile keeps audio track {missing[0]} (counting from 0), but the source has "
+                            f"{len(facts.audio)} audio track(s)")
+        return [facts.audio[index].index for index in tracks]
+
+    def _video_plans(self, job: Job, facts: SourceFacts, summary: dict[str, Any]) -> list[SegmentPlan]:
+        settings: TranscodeSettings = job.settings
+        video, source = settings.video, facts.video
+        assert video is not None and source is not None
+        wanted = parse_rate(video.fps) if video.fps else None
+        span = (source.end_pts - source.start_pts) * source.tb  # what ffmpeg's fps filter sees
+        if source.vfr and settings.vfr == "single":
+            params = {"kind": "video", "mode": "passthrough", "first": 0, "count": source.frames,
+                      "rate": source.rate, "facts": summary}
+            label = frame_label(0, source.frames, source.fps, "variable frame rate: one segment, timing kept")
+            if wanted is not None:
+                params["mode"], params["rate"] = "rate", video.fps
+                params["count"] = output_frames(span, wanted)
+                label = frame_label(0, params["count"], wanted, f"variable frame rate converted to {float(wanted):.3f} fps")
+            return [SegmentPlan(label=label, params=params)]
+        if source.vfr:
+            rate = wanted or min(COMMON_RATES, key=lambda r: abs(r - source.fps))
+        else:
+            rate = wanted or source.fps
+        mode = "exact" if rate == source.fps and not source.vfr else "rate"
+        total = source.frames if mode == "exact" else output_frames(span, rate)
+        segment = job.profile.segment
+        if not settings.segmented or video.passes == 2:
+            cuts = [0]
+        else:
+            size = segment.frames or round((segment.seconds or DEFAULT_SECONDS) * rate)
+            keyframes = source.keyframes if mode == "exact" else None
+            cuts = cut_points(total, size, gop=video.gop_frames(rate), keyframes=keyframes)
+        tb = source.tb
+        plans = []
+        for first, count in ranges(cuts, total):
+            params: dict[str, Any] = {"kind": "video", "mode": mode, "first": first, "count": count,
+                                      "rate": f"{rate.numerator}/{rate.denominator}", "facts": summary}
+            last = first + count
+            if mode == "exact":
+                # Timestamps of the first frame in and the first frame out, in the stream's time base.
+                params["start_pts"] = source.pts[first] if first else None
+                params["end_pts"] = source.pts[last] if last < total else None
+                start_seconds = float(source.pts[first] * tb) - facts.start
+            else:
+                params["start_pts"] = first if first else None
+                params["end_pts"] = last if last < total else None
+                params["shift"] = float(source.start_pts * tb)
+                start_seconds = float(source.start_pts * tb) - facts.start + float(first / rate)
+            if first:
+                # A little before the segment: the demuxer goes back to a keyframe, trim does the rest.
+                params["seek"] = max(0.0, start_seconds - max(0.1, 3 / float(source.fps)))
+            note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
+            plans.append(SegmentPlan(label=frame_label(first, count, rate, note), params=params))
+        return plans
+
+    def target(self, job: Job) -> Path:
+        return output_path(job, DEFAULT_OUTPUT, job.settings.box.ext)
+
+    # -- run ------------------------------------------------------------------------------
+
+    def run(self, segment: Segment, context: Context) -> dict[str, Any]:
+        settings: TranscodeSettings = segment.job.settings
+        params = segment.params
+        facts = SourceFacts.from_summary(params["facts"])
+        facts.path = str(segment.job.input)  # as this node sees it
+        ext = settings.box.ext
+        if params["kind"] == "audio":
+            return self._run_audio(segment, context, facts, settings, ext)
+        assert settings.video is not None
+        threads = settings.video.threads or max(1, (os.cpu_count() or 1) // max(1, context.node.slots))
+        out = segment.output_dir / f"video-{params['first']:09d}.{ext}"
+        count = params["count"]
+
+        def on_line(line: str) -> None:
+            if line.startswith("frame="):
+                done = int(line[6:].strip() or 0)
+                context.progress(min(done / count, 1.0), f"frame {done}/{count}")
+
+        if settings.video.passes == 2:
+            passlog = context.scratch / "pass"
+            context.run(ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
+                        cwd=context.scratch, on_line=on_line)
+            argv = ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 2)
+        else:
+            argv = ffmpeg_io.video_segment(facts, settings, params, out, threads)
+        context.run(argv, cwd=context.scratch, on_line=on_line)
+        found = probe_output(out, context.run, context.scratch)
+        streams = found.of_type("video")
+        frames = found.frames(streams[0]) if streams else 0
+        if frames != count:
+            raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
+                                 "the source may be damaged at that point")
+        context.progress(1.0, f"{count} frames")
+        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
+                "duration": found.duration(streams[0]), "params": params}
+
+    def _run_audio(self, segment: Segment, context: Context, facts: SourceFacts, settings: TranscodeSettings,
+                   ext: str) -> dict[str, Any]:
+        assert settings.audio is not None
+        out = segment.output_dir / f"audio.{ext}"
+        streams = segment.params["streams"]
+        total = max((a.duration for a in facts.audio), default=0.0) or 1.0
+
+        def on_line(line: str) -> None:
+            if line.startswith("out_time_us=") and line[12:].strip().lstrip("-").isdigit():
+                context.progress(min(int(line[12:]) / 1e6 / total, 1.0), "audio")
+
+        context.run(ffmpeg_io.audio_segment(facts, settings.audio, settings.box, streams, out),
+                    cwd=context.scratch, on_line=on_line)
+        found = probe_output(out, context.run, context.scratch)
+        tracks = found.of_type("audio")
+        if len(tracks) != len(streams):
+            raise ProcessorError(f"the audio came out with {len(tracks)} track(s) instead of {len(streams)}")
+        return {"kind": "audio", "file": str(out), "label": segment.label,
+                "durations": [found.duration(t) for t in tracks], "params": segment.params}
+
+    # -- verify and assemble ----------------------------------------------------------------
+
+    @staticmethod
+    def _latest(results: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+        """One result per piece; a piece run again (after verify) replaces the earlier one."""
+        latest: dict[tuple[str, int], dict[str, Any]] = {}
+        for result in results:
+            if result.get("kind") in ("video", "audio"):
+                latest[(result["kind"], result["params"].get("first", -1))] = result
+        return latest
+
+    def verify(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[SegmentPlan]:
+        """Pieces whose file went missing from cluster storage are encoded again."""
+        return [SegmentPlan(label=r["label"], params=r["params"]) for r in self._latest(results).values()
+                if not Path(r["file"]).is_file() or Path(r["file"]).stat().st_size == 0]
+
+    def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
+        settings: TranscodeSettings = job.settings
+        pieces = self._latest(results)
+        if not pieces:
+            raise ProcessorError("no segment produced anything to assemble")
+        facts = SourceFacts.from_summary(next(iter(pieces.values()))["params"]["facts"])
+        facts.path = str(job.input)
+        videos = sorted((r for (kind, _), r in pieces.items() if kind == "video"), key=lambda r: r["params"]["first"])
+        audio = pieces.get(("audio", -1))
+        expected = self._expected(facts, settings, videos, audio)
+        target = self.target(job)
+        if job.input is not None and target == job.input.resolve():
+            raise ProcessorError(f"the output {target} would replace the source")
+        if target.exists() and not job.overwrite:
+            raise ProcessorError(f"the output {target} already exists; set overwrite: true or pass --overwrite to replace it")
+        video_list = None
+        if videos:
+            video_list = context.scratch / "video.ffconcat"
+            video_list.write_text(ffmpeg_io.concat_list([Path(r["file"]) for r in videos]), encoding="utf-8")
+        offset = 0.0
+        if facts.video is not None and facts.audio and audio is not None:
+            offset = facts.audio[0].start - float(facts.video.start_pts * facts.video.tb)
+            offset = offset if abs(offset) > 0.001 else 0.0
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.stem}.farm-{uuid.uuid4().hex[:8]}{target.suffix}")
+        try:
+            context.run(ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
+                                      audio_file=Path(audio["file"]) if audio else None,
+                                      audio_streams=audio["params"]["streams"] if audio else [], audio_offset=offset),
+                        cwd=context.scratch)
+            found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
+            wrong = problems(found, expected)
+            if wrong:
+                raise ProcessorError(f"the joined output failed verification, so it was not delivered: {'; '.join(wrong)}")
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return [str(target)]
+
+    def _expected(self, facts: SourceFacts, settings: TranscodeSettings, videos: list[dict[str, Any]],
+                  audio: dict[str, Any] | None) -> Expected:
+        expected = Expected(video_frames=None)
+        if videos:
+            assert facts.video is not None and settings.video is not None
+            first = videos[0]["params"]
+            rate = parse_rate(first["rate"])
+            frames = sum(r["params"]["count"] for r in videos)
+            covered = [(r["params"]["first"], r["params"]["count"]) for r in videos]
+            position = 0
+            for start, count in covered:
+                if start != position:
+                    raise ProcessorError(f"the segments do not join up: one ends at frame {position}, the next "
+                                         f"starts at frame {start}")
+                position = start + count
+            expected.video_frames = frames
+            if first["mode"] == "rate":
+                expected.video_duration = float(frames / rate)
+            else:
+                expected.video_duration = facts.video.duration
+            if first["mode"] == "passthrough":  # variable: the span between first and last frame counts
+                expected.video_span = float((facts.video.last_pts - facts.video.start_pts) * facts.video.tb)
+                expected.frame_duration = float(1 / facts.video.fps)
+            else:
+                expected.frame_duration = float(1 / rate)
+            expected.video_codec = settings.video.encoder.family
+        if audio is not None and settings.audio is not None:
+            by_index = {a.index: a for a in facts.audio}
+            expected.audio_durations = [by_index[i].duration for i in audio["params"]["streams"]]
+            codec = AUDIO_ENCODERS[settings.audio.codec]
+            expected.audio_codec = None if codec == "copy" else codec
+            if facts.video is not None and facts.audio:
+                offset = facts.audio[0].start - float(facts.video.start_pts * facts.video.tb)
+                expected.av_offset = offset if abs(offset) > 0.001 else 0.0
+        return expected
+
+
+# -- what a node offers -------------------------------------------------------------------------
+
+
+def _version(executable: str) -> str | None:
+    try:
+        proc = subprocess.run([executable, "-hide_banner", "-version"], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    match = re.search(r"version\s+n?(\d+(?:\.\d+)*)", proc.stdout)
+    return match.group(1) if match else ""
+
+
+@functools.lru_cache(maxsize=None)
+def ffmpeg_capabilities(ffmpeg: str = ffmpeg_io.FFMPEG, ffprobe: str = FFPROBE) -> dict[str, str]:
+    """``ffmpeg``/``ffprobe`` with their versions, and ``ffmpeg-encoder:NAME`` for the encoders Farm uses."""
+    offered: dict[str, str] = {}
+    if shutil.which(ffmpeg) is None:
+        return offered
+    version = _version(ffmpeg)
+    if version is None:
+        return offered
+    offered["ffmpeg"] = version
+    probe_version = _version(ffprobe) if shutil.which(ffprobe) else None
+    if probe_version is not None:
+        offered["ffprobe"] = probe_version
+    try:
+        listing = subprocess.run([ffmpeg, "-hide_banner", "-encoders"], capture_output=True, text=True,
+                                 timeout=30, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listing = ""
+    known = set(VIDEO_ENCODERS) | set(AUDIO_ENCODERS)
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and re.fullmatch(r"[VAS.][F.][S.][X.][B.][D.]", parts[0]) and parts[1] in known:
+            offered[f"ffmpeg-encoder:{parts[1]}"] = ""
+    return offered
 
 
 @hookimpl
-def farm_processors():
-    return []
+def farm_processors() -> list[Processor]:
+    return [TranscodeProcessor()]
+
+
+@hookimpl
+def farm_node_capabilities(config: Any) -> dict[str, str]:
+    return dict(ffmpeg_capabilities())

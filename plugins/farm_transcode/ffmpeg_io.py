@@ -1,0 +1,208 @@
+"""Every ffmpeg command line the transcode processor runs, built with ffmpeg-python.
+
+This is the only module that imports ``ffmpeg`` (ffmpeg-python): it builds argv lists,
+and the node's runner starts them (process group, cancellation, logs). Nothing here
+starts a process. Every source is read with the demuxer that planning accepted
+(``-f``) and only through the ``file`` protocol, so a file swapped for a playlist or a
+concat list cannot make ffmpeg read other files.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import ffmpeg
+
+from farm_transcode.probe import SourceFacts
+from farm_transcode.settings import AudioSettings, Container, TranscodeSettings, VideoSettings, parse_rate
+
+FFMPEG = "ffmpeg"
+_GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-stats_period", "1",
+           "-progress", "pipe:1")
+
+
+def _source(facts: SourceFacts, **options: Any) -> Any:
+    return ffmpeg.input(facts.path, f=facts.demuxer, protocol_whitelist="file", **options)
+
+
+def _compile(node: Any) -> list[str]:
+    return node.global_args(*_GLOBAL).compile(cmd=FFMPEG, overwrite_output=True)
+
+
+def timescale(rate: Fraction) -> int:
+    """An mp4/mov track timescale that holds every frame time of ``rate`` exactly."""
+    num = rate.numerator
+    return num * max(1, -(-10000 // num)) if num < 10000 else num
+
+
+def _scale(video: VideoSettings, subsampled: bool) -> dict[str, Any] | None:
+    """The scale filter's arguments: aspect kept, even sizes where chroma is subsampled."""
+    step = 2 if subsampled else 1
+    if video.width and video.height:
+        return {"w": video.width, "h": video.height, "force_original_aspect_ratio": "decrease",
+                "force_divisible_by": step}
+    if video.height:
+        return {"w": -step, "h": video.height}
+    if video.width:
+        return {"w": video.width, "h": -step}
+    if subsampled:  # an odd-sized source (853x481) becomes the nearest even size
+        return {"w": "trunc(iw/2)*2", "h": "trunc(ih/2)*2"}
+    return None
+
+
+def pix_fmt(video: VideoSettings) -> str:
+    return video.pix_fmt or video.encoder.pix_fmt
+
+
+def _encoder_options(video: VideoSettings, threads: int) -> dict[str, Any]:
+    encoder = video.encoder
+    options: dict[str, Any] = {"c:v": video.codec, "pix_fmt": pix_fmt(video)}
+    if video.crf is not None:
+        options["crf"] = f"{video.crf:g}"
+        if video.codec == "libvpx-vp9":
+            options["b:v"] = "0"  # constant quality in libvpx needs a zero bitrate
+    if video.bitrate is not None:
+        options["b:v"] = video.bitrate
+    if video.maxrate is not None:
+        options["maxrate"], options["bufsize"] = video.maxrate, video.bufsize
+    if video.preset is not None:
+        options["preset"] = video.preset
+    if video.speed is not None and encoder.speed_option:
+        options[encoder.speed_option] = video.speed
+    if video.profile is not None:
+        options["profile:v"] = video.profile
+    if video.tune is not None:
+        options["tune"] = video.tune
+    params = {key: str(value) for key, value in video.params.items()}
+    if video.codec == "libx265":
+        params.setdefault("pools", str(threads))
+        params.setdefault("log-level", "warning")
+    elif video.codec == "libsvtav1":
+        params.setdefault("lp", str(threads))
+    else:
+        options["threads"] = threads
+    if video.codec in ("libvpx-vp9", "libaom-av1"):
+        options["row-mt"] = 1
+    if params and encoder.params_option:
+        options[encoder.params_option] = ":".join(f"{key}={value}" for key, value in params.items())
+    return options
+
+
+def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any], out: Path,
+                  threads: int, passlog: Path | None = None, pass_number: int | None = None) -> list[str]:
+    """Encode one segment's frames, video only, into ``out`` (see the processor's docs for the modes)."""
+    video = settings.video
+    assert video is not None and facts.video is not None
+    mode = params["mode"]
+    rate = parse_rate(params["rate"])
+    # The source's own timestamps throughout (-copyts): trim compares them with the ones
+    # planning read. Seeking is only a shortcut to a keyframe before the segment.
+    input_options: dict[str, Any] = {"threads": threads, "copyts": None}
+    if params.get("seek"):
+        input_options.update(ss=f"{params['seek']:.6f}", noaccurate_seek=None)
+    stream = _source(facts, **input_options)[str(facts.video.index)]
+    if mode == "rate":  # a new constant rate: frames picked on the output's own grid
+        if params.get("shift"):
+            stream = stream.filter("setpts", f"PTS-{params['shift']:.6f}/TB")
+        stream = stream.filter("fps", fps=params["rate"])
+    trim = {key: params[name] for key, name in (("start_pts", "start_pts"), ("end_pts", "end_pts"))
+            if params.get(name) is not None}
+    if trim:
+        stream = stream.filter("trim", **trim)
+    stream = stream.filter("setpts", "PTS-STARTPTS")
+    scale = _scale(video, subsampled=pix_fmt(video).startswith(("yuv420", "yuv422", "nv12", "yuvj420", "yuvj422")))
+    if scale is not None:
+        stream = stream.filter("scale", **scale)
+    options = _encoder_options(video, threads)
+    gop = video.gop_frames(rate)
+    if gop:
+        options["g"] = gop
+    options.update({"frames:v": params["count"], "an": None, "sn": None, "dn": None, "map_metadata": "-1"})
+    if mode == "passthrough":  # every frame keeps its own time, in the source's time base
+        options.update({"fps_mode": "passthrough", "enc_time_base": facts.video.time_base})
+    else:
+        options.update({"r": params["rate"], "fps_mode": "cfr"})
+    box = settings.box
+    if pass_number is not None and passlog is not None:
+        options.update({"pass": pass_number, "passlogfile": str(passlog)})
+    if pass_number == 1:
+        options["f"] = "null"
+        return _compile(ffmpeg.output(stream, "-", **options))
+    if box.mp4_like and mode != "passthrough":
+        options["video_track_timescale"] = timescale(rate)
+    options["f"] = box.muxer
+    return _compile(ffmpeg.output(stream, str(out), **options))
+
+
+def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:
+    """Encode the chosen audio tracks once, over the whole duration, into one file."""
+    source = _source(facts)
+    chosen = [source[str(index)] for index in streams]
+    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": box.muxer}
+    if audio.bitrate:
+        options["b:a"] = audio.bitrate
+    if audio.channels:
+        options["ac"] = audio.channels
+    if audio.sample_rate:
+        options["ar"] = audio.sample_rate
+    return _compile(ffmpeg.output(*chosen, str(out), **options))
+
+
+def concat_list(files: list[Path]) -> str:
+    """An ffconcat list naming ``files`` (quoted, so any path is read as a path)."""
+    lines = ["ffconcat version 1.0"]
+    for path in files:
+        quoted = str(path).replace("'", "'\\''")
+        lines.append(f"file '{quoted}'")
+    return "\n".join(lines) + "\n"
+
+
+def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_list: Path | None,
+        audio_file: Path | None, audio_streams: list[int] | None = None, audio_offset: float = 0.0) -> list[str]:
+    """Join the video segments (no re-encoding), add the audio, keep subtitles and metadata.
+
+    Written out by hand: ffmpeg-python cannot open an input only for its metadata.
+    ``audio_streams`` are the source streams the audio file's tracks were made from;
+    ``audio_offset`` is how much later the audio starts than the video in the source.
+    """
+    box = settings.box
+    argv = [FFMPEG, *_GLOBAL]
+    maps: list[str] = []
+    inputs = 0
+    if video_list is not None:
+        if audio_offset < 0:
+            argv += ["-itsoffset", f"{-audio_offset:.6f}"]
+        argv += ["-f", "concat", "-safe", "0", "-protocol_whitelist", "file", "-i", str(video_list)]
+        maps += ["-map", f"{inputs}:v:0"]
+        inputs += 1
+    if audio_file is not None:
+        if audio_offset > 0 and video_list is not None:
+            argv += ["-itsoffset", f"{audio_offset:.6f}"]
+        argv += ["-protocol_whitelist", "file", "-i", str(audio_file)]
+        maps += ["-map", f"{inputs}:a"]
+        inputs += 1
+    options = ["-c", "copy"]
+    subtitles = [s for s in facts.subtitles if s.text] if settings.subtitles and box.subtitles else []
+    if subtitles or settings.metadata:
+        source = inputs
+        argv += ["-f", facts.demuxer, "-protocol_whitelist", "file", "-i", facts.path]
+        for position, sub in enumerate(subtitles):
+            maps += ["-map", f"{source}:{sub.index}"]
+            options += [f"-c:s:{position}", str(box.subtitles)]
+        if settings.metadata:
+            # Global tags and chapters from the source; each stream's tags (language,
+            # handler, title) from the source stream it was made from.
+            options += ["-map_metadata", str(source), "-map_chapters", str(source)]
+            if video_list is not None and facts.video is not None:
+                options += ["-map_metadata:s:v:0", f"{source}:s:{facts.video.index}"]
+            for position, index in enumerate(audio_streams or [] if audio_file is not None else []):
+                options += [f"-map_metadata:s:a:{position}", f"{source}:s:{index}"]
+            for position, sub in enumerate(subtitles):
+                options += [f"-map_metadata:s:s:{position}", f"{source}:s:{sub.index}"]
+    else:
+        options += ["-map_metadata", "-1", "-map_chapters", "-1"]
+    if box.mp4_like:
+        options += ["-movflags", "+faststart"]
+    return [*argv, *maps, *options, "-f", box.muxer, "-y", str(out)]

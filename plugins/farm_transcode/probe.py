@@ -1,0 +1,321 @@
+"""What a source holds, from ffprobe: streams, frame rate, frame count, keyframes.
+
+Planning probes twice: the container and its streams, then every video packet's
+timestamp (demuxing only, no decoding), which gives the exact frame count, where the
+keyframes are, and whether the frame rate is constant. A file that is empty, is a
+playlist or a concat list, cannot be read, or is cut short is refused with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from farm.errors import PlanError, ProcessorError
+
+from farm_transcode.settings import parse_rate
+
+FFPROBE = "ffprobe"
+PROBE_TIMEOUT = 600.0
+#: Demuxers that read other files named inside the source: never accepted as sources.
+REFUSED_FORMATS = {"hls", "applehttp", "concat", "dash", "sdp", "rtsp", "rtp", "ffmetadata", "tee", "image2"}
+#: Text that marks a playlist or a list of files, whatever the file is called.
+_PLAYLIST_MARKS = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD", b"[playlist]", b"<smil", b"#EXT-X-")
+TEXT_SUBTITLES = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
+
+
+@dataclass
+class VideoFacts:
+    index: int  # the stream's index in the file
+    codec: str
+    width: int
+    height: int
+    time_base: str  # "1/30000"
+    rate: str  # the constant rate ("30000/1001"), or the average for a variable one
+    vfr: bool
+    frames: int
+    start_pts: int  # the first frame's presentation timestamp, in time_base
+    last_pts: int  # the last frame's pts
+    end_pts: int  # the last frame's pts plus its duration where the container gives one
+    duration: float  # seconds from the first frame's start to the last frame's end
+    pts: list[int] = field(default_factory=list, repr=False)  # every frame's pts, in presentation order
+    keyframes: list[int] = field(default_factory=list, repr=False)  # frame numbers (from 0) of keyframes
+
+    @property
+    def fps(self) -> Fraction:
+        return parse_rate(self.rate)
+
+    @property
+    def tb(self) -> Fraction:
+        return parse_rate(self.time_base)
+
+
+@dataclass
+class AudioFacts:
+    index: int
+    codec: str
+    channels: int
+    start: float
+    duration: float
+    language: str | None = None
+
+
+@dataclass
+class SubtitleFacts:
+    index: int
+    codec: str
+    text: bool
+
+
+@dataclass
+class SourceFacts:
+    path: str
+    demuxer: str  # the demuxer that read it, forced on every later read (-f)
+    start: float  # the container's start time, seconds
+    duration: float
+    video: VideoFacts | None
+    audio: list[AudioFacts]
+    subtitles: list[SubtitleFacts]
+
+    def summary(self) -> dict[str, Any]:
+        """What segments and assembly need, small enough to travel with every segment."""
+        data = asdict(self)
+        if data["video"] is not None:
+            data["video"].pop("pts")
+            data["video"].pop("keyframes")
+        return data
+
+    @classmethod
+    def from_summary(cls, data: dict[str, Any]) -> SourceFacts:
+        video = VideoFacts(**data["video"]) if data.get("video") else None
+        return cls(data["path"], data["demuxer"], data["start"], data["duration"], video,
+                   [AudioFacts(**a) for a in data["audio"]], [SubtitleFacts(**s) for s in data["subtitles"]])
+
+
+# -- running ffprobe --------------------------------------------------------------------------
+
+
+def _ffprobe(args: list[str], timeout: float = PROBE_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """ffprobe on the controller while planning (no segment context exists yet)."""
+    try:
+        return subprocess.run([FFPROBE, "-hide_banner", *args], capture_output=True, text=True, errors="replace",
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise PlanError("ffprobe is not installed here (it comes with ffmpeg)") from None
+    except subprocess.TimeoutExpired:
+        raise PlanError(f"ffprobe took longer than {timeout:g} s to read the source") from None
+
+
+def _last_error(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    # "[mov,mp4 @ 0x55...] moov atom not found" -> "moov atom not found"
+    return re.sub(r"^\[[^\]]+\]\s*", "", lines[-1])
+
+
+def sniff(path: Path) -> None:
+    """Refuse what is not a movie before ffprobe opens it (a playlist would make it open other files)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError as exc:
+        raise PlanError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise PlanError(f"{path.name} is empty (0 bytes)")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    for mark in _PLAYLIST_MARKS:
+        if text.startswith(mark.lower()):
+            raise PlanError(f"{path.name} is a playlist or a list of files, not a movie; "
+                            "such sources are refused (they make ffmpeg read other files)")
+    if re.match(rb"^(file|#[^\n]*\n\s*file)\s+'?[^\n]+", text):
+        raise PlanError(f"{path.name} is a concat list, not a movie; such sources are refused")
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None  # NaN is None
+
+
+def _tag_duration(stream: dict[str, Any]) -> float | None:
+    """Matroska keeps a stream's duration in a tag such as 00:00:10.010000000."""
+    for key, value in (stream.get("tags") or {}).items():
+        if key.upper() == "DURATION":
+            match = re.match(r"^(\d+):(\d+):(\d+(?:\.\d+)?)$", str(value))
+            if match:
+                hours, minutes, seconds = match.groups()
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return None
+
+
+def stream_duration(stream: dict[str, Any], container: dict[str, Any] | None = None) -> float | None:
+    duration = _seconds(stream.get("duration"))
+    if duration is None:
+        duration = _tag_duration(stream)
+    if duration is None and container is not None:
+        duration = _seconds(container.get("duration"))
+    return duration
+
+
+def probe_source(path: Path) -> SourceFacts:
+    """Everything planning needs to know about a source (see the module's docstring)."""
+    sniff(path)
+    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
+                     "-of", "json", str(path)])
+    if proc.returncode != 0:
+        raise PlanError(f"ffprobe cannot read {path.name} as a movie: {_last_error(proc.stderr)}")
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise PlanError(f"ffprobe gave no description of {path.name}") from None
+    container = data.get("format") or {}
+    format_name = str(container.get("format_name", ""))
+    names = set(format_name.split(","))
+    if names & REFUSED_FORMATS:
+        raise PlanError(f"{path.name} is read as {format_name!r}, a format that points at other files or "
+                        "images; such sources are refused")
+    streams = data.get("streams") or []
+    if not streams:
+        raise PlanError(f"{path.name} has no streams ({container.get('format_long_name') or format_name})")
+    video = None
+    for stream in streams:
+        if stream.get("codec_type") == "video" and not (stream.get("disposition") or {}).get("attached_pic"):
+            video = _video_facts(path, stream, container)
+            break
+    audio = [
+        AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name", "?")), channels=int(s.get("channels") or 0),
+                   start=_seconds(s.get("start_time")) or 0.0,
+                   duration=stream_duration(s, container) or 0.0,
+                   language=(s.get("tags") or {}).get("language"))
+        for s in streams if s.get("codec_type") == "audio"
+    ]
+    subtitles = [SubtitleFacts(int(s["index"]), str(s.get("codec_name", "?")), s.get("codec_name") in TEXT_SUBTITLES)
+                 for s in streams if s.get("codec_type") == "subtitle"]
+    return SourceFacts(path=str(path), demuxer=format_name.split(",")[0], start=_seconds(container.get("start_time")) or 0.0,
+                       duration=_seconds(container.get("duration")) or 0.0, video=video, audio=audio, subtitles=subtitles)
+
+
+def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) -> VideoFacts:
+    index = int(stream["index"])
+    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(index),
+                     "-show_entries", "packet=pts,dts,duration,flags", "-of", "csv=p=0", str(path)])
+    problems = [line for line in proc.stderr.splitlines() if line.strip()]
+    if proc.returncode != 0 or problems:
+        raise PlanError(f"{path.name} cannot be read to the end; it may be truncated or damaged: "
+                        f"{_last_error(proc.stderr)}")
+    packets = []
+    for line in proc.stdout.splitlines():
+        parts = line.split(",")
+        if len(parts) < 4 or "D" in parts[3]:  # discarded packets (edit lists) are never shown
+            continue
+        pts = parts[0] if parts[0] not in ("", "N/A") else parts[1]
+        if pts in ("", "N/A"):
+            continue
+        duration = int(parts[2]) if parts[2] not in ("", "N/A") else 0
+        packets.append((int(pts), duration, "K" in parts[3]))
+    if not packets:
+        raise PlanError(f"{path.name}: its video stream has no frames")
+    declared = stream.get("nb_frames")
+    if declared not in (None, "N/A") and int(declared) > len(packets):
+        raise PlanError(f"{path.name} looks truncated or damaged: its header says {declared} frames, "
+                        f"{len(packets)} can be read")
+    packets.sort()
+    pts = [p for p, _, _ in packets]
+    tb = parse_rate(stream.get("time_base") or "1/1000")
+    deltas = [b - a for a, b in zip(pts, pts[1:])]
+    declared_rate = _rate(stream.get("r_frame_rate")) or _rate(stream.get("avg_frame_rate"))
+    if deltas:
+        typical = median(deltas)
+        measured = 1 / (typical * tb) if typical > 0 else None
+    else:
+        measured = None
+    rate = declared_rate
+    if measured is not None and (rate is None or abs(1 / rate - 1 / measured) > tb * 1.5):
+        rate = parse_rate(f"{float(measured):.6f}")
+    if rate is None:
+        rate = Fraction(25)
+    expected = 1 / (rate * tb)  # ticks per frame
+    tolerance = max(Fraction(3, 2), expected / 100)
+    vfr = any(abs(d - expected) > tolerance for d in deltas)
+    last_duration = packets[-1][1] if not vfr else packets[-1][1] or (deltas[-1] if deltas else 0)
+    if not last_duration:
+        last_duration = expected
+    duration = float((pts[-1] + last_duration - pts[0]) * tb)
+    end_pts = pts[-1] + max(0, packets[-1][1])
+    if vfr:  # the average, from the frames themselves (containers often state a nominal rate)
+        rate = (Fraction(len(pts)) / Fraction(duration).limit_denominator(100000)).limit_denominator(1001)
+    keyframes = [i for i, (_, _, key) in enumerate(packets) if key]
+    return VideoFacts(index=index, codec=str(stream.get("codec_name", "?")), width=int(stream.get("width") or 0),
+                      height=int(stream.get("height") or 0), time_base=f"{tb.numerator}/{tb.denominator}",
+                      rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=len(pts), start_pts=pts[0], last_pts=pts[-1], end_pts=end_pts,
+                      duration=duration, pts=pts, keyframes=keyframes)
+
+
+def _rate(text: Any) -> Fraction | None:
+    try:
+        rate = parse_rate(str(text))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return rate if 0 < rate <= 1000 else None
+
+
+# -- probing outputs on a node (through the segment's runner) -------------------------------------
+
+
+@dataclass
+class OutputFacts:
+    """An encoded file as ffprobe sees it: packets counted, durations read."""
+
+    format: dict[str, Any]
+    streams: list[dict[str, Any]]
+    video_span: float | None = None  # seconds from the first frame's start to the last one's
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [s for s in self.streams if s.get("codec_type") == kind]
+
+    def frames(self, stream: dict[str, Any]) -> int:
+        return int(stream.get("nb_read_packets") or 0)
+
+    def duration(self, stream: dict[str, Any]) -> float:
+        return stream_duration(stream, self.format) or 0.0
+
+    def start(self, stream: dict[str, Any]) -> float:
+        return _seconds(stream.get("start_time")) or 0.0
+
+
+def _ffprobe_json(path: Path, run: Callable[..., Any], scratch: Path, args: list[str]) -> dict[str, Any]:
+    report = scratch / f"probe-{path.stem}-{os.getpid()}.json"
+    try:
+        run([FFPROBE, "-hide_banner", "-v", "error", *args, "-of", "json", "-o", str(report), str(path)])
+        return json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProcessorError(f"cannot read what ffprobe said about {path.name}: {exc}") from None
+    finally:
+        report.unlink(missing_ok=True)
+
+
+def probe_output(path: Path, run: Callable[..., Any], scratch: Path, span: bool = False) -> OutputFacts:
+    """Count the packets of every stream of an encoded file (``run`` is the segment's runner).
+
+    With ``span``, also the time from the first video frame to the last one (for
+    variable frame rates, where the last frame's duration is only a guess).
+    """
+    data = _ffprobe_json(path, run, scratch, ["-count_packets", "-show_format", "-show_streams"])
+    facts = OutputFacts(data.get("format") or {}, data.get("streams") or [])
+    if span and facts.of_type("video"):
+        packets = _ffprobe_json(path, run, scratch, ["-select_streams", "v:0", "-show_entries", "packet=pts_time"])
+        times = [t for t in (_seconds(p.get("pts_time")) for p in packets.get("packets") or []) if t is not None]
+        facts.video_span = max(times) - min(times) if times else 0.0
+    return facts

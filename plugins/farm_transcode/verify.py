@@ -1,0 +1,76 @@
+"""Checking an assembled output against what the source and the plan promise.
+
+Figures, not opinions: the frame count equals the source's (or what a frame-rate
+change implies), the video lasts as long as the source's within one frame, every kept
+audio track lasts as long as its source within 50 ms, and audio starts where it
+started relative to the video. Every failed check is one phrase with its figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from farm_transcode.probe import OutputFacts
+
+AUDIO_TOLERANCE = 0.05  # seconds
+
+
+@dataclass
+class Expected:
+    video_frames: int | None  # None: no video
+    video_duration: float = 0.0
+    frame_duration: float = 0.0  # one frame, the tolerance on durations and offsets
+    video_codec: str | None = None
+    video_span: float | None = None  # variable frame rate: first to last frame, instead of the duration
+    audio_durations: list[float] = field(default_factory=list)  # one per kept track, from the source
+    audio_codec: str | None = None  # None: any (copy)
+    av_offset: float = 0.0  # source audio start - source video start
+
+
+def problems(found: OutputFacts, expected: Expected) -> list[str]:
+    """What is wrong with ``found``, each with its figures; empty when it is right."""
+    wrong: list[str] = []
+    videos, audios = found.of_type("video"), found.of_type("audio")
+    video = videos[0] if videos else None
+    if expected.video_frames is None:
+        if videos:
+            wrong.append(f"it has {len(videos)} video stream(s), expected none")
+    elif video is None:
+        wrong.append("it has no video stream")
+    else:
+        frames = found.frames(video)
+        if frames != expected.video_frames:
+            wrong.append(f"video has {frames} frames, expected {expected.video_frames}")
+        duration = found.duration(video)
+        slack = expected.frame_duration + 0.0015  # Matroska keeps milliseconds
+        if expected.video_span is not None and found.video_span is not None:
+            if abs(found.video_span - expected.video_span) > 0.0015 + expected.frame_duration / 2:
+                wrong.append(f"video runs {found.video_span:.3f} s from its first frame to its last, the source "
+                             f"{expected.video_span:.3f} s")
+        elif abs(duration - expected.video_duration) > slack:
+            wrong.append(f"video lasts {duration:.3f} s, expected {expected.video_duration:.3f} s "
+                         f"(± {expected.frame_duration:.3f} s, one frame)")
+        codec = video.get("codec_name")
+        if expected.video_codec and codec != expected.video_codec:
+            wrong.append(f"video is {codec}, expected {expected.video_codec}")
+    if len(audios) != len(expected.audio_durations):
+        wrong.append(f"it has {len(audios)} audio track(s), expected {len(expected.audio_durations)}")
+    for number, (stream, wanted) in enumerate(zip(audios, expected.audio_durations), start=1):
+        duration = found.duration(stream)
+        if abs(duration - wanted) > AUDIO_TOLERANCE:
+            wrong.append(f"audio track {number} lasts {duration:.3f} s, expected {wanted:.3f} s "
+                         f"(± {AUDIO_TOLERANCE * 1000:.0f} ms)")
+        codec = stream.get("codec_name")
+        if expected.audio_codec and codec != expected.audio_codec:
+            wrong.append(f"audio track {number} is {codec}, expected {expected.audio_codec}")
+        if video is not None and expected.video_frames is not None:
+            gap, wanted_gap = duration - found.duration(video), wanted - expected.video_duration
+            if abs(gap - wanted_gap) > AUDIO_TOLERANCE:
+                wrong.append(f"audio track {number} lasts {gap * 1000:+.0f} ms against the video, the source's "
+                             f"{wanted_gap * 1000:+.0f} ms (± {AUDIO_TOLERANCE * 1000:.0f} ms)")
+            offset = found.start(stream) - found.start(video)
+            slack = max(expected.frame_duration, 0.001) + 0.0015
+            if abs(offset - expected.av_offset) > slack:
+                wrong.append(f"audio track {number} starts {offset * 1000:+.1f} ms from the video, "
+                             f"expected {expected.av_offset * 1000:+.1f} ms (± one frame)")
+    return wrong
