@@ -45,7 +45,7 @@ from farm.outputs import output_path
 from farm.processor import Context, Processor
 
 from farm_transcode import ffmpeg_io
-from farm_transcode.planning import cut_points, frame_label, output_frames, ranges, timecode
+from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
 from farm_transcode.probe import FFPROBE, SourceFacts, probe_output, probe_source
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
 from farm_transcode.verify import Expected, problems
@@ -123,31 +123,33 @@ class TranscodeProcessor(Processor):
         settings: TranscodeSettings = job.settings
         video, source = settings.video, facts.video
         assert video is not None and source is not None
+        tb = source.tb
         wanted = parse_rate(video.fps) if video.fps else None
-        span = (source.end_pts - source.start_pts) * source.tb  # what ffmpeg's fps filter sees
-        if source.vfr and settings.vfr == "single":
+        if source.vfr and settings.vfr == "single" and wanted is None:
             params = {"kind": "video", "mode": "passthrough", "first": 0, "count": source.frames,
-                      "rate": source.rate, "facts": summary}
+                      "rate": source.rate, "video_start": float(source.start_pts * tb), "facts": summary}
             label = frame_label(0, source.frames, source.fps, "variable frame rate: one segment, timing kept")
-            if wanted is not None:
-                params["mode"], params["rate"] = "rate", video.fps
-                params["count"] = output_frames(span, wanted)
-                label = frame_label(0, params["count"], wanted, f"variable frame rate converted to {float(wanted):.3f} fps")
             return [SegmentPlan(label=label, params=params)]
         if source.vfr:
             rate = wanted or min(COMMON_RATES, key=lambda r: abs(r - source.fps))
         else:
             rate = wanted or source.fps
         mode = "exact" if rate == source.fps and not source.vfr else "rate"
-        total = source.frames if mode == "exact" else output_frames(span, rate)
+        if mode == "exact":
+            origin, total = 0, source.frames
+        else:
+            # ffmpeg's fps filter puts frames on a grid of the new rate counted from the
+            # container's start; the first and last are where the source's start and end round to.
+            origin, end = (output_frame((pts * tb) - Fraction(facts.start).limit_denominator(10**9), rate)
+                           for pts in (source.start_pts, source.end_pts))
+            total = max(1, end - origin)
         segment = job.profile.segment
-        if not settings.segmented or video.passes == 2:
+        if not settings.segmented or video.passes == 2 or (source.vfr and settings.vfr == "single"):
             cuts = [0]
         else:
             size = segment.frames or round((segment.seconds or DEFAULT_SECONDS) * rate)
             keyframes = source.keyframes if mode == "exact" else None
             cuts = cut_points(total, size, gop=video.gop_frames(rate), keyframes=keyframes)
-        tb = source.tb
         plans = []
         for first, count in ranges(cuts, total):
             params: dict[str, Any] = {"kind": "video", "mode": mode, "first": first, "count": count,
@@ -157,16 +159,21 @@ class TranscodeProcessor(Processor):
                 # Timestamps of the first frame in and the first frame out, in the stream's time base.
                 params["start_pts"] = source.pts[first] if first else None
                 params["end_pts"] = source.pts[last] if last < total else None
+                params["video_start"] = float(source.start_pts * tb)
                 start_seconds = float(source.pts[first] * tb) - facts.start
             else:
-                params["start_pts"] = first if first else None
-                params["end_pts"] = last if last < total else None
-                params["shift"] = float(source.start_pts * tb)
-                start_seconds = float(source.start_pts * tb) - facts.start + float(first / rate)
+                # The same on the new rate's grid (its time base is 1/rate after fps).
+                params["start_pts"] = origin + first if first else None
+                params["end_pts"] = origin + last if last < total else None
+                params["shift"] = facts.start
+                params["video_start"] = facts.start + float(origin / rate)
+                start_seconds = float((origin + first) / rate)
             if first:
                 # A little before the segment: the demuxer goes back to a keyframe, trim does the rest.
                 params["seek"] = max(0.0, start_seconds - max(0.1, 3 / float(source.fps)))
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
+            if source.vfr and mode == "rate":
+                note = f"variable frame rate converted to {float(rate):.3f} fps"
             plans.append(SegmentPlan(label=frame_label(first, count, rate, note), params=params))
         return plans
 
@@ -265,11 +272,10 @@ class TranscodeProcessor(Processor):
         video_list = None
         if videos:
             video_list = context.scratch / "video.ffconcat"
-            video_list.write_text(ffmpeg_io.concat_list([Path(r["file"]) for r in videos]), encoding="utf-8")
-        offset = 0.0
-        if facts.video is not None and facts.audio and audio is not None:
-            offset = facts.audio[0].start - float(facts.video.start_pts * facts.video.tb)
-            offset = offset if abs(offset) > 0.001 else 0.0
+            pieces_list = [(Path(r["file"]), None if r["params"]["mode"] == "passthrough"
+                            else r["params"]["count"] / parse_rate(r["params"]["rate"])) for r in videos]
+            video_list.write_text(ffmpeg_io.concat_list(pieces_list), encoding="utf-8")
+        offset = expected.av_offset
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.stem}.farm-{uuid.uuid4().hex[:8]}{target.suffix}")
         try:
@@ -317,8 +323,8 @@ class TranscodeProcessor(Processor):
             expected.audio_durations = [by_index[i].duration for i in audio["params"]["streams"]]
             codec = AUDIO_ENCODERS[settings.audio.codec]
             expected.audio_codec = None if codec == "copy" else codec
-            if facts.video is not None and facts.audio:
-                offset = facts.audio[0].start - float(facts.video.start_pts * facts.video.tb)
+            if videos and facts.audio:  # how much later the audio starts than the video
+                offset = facts.audio[0].start - videos[0]["params"]["video_start"]
                 expected.av_offset = offset if abs(offset) > 0.001 else 0.0
         return expected
 

@@ -104,7 +104,7 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
         input_options.update(ss=f"{params['seek']:.6f}", noaccurate_seek=None)
     stream = _source(facts, **input_options)[str(facts.video.index)]
     if mode == "rate":  # a new constant rate: frames picked on the output's own grid
-        if params.get("shift"):
+        if params.get("shift"):  # the container's start, as ffmpeg counts time without -copyts
             stream = stream.filter("setpts", f"PTS-{params['shift']:.6f}/TB")
         stream = stream.filter("fps", fps=params["rate"])
     trim = {key: params[name] for key, name in (("start_pts", "start_pts"), ("end_pts", "end_pts"))
@@ -150,12 +150,17 @@ def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, stre
     return _compile(ffmpeg.output(*chosen, str(out), **options))
 
 
-def concat_list(files: list[Path]) -> str:
-    """An ffconcat list naming ``files`` (quoted, so any path is read as a path)."""
+def concat_list(files: list[tuple[Path, Fraction | None]]) -> str:
+    """An ffconcat list naming each file (quoted, so any path is read as a path) with its
+    exact duration: the concat demuxer starts the next file there. Left to itself, it
+    takes the duration from the container, which an mp4 edit list can make longer by a
+    fraction of a frame at every join."""
     lines = ["ffconcat version 1.0"]
-    for path in files:
+    for path, seconds in files:
         quoted = str(path).replace("'", "'\\''")
         lines.append(f"file '{quoted}'")
+        if seconds is not None:
+            lines.append(f"duration {float(seconds):.6f}")
     return "\n".join(lines) + "\n"
 
 

@@ -67,7 +67,8 @@ def frame_label(first: int, count: int, rate: Fraction, note: str = "") -> str:
     return f"frames {first + 1}-{first + count} ({timecode(float(start))}-{timecode(float(end))}{extra})"
 
 
-def output_frames(span: Fraction, rate: Fraction) -> int:
-    """Frames that ffmpeg's ``fps`` filter makes at ``rate`` from a stream that ends ``span``
-    seconds after its first frame: the end rounded to the nearest frame, halves up."""
-    return max(1, math.floor(span * rate + Fraction(1, 2)))
+def output_frame(seconds: Fraction, rate: Fraction) -> int:
+    """The frame of a constant ``rate`` that ffmpeg's ``fps`` filter puts a time on:
+    the nearest one, halves away from zero."""
+    scaled = seconds * rate
+    return math.floor(scaled + Fraction(1, 2)) if scaled >= 0 else -math.floor(-scaled + Fraction(1, 2))

@@ -114,12 +114,16 @@ def _ffprobe(args: list[str], timeout: float = PROBE_TIMEOUT) -> subprocess.Comp
         raise PlanError(f"ffprobe took longer than {timeout:g} s to read the source") from None
 
 
-def _last_error(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    if not lines:
-        return "no reason given"
-    # "[mov,mp4 @ 0x55...] moov atom not found" -> "moov atom not found"
-    return re.sub(r"^\[[^\]]+\]\s*", "", lines[-1])
+def _last_error(stderr: str, path: Path | None = None) -> str:
+    """ffprobe's complaints as one phrase: ``moov atom not found; Invalid data found ...``."""
+    said: list[str] = []
+    for line in stderr.splitlines():
+        line = re.sub(r"^\[[^\]]+\]\s*", "", line.strip())  # "[mov,mp4 @ 0x55...] "
+        if path is not None and line.startswith(f"{path}: "):
+            line = line[len(str(path)) + 2:]
+        if line and line not in said:
+            said.append(line)
+    return "; ".join(said[-3:]) if said else "no reason given"
 
 
 def sniff(path: Path) -> None:
@@ -175,7 +179,7 @@ def probe_source(path: Path) -> SourceFacts:
     proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
                      "-of", "json", str(path)])
     if proc.returncode != 0:
-        raise PlanError(f"ffprobe cannot read {path.name} as a movie: {_last_error(proc.stderr)}")
+        raise PlanError(f"ffprobe cannot read {path.name} as a movie: {_last_error(proc.stderr, path)}")
     try:
         data = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -214,7 +218,7 @@ def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) 
     problems = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode != 0 or problems:
         raise PlanError(f"{path.name} cannot be read to the end; it may be truncated or damaged: "
-                        f"{_last_error(proc.stderr)}")
+                        f"{_last_error(proc.stderr, path)}")
     packets = []
     for line in proc.stdout.splitlines():
         parts = line.split(",")
