@@ -28,6 +28,7 @@ Assemble
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import re
@@ -55,6 +56,25 @@ DEFAULT_OUTPUT = "{stem}-{profile}.{ext}"
 #: Common rates a variable-frame-rate source is converted to when the profile names none.
 COMMON_RATES = [Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
                 Fraction(50), Fraction(60000, 1001), Fraction(60)]
+
+
+def seek_point(seconds: float, first: int, source: Any | None) -> float:
+    """Where a node seeks before decoding a segment that starts at ``seconds``.
+
+    ffmpeg seeks to the last keyframe at or before the point, and ``trim`` drops what
+    comes before the segment. When the segment starts on a source keyframe that has no
+    other keyframe just after it, seek right onto it (nothing is decoded in vain);
+    otherwise a little before, since a demuxer may index keyframes by decoding time,
+    which runs a few frames ahead of presentation.
+    """
+    frame = 1 / float(source.fps) if source is not None else 0.04
+    if source is not None:
+        at = bisect.bisect_left(source.keyframes, first)
+        on_keyframe = at < len(source.keyframes) and source.keyframes[at] == first
+        following = source.keyframes[at + 1] if at + 1 < len(source.keyframes) else None
+        if on_keyframe and (following is None or following - first > 4):
+            return seconds + frame / 4
+    return max(0.0, seconds - max(0.1, 3 * frame))
 
 
 class TranscodeProcessor(Processor):
@@ -169,8 +189,7 @@ class TranscodeProcessor(Processor):
                 params["video_start"] = facts.start + float(origin / rate)
                 start_seconds = float((origin + first) / rate)
             if first:
-                # A little before the segment: the demuxer goes back to a keyframe, trim does the rest.
-                params["seek"] = max(0.0, start_seconds - max(0.1, 3 / float(source.fps)))
+                params["seek"] = seek_point(start_seconds, first, source if mode == "exact" else None)
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
             if source.vfr and mode == "rate":
                 note = f"variable frame rate converted to {float(rate):.3f} fps"

@@ -1,0 +1,132 @@
+"""Segmented transcode against one plain ffmpeg process, on the same source in the same run.
+
+(a) one plain ffmpeg process encoding the source with a shipped profile's settings;
+(b) ``farm run`` with that profile on the embedded default (everything included:
+    start-up, probing, segments, audio, joining, verification): b/a, target <= 1.05;
+(c) parallel efficiency: the same batch on 1 slot and on 2 slots, each segment encoder
+    limited to one thread: speedup, target >= 1.8 on 2 cores.
+
+    .venv/bin/python benchmarks/transcode.py [--seconds 60] [--size 1280x720] [--profile h264-web-720p]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+FARM = [sys.executable, "-m", "farm.cli"]
+
+
+def make_source(path: Path, seconds: int, size: str) -> None:
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
+                    "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}",
+                    "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}",
+                    "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+                    "-c:a", "aac", "-b:a", "192k", str(path)], check=True)
+
+
+def plain_ffmpeg_argv(settings: dict, source: Path, out: Path, threads: int | None = None) -> list[str]:
+    """The profile's settings as one ffmpeg command, written out by hand (not by Farm's code)."""
+    video, audio = settings["video"], settings.get("audio") or {}
+    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(source),
+            "-c:v", video["codec"]]
+    for key, option in (("crf", "-crf"), ("preset", "-preset"), ("profile", "-profile:v"), ("pix_fmt", "-pix_fmt")):
+        if key in video:
+            argv += [option, str(video[key])]
+    if "height" in video:
+        argv += ["-vf", f"scale=-2:{video['height']}"]
+    gop = video.get("gop")
+    if gop:
+        argv += ["-g", str(round(float(str(gop).rstrip("s")) * 25) if str(gop).endswith("s") else gop)]
+    if threads:
+        argv += ["-threads", str(threads)]
+    if audio:
+        argv += ["-c:a", audio["codec"]] + (["-b:a", audio["bitrate"]] if audio.get("bitrate") else [])
+    return argv + ["-movflags", "+faststart", str(out)]
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}\n{proc.stderr}")
+    return elapsed
+
+
+def farm_run(work: Path, name: str, profile: str, source: Path, slots: int | None, extra: list[str]) -> tuple[float, dict]:
+    home = work / name
+    home.mkdir()
+    node = {"kill_grace": 1.0}
+    if slots:
+        node["slots"] = slots
+    (home / "farm.yaml").write_text(yaml.safe_dump({"node": node}))
+    env = {**os.environ, "FARM_STATE": str(home / "state"), "FARM_CONFIG": str(home / "farm.yaml")}
+    argv = [*FARM, "run", profile, str(source), "-o", str(home / "out"), "--json", "--quiet", *extra]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"farm run failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    return elapsed, json.loads(proc.stdout)
+
+
+def frames(path: Path) -> int:
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_packets", "-select_streams", "v:0", "-show_entries",
+                          "stream=nb_read_packets", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+    return int(out.stdout.strip() or 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--size", default="1280x720")
+    parser.add_argument("--profile", default="h264-web-720p")
+    parser.add_argument("--segment-seconds", type=float, default=None, help="override segment.seconds")
+    parser.add_argument("--skip-efficiency", action="store_true")
+    args = parser.parse_args()
+    console = Console()
+    settings = yaml.safe_load((ROOT / "profiles" / f"{args.profile}.yaml").read_text())["settings"]
+    segment = ["--set", f"segment.seconds={args.segment_seconds}"] if args.segment_seconds else []
+    with tempfile.TemporaryDirectory(prefix="farm-bench-transcode-") as tmp:
+        work = Path(tmp)
+        source = work / "source.mp4"
+        console.print(f"making a {args.seconds} s {args.size} source ...")
+        make_source(source, args.seconds, args.size)
+        rows = []
+        plain = timed(plain_ffmpeg_argv(settings, source, work / "plain.mp4"))
+        rows.append(("(a) one plain ffmpeg process", f"{plain:.2f}", "1.00", str(frames(work / "plain.mp4")), ""))
+        farm, report = farm_run(work, "farm", args.profile, source, None, segment)
+        outputs = report["jobs"][0]["outputs"]
+        rows.append(("(b) farm run, embedded default", f"{farm:.2f}", f"{farm / plain:.2f}",
+                     str(frames(Path(outputs[0]))), f"{report['jobs'][0]['segments']} segments; target b/a <= 1.05"))
+        if not args.skip_efficiency:
+            one_thread = ["--set", "settings.video.threads=1", *segment]
+            t1, r1 = farm_run(work, "slots1", args.profile, source, 1, one_thread)
+            t2, r2 = farm_run(work, "slots2", args.profile, source, 2, one_thread)
+            rows.append(("(c1) farm run, 1 slot, 1 thread/encoder", f"{t1:.2f}", f"{t1 / plain:.2f}",
+                         str(frames(Path(r1["jobs"][0]["outputs"][0]))), ""))
+            rows.append(("(c2) farm run, 2 slots, 1 thread/encoder", f"{t2:.2f}", f"{t2 / plain:.2f}",
+                         str(frames(Path(r2["jobs"][0]["outputs"][0]))),
+                         f"speedup c1/c2 = {t1 / t2:.2f}; target >= 1.8"))
+    table = Table(title=f"transcode: {args.seconds} s {args.size}, profile {args.profile}, {os.cpu_count()} cores")
+    for column in ("run", "wall s", "/ plain", "frames", "note"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
