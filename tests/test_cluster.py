@@ -259,3 +259,32 @@ def test_a_droplet_in_the_controller_turns_a_dropped_file_into_a_job_on_a_node(c
     assert "Invalid data" in (drop / "failed" / "notes.mov.error.txt").read_text()
     jobs = json.loads(c.farm("status", "--json").stdout)
     assert sorted(Path(j["input"]).name for j in jobs) == ["clip.mp4", "notes.mov"]
+
+
+def test_a_transcode_batch_is_shared_by_two_nodes_and_verified(cluster):
+    import subprocess
+
+    c = cluster()
+    c.start_controller()
+    c.start_node("enc1", "--slots", "1")
+    c.start_node("enc2", "--slots", "1")
+    c.wait_for_nodes("enc1", "enc2")
+    source = c.root / "source.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=25:duration=8", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=48000:duration=8", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+                    "-c:a", "aac", "-shortest", str(source)], check=True)
+    nodes = json.loads(c.farm("nodes", "--json").stdout)
+    assert all("processor:transcode" in n["capabilities"] for n in nodes)
+    result = c.farm("submit", "h264-web-720p", source, "-o", c.root / "out", "--set", "segment.seconds=2",
+                    "--wait", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)["jobs"][0]
+    assert job["state"] == "done", job["error"]
+    output = Path(job["outputs"][0])
+    frames = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                             "stream=nb_read_frames", "-of", "csv=p=0", str(output)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert int(frames) == 200
+    detail = c.job(job["id"])
+    assert {a["node"] for s in detail["segment_list"] for a in s["attempts"]} == {"enc1", "enc2"}
