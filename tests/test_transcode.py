@@ -249,6 +249,8 @@ def test_shipped_profiles_make_what_they_promise(farm, farm_env, name, vcodec, a
     v, = streams(out, "video")
     a, = streams(out, "audio")
     assert (v["codec_name"], a["codec_name"]) == (vcodec, acodec)
+    if vcodec == "hevc":
+        assert v["codec_tag_string"] == "hvc1"
     assert int(v["nb_read_packets"]) == 75
     assert abs(duration(v) - 3.0) <= 0.041 and abs(duration(a) - 3.0) <= 0.05
 

@@ -195,7 +195,8 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
         argv += ["-f", facts.demuxer, "-protocol_whitelist", "file", "-i", facts.path]
         for position, sub in enumerate(subtitles):
             maps += ["-map", f"{source}:{sub.index}"]
-            options += [f"-c:s:{position}", str(box.subtitles)]
+            codec = "srt" if box.subtitles == "copy" and sub.codec == "mov_text" else str(box.subtitles)
+            options += [f"-c:s:{position}", codec]
         if settings.metadata:
             # Global tags and chapters from the source; each stream's tags (language,
             # handler, title) from the source stream it was made from.
@@ -210,4 +211,6 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
         options += ["-map_metadata", "-1", "-map_chapters", "-1"]
     if box.mp4_like:
         options += ["-movflags", "+faststart"]
+        if video_list is not None and settings.video is not None and settings.video.encoder.family == "hevc":
+            options += ["-tag:v", "hvc1"]  # what Apple's players look for (ffmpeg writes hev1)
     return [*argv, *maps, *options, "-f", box.muxer, "-y", str(out)]
