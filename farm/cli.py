@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Plan a batch and show its segments; nothing runs and nothing is stored.")
     _submission_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("-o", "--output", metavar="DEST", help="destination the batch would write to")
+    plan.add_argument("--overwrite", action="store_true", help="plan as if existing outputs may be replaced")
 
     profiles = commands.add_parser("profiles", parents=[common], help="list, show and validate profiles",
                                    description="Find, show and check job profiles.")
@@ -313,8 +315,9 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     planned = []
     for seq, source in enumerate(inputs):
         job = Job(id=f"job{seq + 1}", batch_id="plan", input=source, profile=loaded.profile, settings=loaded.settings,
-                  destination=Path(loaded.profile.destination or "out"), work_dir=Path("(cluster storage)"),
-                  frames=loaded.profile.frame_list)
+                  destination=Path(args.output or loaded.profile.destination or "out").absolute(),
+                  work_dir=Path("(cluster storage)"), frames=loaded.profile.frame_list,
+                  overwrite=args.overwrite or loaded.profile.overwrite)
         try:
             plans = list(processor.plan(job))
         except FarmError as exc:
