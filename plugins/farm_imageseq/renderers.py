@@ -1,0 +1,164 @@
+"""Renderer adapters: one small class each. A renderer turns a segment's frames into
+image files in a folder and names them as the job's pattern wants.
+
+Adding a renderer: subclass :class:`Renderer`, set ``name`` and ``executable``, write
+``render`` (and ``version`` if the program reports one), and add it to ``RENDERERS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import string
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar
+
+from farm.errors import ProcessorError
+
+from farm_imageseq.patterns import FramePattern
+
+
+def consecutive_runs(frames: list[int]) -> list[list[int]]:
+    """[1,2,3,7,9,10] -> [[1,2,3],[7],[9,10]]: renderers take ranges, not lists."""
+    runs: list[list[int]] = []
+    for frame in frames:
+        if runs and frame == runs[-1][-1] + 1:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    return runs
+
+
+class Renderer:
+    name: ClassVar[str] = ""
+    executable: ClassVar[str] = ""
+
+    def version(self) -> str | None:
+        """The installed version, or None when the program is not on PATH."""
+        return None
+
+    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
+        raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=None)
+def _version_of(executable: str, flag: str, regex: str) -> str | None:
+    if shutil.which(executable) is None:
+        return None
+    try:
+        done = subprocess.run([executable, flag], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(regex, done.stdout + done.stderr)
+    return match.group(1) if match else ""
+
+
+class PovRay(Renderer):
+    """POV-Ray renders a subset of an animation with +SF/+EF; ``clock`` runs over the
+    whole job (+KFI/+KFF), and its zero-padded names are renamed to the job's pattern."""
+
+    name = "povray"
+    executable = "povray"
+
+    def version(self) -> str | None:
+        return _version_of("povray", "--version", r"POV-Ray\s+(\d+(?:\.\d+)+)")
+
+    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
+        settings = job.settings
+        first, last = job.frames[0], job.frames[-1]
+        for run in consecutive_runs(frames):
+            argv = ["povray", f"+I{job.input}", "+Oframe.png", "+FN", f"+W{settings.width}", f"+H{settings.height}",
+                    f"+KFI{first}", f"+KFF{last}", f"+SF{run[0]}", f"+EF{run[-1]}", "-D", "-V", "-GA",
+                    *settings.renderer_args]
+            context.run(argv, cwd=folder)
+            digits = len(str(last))
+            for frame in run:
+                produced = folder / f"frame{frame:0{digits}d}.png"
+                if not produced.exists():
+                    raise ProcessorError(f"povray exited 0 but did not write frame {frame} ({produced.name})")
+                produced.rename(folder / pattern.name(frame))
+
+
+class Blender(Renderer):
+    """Blender in the background: ``-o`` before ``-a``; script errors fail the render."""
+
+    name = "blender"
+    executable = "blender"
+
+    def version(self) -> str | None:
+        return _version_of("blender", "--version", r"Blender\s+(\d+(?:\.\d+)+)")
+
+    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
+        settings = job.settings
+        setup = (
+            "import bpy\n"
+            "scene = bpy.context.scene\n"
+            f"scene.render.resolution_x = {int(settings.width)}\n"
+            f"scene.render.resolution_y = {int(settings.height)}\n"
+            "scene.render.resolution_percentage = 100\n"
+            f"scene.render.engine = {settings.engine!r}\n"
+            "if scene.render.engine == 'CYCLES':\n"
+            f"    scene.cycles.samples = {int(settings.samples)}\n"
+            "    scene.cycles.use_denoising = False\n"
+        )
+        scene = [str(job.input)] if job.input and job.input.suffix == ".blend" else []
+        for run in consecutive_runs(frames):
+            argv = ["blender", "-b", "-noaudio", "--factory-startup", *scene, "--python-exit-code", "2",
+                    "--python-expr", setup, *settings.renderer_args,
+                    "-o", str(folder / "bl_####"), "-F", "PNG", "-x", "1", "-s", str(run[0]), "-e", str(run[-1]), "-a"]
+            context.run(argv, cwd=folder)
+            for frame in run:
+                produced = folder / f"bl_{frame:04d}.png"
+                if not produced.exists():
+                    raise ProcessorError(f"blender exited 0 but did not write frame {frame}")
+                produced.rename(folder / pattern.name(frame))
+
+
+TEMPLATE_TOKENS = ("scene", "start", "end", "output", "output_dir")
+
+
+class Template(Renderer):
+    """A Shake-style command template, as `shake -exec script -t 1-10` was distributed:
+    ``{scene} {start} {end} {output}`` (output: the pattern with %04d, in the segment's
+    folder). Each item stays one argument; only allowed executables run."""
+
+    name = "template"
+
+    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
+        template = job.settings.template
+        allowed = allowed_executable(template[0], context.node.config.allow_commands)
+        if allowed is None:
+            raise ProcessorError(f"command {template[0]!r} is not allowed on node {context.node.name} "
+                                 "(see node.allow_commands in farm.yaml)")
+        for run in consecutive_runs(frames):
+            values = {"scene": str(job.input or ""), "start": run[0], "end": run[-1],
+                      "output": str(folder / pattern.printf), "output_dir": str(folder)}
+            argv = [allowed] + [item.format(**values) for item in template[1:]]
+            context.run(argv, cwd=folder)
+
+
+def check_template(items: list[str]) -> None:
+    for item in items:
+        for _, field, _, conversion in string.Formatter().parse(item):
+            if field is not None and (field not in TEMPLATE_TOKENS or conversion):
+                known = ", ".join("{" + token + "}" for token in TEMPLATE_TOKENS)
+                raise ValueError(f"unknown token {{{field}}} in {item!r}; expected one of {known}")
+
+
+def allowed_executable(argv0: str, allow: list[str]) -> str | None:
+    resolved = shutil.which(argv0)
+    if resolved is None:
+        return None
+    resolved = os.path.realpath(resolved)
+    for entry in allow:
+        if os.sep in entry and os.path.realpath(entry) == resolved:
+            return resolved
+        if os.sep not in entry and os.sep not in argv0 and entry == argv0:
+            return resolved
+    return None
+
+
+RENDERERS: dict[str, Renderer] = {r.name: r for r in (PovRay(), Blender(), Template())}
