@@ -78,10 +78,17 @@ def check_runnable(loaded: LoadedProfile, plugins: Plugins, inputs: list[Path | 
                 destination=Path("."), work_dir=Path("."), frames=loaded.profile.frame_list)
     unmet = unmet_requirements(processor.requires(probe), capabilities)
     if unmet:
-        offered = ", ".join(sorted(name for name in capabilities if not name.startswith("processor:"))) or "nothing"
+        wanted = processor.requires(probe)
+        have = []
+        for name in wanted:
+            if name in capabilities:
+                have.append(f"{name} {capabilities[name]}".strip())
+            elif any(need.split()[0] == name for need in unmet):
+                have.append(f"no {name}")
+        hint = "; commands must be on node.allow_commands in farm.yaml" if any(n.startswith("command:") for n in unmet) else ""
         raise UsageError(
             f"profile {loaded.profile.name!r} needs {', '.join(unmet)}, which this machine does not offer "
-            f"(it offers: {offered}); commands must be on node.allow_commands in farm.yaml"
+            f"(it has: {', '.join(have)}){hint}"
         )
 
 
