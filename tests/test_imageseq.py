@@ -30,17 +30,72 @@ def povray_profile(folder: Path, frames: str, per_segment: int = 3, retries: int
     })
 
 
-def test_povray_renders_every_frame_in_segments(farm, farm_env):
-    result = farm("run", povray_profile(farm_env["tmp"], "1-10"), SCENE, "-o", farm_env["tmp"] / "out", "--json")
+EXAMPLE = ROOT / "examples" / "povray" / "bouncing.yaml"
+SMALL = ("--set", "settings.width=64", "--set", "settings.height=48")
+
+
+def test_a_48_frame_animation_in_segments_of_5_renders_each_frame_once(farm, farm_env):
+    out = farm_env["tmp"] / "out"
+    result = farm("run", EXAMPLE, SCENE, "-o", out, *SMALL, "--json")
     assert result.returncode == 0, result.stderr
     job = result.json()["jobs"][0]
-    assert job["state"] == "done" and job["segments"] == 4
-    names = sorted(p.name for p in (farm_env["tmp"] / "out").iterdir())
-    assert names == [f"shot_{i:04d}.png" for i in range(1, 11)]
-    assert job["outputs"] == [str(farm_env["tmp"] / "out" / n) for n in names]  # in frame order
-    assert all(png_size(farm_env["tmp"] / "out" / n) == (64, 48) for n in names)
-    # the clock runs over the whole job: frames from different segments differ
-    assert (farm_env["tmp"] / "out" / "shot_0003.png").read_bytes() != (farm_env["tmp"] / "out" / "shot_0004.png").read_bytes()
+    assert job["state"] == "done" and job["segments"] == 10
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"bouncing_{i:04d}.png" for i in range(1, 49)]
+    assert job["outputs"] == [str(out / n) for n in names]  # in frame order
+    assert all(png_size(out / n) == (64, 48) for n in names)
+    frames = [(out / n).read_bytes() for n in names]
+    assert all(a != b for a, b in zip(frames, frames[1:])), "the clock did not move between two frames"
+    store = Store(farm_env["state"] / "farm.db")
+    attempts = [s["attempts"] for s in store.segments(job["id"])]
+    store.close()
+    assert attempts == [1] * 10  # each frame rendered exactly once
+
+
+def test_a_frame_range_outside_the_scenes_declared_range_is_refused_at_plan_time(farm, farm_env):
+    result = farm("plan", EXAMPLE, SCENE, "--set", "frames=40-60")
+    assert result.returncode == 2
+    assert "outside the scene's declared range 1-48 (bouncing.ini)" in result.stderr
+
+
+def test_a_deleted_frame_is_detected_and_planned_again(farm, farm_env):
+    import logging
+
+    from farm.model import Job
+    from farm.plugins import load_plugins
+    from farm.profiles import load_profile
+    from farm_imageseq import ImageSequence
+
+    out = farm_env["tmp"] / "out"
+    assert farm("run", EXAMPLE, SCENE, "-o", out, *SMALL, "--set", "frames=1-6").returncode == 0
+    (out / "bouncing_0004.png").unlink()
+    loaded = load_profile(str(EXAMPLE), load_plugins(), ["frames=1-6", "settings.width=64", "settings.height=48"])
+    job = Job(id="j", batch_id="b", input=SCENE, profile=loaded.profile, settings=loaded.settings,
+              destination=out, work_dir=out, frames=loaded.profile.frame_list)
+    results = [{"dir": str(out), "frames": {str(f): f"bouncing_{f:04d}.png" for f in range(1, 7)}}]
+
+    class Context:
+        logger = logging.getLogger("test")
+
+    again = ImageSequence().verify(job, results, Context())
+    assert [(plan.label, plan.frames) for plan in again] == [("re-render frames 4", [4])]
+
+
+def test_a_sequence_chained_into_a_movie_has_every_frame(farm, farm_env):
+    import subprocess
+
+    chained = farm_env["tmp"] / "chained.yaml"
+    chained.write_text(EXAMPLE.read_text() + "then: sequence-to-h264\n")
+    out = farm_env["tmp"] / "out"
+    result = farm("run", chained, SCENE, "-o", out, *SMALL, "--json")
+    assert result.returncode == 0, result.stderr
+    render, movie = result.json()["jobs"]
+    assert render["state"] == movie["state"] == "done"
+    assert movie["input"] == str(out / "bouncing_0001.png") and movie["outputs"] == [str(out / "bouncing.mp4")]
+    counted = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                              "stream=nb_read_frames", "-of", "csv=p=0", str(out / "bouncing.mp4")],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert int(counted) == 48
 
 
 @pytest.mark.parametrize("spec, expected", [("1-10x3", [1, 4, 7, 10]), ("1,5,7-9", [1, 5, 7, 8, 9])])
@@ -58,7 +113,7 @@ def test_a_scene_that_does_not_parse_fails_the_job_with_povrays_reason(farm, far
     result = farm("run", profile, broken, "-o", farm_env["tmp"] / "out", "--json")
     assert result.returncode == 1
     error = result.json()["jobs"][0]["error"]
-    assert "povray failed with exit status 1" in error
+    assert "povray failed with exit status 1" in error and "Parse Error" in error
 
 
 def test_a_renderer_version_no_node_has_is_refused(farm, farm_env):
@@ -200,12 +255,12 @@ def test_adaptive_segments_recut_the_remaining_frames(farm, farm_env):
 @pytest.mark.skipif(shutil.which("blender") is None, reason="Blender is not installed (./setup installs it)")
 def test_blender_renders_frames_headless(farm, farm_env):
     profile = write_profile(farm_env["tmp"], "blend", {
-        "processor": "imageseq", "frames": "1-3", "segment": {"frames": 2},
+        "processor": "imageseq", "frames": "1-6", "segment": {"frames": 2},
         "settings": {"renderer": "blender", "engine": "CYCLES", "samples": 1, "output": "bl_####.png",
                      "width": 32, "height": 24},
     })
     result = farm("run", profile, "-o", farm_env["tmp"] / "out", "--json", timeout=600)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (farm_env["tmp"] / "out").iterdir())
-    assert names == ["bl_0001.png", "bl_0002.png", "bl_0003.png"]
+    assert names == [f"bl_{i:04d}.png" for i in range(1, 7)]
     assert all(png_size(farm_env["tmp"] / "out" / n) == (32, 24) for n in names)

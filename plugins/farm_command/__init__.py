@@ -9,6 +9,7 @@ syntax or an extra option. Only executables on the node's allow-list
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import string
 import uuid
@@ -34,7 +35,22 @@ COMMAND_TOKENS = {
     "output_dir": "the folder this attempt writes into (absolute path)",
     "segment": "the segment's index, from 0",
     "scratch": "a private folder on the node's own disk, removed after the segment",
+    "input_sequence": "for a numbered input (shot_0001.png): its sequence as a printf pattern (shot_%04d.png)",
+    "input_number": "for a numbered input: its number (1)",
+    "sequence_name": "for a numbered input: the name before the number (shot)",
 }
+_NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<digits>\d+)(?P<ext>\.[^.]+)$")
+
+
+def sequence_values(path: Path | None) -> dict[str, Any]:
+    """The sequence tokens for a numbered frame, so a job chained after a render can
+    read the whole sequence; empty for other inputs."""
+    match = _NUMBERED.match(path.name) if path else None
+    if match is None:
+        return {}
+    prefix, digits, ext = match["prefix"], match["digits"], match["ext"]
+    return {"input_sequence": str(path.with_name(f"{prefix}%0{len(digits)}d{ext}")),
+            "input_number": int(digits), "sequence_name": prefix.rstrip("._- ") or path.stem}
 #: ``expect`` templates are checked once per frame of the segment.
 EXPECT_TOKENS = {"frame": "a frame number", "segment": "the segment's index"}
 
@@ -103,7 +119,8 @@ class CommandSettings(BaseModel):
 
     @property
     def uses_input(self) -> bool:
-        return any("input" in template_fields(item) for item in self.command)
+        inputs = {"input", "input_sequence", "input_number", "sequence_name", "stem"}
+        return any(inputs & set(template_fields(item)) for item in self.command)
 
 
 def executable_name(argv0: str) -> str:
@@ -166,7 +183,13 @@ class CommandProcessor(Processor):
             "input": str(segment.job.input or ""), "output_dir": str(segment.output_dir), "segment": segment.index,
             "scratch": str(context.scratch),
             "stem": segment.job.input.stem if segment.job.input else segment.job.profile.name,
+            **sequence_values(segment.job.input),
         }
+        needed = {name for item in settings.command for name in template_fields(item)}
+        missing = sorted(needed & {"input_sequence", "input_number", "sequence_name"} - values.keys())
+        if missing:
+            raise ProcessorError(f"{{{missing[0]}}} needs a numbered input such as shot_0001.png, "
+                                 f"not {segment.job.input.name if segment.job.input else 'no input'}")
         argv = [executable] + [expand(item, values) for item in settings.command[1:]]
         cwd = Path(settings.cwd) if settings.cwd else segment.output_dir
         context.run(argv, cwd=cwd, env=settings.env or None)

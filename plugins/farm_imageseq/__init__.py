@@ -123,6 +123,11 @@ class ImageSequence(Processor):
     def plan(self, job: Job) -> list[SegmentPlan]:
         if not job.frames:
             raise PlanError("the frame range is empty")
+        renderer = RENDERERS[job.settings.renderer]
+        declared = renderer.declared_range(job.input) if job.input and hasattr(renderer, "declared_range") else None
+        if declared and (job.frames[0] < declared[0] or job.frames[-1] > declared[1]):
+            raise PlanError(f"frames {format_frames(job.frames)} are outside the scene's declared range "
+                            f"{declared[0]}-{declared[1]} ({job.input.with_suffix('.ini').name})")
         segment = job.profile.segment
         size = segment.frames or (FIRST_SEGMENT_FRAMES if segment.target_seconds else 10)
         return [SegmentPlan(label=f"frames {format_frames(chunk)}", frames=chunk)

@@ -66,14 +66,32 @@ class PovRay(Renderer):
     def version(self) -> str | None:
         return _version_of("povray", "--version", r"POV-Ray\s+(\d+(?:\.\d+)+)")
 
+    def declared_range(self, scene: Path) -> tuple[int, int] | None:
+        """Initial_Frame/Final_Frame from the scene's own INI (scene.ini beside scene.pov)."""
+        ini = scene.with_suffix(".ini")
+        if not ini.is_file():
+            return None
+        values = dict(re.findall(r"(?im)^\s*(Initial_Frame|Final_Frame)\s*=\s*(-?\d+)", ini.read_text(errors="replace")))
+        keys = {k.lower(): int(v) for k, v in values.items()}
+        if "initial_frame" in keys and "final_frame" in keys:
+            return keys["initial_frame"], keys["final_frame"]
+        return None
+
     def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
         settings = job.settings
-        first, last = job.frames[0], job.frames[-1]
+        first, last = self.declared_range(job.input) or (job.frames[0], job.frames[-1])
         for run in consecutive_runs(frames):
             argv = ["povray", f"+I{job.input}", "+Oframe.png", "+FN", f"+W{settings.width}", f"+H{settings.height}",
-                    f"+KFI{first}", f"+KFF{last}", f"+SF{run[0]}", f"+EF{run[-1]}", "-D", "-V", "-GA",
+                    f"+KFI{first}", f"+KFF{last}", f"+SF{run[0]}", f"+EF{run[-1]}", "-D", "-V",
                     *settings.renderer_args]
-            context.run(argv, cwd=folder)
+            result = context.run(argv, cwd=folder, check=False)
+            if result.exit_status != 0:
+                lines = result.output.splitlines()
+                said = next((line.strip() for line in lines if "Parse Error" in line), None) or \
+                    next((line.strip() for line in lines if "error" in line.lower()), None) or \
+                    next((line.strip() for line in reversed(lines) if line.strip()), "")
+                ending = f"exit status {result.exit_status}" if result.signal is None else f"signal {result.signal}"
+                raise ProcessorError(f"povray failed with {ending}: {said}")
             digits = len(str(last))
             for frame in run:
                 produced = folder / f"frame{frame:0{digits}d}.png"
