@@ -11,4 +11,16 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["hookimpl", "__version__"]
+_SCRIPTING = ("run", "start", "Batch", "JobHandle")
+
+
+def __getattr__(name: str) -> object:
+    # The scripting API pulls in Dask; loaded only when a script asks for it.
+    if name in _SCRIPTING:
+        from farm import scripting
+
+        return getattr(scripting, name)
+    raise AttributeError(f"module 'farm' has no attribute {name!r}")
+
+
+__all__ = ["hookimpl", "__version__", *_SCRIPTING]
