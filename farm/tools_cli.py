@@ -1,0 +1,190 @@
+"""`farm plugins` and `farm doctor`: what is installed, and what is wrong with this machine.
+
+Doctor is a list of small checks; each says what it found and, for a problem, what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+from farm.errors import ExitStatus, FarmError
+
+
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, Any]:
+    plugins = commands.add_parser("plugins", parents=[common], help="list loaded plugins and failures",
+                                  description="Plugins, their versions, processors and hooks; failures with reasons.")
+    plugins.add_argument("--json", action="store_true")
+    doctor = commands.add_parser("doctor", parents=[common], help="check this machine",
+                                 description="Check ffmpeg, renderers, the state dir, the configuration, plugins "
+                                             "and the cluster bundle; say what to do about each problem.")
+    doctor.add_argument("--json", action="store_true")
+    return {"plugins": cmd_plugins, "doctor": cmd_doctor}
+
+
+def cmd_plugins(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    import importlib.metadata
+
+    from farm.plugins import ENTRY_POINT_GROUP, load_plugins
+
+    loaded = load_plugins()
+    versions = {ep.name: (ep.dist.name, ep.dist.version) if ep.dist else ("?", "?")
+                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    rows = []
+    for name, plugin in loaded.manager.list_name_plugin():
+        hooks = sorted(caller.name for caller in loaded.manager.get_hookcallers(plugin) or [])
+        provided = []
+        if hasattr(plugin, "farm_processors"):
+            try:
+                provided = [p.name for p in plugin.farm_processors()]
+            except Exception as exc:  # already reported as a failure when loading
+                provided = [f"(error: {exc})"]
+        dist, version = versions.get(name, ("", ""))
+        rows.append({"name": name, "distribution": dist, "version": version, "processors": provided, "hooks": hooks})
+    failures = [asdict(failure) for failure in loaded.failures]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failures": failures}, indent=2), file=stdout)
+        return ExitStatus.OK
+    for row in rows:
+        print(f"{row['name']}  {row['distribution']} {row['version']}  processors: {', '.join(row['processors']) or '-'}"
+              f"  hooks: {', '.join(row['hooks'])}", file=stdout)
+    for failure in failures:
+        print(f"FAILED {failure['name']}: {failure['reason']}", file=stdout)
+    return ExitStatus.OK
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    found: str
+    fix: str = ""
+    required: bool = True
+
+
+def _version(command: list[str], pattern: str) -> str | None:
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(pattern, done.stdout + done.stderr)
+    return match.group(1) if match else "unknown version"
+
+
+def check_ffmpeg(args: argparse.Namespace) -> list[Check]:
+    checks = []
+    for tool in ("ffmpeg", "ffprobe"):
+        version = _version([tool, "-version"], rf"{tool} version (\S+)")
+        checks.append(Check(tool, version is not None, version or "not found",
+                            "install it: sudo apt-get install ffmpeg (./setup does this)"))
+    if checks[0].ok:
+        encoders = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+        for encoder in ("libx264", "aac", "png"):
+            present = re.search(rf"^\s*\S+\s+{encoder}\s", encoders, re.M) is not None
+            checks.append(Check(f"ffmpeg encoder {encoder}", present, "present" if present else "missing",
+                                "install an ffmpeg build with it (Debian's ffmpeg has it)"))
+    return checks
+
+
+def check_renderers(args: argparse.Namespace) -> list[Check]:
+    found = []
+    for name, command, pattern in (("povray", ["povray", "--version"], r"POV-Ray\s+(\d+(?:\.\d+)+)"),
+                                   ("blender", ["blender", "--version"], r"Blender\s+(\d+(?:\.\d+)+)")):
+        version = _version(command, pattern)
+        found.append(Check(name, version is not None, version or "not found",
+                           f"install it for {name} renders: sudo apt-get install {name}", required=False))
+    return found
+
+
+def check_state(args: argparse.Namespace) -> list[Check]:
+    from farm.config import state_dir
+
+    folder = state_dir(getattr(args, "state", None))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return [Check("state directory", False, f"{folder}: {exc.strerror or exc}",
+                      "make it writable, or choose another with --state DIR or FARM_STATE")]
+    return [Check("state directory", True, f"{folder} (writable)")]
+
+
+def check_config(args: argparse.Namespace) -> list[Check]:
+    from farm.config import load_config
+
+    try:
+        config = load_config(getattr(args, "config", None))
+    except FarmError as exc:
+        return [Check("configuration", False, str(exc), "fix farm.yaml as the message says")]
+    checks = [Check("configuration", True, "valid")]
+    for entry in config.node.allow_commands:
+        present = shutil.which(entry) is not None
+        checks.append(Check(f"allowed command {entry}", present, "found" if present else "not on PATH",
+                            f"install {entry} or remove it from node.allow_commands", required=False))
+    return checks
+
+
+def check_plugins(args: argparse.Namespace) -> list[Check]:
+    from farm.plugins import load_plugins
+
+    loaded = load_plugins()
+    checks = [Check("processors", bool(loaded.processors), ", ".join(sorted(loaded.processors)) or "none",
+                    "reinstall farm: .venv/bin/pip install -e .")]
+    for failure in loaded.failures:
+        checks.append(Check(f"plugin {failure.name}", False, failure.reason,
+                            "fix or uninstall the plugin (see `farm plugins`)"))
+    return checks
+
+
+def check_cluster(args: argparse.Namespace) -> list[Check]:
+    from farm.client import ControllerClient, default_bundle_path
+    from farm.security import Bundle
+
+    named = os.environ.get("FARM_BUNDLE")
+    path = named or (default_bundle_path() if default_bundle_path().exists() else None)
+    if path is None:
+        return [Check("cluster bundle", True, "none (this machine runs batches on its own)", required=False)]
+    try:
+        bundle = Bundle.load(path)
+    except FarmError as exc:
+        return [Check("cluster bundle", False, str(exc), "copy node.yaml from the controller again")]
+    checks = [Check("cluster bundle", True, f"cluster {bundle.cluster} ({path})")]
+    try:
+        info = ControllerClient(bundle, timeout=10).request("GET", "/api/cluster")
+        checks.append(Check("controller", True, f"{info['api']} (scheduler {info['scheduler']})"))
+    except FarmError as exc:
+        checks.append(Check("controller", False, str(exc),
+                            "start `farm controller`, or pass its URL with FARM_CONTROLLER; zeroconf needs "
+                            "multicast between this machine and the controller"))
+    return checks
+
+
+CHECKS: list[Callable[[argparse.Namespace], list[Check]]] = [
+    check_ffmpeg, check_renderers, check_state, check_config, check_plugins, check_cluster,
+]
+
+
+def cmd_doctor(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    results = [check for run in CHECKS for check in run(args)]
+    problems = [check for check in results if not check.ok and check.required]
+    if args.json:
+        print(json.dumps({"ok": not problems, "checks": [asdict(c) for c in results]}, indent=2), file=stdout)
+    else:
+        for check in results:
+            mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
+            print(f"{mark}  {check.name}: {check.found}", file=stdout)
+            if not check.ok:
+                print(f"      -> {check.fix}", file=stdout)
+        print("healthy" if not problems else f"{len(problems)} problem(s)", file=stdout)
+    return ExitStatus.OK if not problems else ExitStatus.JOB_FAILED
