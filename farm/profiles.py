@@ -79,23 +79,23 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    description: str = ""
-    processor: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="how users and droplets refer to it (default: the file name)")
+    description: str = Field(default="", description="one line shown by `farm profiles list`")
+    processor: str = Field(min_length=1, description="a registered processor: command, transcode, imageseq, ...")
     frames: str | None = Field(default=None, description="frame range: 1-240, 1-240x2, 1,5,10-20")
-    segment: SegmentConfig = Field(default_factory=SegmentConfig)
-    settings: dict[str, Any] = Field(default_factory=dict)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="how a job is cut into segments")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the processor's own settings (below)")
     output: str | None = Field(default=None, description="output name template")
-    destination: str | None = None
-    overwrite: bool = False
+    destination: str | None = Field(default=None, description="default destination folder (-o overrides it)")
+    overwrite: bool = Field(default=False, description="replace outputs that already exist")
     retries: int = Field(default=2, ge=0, description="retries per segment")
     timeout: Duration | None = Field(default=None, description="per segment attempt")
     stall_timeout: Duration | None = Field(
         default=None, description="an attempt with no progress for this long is ended"
     )
-    priority: Priority = 0
-    requires: dict[str, str] = Field(default_factory=dict)
-    then: str | None = None
+    priority: Priority = Field(default=0, description="high (10), normal (0), low (-10) or a number")
+    requires: dict[str, str] = Field(default_factory=dict, description="what a node must offer: {povray: '>=3.7'}")
+    then: str | None = Field(default=None, description="a profile to run on this job's first output when it is done")
     max_node_failures: int = Field(
         default=3, ge=1, description="failures on one node before it is kept off the job"
     )
