@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli")
+COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli", "farm.scaffold")
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:
