@@ -11,7 +11,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-_SCRIPTING = ("run", "start", "Batch", "JobHandle")
+_SCRIPTING = ("run", "start", "submit", "Batch", "JobHandle")
 
 
 def __getattr__(name: str) -> object:

@@ -162,4 +162,66 @@ def run(profile: str | Path, inputs: Iterable[str | Path] = (), destination: str
     return batch
 
 
-__all__ = ["Batch", "FarmError", "JobHandle", "run", "start"]
+class RemoteJob:
+    """A job on a controller, read through its API each time it is asked."""
+
+    def __init__(self, client: Any, job_id: str):
+        self._client = client
+        self.id = job_id
+
+    def _doc(self) -> dict[str, Any]:
+        return self._client.job(self.id)
+
+    @property
+    def state(self) -> str:
+        return self._doc()["state"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return self._doc()["outputs"]
+
+    @property
+    def error(self) -> str | None:
+        doc = self._doc()
+        return None if doc["state"] == "done" else doc["error"]
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (state := self.state) not in FINAL:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is still {state} after {timeout} s")
+            time.sleep(poll)
+        return state
+
+    def cancel(self) -> None:
+        self._client.request("POST", f"/api/jobs/{self.id}/cancel")
+
+
+@dataclass
+class RemoteBatch:
+    id: str
+    jobs: list[RemoteJob]
+
+    def wait(self, timeout: float | None = None) -> RemoteBatch:
+        for job in self.jobs:
+            job.wait(timeout)
+        return self
+
+
+def submit(profile: str, inputs: Iterable[str | Path] = (), destination: str | Path | None = None,
+           overrides: Iterable[str] = (), overwrite: bool = False, priority: str | int | None = None,
+           controller: str | None = None, bundle: str | Path | None = None) -> RemoteBatch:
+    """Submit a batch to a controller (``controller`` URL, $FARM_CONTROLLER, or zeroconf);
+    paths are as the controller sees them."""
+    from farm.client import ControllerClient, find_bundle
+
+    client = ControllerClient(find_bundle(str(bundle) if bundle else None), controller)
+    answer = client.submit(profile=str(profile), inputs=[str(Path(p).absolute()) for p in inputs],
+                           destination=str(Path(destination).absolute()) if destination else None,
+                           overrides=list(overrides), overwrite=overwrite, priority=priority)
+    return RemoteBatch(answer["batch"], [RemoteJob(client, job["id"]) for job in answer["jobs"]])
+
+
+__all__ = ["Batch", "FarmError", "JobHandle", "RemoteBatch", "RemoteJob", "run", "start", "submit"]

@@ -288,3 +288,16 @@ def test_a_transcode_batch_is_shared_by_two_nodes_and_verified(cluster):
     assert int(frames) == 200
     detail = c.job(job["id"])
     assert {a["node"] for s in detail["segment_list"] for a in s["attempts"]} == {"enc1", "enc2"}
+
+
+def test_the_python_api_submits_to_a_controller_and_waits(cluster):
+    import farm as farm_api
+
+    c = cluster()
+    c.start_controller()
+    c.start_node("n1")
+    c.wait_for_nodes("n1")
+    batch = farm_api.submit(str(ROOT / "examples" / "testsrc-frames.yaml"), destination=c.root / "out",
+                            overrides=["frames=1-8"], controller=c.url, bundle=c.bundles / "node.yaml")
+    (job,) = batch.jobs
+    assert job.wait(timeout=120) == "done" and len(job.outputs) == 8 and job.error is None
