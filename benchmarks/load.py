@@ -66,7 +66,7 @@ def main() -> None:
 
             t0 = time.monotonic()
             with ThreadPoolExecutor(args.clients) as pool:
-                job_ids = list(pool.map(submit, range(args.jobs)))
+                list(pool.map(submit, range(args.jobs)))
             accepted = time.monotonic() - t0
             with httpx.Client(verify=bundle.client_ssl_context(), timeout=120) as http:
                 def unfinished() -> int:

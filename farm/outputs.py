@@ -8,7 +8,10 @@ extension the processor writes, without the dot), ``{date}`` (YYYY-MM-DD), and
 from __future__ import annotations
 
 import datetime
+import os
+import shutil
 import string
+import uuid
 from pathlib import Path
 
 from farm.errors import ProcessorError
@@ -40,4 +43,18 @@ def output_path(job: Job, default_template: str, ext: str) -> Path:
     target = (destination / name).resolve()
     if not name or target == destination or not target.is_relative_to(destination):
         raise ProcessorError(f"output template {template!r} gives {name!r}, which is not inside {destination}")
+    return target
+
+
+def deliver(source: Path, target: Path) -> Path:
+    """Copy a finished file into its destination under a temporary name on the
+    destination's filesystem, then rename: a reader never sees half a file, and
+    delivering twice is harmless."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.farm-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
     return target

@@ -185,5 +185,26 @@ def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
     return paths
 
 
+def allowed_executable(argv0: str, allow: list[str]) -> str | None:
+    """The real path that ``argv0`` runs when a node's allow-list permits it, else None.
+
+    An entry is a name looked up on PATH (``ffmpeg`` allows the ffmpeg on PATH, not any
+    file called ffmpeg) or an absolute path; symlinks are resolved on both sides.
+    """
+    import shutil
+
+    resolved = shutil.which(argv0)
+    if resolved is None:
+        return None
+    resolved = os.path.realpath(resolved)
+    for entry in allow:
+        if os.sep in entry:
+            if os.path.realpath(entry) == resolved:
+                return resolved
+        elif os.sep not in argv0 and entry == argv0:
+            return resolved
+    return None
+
+
 def token_matches(expected: str, given: str | None) -> bool:
     return given is not None and secrets.compare_digest(expected.encode(), given.encode())

@@ -108,7 +108,7 @@ def test_zero_or_negative_chunk_size(farm, farm_env, good, size):
 
 def test_command_not_on_the_allow_list(farm, farm_env, good):
     path = write_profile(farm_env["tmp"], "p", {**good, "settings": {"command": ["rm", "-rf", "{output_dir}"]}})
-    line = assert_refused(farm("run", path, "-o", farm_env["tmp"] / "o"), "needs command:rm", "allow_commands")
+    assert_refused(farm("run", path, "-o", farm_env["tmp"] / "o"), "needs command:rm", "allow_commands")
     assert not (farm_env["tmp"] / "state" / "farm.db").exists()  # nothing was stored
 
 

@@ -10,9 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from tests.conftest import write_config
 from tests.test_contract import install_throwaway

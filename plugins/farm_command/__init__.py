@@ -8,11 +8,9 @@ syntax or an extra option. Only executables on the node's allow-list
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import string
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,9 @@ from farm import hookimpl
 from farm.errors import PlanError, ProcessorError, ProfileError
 from farm.frames import chunk_frames, format_frames
 from farm.model import Job, Segment, SegmentPlan
+from farm.outputs import deliver
 from farm.processor import Context, Processor
+from farm.security import allowed_executable
 
 #: Tokens a command template may use, and what each one means.
 COMMAND_TOKENS = {
@@ -127,21 +127,6 @@ def executable_name(argv0: str) -> str:
     return Path(argv0).name
 
 
-def allowed_executable(argv0: str, allow: list[str]) -> str | None:
-    """The absolute path that ``argv0`` runs, when the allow-list permits it."""
-    resolved = shutil.which(argv0)
-    if resolved is None:
-        return None
-    resolved = os.path.realpath(resolved)
-    for entry in allow:
-        if os.sep in entry:
-            if os.path.realpath(entry) == resolved:
-                return resolved
-        elif entry == argv0 or (os.sep not in argv0 and entry == executable_name(argv0)):
-            return resolved
-    return None
-
-
 class CommandProcessor(Processor):
     name = "command"
     description = "runs a command line once per frame-range segment"
@@ -224,12 +209,7 @@ class CommandProcessor(Processor):
                     f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite to replace"
                 )
         for target, source in sorted(moves.items()):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Copy under a temporary name on the destination's filesystem, then rename:
-            # a reader never sees half a file, and a re-run is harmless.
-            temporary = target.with_name(f".{target.name}.farm-{uuid.uuid4().hex[:8]}")
-            shutil.copyfile(source, temporary)
-            os.replace(temporary, target)
+            deliver(source, target)
         return [str(target) for target in sorted(moves)]
 
 

@@ -6,11 +6,8 @@ there, readable, of the expected size.
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +17,7 @@ from farm import hookimpl
 from farm.errors import PlanError, ProcessorError
 from farm.frames import chunk_frames, format_frames
 from farm.model import Job, Segment, SegmentPlan
+from farm.outputs import deliver
 from farm.processor import Context, Processor
 
 from farm_imageseq.patterns import FramePattern
@@ -178,10 +176,7 @@ class ImageSequence(Processor):
                 more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
                 raise ProcessorError(f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite")
         for frame, target in sorted(targets.items()):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.farm-{uuid.uuid4().hex[:8]}")
-            shutil.copyfile(files[frame], temporary)
-            os.replace(temporary, target)
+            deliver(files[frame], target)
         return [str(targets[frame]) for frame in sorted(targets)]
 
 

@@ -8,7 +8,6 @@ Adding a renderer: subclass :class:`Renderer`, set ``name`` and ``executable``, 
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shutil
 import string
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from farm.errors import ProcessorError
+from farm.security import allowed_executable
 
 from farm_imageseq.patterns import FramePattern
 
@@ -164,19 +164,6 @@ def check_template(items: list[str]) -> None:
             if field is not None and (field not in TEMPLATE_TOKENS or conversion):
                 known = ", ".join("{" + token + "}" for token in TEMPLATE_TOKENS)
                 raise ValueError(f"unknown token {{{field}}} in {item!r}; expected one of {known}")
-
-
-def allowed_executable(argv0: str, allow: list[str]) -> str | None:
-    resolved = shutil.which(argv0)
-    if resolved is None:
-        return None
-    resolved = os.path.realpath(resolved)
-    for entry in allow:
-        if os.sep in entry and os.path.realpath(entry) == resolved:
-            return resolved
-        if os.sep not in entry and os.sep not in argv0 and entry == argv0:
-            return resolved
-    return None
 
 
 RENDERERS: dict[str, Renderer] = {r.name: r for r in (PovRay(), Blender(), Template())}
