@@ -116,3 +116,54 @@ def test_an_executable_path_that_only_looks_allowed_is_refused(farm, farm_env):
     assert result.returncode == 1
     assert "is not allowed on node" in result.json()["jobs"][0]["error"]
     assert not list(farm_env["tmp"].rglob("PWNED"))
+
+
+@pytest.mark.slow
+def test_every_api_route_wants_the_token(tmp_path):
+    import httpx
+
+    from tests.cluster_helpers import Cluster
+
+    c = Cluster(tmp_path / "c")
+    try:
+        c.start_controller()
+        spec = httpx.get(f"{c.url}/openapi.json", verify=False)
+        routes = [(method.upper(), path) for path, methods in spec.json()["paths"].items() for method in methods] \
+            if spec.status_code == 200 else []
+        assert routes, "the OpenAPI spec lists no routes"
+        for method, path in routes:
+            concrete = path.replace("{job_id}", "j-x").replace("{name}", "n-x").replace("{segment_id}", "s-x")
+            response = httpx.request(method, f"{c.url}{concrete}", verify=False, json={})
+            assert response.status_code == 401, (method, path, response.status_code)
+            assert "token" in response.json()["error"]
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_damaged_media_is_refused_or_fails_with_a_reason(farm, farm_env, seed):
+    import random
+    import subprocess
+
+    source = farm_env["tmp"] / "clip.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=160x120:rate=25:duration=2", "-pix_fmt", "yuv420p", str(source)], check=True)
+    data = bytearray(source.read_bytes())
+    rng = random.Random(seed)
+    if seed % 3 == 0:
+        data = data[: rng.randrange(16, len(data) // 2)]  # truncated
+    else:
+        for _ in range(20 * seed):  # bytes flipped at random
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    source.write_bytes(bytes(data))
+    result = farm("run", "h264-web-720p", source, "-o", farm_env["tmp"] / "out", "--json", timeout=300)
+    assert "Traceback" not in result.stderr
+    if result.returncode == 2:
+        assert result.stderr.startswith("farm: error: ")
+        return
+    job = result.json()["jobs"][0]
+    assert job["state"] in ("done", "failed")
+    if job["state"] == "failed":
+        assert job["error"] and not job["outputs"]
+        assert not (farm_env["tmp"] / "out").exists() or not list((farm_env["tmp"] / "out").glob("*.mp4"))
