@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import yaml
@@ -88,6 +89,9 @@ class FarmConfig(BaseModel):
     node: NodeConfig = Field(default_factory=NodeConfig)
     droplets: DropletList = Field(default_factory=list)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    #: Settings for plugins, by plugin (entry point) name, e.g. ``notify: {...}``; each
+    #: plugin validates its own (see the ``farm_configure`` hook).
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> FarmConfig:

@@ -68,6 +68,7 @@ class Controller:
         from distributed import Client, LocalCluster
 
         settings = self.config.controller
+        self.plugins.configure(self.config.plugins)
         self.store = Store(self.root / STORE_NAME, busy_timeout=STORE_BUSY_SECONDS)
         security = self.bundle.dask_security()
         cluster = None

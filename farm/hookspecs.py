@@ -44,6 +44,16 @@ def farm_node_capabilities(config: NodeConfig) -> dict[str, str]:
     """
 
 
+@hookspec
+def farm_configure(settings: dict[str, Any]) -> None:
+    """Receive the ``plugins:`` section of ``farm.yaml``: ``{plugin name: its settings}``.
+
+    Called once when a controller or ``farm run`` starts, before any batch. A plugin
+    reads its own key and ignores the others; raising :class:`farm.errors.FarmError`
+    (or ``ValueError``) stops the start with that message, naming the plugin.
+    """
+
+
 # -- lifecycle (notifications); called on the controller, never allowed to stop it ----
 
 
@@ -70,3 +80,13 @@ def farm_job_finished(job: Job, outputs: list[str]) -> None:
 @hookspec
 def farm_job_failed(job: Job, reason: str) -> None:
     """A job ended ``failed``; ``reason`` is the sentence shown to users."""
+
+
+@hookspec
+def farm_batch_finished(batch_id: str, jobs: list[dict[str, Any]]) -> None:
+    """Every job of a batch has ended (``done``, ``failed`` or ``cancelled``).
+
+    ``jobs`` holds one dict per job: ``id``, ``input``, ``profile``, ``state``,
+    ``error`` and ``outputs``. Called once per batch, after the last job's end is
+    stored (a job chained with ``then:`` belongs to a batch of its own).
+    """

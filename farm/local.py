@@ -105,6 +105,7 @@ class LocalFarm:
     def start(cls, config: FarmConfig, plugins: Plugins, state: str | None = None,
               node: NodeRuntime | None = None) -> LocalFarm:
         root = state_dir(state)
+        plugins.configure(config.plugins)
         store = Store(root / STORE_NAME)
         node = node or install_runtime(config.node)
         engine = Engine.embedded(node.slots, node.capabilities)

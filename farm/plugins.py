@@ -11,11 +11,12 @@ import importlib.metadata
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import pluggy
 
 from farm import hookspecs
-from farm.errors import FarmError
+from farm.errors import FarmError, UsageError
 from farm.processor import Processor
 
 ENTRY_POINT_GROUP = "farm"
@@ -50,6 +51,15 @@ class Plugins:
             raise UnknownProcessor(
                 f"unknown processor {name!r}; registered processors: {known}"
             ) from None
+
+    def configure(self, settings: dict[str, Any]) -> None:
+        """Hand each plugin the ``plugins:`` section of farm.yaml; a plugin that refuses
+        its settings stops the start with its own message."""
+        for impl in self.manager.hook.farm_configure.get_hookimpls():
+            try:
+                impl.function(settings=settings)
+            except (FarmError, ValueError) as exc:
+                raise UsageError(f"farm.yaml: plugins.{impl.plugin_name}: {exc}") from None
 
     def notify(self, hook_name: str, **kwargs: object) -> None:
         """Call a lifecycle hook; a failing plugin is logged, never fatal."""

@@ -114,6 +114,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self.paused_nodes: set[str] = store.paused_nodes()
         self._unrunnable_checked = 0.0
+        self._ended_batches: set[str] = set()  # told to plugins once their end is committed
 
     # -- submitting --------------------------------------------------------------------
 
@@ -353,6 +354,8 @@ class Scheduler:
         for kind, _, value in items:
             if kind == "call":  # each in its own transaction, answered after its commit
                 self._run_call(*value)
+        if self._ended_batches:
+            self._announce_batches()
         to_cancel, self._to_cancel = self._to_cancel, []
         for attempt in to_cancel:
             self.engine.cancel(attempt.id, attempt.node.address)
@@ -746,6 +749,18 @@ class Scheduler:
         rt.state = new
         if new in TERMINAL_JOB_STATES:
             self._reorder()
+            self._ended_batches.add(rt.job.batch_id)
+
+    def _announce_batches(self) -> None:
+        """Tell plugins about batches whose every job has ended (the store knows the
+        jobs that ended before a restart, too)."""
+        ended, self._ended_batches = self._ended_batches, set()
+        for batch_id in sorted(ended):
+            rows = self.store.jobs(batch_id)
+            if rows and all(row["state"] in TERMINAL_JOB_STATES for row in rows):
+                jobs = [{"id": row["id"], "input": row["input"], "profile": row["profile_name"], "state": row["state"],
+                         "error": row["error"], "outputs": json.loads(row["outputs"] or "[]")} for row in rows]
+                self.plugins.notify("farm_batch_finished", batch_id=batch_id, jobs=jobs)
 
     def _reorder(self) -> None:
         self._order = sorted((rt for rt in self.jobs.values() if rt.state not in TERMINAL_JOB_STATES),
@@ -784,6 +799,7 @@ class Scheduler:
         self.jobs.clear()
         self._order = []
         self._to_cancel = []
+        self._ended_batches = set()
 
     def close(self) -> None:
         self._assembler.shutdown(wait=True)

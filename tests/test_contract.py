@@ -87,6 +87,19 @@ def farm_job_finished(job, outputs):
 @hookimpl
 def farm_job_failed(job, reason):
     record("farm_job_failed", job=job.id, reason=reason)
+
+
+@hookimpl
+def farm_batch_finished(batch_id, jobs):
+    record("farm_batch_finished", batch=batch_id, jobs=jobs)
+
+
+@hookimpl
+def farm_configure(settings):
+    mine = settings.get("farmtest_stamp", {})
+    if "refuse" in mine:
+        raise ValueError(f"refuse must not be set (got {mine['refuse']!r})")
+    record("farm_configure", settings=mine)
 '''
 
 
@@ -139,11 +152,30 @@ def test_third_party_processor_runs_and_every_lifecycle_hook_fires(farm, farm_en
 
     events = read_log(third_party["log"])
     kinds = [event["hook"] for event in events]
-    assert kinds[0] == "farm_batch_submitted" and events[0]["batch"] == report["batch"]
+    assert kinds[0] == "farm_configure" and events[0]["settings"] == {}
+    assert kinds[1] == "farm_batch_submitted" and events[1]["batch"] == report["batch"]
     finished = [e for e in events if e["hook"] == "farm_segment_finished"]
     assert len(finished) == 3 and {e["state"] for e in finished} == {"done"}
     assert sorted(f for e in finished for f in e["result"]["frames"]) == [1, 2, 3, 4, 5, 6]
-    assert kinds[-1] == "farm_job_finished" and len(events[-1]["outputs"]) == 6
+    assert kinds[-2] == "farm_job_finished" and len(events[-2]["outputs"]) == 6
+    assert kinds[-1] == "farm_batch_finished" and events[-1]["batch"] == report["batch"]
+    assert [(j["id"], j["state"], len(j["outputs"])) for j in events[-1]["jobs"]] == [(job["id"], "done", 6)]
+
+
+def test_plugins_get_their_settings_from_farm_yaml_and_may_refuse_them(farm, farm_env, third_party):
+    profile = write_profile(farm_env["tmp"], "stamp", {"processor": "stamp", "frames": "1", "settings": {"word": "x"}})
+    config = farm_env["tmp"] / "farm.yaml"
+    config.write_text("plugins:\n  farmtest_stamp: {greeting: hi}\n  someone_else: {x: 1}\n")
+    result = farm("--config", config, "run", profile, "-o", farm_env["tmp"] / "dest")
+    assert result.returncode == 0, result.stderr
+    configured = [e for e in read_log(third_party["log"]) if e["hook"] == "farm_configure"]
+    assert [e["settings"] for e in configured] == [{"greeting": "hi"}]
+
+    config.write_text("plugins:\n  farmtest_stamp: {refuse: 3}\n")
+    result = farm("--config", config, "run", profile, "-o", farm_env["tmp"] / "dest2")
+    assert result.returncode == 2
+    assert "plugins.farmtest_stamp: refuse must not be set (got 3)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_job_failed_hook_fires_with_the_reason(farm, farm_env, third_party):
@@ -157,6 +189,8 @@ def test_job_failed_hook_fires_with_the_reason(farm, farm_env, third_party):
     assert result.returncode == 1
     failed = [e for e in read_log(third_party["log"]) if e["hook"] == "farm_job_failed"]
     assert len(failed) == 1 and "assembly failed" in failed[0]["reason"]
+    [batch] = [e for e in read_log(third_party["log"]) if e["hook"] == "farm_batch_finished"]
+    assert batch["jobs"][0]["state"] == "failed" and batch["jobs"][0]["error"] == failed[0]["reason"]
     assert result.json()["jobs"][0]["error"] == failed[0]["reason"]
 
 
