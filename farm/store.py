@@ -165,11 +165,21 @@ class Store:
             except BaseException:
                 self._depth -= 1
                 if outer:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                 raise
             self._depth -= 1
             if outer:
-                self._execute("COMMIT")
+                try:
+                    self._execute("COMMIT")
+                except StoreError:
+                    self._rollback()  # else the connection keeps the write lock and every later BEGIN fails
+                    raise
+
+    def _rollback(self) -> None:
+        # A full disk makes SQLite roll the transaction back by itself; a second ROLLBACK
+        # would then raise "no transaction is active" and hide the real reason.
+        if self._db.in_transaction:
+            self._execute("ROLLBACK")
 
     def _one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
         """The first row; the statement is finished at once, because a half-read cursor

@@ -74,3 +74,48 @@ def lavfi(path: Path, *, seconds: float = 2.0, size: str = "320x240", rate: int 
     cmd += ["-pix_fmt", "yuv420p", *(extra or []), str(path)]
     subprocess.run(cmd, check=True)
     return path
+
+
+@pytest.fixture
+def tmpfs():
+    """``mount(folder, size)``: a small tmpfs at ``folder`` (root only, else the test is
+    skipped), unmounted at teardown. A fixture that starts processes using the mount
+    should be set up after this one, so that it is torn down before the unmount."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        # lazy: a process that still holds a file there must not keep the mount behind
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system holding ``folder`` with one file, leaving about ``leave``
+    bytes free; returns the file (delete it to free the space)."""
+    filler = folder / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = b"\0" * 65536
+        while True:
+            try:
+                os.write(descriptor, block)
+            except OSError:  # ENOSPC; smaller writes take the last partial block
+                if len(block) == 512:
+                    break
+                block = block[: len(block) // 2]
+    finally:
+        os.close(descriptor)
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler

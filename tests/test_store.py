@@ -97,3 +97,27 @@ def test_an_unopenable_store_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open the state store"):
         Store(blocker / "farm.db")
+
+
+@pytest.mark.parametrize("rows", [3, 2000], ids=["small-commit", "spills-mid-transaction"])
+def test_a_full_disk_is_a_store_error_and_the_store_works_once_there_is_room(tmpfs, tmp_path, rows):
+    from farm.errors import StoreError
+    from tests.conftest import fill_disk
+
+    folder = tmpfs(tmp_path / "small", "1m")
+    store = Store(folder / "farm.db")
+    filler = fill_disk(folder)
+    try:
+        # a big transaction outgrows SQLite's page cache and fails mid-way, and SQLite
+        # then rolls it back by itself; a small one fails at COMMIT
+        with pytest.raises(StoreError, match="cannot be written: database or disk is full"):
+            with store.transaction():
+                for i in range(rows):
+                    store._execute("INSERT INTO batches(id, created, origin) VALUES (?, ?, ?)",
+                                   (f"b{i}", 0.0, "x" * 2000))
+        assert not store._db.in_transaction  # not left holding the write lock
+        filler.unlink()
+        store.add_batch("after", "test", [], [])
+        assert [row["id"] for row in store._rows("SELECT id FROM batches")] == ["after"]
+    finally:
+        store.close()
