@@ -16,6 +16,7 @@ import pytest
 
 from farm.store import Store
 from tests.cluster_helpers import Cluster
+from tests.conftest import fill_disk, write_config, write_profile
 from tests.test_cluster import alive, frames_in, work_profile
 
 pytestmark = pytest.mark.slow
@@ -126,10 +127,15 @@ def test_the_controller_killed_five_times_during_one_batch(cluster):
     assert len(recovered) >= 3
 
 
-def test_a_locked_store_refuses_new_work_and_loses_nothing_accepted(cluster):
-    import sqlite3
+def a_blocked_store_refuses_new_work_and_loses_nothing_accepted(c: Cluster, block, *reason: str) -> None:
+    """Mid-batch, ``block()`` stops the store from being written and returns how to undo
+    it. While blocked, a submission is refused with ``reason`` in one line (no 500, no
+    traceback); afterwards the accepted batch finishes with every output exactly once and
+    the refused one left no job behind."""
+    import httpx
 
-    c = cluster()
+    from farm.security import Bundle
+
     c.start_controller()
     c.start_node("n1", "--slots", "1")
     c.wait_for_nodes("n1")
@@ -137,21 +143,59 @@ def test_a_locked_store_refuses_new_work_and_loses_nothing_accepted(cluster):
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
     c.wait_until(lambda: c.job(job_id)["segments_done"] >= 2, 60, "the batch to be under way")
 
-    locker = sqlite3.connect(c.root / "state" / "farm.db", isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")  # another process holds the store
+    unblock = block()
     try:
         refused = c.farm("submit", profile, "-o", c.root / "out2", "--json", timeout=120)
         assert refused.returncode != 0
-        assert "cannot be written" in refused.stderr and "locked" in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("farm: error: ") and refused.stderr.count("\n") == 1, refused.stderr
+        assert all(words in refused.stderr for words in reason), refused.stderr
         assert "Traceback" not in refused.stderr
+        token = Bundle.load(c.bundles / "node.yaml").token
+        answer = httpx.post(f"{c.url}/api/batches", verify=False, timeout=120,
+                            headers={"Authorization": f"Bearer {token}"},
+                            json={"profile": str(profile), "inputs": [], "destination": str(c.root / "out3")})
+        assert answer.status_code != 500 and answer.status_code >= 400
+        assert all(words in answer.json()["error"] for words in reason), answer.text
+        # the controller has stopped taking work, so nothing of a refused batch can linger in it
+        c.wait_until(lambda: "new work is refused" in (c.root / "controller.log").read_text(), 60,
+                     "the controller to stop taking work")
     finally:
-        locker.execute("ROLLBACK")
-        locker.close()
+        unblock()
     done = finished(c, job_id)
     assert done["state"] == "done", done["error"]
     assert_exact_outputs(c.root / "out", 15)
     jobs = json.loads(c.farm("status", "--json").stdout)
-    assert [j["id"] for j in jobs] == [job_id]  # the refused batch left nothing behind
+    assert [j["id"] for j in jobs] == [job_id]  # the refused batches left nothing behind
+    assert not any((c.root / name).exists() and list((c.root / name).iterdir()) for name in ("out2", "out3"))
+
+
+def test_a_locked_store_refuses_new_work_and_loses_nothing_accepted(cluster):
+    import sqlite3
+
+    c = cluster()
+
+    def lock():
+        locker = sqlite3.connect(c.root / "state" / "farm.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the store
+
+        def release():
+            locker.execute("ROLLBACK")
+            locker.close()
+        return release
+
+    a_blocked_store_refuses_new_work_and_loses_nothing_accepted(c, lock, "cannot be written", "locked")
+
+
+def test_a_full_disk_under_the_store_refuses_new_work_and_loses_nothing_accepted(tmpfs, cluster):
+    # tmpfs before cluster: the controller stops before its state directory is unmounted
+    c = cluster()
+    state = tmpfs(c.root / "state", "16m")
+
+    def fill():
+        filler = fill_disk(state)
+        return filler.unlink
+
+    a_blocked_store_refuses_new_work_and_loses_nothing_accepted(c, fill, "cannot be written", "database or disk is full")
 
 
 FILL_SCRATCH = """
@@ -162,39 +206,29 @@ scratch, out, frame = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.
 """
 
 
-def test_a_node_with_a_full_scratch_disk_fails_clearly_and_the_work_runs_elsewhere(cluster, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs as a full scratch disk needs root")
-    small = tmp_path / "small-scratch"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        c = cluster()
-        c.start_controller()
-        env_full = {"TMPDIR": str(small)}
-        c.start_node("cramped", "--slots", "1", extra_env=env_full)
-        c.start_node("roomy", "--slots", "1")
-        c.wait_for_nodes("cramped", "roomy")
-        script = c.root / "fill.py"
-        script.write_text(FILL_SCRATCH)
-        from tests.conftest import write_profile
-
-        profile = write_profile(c.root, "fill", {
-            "processor": "command", "frames": "1-4", "segment": {"frames": 1}, "retries": 3,
-            "settings": {"command": [sys.executable, str(script), "{scratch}", "{output_dir}", "{start}"],
-                         "expect": ["frame_{frame:04d}.txt"]},
-        })
-        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-        done = finished(c, job_id)
-        assert done["state"] == "done", done["error"]
-        assert_exact_outputs(c.root / "out", 4)
-        failures = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "failed"]
-        assert failures and all(a["node"] == "cramped" and "No space left on device" in a["reason"] for a in failures)
-        assert {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "done"} == {"roomy"}
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+def test_a_node_with_a_full_scratch_disk_fails_clearly_and_the_work_runs_elsewhere(tmpfs, cluster, tmp_path):
+    # tmpfs before cluster: the nodes stop before their scratch disk is unmounted
+    small = tmpfs(tmp_path / "small-scratch", "512k")
+    c = cluster()
+    c.start_controller()
+    env_full = {"TMPDIR": str(small)}
+    c.start_node("cramped", "--slots", "1", extra_env=env_full)
+    c.start_node("roomy", "--slots", "1")
+    c.wait_for_nodes("cramped", "roomy")
+    script = c.root / "fill.py"
+    script.write_text(FILL_SCRATCH)
+    profile = write_profile(c.root, "fill", {
+        "processor": "command", "frames": "1-4", "segment": {"frames": 1}, "retries": 3,
+        "settings": {"command": [sys.executable, str(script), "{scratch}", "{output_dir}", "{start}"],
+                     "expect": ["frame_{frame:04d}.txt"]},
+    })
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    done = finished(c, job_id)
+    assert done["state"] == "done", done["error"]
+    assert_exact_outputs(c.root / "out", 4)
+    failures = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "failed"]
+    assert failures and all(a["node"] == "cramped" and "No space left on device" in a["reason"] for a in failures)
+    assert {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "done"} == {"roomy"}
 
 
 SLOW_READ = """
@@ -208,8 +242,6 @@ time.sleep(0.7)
 
 @pytest.mark.parametrize("change", ["deleted", "changed"])
 def test_a_source_deleted_or_changed_mid_job_fails_the_job_with_the_reason(farm_env, change):
-    from tests.conftest import write_config, write_profile
-
     write_config(farm_env, slots=1)
     tmp = farm_env["tmp"]
     source = tmp / "source.mov"
