@@ -420,3 +420,23 @@ def test_long_batches_are_summarised_not_dumped():
     notice = job_failed(job, "it broke")
     assert notice.subject == "[farm] job j9 failed: a b.mov (profile p)"
     assert notice.payload["job"]["input"] == "/in/a\nb.mov" and notice.payload["reason"] == "it broke"
+
+
+def test_the_documented_example_is_valid(monkeypatch):
+    import re
+
+    from farm_notify.settings import parse_settings
+    from tests.conftest import ROOT
+
+    page = (ROOT / "docs" / "notify.md").read_text()
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", page, re.S).group(1))
+    monkeypatch.setenv("FARM_SMTP_PASSWORD", "x")
+    monkeypatch.setenv("FARM_HOOK_TOKEN", "Bearer y")
+    settings = parse_settings(example["plugins"]["notify"])
+    assert [target.describe() for target in settings.targets] == [
+        "email smtp smtp.example.com:587 to render-team@example.com, producer@example.com",
+        "webhook https://hooks.example.com",
+        "webhook https://chat.example.com",
+    ]
+    assert settings.webhooks[0].request_headers == {"Authorization": "Bearer y"}
+    assert settings.webhooks[1].events == ["batch_done", "job_failed"]
