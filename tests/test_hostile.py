@@ -4,6 +4,7 @@ that try to leave their roots."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def test_every_api_route_wants_the_token(tmp_path):
             if spec.status_code == 200 else []
         assert routes, "the OpenAPI spec lists no routes"
         for method, path in routes:
-            concrete = path.replace("{job_id}", "j-x").replace("{name}", "n-x").replace("{segment_id}", "s-x")
+            concrete = re.sub(r"\{[a-z_]+\}", "x-1", path)
             response = httpx.request(method, f"{c.url}{concrete}", verify=False, json={})
             assert response.status_code == 401, (method, path, response.status_code)
             assert "token" in response.json()["error"]
@@ -167,3 +168,88 @@ def test_damaged_media_is_refused_or_fails_with_a_reason(farm, farm_env, seed):
     if job["state"] == "failed":
         assert job["error"] and not job["outputs"]
         assert not (farm_env["tmp"] / "out").exists() or not list((farm_env["tmp"] / "out").glob("*.mp4"))
+
+
+def _edit(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert old in data, f"{old!r} not in {path.name}"
+    path.write_bytes(data.replace(old, new))
+
+
+def _sof(path: Path, width: int, height: int) -> None:
+    """Every JPEG frame header (SOF0) of an MJPEG movie claims this picture size."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\xc0")
+    while at >= 0:
+        data[at + 5:at + 9] = struct.pack(">HH", height, width)
+        at = data.find(b"\xff\xc0", at + 2)
+    path.write_bytes(bytes(data))
+
+
+def _absurd(folder: Path) -> dict[str, tuple[str, str]]:
+    """Movies whose metadata is absurd, made with ffmpeg and edited bytes; for each, the
+    outcome and the words of its reason."""
+    from tests.conftest import lavfi
+
+    def clip(name: str, *extra: str) -> Path:
+        return lavfi(folder / name, seconds=1, size="96x64", extra=list(extra))
+
+    y4m = clip("huge.y4m").read_bytes()
+    header = y4m[: y4m.index(b"\n")]
+    for name, old, new in [("huge.y4m", b"W96 H64", b"W16384 H16384"), ("rate0.y4m", b"F25:1", b"F0:1"),
+                           ("fast.y4m", b"F25:1", b"F1000000:1"), ("slow.y4m", b"F25:1", b"F1:1000000")]:
+        (folder / name).write_bytes(header.replace(old, new) + y4m[len(header):])
+    _sof(clip("tall.mkv", "-pix_fmt", "yuvj420p", "-c:v", "mjpeg"), 8, 60000)
+    _sof(clip("bigjpeg.avi", "-pix_fmt", "yuvj420p", "-c:v", "mjpeg"), 16000, 16000)
+    # Matroska's DefaultDuration (0x23E383, 4 bytes) of 40 ms said to be 4295 s
+    _edit(clip("duration.mkv", "-c:v", "libx264"), bytes.fromhex("23e3838402625a00"), bytes.fromhex("23e38384ffffffff"))
+    negative = ["-c:v", "libx264", "-output_ts_offset", "-10"]
+    clip("edit-list.mp4", *negative)  # an edit list that starts 10 s after the last frame
+    clip("negative.ts", *negative, "-avoid_negative_ts", "disabled")  # timestamps from -10 s
+    clip("untimed.mkv", *negative, "-avoid_negative_ts", "disabled")  # no timestamps left at all
+    clip("wrapped.flv", *negative, "-avoid_negative_ts", "disabled")  # -10 s wraps to 24.8 days
+    clip("good.mp4")
+    return {
+        "huge.y4m": ("failed", "Picture size 16384x16384 is invalid"),
+        "tall.mkv": ("failed", "picture of 8x60000, which is not plausible"),
+        "bigjpeg.avi": ("failed", "ffmpeg failed with exit status 1: Error while decoding stream"),
+        "rate0.y4m": ("done", ""),  # ffmpeg reads a rate of 0 as 25 fps
+        "fast.y4m": ("failed", "frame rate of 1e+06 fps (from its header and timestamps) is not plausible"),
+        "slow.y4m": ("failed", "frame rate of 1e-06 fps (from its header and timestamps) is not plausible"),
+        "duration.mkv": ("done", ""),  # the last frame lasts one frame, as at any constant rate
+        "edit-list.mp4": ("failed", "its edit list cuts away all 25 of them"),
+        "negative.ts": ("done", ""),
+        "untimed.mkv": ("failed", "none of the 25 frames of its video stream has a timestamp"),
+        "wrapped.flv": ("done", ""),
+        "good.mp4": ("done", ""),
+    }
+
+
+@pytest.mark.slow
+def test_absurd_media_metadata_is_refused_or_fails_with_a_reason(farm, farm_env):
+    import subprocess
+
+    folder = farm_env["tmp"] / "in"
+    folder.mkdir()
+    cases = _absurd(folder)
+    out = farm_env["tmp"] / "out"
+    result = farm("run", "h264-web-720p", *(folder / name for name in cases), "-o", out, "--json", timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    jobs = {Path(job["input"]).name: job for job in result.json()["jobs"]}
+    outcomes = {name: (job["state"], job["error"] or "") for name, job in jobs.items()}
+    for name, (state, words) in cases.items():
+        got, error = outcomes[name]
+        assert got == state and words in error and "Traceback" not in error, (name, outcomes[name])
+    for name, job in jobs.items():
+        stem = Path(name).stem
+        made = sorted(p.name for p in out.iterdir() if p.name.startswith((stem, f".{stem}")))  # temporaries too
+        if job["state"] == "failed":
+            assert not job["outputs"] and not made, (name, made)  # nothing half-written delivered
+            continue
+        assert made == [f"{Path(name).stem}-720p.mp4"]
+        frames = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                                 "stream=nb_read_frames,height", "-of", "csv=p=0", str(out / made[0])],
+                                capture_output=True, text=True).stdout.strip()
+        assert frames == "720,25", (name, frames)

@@ -29,12 +29,15 @@ Assemble
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import uuid
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ from farm.processor import Context, Processor
 
 from farm_transcode import ffmpeg_io
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
-from farm_transcode.probe import FFPROBE, SourceFacts, probe_output, probe_source
+from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output, probe_source
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
 from farm_transcode.verify import Expected, problems
 
@@ -56,6 +59,31 @@ DEFAULT_OUTPUT = "{stem}-{profile}.{ext}"
 #: Common rates a variable-frame-rate source is converted to when the profile names none.
 COMMON_RATES = [Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
                 Fraction(50), Fraction(60000, 1001), Fraction(60)]
+
+
+#: A line of the report ``-progress pipe:1`` mixes into ffmpeg's output (frame=12, progress=end).
+_PROGRESS_LINE = re.compile(r"^[a-z][a-z0-9_]*=")
+
+
+def run_ffmpeg(context: Context, argv: list[str], on_line: Callable[[str], None] | None = None,
+               **options: Any) -> Any:
+    """``context.run`` for ffmpeg, whose failure is told in its own words: the runner's
+    reason is the last line of output, which with ``-progress`` is only ``progress=end``."""
+    said: collections.deque[str] = collections.deque(maxlen=20)
+
+    def watch(line: str) -> None:
+        if line.strip() and not _PROGRESS_LINE.match(line):
+            said.append(line)
+        if on_line is not None:
+            on_line(line)
+
+    result = context.run(argv, on_line=watch, check=False, **options)
+    if result.exit_status != 0:
+        ending = f"exit status {result.exit_status}" if result.signal is None else \
+            f"killed by {signal.Signals(result.signal).name}"
+        reason = last_error("\n".join(said))
+        raise ProcessorError(f"{Path(argv[0]).name} failed with {ending}: {reason}")
+    return result
 
 
 def seek_point(seconds: float, first: int, source: Any | None) -> float:
@@ -221,12 +249,12 @@ class TranscodeProcessor(Processor):
 
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
-            context.run(ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
-                        cwd=context.scratch, on_line=on_line)
+            run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
+                       cwd=context.scratch, on_line=on_line)
             argv = ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 2)
         else:
             argv = ffmpeg_io.video_segment(facts, settings, params, out, threads)
-        context.run(argv, cwd=context.scratch, on_line=on_line)
+        run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")
         frames = found.frames(streams[0]) if streams else 0
@@ -248,8 +276,8 @@ class TranscodeProcessor(Processor):
             if line.startswith("out_time_us=") and line[12:].strip().lstrip("-").isdigit():
                 context.progress(min(int(line[12:]) / 1e6 / total, 1.0), "audio")
 
-        context.run(ffmpeg_io.audio_segment(facts, settings.audio, settings.box, streams, out),
-                    cwd=context.scratch, on_line=on_line)
+        run_ffmpeg(context, ffmpeg_io.audio_segment(facts, settings.audio, settings.box, streams, out),
+                   cwd=context.scratch, on_line=on_line)
         found = probe_output(out, context.run, context.scratch)
         tracks = found.of_type("audio")
         if len(tracks) != len(streams):
@@ -298,10 +326,11 @@ class TranscodeProcessor(Processor):
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.stem}.farm-{uuid.uuid4().hex[:8]}{target.suffix}")
         try:
-            context.run(ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
-                                      audio_file=Path(audio["file"]) if audio else None,
-                                      audio_streams=audio["params"]["streams"] if audio else [], audio_offset=offset),
-                        cwd=context.scratch)
+            run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
+                                              audio_file=Path(audio["file"]) if audio else None,
+                                              audio_streams=audio["params"]["streams"] if audio else [],
+                                              audio_offset=offset),
+                       cwd=context.scratch)
             found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
             wrong = problems(found, expected)
             if wrong:

@@ -25,6 +25,12 @@ from farm_transcode.settings import parse_rate
 
 FFPROBE = "ffprobe"
 PROBE_TIMEOUT = 600.0
+#: Beyond these a header or the timestamps are damaged or hostile, not a movie: a side
+#: longer than any encoder here takes (the profiles' own limit), more than 1000 frames a
+#: second, or less than one frame an hour (mp4 cannot even store such a frame's duration).
+MAX_SIDE = 16384
+MAX_RATE = Fraction(1000)
+MIN_RATE = Fraction(1, 3600)
 #: Demuxers that read other files named inside the source: never accepted as sources.
 REFUSED_FORMATS = {"hls", "applehttp", "concat", "dash", "sdp", "rtsp", "rtp", "ffmetadata", "tee", "image2"}
 #: Text that marks a playlist or a list of files, whatever the file is called.
@@ -114,13 +120,15 @@ def _ffprobe(args: list[str], timeout: float = PROBE_TIMEOUT) -> subprocess.Comp
         raise PlanError(f"ffprobe took longer than {timeout:g} s to read the source") from None
 
 
-def _last_error(stderr: str, path: Path | None = None) -> str:
+def last_error(stderr: str, path: Path | None = None) -> str:
     """ffprobe's complaints as one phrase: ``moov atom not found; Invalid data found ...``."""
     said: list[str] = []
     for line in stderr.splitlines():
-        line = re.sub(r"^\[[^\]]+\]\s*", "", line.strip())  # "[mov,mp4 @ 0x55...] "
+        line = re.sub(r"^(\[[^\]]+\]\s*)+", "", line.strip())  # "[mov,mp4 @ 0x55...] [IMGUTILS @ 0x7f...] "
         if path is not None and line.startswith(f"{path}: "):
             line = line[len(str(path)) + 2:]
+        if line.startswith("Last message repeated"):  # says nothing new
+            continue
         if line and line not in said:
             said.append(line)
     return "; ".join(said[-3:]) if said else "no reason given"
@@ -179,7 +187,7 @@ def probe_source(path: Path) -> SourceFacts:
     proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
                      "-of", "json", str(path)])
     if proc.returncode != 0:
-        raise PlanError(f"ffprobe cannot read {path.name} as a movie: {_last_error(proc.stderr, path)}")
+        raise PlanError(f"ffprobe cannot read {path.name} as a movie: {last_error(proc.stderr, path)}")
     try:
         data = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -218,17 +226,26 @@ def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) 
     problems = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode != 0 or problems:
         raise PlanError(f"{path.name} cannot be read to the end; it may be truncated or damaged: "
-                        f"{_last_error(proc.stderr, path)}")
+                        f"{last_error(proc.stderr, path)}")
     packets = []
+    discarded = untimed = 0
     for line in proc.stdout.splitlines():
         parts = line.split(",")
         if len(parts) < 4 or "D" in parts[3]:  # discarded packets (edit lists) are never shown
+            discarded += len(parts) >= 4
             continue
         pts = parts[0] if parts[0] not in ("", "N/A") else parts[1]
         if pts in ("", "N/A"):
+            untimed += 1
             continue
         duration = int(parts[2]) if parts[2] not in ("", "N/A") else 0
         packets.append((int(pts), duration, "K" in parts[3]))
+    if not packets and discarded:
+        raise PlanError(f"{path.name}: its video stream has no frames to show: its edit list cuts away all "
+                        f"{discarded} of them (they lie before the start it sets)")
+    if not packets and untimed:
+        raise PlanError(f"{path.name}: none of the {untimed} frames of its video stream has a timestamp; "
+                        "the file may be damaged")
     if not packets:
         raise PlanError(f"{path.name}: its video stream has no frames")
     declared = stream.get("nb_frames")
@@ -253,16 +270,28 @@ def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) 
     expected = 1 / (rate * tb)  # ticks per frame
     tolerance = max(Fraction(3, 2), expected / 100)
     vfr = any(abs(d - expected) > tolerance for d in deltas)
-    last_duration = packets[-1][1] if not vfr else packets[-1][1] or (deltas[-1] if deltas else 0)
+    last_claim = packets[-1][1]
+    if not vfr and last_claim and abs(last_claim - expected) > tolerance:
+        # At a constant rate the last frame lasts one frame, whatever a damaged header (a
+        # Matroska DefaultDuration of 4295 s) claims: no constant-rate encode could match it.
+        last_claim = round(expected)
+    last_duration = last_claim if not vfr else last_claim or (deltas[-1] if deltas else 0)
     if not last_duration:
         last_duration = expected
     duration = float((pts[-1] + last_duration - pts[0]) * tb)
-    end_pts = pts[-1] + max(0, packets[-1][1])
+    end_pts = pts[-1] + max(0, last_claim)
     if vfr:  # the average, from the frames themselves (containers often state a nominal rate)
         rate = (Fraction(len(pts)) / Fraction(duration).limit_denominator(100000)).limit_denominator(1001)
+    width, height = int(stream.get("width") or 0), int(stream.get("height") or 0)
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise PlanError(f"{path.name}: its header gives a picture of {width}x{height}, which is not plausible "
+                        f"(at most {MAX_SIDE} pixels a side); the file may be damaged")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise PlanError(f"{path.name}: its frame rate of {float(rate):.6g} fps (from its header and timestamps) is "
+                        f"not plausible (expected one frame an hour to {MAX_RATE} fps); the file may be damaged")
     keyframes = [i for i, (_, _, key) in enumerate(packets) if key]
-    return VideoFacts(index=index, codec=str(stream.get("codec_name", "?")), width=int(stream.get("width") or 0),
-                      height=int(stream.get("height") or 0), time_base=f"{tb.numerator}/{tb.denominator}",
+    return VideoFacts(index=index, codec=str(stream.get("codec_name", "?")), width=width,
+                      height=height, time_base=f"{tb.numerator}/{tb.denominator}",
                       rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=len(pts), start_pts=pts[0], last_pts=pts[-1], end_pts=end_pts,
                       duration=duration, pts=pts, keyframes=keyframes)
 
