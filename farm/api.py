@@ -1,25 +1,39 @@
-"""The controller's HTTP API (FastAPI): batches, jobs, segments, attempts, nodes.
+"""The controller's HTTP API (FastAPI): batches, jobs, segments, attempts, nodes, events,
+and the Batch Monitor page at ``/``.
 
-Every route wants ``Authorization: Bearer TOKEN``. Errors are JSON ``{"error": ...}``
-with a sentence a person can act on. Reads come from the store; changes go through
-the scheduler's own thread.
+Every ``/api`` route wants ``Authorization: Bearer TOKEN``. Errors are JSON
+``{"error": ...}`` with a sentence a person can act on. Reads come from the store (one
+query for a list, however long); changes go through the scheduler's own thread. Live
+changes stream from ``/api/events/stream`` as server-sent events.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+import time
+from collections.abc import AsyncIterator
+from importlib.resources import files
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
 from farm.errors import FarmError
+from farm.model import TERMINAL_JOB_STATES
+from farm.profiles import Priority
 from farm.security import token_matches
 from farm.store import Store
+
+log = logging.getLogger("farm.api")
+KEEPALIVE_SECONDS = 15.0
+EVENTS_HEADER = "X-Farm-Events"  # the last live event id when a list was read: stream from there
+WEB_FILES = {"monitor.js": "text/javascript", "monitor.css": "text/css"}
 
 
 class ApiError(Exception):
@@ -31,30 +45,82 @@ class ApiError(Exception):
 class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: str = Field(min_length=1, description="profile name or path on the controller")
+    profile: str = Field(min_length=1, max_length=4096, description="profile name or path on the controller")
     inputs: list[str] = Field(default_factory=list, description="input paths as the controller sees them")
-    destination: str | None = None
+    destination: str | None = Field(default=None, max_length=4096)
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as --set")
     overwrite: bool = False
     priority: str | int | None = Field(default=None, description="high, normal, low or a number")
 
 
-def job_document(row: Any, segments: list[Any] | None = None) -> dict[str, Any]:
-    doc = {
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segments: Literal["failed", "all"] = Field(
+        default="failed", description="failed: only failed and cancelled segments; all: the whole job again")
+
+
+class PriorityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Priority = Field(description="high (10), normal (0), low (-10) or a whole number")
+
+
+def job_document(row: Any) -> dict[str, Any]:
+    """A job as lists show it; ``row`` comes from :meth:`Store.job_summaries`."""
+    return {
         "id": row["id"], "batch": row["batch_id"], "input": row["input"], "profile": row["profile_name"],
         "processor": row["processor"], "destination": row["destination"], "priority": row["priority"],
         "state": row["state"], "error": row["error"], "waiting": row["waiting"],
         "outputs": json.loads(row["outputs"] or "[]"), "created": row["created"], "updated": row["updated"],
+        "started": row["first_start"], "segments": row["segments_total"], "segments_done": row["segments_done"] or 0,
     }
-    if segments is not None:
-        doc["segments"] = len(segments)
-        doc["segments_done"] = sum(1 for s in segments if s["state"] == "done")
-    return doc
+
+
+def batch_state(states: list[str]) -> str:
+    if any(state not in TERMINAL_JOB_STATES for state in states):
+        for state in ("running", "assembling", "queued", "paused"):
+            if state in states:
+                return "running" if state == "assembling" else state
+    if all(state == "done" for state in states):
+        return "done"
+    return "failed" if "failed" in states else "cancelled"
+
+
+def batch_documents(batch_rows: list[Any], jobs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    by_batch: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        by_batch.setdefault(job["batch"], []).append(job)
+    documents = []
+    for row in batch_rows:
+        members = by_batch.get(row["id"], [])
+        total = sum(job["segments"] for job in members)
+        done = sum(job["segments_done"] for job in members)
+        starts = [job["started"] for job in members if job["started"]]
+        state = batch_state([job["state"] for job in members]) if members else "done"
+        progress = done / total if total else (1.0 if state == "done" else 0.0)
+        eta = None
+        if starts and state in ("running", "queued") and 0 < progress < 1:
+            eta = round((now - min(starts)) * (1 - progress) / progress, 1)
+        documents.append({
+            "id": row["id"], "origin": row["origin"], "created": row["created"], "state": state,
+            "jobs": len(members), "jobs_by_state": {s: sum(1 for j in members if j["state"] == s)
+                                                    for s in sorted({j["state"] for j in members})},
+            "segments": total, "segments_done": done, "progress": round(progress, 4),
+            "started": min(starts) if starts else None, "eta_seconds": eta,
+        })
+    return documents
+
+
+def attempt_document(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "segment": row["segment_id"], "node": row["node"], "state": row["state"],
+            "started": row["started"], "ended": row["ended"], "exit_status": row["exit_status"],
+            "reason": row["reason"]}
 
 
 def create_app(controller: Any) -> FastAPI:
     app = FastAPI(title="Farm", version=__version__,
-                  description="The Farm controller: batches, jobs, segments and nodes.")
+                  description="The Farm controller: batches, jobs, segments, nodes and live events.")
     reader = Store(controller.store.path)
     bearer = HTTPBearer(auto_error=False)
 
@@ -63,6 +129,8 @@ def create_app(controller: Any) -> FastAPI:
             raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer TOKEN' with the "
                                 "cluster's token (in its bundle)")
 
+    guarded = [Depends(authorised)]
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -70,6 +138,17 @@ def create_app(controller: Any) -> FastAPI:
     @app.exception_handler(FarmError)
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = "no such route: see /docs for the API" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"the controller failed on this request ({type(exc).__name__}); "
+                                      "its log has the details"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,76 +162,175 @@ def create_app(controller: Any) -> FastAPI:
             raise ApiError(404, f"no job {job_id!r}")
         return row
 
-    @app.get("/api/cluster", dependencies=[Depends(authorised)])
+    def in_scheduler(fn: Any) -> Any:
+        """Run a change in the scheduler's thread; a refusal is a conflict, not a crash."""
+        try:
+            return controller.scheduler.call(fn).result(timeout=30)
+        except FarmError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    # -- the page ------------------------------------------------------------------------
+
+    web = files("farm") / "web"
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(web.joinpath("index.html").read_text(encoding="utf-8"),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get("/web/{name}", include_in_schema=False)
+    def asset(name: str) -> Response:
+        if name not in WEB_FILES:
+            raise ApiError(404, f"no file {name!r}")
+        return PlainTextResponse(web.joinpath(name).read_text(encoding="utf-8"), media_type=WEB_FILES[name])
+
+    # -- reading -------------------------------------------------------------------------
+
+    @app.get("/api/cluster", dependencies=guarded)
     def cluster() -> dict[str, Any]:
         return controller.info()
 
-    @app.post("/api/batches", status_code=201, dependencies=[Depends(authorised)])
+    @app.get("/api/batches", dependencies=guarded)
+    def batches(response: Response) -> list[dict[str, Any]]:
+        response.headers[EVENTS_HEADER] = str(controller.events.last_id)
+        jobs = [job_document(row) for row in reader.job_summaries()]
+        return batch_documents(reader.batches(), jobs, time.time())
+
+    @app.get("/api/batches/{batch_id}", dependencies=guarded)
+    def batch(batch_id: str) -> dict[str, Any]:
+        rows = [row for row in reader.batches() if row["id"] == batch_id]
+        if not rows:
+            raise ApiError(404, f"no batch {batch_id!r}")
+        jobs = [job_document(row) for row in reader.job_summaries(batch_id)]
+        return {**batch_documents(rows, jobs, time.time())[0], "job_list": jobs}
+
+    @app.get("/api/jobs", dependencies=guarded)
+    def jobs(response: Response, batch: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        response.headers[EVENTS_HEADER] = str(controller.events.last_id)
+        return [job_document(row) for row in reader.job_summaries(batch, state)]
+
+    @app.get("/api/jobs/{job_id}", dependencies=guarded)
+    def job(job_id: str, response: Response) -> dict[str, Any]:
+        response.headers[EVENTS_HEADER] = str(controller.events.last_id)
+        job_or_404(job_id)
+        [summary] = reader.job_summaries_of([job_id])
+        attempts: dict[str, list[dict[str, Any]]] = {}
+        for attempt in reader.attempts(job_id=job_id):
+            attempts.setdefault(attempt["segment_id"], []).append(attempt_document(attempt))
+        return {**job_document(summary), "segment_list": [
+            {"id": s["id"], "index": s["idx"], "label": s["label"], "state": s["state"],
+             "attempts": attempts.get(s["id"], []), "error": s["error"]}
+            for s in reader.segments(job_id)
+        ]}
+
+    @app.get("/api/attempts/{attempt_id}/log", dependencies=guarded)
+    def attempt_log(attempt_id: str) -> dict[str, Any]:
+        row = reader.attempt(attempt_id)
+        if row is None:
+            raise ApiError(404, f"no attempt {attempt_id!r}")
+        return {**attempt_document(row), "log": row["log"] or ""}
+
+    @app.get("/api/nodes", dependencies=guarded)
+    def nodes(response: Response) -> list[dict[str, Any]]:
+        response.headers[EVENTS_HEADER] = str(controller.events.last_id)
+        return controller.node_documents()
+
+    @app.get("/api/events", dependencies=guarded)
+    def events(after: int = Query(default=0, ge=0, le=2**62), job: str | None = None,
+               limit: int = Query(default=500, ge=1, le=5000)) -> list[dict[str, Any]]:
+        """The stored history of state changes (the live stream is /api/events/stream)."""
+        return [{"id": row["id"], "ts": row["ts"], "kind": row["kind"], "job": row["job_id"],
+                 "segment": row["segment_id"], "attempt": row["attempt_id"],
+                 "data": json.loads(row["data"]) if row["data"] else None}
+                for row in reader.events_after(after, job, limit)]
+
+    @app.get("/api/events/stream", dependencies=guarded, response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def stream(request: Request, after: int | None = Query(default=None, ge=0, le=2**62)) -> StreamingResponse:
+        """Server-sent events: one ``data:`` line of JSON per change, with its ``id:``;
+        reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed."""
+        hub = controller.events
+        last = request.headers.get("last-event-id", "")
+        start = int(last) if last.isdigit() else (after if after is not None else hub.last_id)
+
+        async def feed() -> AsyncIterator[str]:
+            seen = start
+            yield f"retry: 2000\n: connected at event {seen}\n\n"
+            while not hub.closed and not await request.is_disconnected():
+                batch = await hub.wait(seen, KEEPALIVE_SECONDS)
+                if not batch:
+                    yield ": keep-alive\n\n"
+                    continue
+                seen = batch[-1]["id"]
+                yield "".join(f"id: {event['id']}\ndata: {json.dumps(event, default=str)}\n\n" for event in batch)
+
+        return StreamingResponse(feed(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    # -- changing --------------------------------------------------------------------------
+
+    @app.post("/api/batches", status_code=201, dependencies=guarded)
     def submit(body: SubmitRequest) -> dict[str, Any]:
         from farm.controller import Submission
 
         batch_id, job_ids = controller.submit(Submission(**body.model_dump()))
-        return {"batch": batch_id, "jobs": [job_document(reader.job(j), reader.segments(j)) for j in job_ids]}
+        return {"batch": batch_id, "jobs": [job_document(row) for row in reader.job_summaries_of(job_ids)]}
 
-    @app.get("/api/jobs", dependencies=[Depends(authorised)])
-    def jobs(batch: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        rows = reader.jobs(batch)
-        return [job_document(row, reader.segments(row["id"])) for row in rows if state is None or row["state"] == state]
+    @app.post("/api/batches/{batch_id}/cancel", dependencies=guarded)
+    def cancel_batch(batch_id: str) -> dict[str, Any]:
+        rows = reader.job_summaries(batch_id)
+        if not rows:
+            raise ApiError(404, f"no batch {batch_id!r}")
+        open_jobs = [row["id"] for row in rows if row["state"] not in TERMINAL_JOB_STATES]
+        for job_id in open_jobs:
+            controller.scheduler.cancel(job_id)
+        return {"batch": batch_id, "cancel": "requested" if open_jobs else "nothing left to cancel",
+                "jobs": open_jobs}
 
-    @app.get("/api/jobs/{job_id}", dependencies=[Depends(authorised)])
-    def job(job_id: str) -> dict[str, Any]:
-        row = job_or_404(job_id)
-        segments = reader.segments(job_id)
-        doc = job_document(row, segments)
-        attempts: dict[str, list[dict[str, Any]]] = {}
-        for attempt in reader.attempts(job_id=job_id):
-            attempts.setdefault(attempt["segment_id"], []).append({
-                "id": attempt["id"], "node": attempt["node"], "state": attempt["state"],
-                "started": attempt["started"], "ended": attempt["ended"], "exit_status": attempt["exit_status"],
-                "reason": attempt["reason"],
-            })
-        doc["segment_list"] = [
-            {"id": s["id"], "index": s["idx"], "label": s["label"], "state": s["state"], "attempts": attempts.get(s["id"], []),
-             "error": s["error"]}
-            for s in segments
-        ]
-        return doc
-
-    @app.post("/api/jobs/{job_id}/cancel", dependencies=[Depends(authorised)])
+    @app.post("/api/jobs/{job_id}/cancel", dependencies=guarded)
     def cancel(job_id: str) -> dict[str, Any]:
         row = job_or_404(job_id)
-        if row["state"] in ("done", "failed", "cancelled"):
+        if row["state"] in TERMINAL_JOB_STATES:
             raise ApiError(409, f"job {job_id} is already {row['state']}")
         controller.scheduler.cancel(job_id)
         return {"job": job_id, "cancel": "requested"}
 
-    @app.post("/api/jobs/{job_id}/retry", dependencies=[Depends(authorised)])
-    def retry(job_id: str) -> dict[str, Any]:
+    @app.post("/api/jobs/{job_id}/retry", dependencies=guarded)
+    def retry(job_id: str, body: RetryRequest | None = None) -> dict[str, Any]:
         job_or_404(job_id)
-        count = controller.scheduler.call(lambda: controller.scheduler.retry(job_id)).result(timeout=30)
+        whole = body is not None and body.segments == "all"
+        count = in_scheduler(lambda: controller.scheduler.retry(job_id, whole=whole))
         return {"job": job_id, "segments_queued": count}
 
-    def node_document(view: Any) -> dict[str, Any]:
-        paused = view.name in controller.scheduler.paused_nodes
-        state = "paused" if paused else ("part-time" if not view.accepting else ("busy" if view.running else "idle"))
-        return {"name": view.name, "address": view.address, "slots": view.slots, "running": view.running,
-                "state": state, "reason": view.reason, "capabilities": view.capabilities}
+    @app.post("/api/jobs/{job_id}/pause", dependencies=guarded)
+    def pause_job(job_id: str) -> dict[str, Any]:
+        job_or_404(job_id)
+        in_scheduler(lambda: controller.scheduler.pause(job_id))
+        return {"job": job_id, "state": "paused"}
 
-    @app.get("/api/nodes", dependencies=[Depends(authorised)])
-    def nodes() -> list[dict[str, Any]]:
-        return [node_document(view) for view in controller.scheduler._nodes]
+    @app.post("/api/jobs/{job_id}/resume", dependencies=guarded)
+    def resume_job(job_id: str) -> dict[str, Any]:
+        job_or_404(job_id)
+        in_scheduler(lambda: controller.scheduler.resume(job_id))
+        return {"job": job_id, "state": reader.job(job_id)["state"]}
+
+    @app.post("/api/jobs/{job_id}/priority", dependencies=guarded)
+    def priority(job_id: str, body: PriorityRequest) -> dict[str, Any]:
+        job_or_404(job_id)
+        in_scheduler(lambda: controller.scheduler.set_priority(job_id, body.priority))
+        return {"job": job_id, "priority": body.priority}
 
     def set_paused(name: str, paused: bool) -> dict[str, Any]:
         if not name.strip() or len(name) > 200:
             raise ApiError(400, "a node name is 1 to 200 characters")
-        controller.scheduler.call(lambda: controller.scheduler.set_node_paused(name, paused)).result(timeout=30)
+        in_scheduler(lambda: controller.scheduler.set_node_paused(name, paused))
         return {"node": name, "paused": paused}
 
-    @app.post("/api/nodes/{name}/pause", dependencies=[Depends(authorised)])
+    @app.post("/api/nodes/{name}/pause", dependencies=guarded)
     def pause(name: str) -> dict[str, Any]:
         return set_paused(name, True)
 
-    @app.post("/api/nodes/{name}/resume", dependencies=[Depends(authorised)])
+    @app.post("/api/nodes/{name}/resume", dependencies=guarded)
     def resume(name: str) -> dict[str, Any]:
         return set_paused(name, False)
 

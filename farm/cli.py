@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Show jobs (or one job with its segments) from the store.")
     status.add_argument("job", nargs="?", help="a job id")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", action="store_true",
+                        help="show the jobs live until Ctrl-C (with a job id: until that job ends; exit status 1 "
+                             "unless it is done)")
     _remote_arguments(status)
 
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a job",
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli", "farm.scaffold")
+COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli", "farm.scaffold",
+                                     "farm.monitor_cli")
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,9 +391,19 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     remote = _remote(args)
+    if args.watch:
+        from farm.monitor_cli import watch_status
+
+        if args.json:
+            raise UsageError("--watch shows a live table; it does not print JSON")
+        return watch_status(args.job, remote, lambda: _local_docs(args), stdout)
     if remote is not None:
         docs = [remote.job(args.job)] if args.job else remote.jobs()
         return _print_status(args, docs, stdout)
+    return _print_status(args, _local_docs(args), stdout)
+
+
+def _local_docs(args: argparse.Namespace) -> list[dict[str, Any]]:
     store = _open_store(args)
     try:
         if args.job:
@@ -405,7 +419,7 @@ def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
             docs = [_job_doc(row, store.segments(row["id"])) for row in store.jobs()]
     finally:
         store.close()
-    return _print_status(args, docs, stdout)
+    return docs
 
 
 def _print_status(args: argparse.Namespace, docs: list[dict[str, Any]], stdout: TextIO) -> ExitStatus:

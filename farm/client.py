@@ -4,8 +4,10 @@ that trusts only the cluster's CA."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ class ControllerClient:
         self.bundle = bundle
         self.url = (url or os.environ.get("FARM_CONTROLLER") or self._discover()).rstrip("/")
         self.timeout = timeout
+        self.events_mark = 0
 
     def _discover(self) -> str:
         from farm.discovery import browse
@@ -55,6 +58,8 @@ class ControllerClient:
                                           headers={"Authorization": f"Bearer {self.bundle.token}"})
         except httpx.HTTPError as exc:
             raise UsageError(f"cannot reach the controller at {self.url}: {exc}") from None
+        # the live event id when a list was read: following the stream from it misses nothing
+        self.events_mark = int(response.headers.get("X-Farm-Events", "0") or 0)
         try:
             data = response.json()
         except ValueError:
@@ -63,6 +68,23 @@ class ControllerClient:
             message = data.get("error") if isinstance(data, dict) else str(data)
             raise FarmError(f"the controller refused: {message}")
         return data
+
+    def events(self, after: int) -> Iterator[dict[str, Any]]:
+        """The controller's live events after ``after`` (server-sent events), as they come."""
+        import httpx
+
+        try:
+            with httpx.Client(verify=self.bundle.client_ssl_context(), timeout=httpx.Timeout(30, read=60)) as client:
+                with client.stream("GET", f"{self.url}/api/events/stream", params={"after": after},
+                                   headers={"Authorization": f"Bearer {self.bundle.token}"}) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise FarmError(f"the controller refused the event stream: {response.json().get('error')}")
+                    for line in response.iter_lines():
+                        if line.startswith("data: "):
+                            yield json.loads(line[6:])
+        except httpx.HTTPError as exc:
+            raise UsageError(f"lost the controller's event stream at {self.url}: {exc}") from None
 
     def submit(self, **body: Any) -> dict[str, Any]:
         return self.request("POST", "/api/batches", body)

@@ -19,6 +19,7 @@ from typing import Any
 from farm import __version__
 from farm.config import FarmConfig, state_dir
 from farm.engine import Engine
+from farm.events import EventHub
 from farm.errors import StoreError, UsageError
 from farm.local import STORE_NAME, check_destination, check_inputs
 from farm.plugins import load_plugins
@@ -61,6 +62,10 @@ class Controller:
         self._server: Any = None
         self.store_error: str | None = None  # set while the store cannot be written
         self.droplets: Any = None
+        self.events = EventHub()
+        self._nodes_published: list[dict[str, Any]] | None = None
+        self._node_documents: list[dict[str, Any]] = []
+        self._segments_done: dict[str, int] = {}
 
     # -- starting and stopping -----------------------------------------------------------
 
@@ -85,6 +90,7 @@ class Controller:
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
         storage.mkdir(parents=True, exist_ok=True)
         self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage)
+        self.scheduler.listeners.append(self._publish_job_event)
         recovered = self.scheduler.recover()
         if recovered:
             log.warning("resumed %d unfinished job(s) from the store", len(recovered))
@@ -118,7 +124,7 @@ class Controller:
         files = self.bundle.files()
         config = uvicorn.Config(create_app(self), host=settings.host, port=settings.api_port,
                                 ssl_certfile=files["cert"], ssl_keyfile=files["key"], log_level="warning",
-                                lifespan="off")
+                                lifespan="off", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         thread = threading.Thread(target=self._server.run, name="farm-api", daemon=True)
         thread.start()
@@ -147,6 +153,7 @@ class Controller:
                 self.scheduler.step(wait=0.2)
             except StoreError as exc:
                 self._survive(exc)
+            self._publish_nodes()
 
     def _survive(self, exc: StoreError) -> None:
         """The store refused a write (disk full, locked): take no new work, keep what was
@@ -168,6 +175,7 @@ class Controller:
 
     def close(self) -> None:
         self.stopping.set()
+        self.events.close()
         if self._advertiser is not None:
             self._advertiser.close()
         if self._server is not None:
@@ -195,10 +203,55 @@ class Controller:
         loaded = load_profile(request.profile, self.plugins, overrides)
         inputs = check_inputs(loaded, self.plugins, request.inputs)
         destination = check_destination(request.destination or loaded.profile.destination or self.root / "out")
-        return self.scheduler.call(
+        batch_id, job_ids = self.scheduler.call(
             lambda: self.scheduler.submit(loaded, inputs, destination, origin=request.origin,
                                           overwrite=request.overwrite)
         ).result(timeout=120)
+        self.events.publish("batch_submitted", {"batch": batch_id, "jobs": job_ids})
+        return batch_id, job_ids
+
+    # -- what the monitor sees -------------------------------------------------------------
+
+    def _publish_job_event(self, kind: str, rt: Any, data: dict[str, Any]) -> None:
+        """Called in the scheduler's thread for every change to a job or a segment."""
+        if kind == "segment_progress":
+            return  # many per segment; the monitor shows segments started and done
+        job_id = rt.job.id
+        if kind == "segment_done" and job_id in self._segments_done:
+            self._segments_done[job_id] += 1
+        else:  # re-cuts, re-runs and retries change the count: count again
+            self._segments_done[job_id] = sum(1 for seg in rt.segments.values() if seg.state == "done")
+        done = self._segments_done[job_id]
+        if rt.state in ("done", "failed", "cancelled"):
+            self._segments_done.pop(job_id, None)
+        self.events.publish(kind, {
+            "job": job_id, "batch": rt.job.batch_id, "state": rt.state, "segments": len(rt.segments),
+            "segments_done": done, "priority": rt.priority, "error": rt.error, "waiting": rt.waiting,
+            **{key: value for key, value in data.items() if key in ("segment", "node", "reason", "outputs")},
+        })
+
+    def _publish_nodes(self) -> None:
+        """Refresh the nodes' view (in the scheduler's thread) and publish it when it changed."""
+        scheduler = self.scheduler
+        running: dict[str, list[str]] = {}
+        for attempt in list(scheduler.attempts.values()):
+            if attempt.current:
+                running.setdefault(attempt.node.address, []).append(attempt.segment_id)
+        documents = []
+        for view in scheduler._nodes:
+            paused = view.name in scheduler.paused_nodes
+            segments = sorted(running.get(view.address, []))
+            state = "paused" if paused else ("part-time" if not view.accepting else ("busy" if segments else "idle"))
+            documents.append({"name": view.name, "address": view.address, "slots": view.slots,
+                              "running": len(segments), "segments": segments, "state": state,
+                              "reason": view.reason, "capabilities": view.capabilities})
+        self._node_documents = documents
+        if documents != self._nodes_published:
+            self._nodes_published = documents
+            self.events.publish("nodes", {"nodes": documents})
+
+    def node_documents(self) -> list[dict[str, Any]]:
+        return self._node_documents
 
     def info(self) -> dict[str, Any]:
         return {"cluster": self.bundle.cluster, "version": __version__, "scheduler": self.dask_address,

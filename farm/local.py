@@ -22,6 +22,7 @@ from farm.plugins import Plugins
 from farm.profiles import LoadedProfile
 from farm.requirements import unmet_requirements
 from farm.scheduler import Scheduler
+from farm.security import usable_path
 from farm.store import Store
 
 STORE_NAME = "farm.db"
@@ -44,7 +45,7 @@ def check_inputs(loaded: LoadedProfile, plugins: Plugins, inputs: list[str]) -> 
         raise UsageError(f"profile {loaded.profile.name!r} needs at least one input file; none was given")
     checked: list[Path | None] = []
     for raw in inputs:
-        path = Path(raw).expanduser()
+        path = usable_path(raw, "input")
         if not path.exists():
             raise UsageError(f"input {raw!r} does not exist")
         if path.is_dir():
@@ -57,7 +58,7 @@ def check_inputs(loaded: LoadedProfile, plugins: Plugins, inputs: list[str]) -> 
 
 def check_destination(raw: str | os.PathLike[str]) -> Path:
     """Create the destination folder if needed and prove that a file can be written in it."""
-    path = Path(raw).expanduser()
+    path = usable_path(str(raw), "destination")
     if path.exists() and not path.is_dir():
         raise UsageError(f"destination {str(raw)!r} is a file; expected a folder")
     try:

@@ -17,6 +17,7 @@ from farm.errors import IllegalTransition
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"
     ASSEMBLING = "assembling"
     DONE = "done"
     FAILED = "failed"
@@ -44,10 +45,12 @@ TERMINAL_JOB_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCEL
 
 TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
     "job": {
-        JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+        JobState.QUEUED: frozenset({JobState.RUNNING, JobState.PAUSED, JobState.FAILED, JobState.CANCELLED}),
         JobState.RUNNING: frozenset(
-            {JobState.QUEUED, JobState.ASSEMBLING, JobState.FAILED, JobState.CANCELLED}
+            {JobState.QUEUED, JobState.PAUSED, JobState.ASSEMBLING, JobState.FAILED, JobState.CANCELLED}
         ),
+        # paused: nothing new is handed out; segments already running finish.
+        JobState.PAUSED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
         # assembling -> running: verification found segments to run again.
         JobState.ASSEMBLING: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
         JobState.DONE: frozenset(),
@@ -63,7 +66,8 @@ TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
         SegmentState.RUNNING: frozenset(
             {SegmentState.QUEUED, SegmentState.DONE, SegmentState.FAILED, SegmentState.CANCELLED}
         ),
-        SegmentState.DONE: frozenset(),
+        # done -> queued: a retry of the whole job, asked for by a person.
+        SegmentState.DONE: frozenset({SegmentState.QUEUED}),
         SegmentState.FAILED: frozenset({SegmentState.QUEUED}),
         SegmentState.CANCELLED: frozenset({SegmentState.QUEUED}),
     },

@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from farm.config import config_dir
-from farm.errors import FarmError, ProfileError
+from farm.errors import FarmError, ProfileError, UsageError
 from farm.frames import parse_frames
+from farm.security import usable_path
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 PRIORITY_NAMES = {"high": 10, "normal": 0, "low": -10}
@@ -146,6 +147,10 @@ def _looks_like_path(ref: str) -> bool:
 
 def resolve(ref: str, relative_to: Path | None = None) -> Path:
     """The file behind a profile name or path."""
+    try:
+        usable_path(ref, "profile")
+    except UsageError as exc:
+        raise ProfileError(str(exc)) from None
     if _looks_like_path(ref):
         candidates = [Path(ref).expanduser()]
         if relative_to is not None and not Path(ref).is_absolute():

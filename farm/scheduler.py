@@ -253,7 +253,8 @@ class Scheduler:
         if rt.state == JobState.ASSEMBLING:
             results = [seg.result or {} for seg in sorted(rt.segments.values(), key=lambda s: s.index)]
             self._assembler.submit(self._assemble, rt, results)
-        elif rt.segments and all(seg.state == SegmentState.DONE for seg in rt.segments.values()):
+        elif rt.state in (JobState.QUEUED, JobState.RUNNING) and rt.segments and all(
+                seg.state == SegmentState.DONE for seg in rt.segments.values()):
             if rt.state == JobState.QUEUED:
                 self._set_job(rt, JobState.RUNNING)
             self._start_assembly(rt)
@@ -271,21 +272,26 @@ class Scheduler:
         self.engine.outcomes.put(("call", "", (fn, future)))
         return future
 
-    def retry(self, job_id: str) -> int:
-        """Queue a failed or cancelled job's unfinished segments again; returns how many."""
-        rt = self.jobs.get(job_id)
-        if rt is None:
-            raise FarmError(f"job {job_id} is not known to this controller")
+    def retry(self, job_id: str, whole: bool = False) -> int:
+        """Queue a failed or cancelled job's unfinished segments again (with ``whole``,
+        every segment, done ones too); returns how many."""
+        if job_id not in self.jobs:  # ended before this controller started: take it back from the store
+            from farm.profiles import Profile
+
+            row = self.store.job(job_id)
+            if row is not None and row["state"] in (JobState.FAILED, JobState.CANCELLED):
+                self._rebuild(row, Profile)
+        rt = self._known(job_id)
         if rt.state not in (JobState.FAILED, JobState.CANCELLED):
             raise FarmError(f"job {job_id} is {rt.state}; only failed or cancelled jobs can be retried")
         again = [seg for seg in sorted(rt.segments.values(), key=lambda s: s.index)
-                 if seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
+                 if whole or seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
         with self.store.transaction():
             self.store.clear_cancel(job_id)
             self._set_job(rt, JobState.QUEUED, error=None)
             for seg in again:
-                self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED, error=None)
-                seg.state, seg.failures = SegmentState.QUEUED, 0
+                self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED, error=None, result=None)
+                seg.state, seg.failures, seg.result = SegmentState.QUEUED, 0, None
                 rt.queue.append(seg.id)
             rt.error, rt.excluded, rt.verify_rounds = None, set(), 0
             rt.node_failures.clear()
@@ -295,6 +301,43 @@ class Scheduler:
                 self._start_assembly(rt)
         self._emit("job_retried", rt, {"segments": len(again)})
         return len(again)
+
+    def pause(self, job_id: str) -> None:
+        """Hand out nothing more of this job; segments already running finish."""
+        rt = self._known(job_id)
+        if rt.state == JobState.PAUSED:
+            return
+        if rt.state not in (JobState.QUEUED, JobState.RUNNING):
+            raise FarmError(f"job {job_id} is {rt.state}; only queued or running jobs can be paused")
+        self._set_job(rt, JobState.PAUSED)
+        self._emit("job_paused", rt, {})
+
+    def resume(self, job_id: str) -> None:
+        rt = self._known(job_id)
+        if rt.state != JobState.PAUSED:
+            raise FarmError(f"job {job_id} is {rt.state}; only paused jobs can be resumed")
+        started = any(seg.attempts for seg in rt.segments.values())
+        self._set_job(rt, JobState.RUNNING if started else JobState.QUEUED)
+        self._reorder()
+        self._emit("job_resumed", rt, {})
+        if rt.segments and all(seg.state == SegmentState.DONE for seg in rt.segments.values()):
+            self._start_assembly(rt)
+
+    def set_priority(self, job_id: str, priority: int) -> None:
+        """Move a job up or down the queue; segments already handed out are not recalled."""
+        rt = self._known(job_id)
+        if rt.state in TERMINAL_JOB_STATES:
+            raise FarmError(f"job {job_id} is {rt.state}; its priority no longer matters")
+        self.store.set_priority(job_id, priority)
+        rt.priority = priority
+        self._reorder()
+        self._emit("job_priority", rt, {"priority": priority})
+
+    def _known(self, job_id: str) -> JobRuntime:
+        rt = self.jobs.get(job_id)
+        if rt is None:
+            raise FarmError(f"job {job_id} is not known to this controller")
+        return rt
 
     def set_node_paused(self, name: str, paused: bool) -> None:
         self.store.set_node_paused(name, paused)
@@ -525,7 +568,7 @@ class Scheduler:
             self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})
-            if all(s.state == SegmentState.DONE for s in rt.segments.values()):
+            if rt.state != JobState.PAUSED and all(s.state == SegmentState.DONE for s in rt.segments.values()):
                 self._start_assembly(rt)
             return
         reason = outcome.get("reason") or "unknown failure"

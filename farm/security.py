@@ -208,3 +208,17 @@ def allowed_executable(argv0: str, allow: list[str]) -> str | None:
 
 def token_matches(expected: str, given: str | None) -> bool:
     return given is not None and secrets.compare_digest(expected.encode(), given.encode())
+
+
+def usable_path(raw: str, what: str) -> Path:
+    """A path that came from outside (a request, a command line), refused in one sentence
+    when no file system could hold it: a NUL byte, a name longer than the system allows."""
+    shown = raw if len(raw) <= 80 else f"{raw[:60]}...({len(raw)} characters)"
+    if "\x00" in raw:
+        raise UsageError(f"{what} {shown!r} contains a NUL byte; a path cannot")
+    path = Path(raw).expanduser()
+    try:
+        path.exists()
+    except OSError as exc:  # ENAMETOOLONG and the like: Path.exists() lets these through
+        raise UsageError(f"{what} {shown!r} cannot be a path here: {exc.strerror or exc}") from None
+    return path

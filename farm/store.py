@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     log TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_by_segment ON attempts(segment_id);
+CREATE INDEX IF NOT EXISTS attempts_by_job ON attempts(job_id);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     paused INTEGER NOT NULL DEFAULT 0,
@@ -311,6 +312,10 @@ class Store:
     def paused_nodes(self) -> set[str]:
         return {row["name"] for row in self._rows("SELECT name FROM nodes WHERE paused = 1")}
 
+    def set_priority(self, job_id: str, priority: int) -> None:
+        self._write("UPDATE jobs SET priority = ?, updated = ? WHERE id = ?", (priority, time.time(), job_id))
+        self.event("job_priority", job_id=job_id, data={"priority": priority})
+
     def set_waiting(self, job_id: str, reason: str | None) -> None:
         """Why a queued job is not running (no node offers what it needs, ...), or None."""
         self._write("UPDATE jobs SET waiting = ? WHERE id = ?", (reason, job_id))
@@ -356,6 +361,49 @@ class Store:
                 "SELECT * FROM attempts WHERE segment_id = ? ORDER BY started", (segment_id,)
             )
         return self._rows("SELECT * FROM attempts WHERE job_id = ? ORDER BY started", (job_id,))
+
+    def job_summaries(self, batch_id: str | None = None, state: str | None = None) -> list[sqlite3.Row]:
+        """Jobs with their segment counts and first start, in one query (what lists of
+        many jobs need: the API and the monitor)."""
+        return self._summaries(batch_id, state)
+
+    def job_summaries_of(self, job_ids: list[str]) -> list[sqlite3.Row]:
+        return self._summaries(ids=job_ids) if job_ids else []
+
+    def _summaries(self, batch_id: str | None = None, state: str | None = None,
+                   ids: list[str] | None = None) -> list[sqlite3.Row]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if ids is not None:
+            conditions.append(f"j.id IN ({', '.join('?' for _ in ids)})")
+            params.extend(ids)
+        if batch_id is not None:
+            conditions.append("j.batch_id = ?")
+            params.append(batch_id)
+        if state is not None:
+            conditions.append("j.state = ?")
+            params.append(state)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        return self._rows(
+            "SELECT j.*, COALESCE(s.total, 0) AS segments_total, COALESCE(s.done, 0) AS segments_done,"
+            " a.first_start FROM jobs j"
+            " LEFT JOIN (SELECT job_id, COUNT(*) AS total, SUM(state = 'done') AS done FROM segments"
+            "            GROUP BY job_id) s ON s.job_id = j.id"
+            " LEFT JOIN (SELECT job_id, MIN(started) AS first_start FROM attempts GROUP BY job_id) a"
+            "            ON a.job_id = j.id"
+            f" {where} ORDER BY j.created, j.seq", params)
+
+    def batches(self) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM batches ORDER BY created")
+
+    def attempt(self, attempt_id: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM attempts WHERE id = ?", (attempt_id,))
+
+    def events_after(self, after: int = 0, job_id: str | None = None, limit: int = 500) -> list[sqlite3.Row]:
+        if job_id is None:
+            return self._rows("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+        return self._rows("SELECT * FROM events WHERE id > ? AND job_id = ? ORDER BY id LIMIT ?",
+                          (after, job_id, limit))
 
     def events(self, job_id: str | None = None) -> list[sqlite3.Row]:
         if job_id is None:
