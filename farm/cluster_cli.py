@@ -82,13 +82,24 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     retry = commands.add_parser("retry", parents=[common, remote], help="retry a failed or cancelled job",
                                 description="Queue a failed or cancelled job's unfinished segments again.")
     retry.add_argument("job")
+    retry.add_argument("--all", action="store_true", help="run every segment again, done ones too")
+
+    for verb, what in (("pause", "hand out no more of a job's segments (running ones finish)"),
+                       ("resume", "hand out a paused job's segments again")):
+        parser = commands.add_parser(verb, parents=[common, remote], help=f"{verb} a job", description=f"{what}.")
+        parser.add_argument("job")
+    priority = commands.add_parser("priority", parents=[common, remote], help="move a job up or down the queue",
+                                   description="Set a job's priority: high, normal, low or a whole number.")
+    priority.add_argument("job")
+    priority.add_argument("priority", help="high, normal, low or a whole number (higher runs first)")
 
     for verb in ("pause", "resume"):
         parser = commands.add_parser(f"{verb}-node", parents=[common, remote], help=f"{verb} a node",
                                      description=f"{verb.capitalize()} a node: a paused node gets no new segments.")
         parser.add_argument("node")
     return {"cluster": cmd_cluster, "controller": cmd_controller, "node": cmd_node, "quickcluster": cmd_quickcluster,
-            "submit": cmd_submit, "nodes": cmd_nodes, "retry": cmd_retry,
+            "submit": cmd_submit, "nodes": cmd_nodes, "retry": cmd_retry, "pause": cmd_pause_job,
+            "resume": cmd_resume_job, "priority": cmd_priority,
             "pause-node": cmd_pause_node, "resume-node": cmd_resume_node}
 
 
@@ -239,8 +250,28 @@ def cmd_nodes(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
 
 
 def cmd_retry(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    answer = _client(args).request("POST", f"/api/jobs/{args.job}/retry")
+    answer = _client(args).request("POST", f"/api/jobs/{args.job}/retry",
+                                   {"segments": "all" if args.all else "failed"})
     print(f"job {args.job}: {answer['segments_queued']} segment(s) queued again", file=stdout)
+    return ExitStatus.OK
+
+
+def cmd_pause_job(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    _client(args).request("POST", f"/api/jobs/{args.job}/pause")
+    print(f"job {args.job} paused (segments already running finish)", file=stdout)
+    return ExitStatus.OK
+
+
+def cmd_resume_job(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    answer = _client(args).request("POST", f"/api/jobs/{args.job}/resume")
+    print(f"job {args.job} {answer['state']}", file=stdout)
+    return ExitStatus.OK
+
+
+def cmd_priority(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    priority: str | int = int(args.priority) if args.priority.lstrip("-").isdigit() else args.priority
+    answer = _client(args).request("POST", f"/api/jobs/{args.job}/priority", {"priority": priority})
+    print(f"job {args.job} priority {answer['priority']}", file=stdout)
     return ExitStatus.OK
 
 

@@ -152,6 +152,25 @@ def test_pause_resume_and_priority_steer_the_queue(farm_cluster):
     assert kinds.index("job_paused") < kinds.index("job_queued") < kinds.index("job_done")
 
 
+def test_the_cli_pauses_resumes_reprioritises_and_retries_a_job(farm_cluster):
+    c = farm_cluster
+    assert c.farm("pause-node", "alpha").returncode == 0
+    try:
+        job_id = submit(c, work_profile(c, "1-3", 0.0), dest="out-cli")["jobs"][0]["id"]
+        paused = c.farm("pause", job_id)
+        assert paused.returncode == 0 and f"job {job_id} paused" in paused.stdout
+        assert c.job(job_id)["state"] == "paused"
+        assert c.farm("priority", job_id, "high").stdout.strip() == f"job {job_id} priority 10"
+        refused = c.farm("priority", job_id, "urgent")
+        assert refused.returncode == 2 and "expected high, normal, low or a whole number" in refused.stderr
+        assert c.farm("resume", job_id).stdout.strip() == f"job {job_id} queued"
+    finally:
+        c.farm("resume-node", "alpha")
+    wait_for(c, job_id, "done")
+    again = c.farm("retry", job_id, "--all")
+    assert again.returncode == 2 and f"job {job_id} is done" in again.stderr
+
+
 def test_retry_only_the_failed_segments_or_the_whole_job(farm_cluster):
     c = farm_cluster
     flag = c.root / "flag"
