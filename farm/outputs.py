@@ -46,10 +46,25 @@ def output_path(job: Job, default_template: str, ext: str) -> Path:
     return target
 
 
-def deliver(source: Path, target: Path) -> Path:
+def inside(target: Path, destination: Path) -> Path:
+    """``target`` with its symbolic links followed, refused unless that is still inside
+    ``destination``: a folder in the destination that links elsewhere is no way out."""
+    root = destination.resolve()
+    real = target.resolve()
+    if real == root or not real.is_relative_to(root):
+        raise ProcessorError(f"{target} leads to {real}, which is not inside the destination {root}")
+    return real
+
+
+def deliver(source: Path, target: Path, *, destination: Path) -> Path:
     """Copy a finished file into its destination under a temporary name on the
     destination's filesystem, then rename: a reader never sees half a file, and
-    delivering twice is harmless."""
+    delivering twice is harmless. ``target`` must stay inside ``destination`` (see
+    :func:`inside`); it is written where its links lead."""
+    target = inside(target, destination)
+    if source.is_symlink():  # copying would deliver whatever the link points at
+        raise ProcessorError(f"the segment's output {source.name} is a symbolic link (to {os.readlink(source)}); "
+                             "only files a segment writes are delivered")
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.farm-{uuid.uuid4().hex[:8]}")
     try:

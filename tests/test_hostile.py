@@ -253,3 +253,65 @@ def test_absurd_media_metadata_is_refused_or_fails_with_a_reason(farm, farm_env)
                                  "stream=nb_read_frames,height", "-of", "csv=p=0", str(out / made[0])],
                                 capture_output=True, text=True).stdout.strip()
         assert frames == "720,25", (name, frames)
+
+
+@pytest.mark.parametrize("processor, settings, message", [
+    ("imageseq", {"renderer": "povray", "output": "/tmp/shot_####.png", "width": 64, "height": 48},
+     "must be a relative name inside the destination"),
+    ("command", {"command": [sys.executable, "-V"], "expect": ["/etc/passwd"]}, "must be a name inside the output folder"),
+    ("command", {"command": [sys.executable, "-V"], "expect": ["../up.txt"]}, "must be a name inside the output folder"),
+])
+def test_absolute_or_parent_paths_where_names_are_expected_are_refused(tmp_path, processor, settings, message):
+    path = write_profile(tmp_path, "names", {"processor": processor, "frames": "1", "settings": settings})
+    with pytest.raises(FarmError, match=message):
+        load_profile(str(path), PLUGINS)
+
+
+@pytest.mark.parametrize("template", ["sub/{stem}.png", "link.png"])
+def test_a_link_inside_the_destination_is_no_way_out_of_it(tmp_path, template):
+    destination, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    destination.mkdir()
+    elsewhere.mkdir()
+    (destination / "sub").symlink_to(elsewhere)
+    (destination / "link.png").symlink_to(elsewhere / "new.png")  # dangling: the file is yet to be written
+    profile = Profile(name="p", processor="command", output=template)
+    job = Job(id="j", batch_id="b", input=tmp_path / "in.mov", profile=profile, settings=None,
+              destination=destination, work_dir=tmp_path / "w")
+    with pytest.raises(FarmError, match="not inside"):
+        output_path(job, "{stem}.{ext}", "png")
+
+
+WRITE_THROUGH = """
+import os, pathlib, sys
+out, how, secret = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+if how == "folder":  # an ordinary file, in a folder the destination has as a link to elsewhere
+    (out / "sub").mkdir()
+    (out / "sub" / "x.txt").write_text("written")
+else:  # a link among the outputs, to a file the job has no business delivering
+    os.symlink(secret, out / "x.txt")
+"""
+
+
+@pytest.mark.parametrize("how", ["folder", "link"])
+def test_delivery_never_follows_a_link_out_of_the_destination(farm, farm_env, how):
+    tmp = farm_env["tmp"]
+    destination, elsewhere = tmp / "dest", tmp / "elsewhere"
+    destination.mkdir()
+    elsewhere.mkdir()
+    (destination / "sub").symlink_to(elsewhere)
+    secret = tmp / "secret.txt"
+    secret.write_text("not for the destination")
+    script = tmp / "write.py"
+    script.write_text(WRITE_THROUGH)
+    profile = write_profile(tmp, "through", {
+        "processor": "command", "frames": "1", "retries": 0,
+        "settings": {"command": [sys.executable, str(script), "{output_dir}", how, str(secret)]},
+    })
+    result = farm("run", profile, "-o", destination, "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    job = result.json()["jobs"][0]
+    assert job["state"] == "failed" and not job["outputs"]
+    reason = "which is not inside the destination" if how == "folder" else "x.txt is a symbolic link"
+    assert reason in job["error"], job["error"]
+    assert not list(elsewhere.iterdir())  # nothing written through the link
+    assert sorted(p.name for p in destination.iterdir()) == ["sub"]  # and nothing delivered

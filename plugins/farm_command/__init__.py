@@ -209,7 +209,7 @@ class CommandProcessor(Processor):
                     f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite to replace"
                 )
         for target, source in sorted(moves.items()):
-            deliver(source, target)
+            deliver(source, target, destination=job.destination)
         return [str(target) for target in sorted(moves)]
 
 

@@ -176,7 +176,7 @@ class ImageSequence(Processor):
                 more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
                 raise ProcessorError(f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite")
         for frame, target in sorted(targets.items()):
-            deliver(files[frame], target)
+            deliver(files[frame], target, destination=job.destination)
         return [str(targets[frame]) for frame in sorted(targets)]
 
 
