@@ -389,7 +389,7 @@ def test_the_polling_observer(farm_env, folders, clips, check_profile):
     # settle longer than the pause between the two writes below, as a user would set it
     with Running(farm_env, check_profile, observer="polling", poll_interval=0.2, settle=1.5) as run:
         watch = run.service.droplets[0].watch
-        assert watch.kind == "polling" and type(watch.observer).__name__ == "PollingObserver"
+        assert watch.kind == "polling" and type(watch.observer).__name__ == "PollingObserverVFS"
         drop(clips[0], folder, "polled.mp4")
         run.wait_kind("processed")
         (folder / "slowly.mp4").write_bytes(clips[1].read_bytes()[:1000])
@@ -413,6 +413,58 @@ def test_after_delete_and_recursive_folders(farm_env, folders, clips, check_prof
         (folder / "failed" / "ignored.mp4").write_bytes(clips[2].read_bytes())  # our own folders are not watched
         time.sleep(SETTLE * 4)
         assert len(run.store.jobs()) == 2
+
+
+@pytest.mark.parametrize("observer", ["native", "polling"])
+def test_links_out_of_the_folder_are_never_followed(farm_env, folders, clips, check_profile, observer):
+    folder, _ = folders
+    elsewhere = farm_env["tmp"] / "elsewhere"
+    (elsewhere / "footage").mkdir(parents=True)
+    secret = drop(clips[0], elsewhere, "secret.mp4")
+    drop(clips[1], elsewhere / "footage", "deep.mp4")
+    (folder / "early.mp4").symlink_to(secret)  # found by the scan at start
+    with Running(farm_env, check_profile, recursive=True, observer=observer, poll_interval=0.2) as run:
+        (folder / "late.mp4").symlink_to(secret)  # seen as an event
+        (folder / "footage").symlink_to(elsewhere / "footage", target_is_directory=True)
+        (folder / "sub").mkdir()
+        drop(clips[2], folder / "sub", "real.mp4")  # an ordinary drop beside them goes on as usual
+        run.wait_kind("failed", 2)
+        run.wait_kind("skipped")
+        run.wait_kind("processed")
+        time.sleep(SETTLE * 4)
+        assert [Path(j["input"]).name for j in run.store.jobs()] == ["real.mp4"]  # nothing outside was read
+        rows = {Path(r["path"]).name: (r["state"], r["reason"]) for r in run.ledger()}
+        assert rows.keys() == {"early.mp4", "late.mp4", "footage", "real.mp4"}
+        for name in ("early.mp4", "late.mp4"):
+            assert rows[name] == ("failed", f"{name} is a symbolic link to {secret}, outside the watched folder "
+                                            f"{folder}; it was not read")
+            assert (folder / "failed" / name).is_symlink()  # the link was moved, never its target
+            assert f"reason: {name} is a symbolic link to {secret}" in (folder / "failed" / f"{name}.error.txt").read_text()
+        assert rows["footage"] == ("skipped", f"footage is a link to the folder {elsewhere / 'footage'}; "
+                                              "a droplet never follows links to folders")
+        assert (folder / "footage").is_symlink()  # left where it is, noted once
+        assert sorted(p.name for p in elsewhere.rglob("*")) == ["deep.mp4", "footage", "secret.mp4"]
+        assert secret.read_bytes() == clips[0].read_bytes()
+        # however a path through the linked folder came to be offered, its file is neither read nor moved
+        from farm.droplets.watch import Settled
+
+        run.service.stop_intake()
+        through = folder / "footage" / "deep.mp4"
+        info = through.stat()
+        run.service._take(run.service.droplets[0], [Settled(str(through), info.st_size, info.st_mtime_ns)])
+        assert run.ledger()[-1]["state"] == "failed" and "is reached through a symbolic link" in run.ledger()[-1]["reason"]
+        assert (elsewhere / "footage" / "deep.mp4").exists() and not run.jobs_for("deep.mp4")
+
+
+def test_a_name_with_a_newline_is_one_file_taken_once(farm_env, folders, clips, check_profile):
+    folder, _ = folders
+    with Running(farm_env, check_profile) as run:
+        drop(clips[0], folder, "two\nlines.mp4")
+        kind, path, job_id, moved = run.wait_kind("processed")[0]
+        assert path == str(folder / "two\nlines.mp4") and moved == str(folder / "done" / "two\nlines.mp4")
+        assert run.store.job(job_id)["input"] == str(folder / "two\nlines.mp4")
+        time.sleep(SETTLE * 3)
+        assert len(run.store.jobs()) == 1 and [r["state"] for r in run.ledger()] == ["processed"]
 
 
 # -- choosing the observer, and refusing bad configurations ---------------------------------------

@@ -278,6 +278,8 @@ class DropletService:
                                     or (row["state"] == "failed" and not row["moved_to"])):
                 droplet.known[item.path] = (item.size, item.mtime_ns)
                 continue
+            if self._refuse_link(droplet, item):
+                continue
             try:
                 digest = fingerprint(item.path, item.size)
                 after = os.stat(item.path)
@@ -298,6 +300,33 @@ class DropletService:
                 fresh.append((item, digest))
         if fresh:
             self._submit(droplet, fresh)
+
+    def _refuse_link(self, droplet: Droplet, item: Settled) -> bool:
+        """A symbolic link that leads out of the watched folder is never read: whoever may
+        drop files here must not make the farm read (and deliver) files elsewhere. It goes
+        to ``failed/`` with the reason; a link to a folder stays where it is, noted once."""
+        target = Path(os.path.realpath(item.path))
+        name = Path(item.path).name
+        if item.folder_link:
+            self._note(droplet, item, "skipped", f"{name} is a link to the folder {target}; a droplet never follows "
+                                                 "links to folders")
+            return True
+        if target.is_relative_to(Path(os.path.realpath(droplet.config.folder))):
+            return False
+        where = f"outside the watched folder {droplet.config.folder}; it was not read"
+        if os.path.islink(item.path):  # the link itself goes to failed/, never what it points at
+            self._fail_unsubmitted(droplet, item, "", f"{name} is a symbolic link to {target}, {where}")
+        else:  # reached through a linked folder: moving it would move a file that is not ours
+            self._note(droplet, item, "failed", f"{name} is reached through a symbolic link: it is {target}, {where}")
+        return True
+
+    def _note(self, droplet: Droplet, item: Settled, state: str, reason: str) -> None:
+        """A ledger row for a file that is neither submitted nor moved."""
+        self._store.droplet_add(droplet.key, item.path, item.size, item.mtime_ns, "", state, reason=reason)
+        droplet.known[item.path] = (item.size, item.mtime_ns)
+        droplet.counts[state] += 1
+        log.warning("droplet %s: %s", droplet.label, reason)
+        self._emit(state, droplet, item.path, None, reason)
 
     def _skip(self, droplet: Droplet, item: Settled, digest: str, reason: str) -> None:
         moved = None

@@ -106,6 +106,7 @@ class Settled:
     path: str
     size: int
     mtime_ns: int
+    folder_link: bool = False  # a symbolic link to a folder (its own size and mtime): never followed
 
 
 class _QuietStop(logging.Filter):
@@ -194,9 +195,12 @@ class FolderWatch:
         )
 
         if self.kind == "polling":
-            from watchdog.observers.polling import PollingObserver
+            from watchdog.observers.polling import PollingObserverVFS
 
-            observer: Any = PollingObserver(timeout=float(self.config.poll_interval))
+            # lstat: a link is polled as a link, so the observer never walks the tree a
+            # link to a folder leads to (outside the folder, or round a loop for ever)
+            observer: Any = PollingObserverVFS(stat=os.lstat, listdir=os.scandir,
+                                               polling_interval=float(self.config.poll_interval))
         else:
             from watchdog.observers import Observer
 
@@ -299,6 +303,10 @@ class FolderWatch:
         name = relative.parts[-1]
         if is_partial_name(name):
             return False
+        if os.path.islink(path) and os.path.isdir(path):
+            # Never followed (it may lead out of the folder, or loop), but where sub-folders
+            # are taken a user expects its files to be, so it is reported, whatever its name.
+            return self.config.recursive and not name.startswith(".")
         name = name.lower()  # *.mov takes A.MOV too
         if not any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in self.config.include):
             return False
@@ -314,7 +322,7 @@ class FolderWatch:
         self._scanned = time.monotonic()
         top = Path(under) if under else self.folder
         found = 0
-        stack = [top]
+        stack = [top] if not under or not os.path.islink(under) else []  # a linked folder is never walked
         while stack:
             current = stack.pop()
             try:
@@ -328,7 +336,7 @@ class FolderWatch:
                             path = Path(entry.path)
                             if not any(path == skip for skip in self._skip_paths(path)):
                                 stack.append(path)
-                    elif entry.is_file() and self.wanted(entry.path):
+                    elif (entry.is_file() or entry.is_symlink()) and self.wanted(entry.path):
                         self.note(entry.path)
                         found += 1
                 except OSError:
@@ -357,6 +365,8 @@ class FolderWatch:
             elif kind == "drop":
                 self.readings.pop(path, None)
             elif kind == "scan" and self.config.recursive:
+                if os.path.islink(path) and self.wanted(path):  # a link to a folder: reported, never walked
+                    self.note(path)
                 self.scan(path)
             elif kind == "gone" and os.path.normpath(path) == os.path.normpath(self.folder):
                 self._health_checked = 0.0  # look at once
@@ -374,6 +384,12 @@ class FolderWatch:
                 continue
             if not stat_module.S_ISREG(info.st_mode):
                 del self.readings[path]
+                if stat_module.S_ISDIR(info.st_mode) and os.path.islink(path):  # wanted() let it through
+                    try:
+                        link = os.lstat(path)
+                    except OSError:
+                        continue
+                    settled.append(Settled(path, link.st_size, link.st_mtime_ns, folder_link=True))
                 continue
             if (info.st_size, info.st_mtime_ns) != (reading.size, reading.mtime_ns):
                 # It changed since the last reading, at its mtime if that lies in between
