@@ -91,6 +91,7 @@ def main() -> None:
 
             jobs_latency = timed_reads(c.url, "/api/jobs", bundle, args.clients, args.reads)
             base_latency = timed_reads(c.url, "/api/cluster", bundle, args.clients, args.reads)
+            alone_latency = timed_reads(c.url, "/api/jobs", bundle, 1, args.reads)
             http.post(f"{c.url}/api/batches/{answer.json()['batch']}/cancel").raise_for_status()
 
             c.start_node("n1", "--slots", "2")
@@ -145,6 +146,8 @@ def main() -> None:
     table.add_row(f"GET /api/jobs ({stored} jobs)", f"{percentile(jobs_latency, .5) * 1000:.1f} ms",
                   f"{percentile(jobs_latency, .99) * 1000:.1f} ms",
                   f"{percentile(jobs_latency, .5) / percentile(base_latency, .5):.2f}")
+    table.add_row("GET /api/jobs, one client alone", f"{percentile(alone_latency, .5) * 1000:.1f} ms",
+                  f"{percentile(alone_latency, .99) * 1000:.1f} ms", "")
     table.add_row(f"segment finished -> segment_done at a stream client ({len(event_latency)} segments)",
                   f"{percentile(event_latency, .5) * 1000:.1f} ms", f"{percentile(event_latency, .99) * 1000:.1f} ms",
                   "")

@@ -385,7 +385,10 @@ class Store:
             params.append(state)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return self._rows(
-            "SELECT j.*, COALESCE(s.total, 0) AS segments_total, COALESCE(s.done, 0) AS segments_done,"
+            # every column but the stored profile, which lists never show and which is the bulk of a row
+            "SELECT j.id, j.batch_id, j.seq, j.input, j.profile_name, j.processor, j.destination, j.priority,"
+            " j.state, j.created, j.updated, j.error, j.outputs, j.waiting,"
+            " COALESCE(s.total, 0) AS segments_total, COALESCE(s.done, 0) AS segments_done,"
             " a.first_start FROM jobs j"
             " LEFT JOIN (SELECT job_id, COUNT(*) AS total, SUM(state = 'done') AS done FROM segments"
             "            GROUP BY job_id) s ON s.job_id = j.id"
