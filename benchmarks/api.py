@@ -40,6 +40,43 @@ out, frame = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 """
 
 
+CHROMIUM = "/usr/bin/chromium"
+# Notes, in the page, when each "k/N segments" count first appears (epoch milliseconds).
+OBSERVE = """(total) => {
+  window.shownAt = {};
+  new MutationObserver(() => {
+    for (const facts of document.querySelectorAll('.batch .facts')) {
+      const m = facts.textContent.match(/(\\d+)\\/(\\d+) segments/);
+      if (m && Number(m[2]) === total && !(m[1] in window.shownAt)) {
+        window.shownAt[m[1]] = performance.timeOrigin + performance.now();
+      }
+    }
+  }).observe(document.body, { subtree: true, childList: true, characterData: true });
+}"""
+
+
+class PageWatch:
+    """The Batch Monitor page in headless chromium, noting when each progress count shows."""
+
+    def __init__(self, url: str, token: str, total: int):
+        from playwright.sync_api import sync_playwright
+
+        self._playwright = sync_playwright().start()
+        self._browser = self._playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"])
+        self.page = self._browser.new_context(ignore_https_errors=True).new_page()
+        self.page.goto(f"{url}/#token={token}")
+        self.page.wait_for_selector("#live[data-state=live]", timeout=30000)
+        self.page.evaluate(OBSERVE, total)
+
+    def finish(self) -> dict[str, float]:
+        self.page.wait_for_timeout(500)
+        shown = self.page.evaluate("window.shownAt")
+        self._browser.close()
+        self._playwright.stop()
+        return shown
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -122,11 +159,13 @@ def main() -> None:
             listener = threading.Thread(target=listen, daemon=True)
             listener.start()
             ready.wait(30)
+            page = PageWatch(c.url, bundle.token, args.segments) if Path(CHROMIUM).exists() else None
             job = http.post(f"{c.url}/api/batches", json={
                 "profile": str(profile), "destination": str(c.root / "stamped")}).json()["jobs"][0]["id"]
             listener.join(600)
+            shown = page.finish() if page else {}
             detail = http.get(f"{c.url}/api/jobs/{job}").json()
-            event_latency = []
+            event_latency, finishes = [], []
             for segment in detail["segment_list"]:
                 [attempt] = [a for a in segment["attempts"] if a["state"] == "done"]
                 frame = int(segment["label"].split()[-1])
@@ -135,6 +174,9 @@ def main() -> None:
                 if finished is None:  # assembled and cleaned up: the delivered copy holds the same stamp
                     finished = float((c.root / "stamped" / f"frame_{frame:05d}.txt").read_text())
                 event_latency.append(received[segment["id"]] - finished)
+                finishes.append(finished)
+            # the page shows a count, not which segment: the k-th to finish is shown when k first appears
+            page_latency = [shown[str(k)] / 1000 - at for k, at in enumerate(sorted(finishes), 1) if str(k) in shown]
         finally:
             c.stop()
 
@@ -151,6 +193,10 @@ def main() -> None:
     table.add_row(f"segment finished -> segment_done at a stream client ({len(event_latency)} segments)",
                   f"{percentile(event_latency, .5) * 1000:.1f} ms", f"{percentile(event_latency, .99) * 1000:.1f} ms",
                   "")
+    if page_latency:
+        table.add_row(f"segment finished -> the page shows it ({len(page_latency)} counts seen)",
+                      f"{percentile(page_latency, .5) * 1000:.1f} ms", f"{percentile(page_latency, .99) * 1000:.1f} ms",
+                      "")
     Console().print(table)
     print(f"mean GET /api/jobs: {statistics.mean(jobs_latency) * 1000:.1f} ms")
 
