@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
-from farm.errors import FarmError
+from farm.errors import FarmError, StoreError
 from farm.model import TERMINAL_JOB_STATES
 from farm.profiles import Priority
 from farm.security import token_matches
@@ -138,6 +138,11 @@ def create_app(controller: Any) -> FastAPI:
     @app.exception_handler(FarmError)
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # the request was fine; the controller cannot take it now (disk full, store locked)
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "10"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

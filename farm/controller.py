@@ -18,7 +18,7 @@ from typing import Any
 
 from farm import __version__
 from farm.config import FarmConfig, state_dir
-from farm.engine import Engine
+from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
 from farm.errors import StoreError, UsageError
 from farm.local import STORE_NAME, check_destination, check_inputs
@@ -80,11 +80,14 @@ class Controller:
         if self.scheduler_address:
             client = Client(self.scheduler_address, security=security, set_as_default=False)
         else:
-            cluster = LocalCluster(
-                n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
-                protocol="tls://", security=security, dashboard_address=None,
-                scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
-            )
+            import dask
+
+            with dask.config.set(HEALTH_ONLY_HTTP):
+                cluster = LocalCluster(
+                    n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
+                    protocol="tls://", security=security, dashboard_address=LOOPBACK_HTTP,
+                    scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
+                )
             client = Client(cluster, security=security, set_as_default=False)
         self.engine = Engine(client, cluster)
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"

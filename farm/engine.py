@@ -37,6 +37,13 @@ class NodeView:
     running: int = 0
 
 
+#: Dask serves HTTP beside its TLS comms (task info, JSON, a proxy to workers) with no
+#: authentication at all; a farm keeps only the health check, and only on loopback.
+HEALTH_ONLY_HTTP = {"distributed.scheduler.http.routes": ["distributed.http.health"],
+                    "distributed.worker.http.routes": ["distributed.http.health"]}
+LOOPBACK_HTTP = "127.0.0.1:0"
+
+
 class Engine:
     """Runs attempts on Dask workers; ``outcomes`` receives ``(kind, attempt_id, value)``."""
 

@@ -72,10 +72,13 @@ async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: 
     import dask
     from distributed import Nanny
 
+    from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP
+
     with dask.config.set({"distributed.worker.memory.pause": False,
-                          "distributed.admin.low-level-log-length": 1000}):
+                          "distributed.admin.low-level-log-length": 1000, **HEALTH_ONLY_HTTP}):
         async with Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
-                         preload=["farm.nodeservice"], dashboard=False, memory_limit=0) as nanny:
+                         preload=["farm.nodeservice"], dashboard=False, dashboard_address=LOOPBACK_HTTP,
+                         memory_limit=0) as nanny:
             log.warning("node %s joined %s with %d slot(s)", name, address, slots)
             while nanny.status.name in ("running", "starting") and not stopping.is_set():
                 if nanny.process is None or nanny.process.status.name not in ("running", "starting"):

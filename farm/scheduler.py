@@ -17,14 +17,15 @@ import shutil
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from farm.engine import Engine, NodeView
-from farm.errors import FarmError, ProfileError
+from farm.errors import FarmError, ProfileError, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
@@ -115,6 +116,9 @@ class Scheduler:
         self.paused_nodes: set[str] = store.paused_nodes()
         self._unrunnable_checked = 0.0
         self._ended_batches: set[str] = set()  # told to plugins once their end is committed
+        # Lifecycle hooks wait for the commit of what they announce: a plugin never hears of
+        # a batch, a segment or an end that the store then refused.
+        self._pending_hooks: list[tuple[str, dict[str, Any]]] = []
 
     # -- submitting --------------------------------------------------------------------
 
@@ -176,10 +180,10 @@ class Scheduler:
             for rt in runtimes:
                 self.jobs[rt.job.id] = rt
             self._reorder()
-        self.plugins.notify("farm_batch_submitted", batch_id=batch_id, jobs=[rt.job for rt in runtimes])
+        self._notify_later("farm_batch_submitted", batch_id=batch_id, jobs=[rt.job for rt in runtimes])
         for rt in runtimes:
             if rt.state == JobState.FAILED:
-                self.plugins.notify("farm_job_failed", job=rt.job, reason=rt.error)
+                self._notify_later("farm_job_failed", job=rt.job, reason=rt.error)
                 self._emit("job_failed", rt)
             elif not rt.segments:
                 with self.store.transaction():
@@ -363,6 +367,7 @@ class Scheduler:
         while any(self.jobs[j].state not in TERMINAL_JOB_STATES for j in self.family(job_ids)):
             self.step()
         self._drain_stragglers()
+        self._flush_hooks()
 
     def step(self, wait: float = 0.2) -> None:
         """One round: take outcomes, enforce timeouts and cancels, dispatch."""
@@ -377,7 +382,7 @@ class Scheduler:
         outcomes = self.engine.collect(finished) if finished else {}
         dispatched: list[tuple[JobRuntime, Segment, NodeView]] = []
         try:
-            with self.store.transaction():
+            with self._committed():
                 for kind, attempt_id, value in items:
                     if kind == "progress":
                         self._on_progress(attempt_id, value)
@@ -394,11 +399,15 @@ class Scheduler:
                 if kind == "call":
                     value[1].set_exception(exc)
             raise
-        for kind, _, value in items:
-            if kind == "call":  # each in its own transaction, answered after its commit
-                self._run_call(*value)
-        if self._ended_batches:
-            self._announce_batches()
+        calls = [value for kind, _, value in items if kind == "call"]
+        for index, (fn, future) in enumerate(calls):  # each in its own transaction, answered after its commit
+            try:
+                self._run_call(fn, future)
+            except StoreError as exc:
+                for _, waiting in calls[index + 1:]:
+                    waiting.set_exception(exc)
+                raise
+        self._flush_hooks()
         to_cancel, self._to_cancel = self._to_cancel, []
         for attempt in to_cancel:
             self.engine.cancel(attempt.id, attempt.node.address)
@@ -407,10 +416,12 @@ class Scheduler:
 
     def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
         try:
-            with self.store.transaction():
+            with self._committed():
                 value = fn()
         except BaseException as exc:  # handed back to the caller, whose request it was
             future.set_exception(exc)
+            if isinstance(exc, StoreError):  # what it changed in memory was never stored: start again from the store
+                raise
         else:
             future.set_result(value)  # after the commit, so the caller reads what it did
 
@@ -437,7 +448,7 @@ class Scheduler:
         rt = self.jobs[attempt.job_id]
         seg = rt.segments[attempt.segment_id]
         self.store.end_attempt(attempt.id, end, reason=reason)
-        self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end, result=None, reason=reason)
+        self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end, result=None, reason=reason)
         if end == AttemptState.CANCELLED:
             self._to_cancel.append(attempt)
         if count:
@@ -565,7 +576,7 @@ class Scheduler:
             seg.state, seg.result = SegmentState.DONE, outcome.get("result") or {}
             seg.seconds = time.monotonic() - attempt.started
             self._recut(rt)
-            self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
+            self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})
             if rt.state != JobState.PAUSED and all(s.state == SegmentState.DONE for s in rt.segments.values()):
@@ -574,7 +585,7 @@ class Scheduler:
         reason = outcome.get("reason") or "unknown failure"
         if outcome.get("fatal"):  # retrying cannot help (the source changed)
             self.store.end_attempt(attempt_id, AttemptState.FAILED, reason=reason, log=attempt_log)
-            self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.FAILED,
+            self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.FAILED,
                                 result=None, reason=reason)
             self._fail_job(rt, reason)
             return
@@ -582,7 +593,7 @@ class Scheduler:
             reason = f"cancelled on the node: {reason}"
         end_state = AttemptState.LOST if outcome.get("lost") else AttemptState.FAILED
         self.store.end_attempt(attempt_id, end_state, exit_status=outcome.get("exit_status"), reason=reason, log=attempt_log)
-        self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end_state, result=None, reason=reason)
+        self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end_state, result=None, reason=reason)
         self._segment_failed(rt, seg, attempt.node, reason)
 
     def _segment_failed(self, rt: JobRuntime, seg: SegmentRuntime, node: NodeView, reason: str) -> None:
@@ -620,7 +631,7 @@ class Scheduler:
                 rt = self.jobs[attempt.job_id]
                 seg = rt.segments[attempt.segment_id]
                 self.store.end_attempt(attempt.id, AttemptState.TIMED_OUT, reason=reason)
-                self.plugins.notify("farm_segment_finished", job=rt.job, segment_id=seg.id,
+                self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id,
                                     state=AttemptState.TIMED_OUT, result=None, reason=reason)
                 self._to_cancel.append(attempt)
                 self._segment_failed(rt, seg, attempt.node, reason)
@@ -653,7 +664,7 @@ class Scheduler:
         self._set_job(rt, final, error=reason if final == JobState.FAILED else None)
         if final == JobState.FAILED:
             rt.error = reason
-            self.plugins.notify("farm_job_failed", job=rt.job, reason=reason)
+            self._notify_later("farm_job_failed", job=rt.job, reason=reason)
         self._emit(f"job_{final}", rt, {"reason": reason})
 
     def _fail_job(self, rt: JobRuntime, reason: str) -> None:
@@ -708,7 +719,7 @@ class Scheduler:
                 self._set_job(rt, JobState.FAILED, error=f"verification still failing after {rt.job.profile.retries} "
                                                           f"re-runs: {labels}")
                 rt.error = f"verification still failing after {rt.job.profile.retries} re-runs: {labels}"
-                self.plugins.notify("farm_job_failed", job=rt.job, reason=rt.error)
+                self._notify_later("farm_job_failed", job=rt.job, reason=rt.error)
                 self._emit("job_failed", rt, {"reason": rt.error})
                 return
             self._set_job(rt, JobState.RUNNING)
@@ -720,14 +731,14 @@ class Scheduler:
             rt.outputs = value["outputs"]
             self._set_job(rt, JobState.DONE, outputs=rt.outputs)
             shutil.rmtree(rt.job.work_dir, ignore_errors=True)
-            self.plugins.notify("farm_job_finished", job=rt.job, outputs=rt.outputs)
+            self._notify_later("farm_job_finished", job=rt.job, outputs=rt.outputs)
             self._emit("job_done", rt, {"outputs": rt.outputs})
             self._chain(rt)
         else:
             reason = f"assembly failed: {value['reason']}"
             rt.error = reason
             self._set_job(rt, JobState.FAILED, error=reason)
-            self.plugins.notify("farm_job_failed", job=rt.job, reason=reason)
+            self._notify_later("farm_job_failed", job=rt.job, reason=reason)
             self._emit("job_failed", rt, {"reason": reason})
 
     # -- growing and re-cutting jobs -----------------------------------------------------
@@ -794,6 +805,28 @@ class Scheduler:
             self._reorder()
             self._ended_batches.add(rt.job.batch_id)
 
+    @contextmanager
+    def _committed(self) -> Iterator[None]:
+        """A store transaction whose hooks are called only if it commits."""
+        mark = len(self._pending_hooks)
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            del self._pending_hooks[mark:]
+            raise
+
+    def _notify_later(self, hook_name: str, **kwargs: Any) -> None:
+        self._pending_hooks.append((hook_name, kwargs))
+
+    def _flush_hooks(self) -> None:
+        """Call the hooks of what is now committed, in order; then the batches that ended."""
+        pending, self._pending_hooks = self._pending_hooks, []
+        for hook_name, kwargs in pending:
+            self.plugins.notify(hook_name, **kwargs)
+        if self._ended_batches:
+            self._announce_batches()
+
     def _announce_batches(self) -> None:
         """Tell plugins about batches whose every job has ended (the store knows the
         jobs that ended before a restart, too)."""
@@ -843,6 +876,7 @@ class Scheduler:
         self._order = []
         self._to_cancel = []
         self._ended_batches = set()
+        self._pending_hooks = []
 
     def close(self) -> None:
         self._assembler.shutdown(wait=True)

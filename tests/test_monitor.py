@@ -5,7 +5,9 @@ driven by Playwright). One controller and one node serve the whole module."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -401,3 +403,41 @@ def test_status_watch_reads_a_local_store_without_a_controller(farm, farm_env):
         runner.wait(timeout=120)
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout.splitlines()[-1].split()[1:3] == ["done", "6/6"]
+
+
+def listening(pids: set[int]) -> list[str]:
+    """host:port of every TCP socket these processes (and their children) listen on."""
+    for pid in list(pids):
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        pids |= {int(child) for child in children}
+    found = []
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+        owner = re.search(r"pid=(\d+)", line)
+        if owner and int(owner.group(1)) in pids:
+            found.append(line.split()[3])
+    return found
+
+
+def plain_http(port: int, path: str) -> int | None:
+    """The status a plain (not TLS) HTTP request gets, or None when nothing speaks HTTP there."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2, which ./setup installs)")
+def test_nothing_answers_plain_http_but_dasks_health_check_on_loopback(farm_cluster):
+    c = farm_cluster
+    sockets = listening({c.controller.pid, c.nodes["alpha"].pid})
+    assert any(address.endswith(f":{c.api_port}") for address in sockets), sockets
+    plain = []
+    for address in sockets:
+        host, port = address.rsplit(":", 1)
+        if plain_http(int(port), "/health") is None:
+            continue  # TLS only (the API, Dask's comms) or nothing at all
+        plain.append(address)
+        assert host == "127.0.0.1", f"{address} answers plain HTTP beyond loopback"
+        for path in ("/info/main/workers.html", "/json/counts.json", "/proxy/8788/127.0.0.1/status"):
+            assert plain_http(int(port), path) == 404, (address, path)  # nothing about tasks or workers
+    assert plain, "Dask's health check was expected on loopback"
