@@ -188,8 +188,11 @@ def test_retry_only_the_failed_segments_or_the_whole_job(farm_cluster):
 
     cancelled = submit(c, work_profile(c, "1-40", 0.3), dest="out-again")["jobs"][0]["id"]
     wait_for(c, cancelled, "running")
-    c.http.post(f"/api/jobs/{cancelled}/cancel")
+    batch_id = c.http.get(f"/api/jobs/{cancelled}").json()["batch"]
+    assert c.http.post(f"/api/batches/{batch_id}/cancel").json() == {
+        "batch": batch_id, "cancel": "requested", "jobs": [cancelled]}
     wait_for(c, cancelled, "cancelled")
+    assert c.http.post(f"/api/batches/{batch_id}/cancel").json()["cancel"] == "nothing left to cancel"
     assert c.http.post(f"/api/jobs/{cancelled}/retry", json={"segments": "all"}).json()["segments_queued"] == 40
     again = wait_for(c, cancelled, "done", timeout=180)
     assert again["segments_done"] == 40 and len(again["outputs"]) == 40
