@@ -209,12 +209,23 @@ def create_app(controller: Any) -> FastAPI:
         jobs = [job_document(row) for row in reader.job_summaries(batch_id)]
         return {**batch_documents(rows, jobs, time.time())[0], "job_list": jobs}
 
+    # The longest list the API serves, read by every open monitor at once: encoded once per
+    # change of the store, not once per reader. The event mark is kept with the body, so a
+    # client streams from where that body was read.
+    listed: dict[tuple[str | None, str | None], tuple[int, int, bytes]] = {}
+
     @app.get("/api/jobs", dependencies=guarded, response_model=list[dict[str, Any]])
     def jobs(batch: str | None = None, state: str | None = None) -> Response:
-        mark = controller.events.last_id
-        documents = [job_document(row) for row in reader.job_summaries(batch, state)]
-        # the longest list the API serves: encoded once, without a second pass over every value
-        return Response(json.dumps(documents), media_type="application/json", headers={EVENTS_HEADER: str(mark)})
+        key = (batch, state)
+        version = reader.data_version()
+        cached = listed.get(key)
+        if cached is None or cached[0] != version:
+            mark = controller.events.last_id
+            body = json.dumps([job_document(row) for row in reader.job_summaries(batch, state)]).encode()
+            if len(listed) > 64:
+                listed.clear()
+            cached = listed[key] = (version, mark, body)
+        return Response(cached[2], media_type="application/json", headers={EVENTS_HEADER: str(cached[1])})
 
     @app.get("/api/jobs/{job_id}", dependencies=guarded)
     def job(job_id: str, response: Response) -> dict[str, Any]:

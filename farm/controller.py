@@ -66,6 +66,9 @@ class Controller:
         self._nodes_published: list[dict[str, Any]] | None = None
         self._node_documents: list[dict[str, Any]] = []
         self._segments_done: dict[str, int] = {}
+        # Changes are published once the round that made them is committed, so that a list
+        # read at event N holds every change up to N.
+        self._unpublished: list[tuple[str, dict[str, Any]]] = []
 
     # -- starting and stopping -----------------------------------------------------------
 
@@ -155,7 +158,9 @@ class Controller:
             try:
                 self.scheduler.step(wait=0.2)
             except StoreError as exc:
+                self._unpublished.clear()  # those changes were never stored
                 self._survive(exc)
+            self._publish_committed()
             self._publish_nodes()
 
     def _survive(self, exc: StoreError) -> None:
@@ -227,11 +232,16 @@ class Controller:
         done = self._segments_done[job_id]
         if rt.state in ("done", "failed", "cancelled"):
             self._segments_done.pop(job_id, None)
-        self.events.publish(kind, {
+        self._unpublished.append((kind, {
             "job": job_id, "batch": rt.job.batch_id, "state": rt.state, "segments": len(rt.segments),
             "segments_done": done, "priority": rt.priority, "error": rt.error, "waiting": rt.waiting,
             **{key: value for key, value in data.items() if key in ("segment", "node", "reason", "outputs")},
-        })
+        }))
+
+    def _publish_committed(self) -> None:
+        pending, self._unpublished = self._unpublished, []
+        for kind, data in pending:
+            self.events.publish(kind, data)
 
     def _publish_nodes(self) -> None:
         """Refresh the nodes' view (in the scheduler's thread) and publish it when it changed."""

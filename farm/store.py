@@ -396,6 +396,11 @@ class Store:
             "            ON a.job_id = j.id"
             f" {where} ORDER BY j.created, j.seq", params)
 
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite's data_version): what this
+        connection read before is still true while it stays the same."""
+        return self._rows("PRAGMA data_version")[0][0]
+
     def batches(self) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM batches ORDER BY created")
 
