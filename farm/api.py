@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import AsyncIterator
 from importlib.resources import files
 from typing import Any, Literal
@@ -171,8 +172,12 @@ def create_app(controller: Any) -> FastAPI:
         """Run a change in the scheduler's thread; a refusal is a conflict, not a crash."""
         try:
             return controller.scheduler.call(fn).result(timeout=30)
+        except StoreError:
+            raise  # 503: the controller cannot take changes now
         except FarmError as exc:
             raise ApiError(409, str(exc)) from None
+        except FutureTimeout:
+            raise ApiError(503, "the controller's scheduler did not answer within 30 s; try again") from None
 
     # -- the page ------------------------------------------------------------------------
 
