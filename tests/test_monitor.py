@@ -359,6 +359,29 @@ def test_the_page_asks_for_the_token_and_refuses_a_wrong_one(farm_cluster, brows
     context.close()
 
 
+def test_the_page_draws_the_newest_fifty_batches_and_the_rest_on_request(browser, tmp_path):
+    c = Cluster(tmp_path / "many")  # no node: the batches wait, which is all this needs
+    try:
+        c.start_controller()
+        bundle = Bundle.load(c.bundles / "node.yaml")
+        profile = work_profile(c, "1", 0.0)
+        with httpx.Client(base_url=c.url, verify=bundle.client_ssl_context(), timeout=60,
+                          headers={"Authorization": f"Bearer {bundle.token}"}) as http:
+            made = [http.post("/api/batches", json={"profile": str(profile), "destination": str(c.root / "o")})
+                    .json()["batch"] for _ in range(55)]
+        page = browser.new_context(ignore_https_errors=True).new_page()
+        page.goto(f"{c.url}/#token={bundle.token}")
+        page.wait_for_selector("#more-batches", timeout=20000)
+        assert page.locator(".batch").count() == 50
+        assert page.locator(f"#batch-{made[-1]}").is_visible() and page.locator(f"#batch-{made[0]}").count() == 0
+        assert page.locator("#more-batches").inner_text() == "Show older batches (5 more)"
+        page.click("#more-batches")
+        page.wait_for_selector(f"#batch-{made[0]}")
+        assert page.locator(".batch").count() == 55 and page.locator("#more-batches").count() == 0
+    finally:
+        c.stop()
+
+
 # -- the terminal: farm monitor and farm status --watch ---------------------------------------
 
 

@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 const view = {
   token: "", batches: new Map(), jobs: new Map(), nodes: [], expanded: new Set(),
   selected: null, detail: null, lastEvent: 0, renderQueued: false, detailTimer: null,
+  shown: 50, // newest batches drawn; a busy controller holds thousands
 };
 
 // -- talking to the controller -----------------------------------------------------------
@@ -193,8 +194,12 @@ function render() {
 }
 
 function renderBatches() {
-  const batches = [...view.batches.values()].sort((a, b) => b.created - a.created);
-  $("no-batches").hidden = batches.length > 0;
+  const all = [...view.batches.values()].sort((a, b) => b.created - a.created);
+  const batches = all.slice(0, view.shown);
+  $("no-batches").hidden = all.length > 0;
+  const older = all.length - batches.length;
+  const more = older > 0 ? el("button", { id: "more-batches", onclick: () => { view.shown += 50; render(); } },
+    `Show older batches (${older} more)`) : "";
   $("batches").replaceChildren(...batches.map((batch) => {
     const open = view.expanded.has(batch.id);
     const toggle = () => { open ? view.expanded.delete(batch.id) : view.expanded.add(batch.id); render(); };
@@ -212,7 +217,7 @@ function renderBatches() {
     const box = el("div", { class: "batch", "data-state": batch.state, id: `batch-${batch.id}` }, head);
     if (open) box.append(jobTable(batch.id));
     return box;
-  }));
+  }), more);
 }
 
 function jobTable(batchId) {
