@@ -208,11 +208,11 @@ def create_app(controller: Any) -> FastAPI:
 
     @app.get("/api/batches/{batch_id}", dependencies=guarded)
     def batch(batch_id: str) -> dict[str, Any]:
-        rows = [row for row in reader.batches() if row["id"] == batch_id]
-        if not rows:
+        row = reader.batch(batch_id)
+        if row is None:
             raise ApiError(404, f"no batch {batch_id!r}")
-        jobs = [job_document(row) for row in reader.job_summaries(batch_id)]
-        return {**batch_documents(rows, jobs, time.time())[0], "job_list": jobs}
+        jobs = [job_document(job) for job in reader.job_summaries(batch_id)]
+        return {**batch_documents([row], jobs, time.time())[0], "job_list": jobs}
 
     # The longest list the API serves, read by every open monitor at once: encoded once per
     # change of the store, not once per reader. The event mark is kept with the body, so a

@@ -33,6 +33,18 @@ def find_bundle(explicit: str | None, role: str = "node") -> Bundle:
                      "(`farm cluster init NAME` makes one)")
 
 
+def _answer(response: Any) -> Any:
+    """The JSON a controller answered, or its refusal as one sentence."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = {"error": response.text[:300]}
+    if response.status_code >= 400:
+        message = data.get("error") if isinstance(data, dict) else str(data)
+        raise FarmError(f"the controller refused: {message}")
+    return data
+
+
 class ControllerClient:
     def __init__(self, bundle: Bundle, url: str | None = None, timeout: float = 60.0):
         self.bundle = bundle
@@ -60,14 +72,7 @@ class ControllerClient:
             raise UsageError(f"cannot reach the controller at {self.url}: {exc}") from None
         # the live event id when a list was read: following the stream from it misses nothing
         self.events_mark = int(response.headers.get("X-Farm-Events", "0") or 0)
-        try:
-            data = response.json()
-        except ValueError:
-            data = {"error": response.text[:300]}
-        if response.status_code >= 400:
-            message = data.get("error") if isinstance(data, dict) else str(data)
-            raise FarmError(f"the controller refused: {message}")
-        return data
+        return _answer(response)
 
     def events(self, after: int) -> Iterator[dict[str, Any]]:
         """The controller's live events after ``after`` (server-sent events), as they come."""
@@ -79,7 +84,7 @@ class ControllerClient:
                                    headers={"Authorization": f"Bearer {self.bundle.token}"}) as response:
                     if response.status_code >= 400:
                         response.read()
-                        raise FarmError(f"the controller refused the event stream: {response.json().get('error')}")
+                        _answer(response)
                     for line in response.iter_lines():
                         if line.startswith("data: "):
                             yield json.loads(line[6:])

@@ -35,7 +35,8 @@ class EventHub:
             try:
                 loop.call_soon_threadsafe(ready.set)
             except RuntimeError:  # that stream's loop has closed
-                self._waiters.discard((loop, ready))
+                with self._lock:
+                    self._waiters.discard((loop, ready))
         return event_id
 
     def since(self, after: int) -> list[dict[str, Any]]:

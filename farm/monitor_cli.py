@@ -16,7 +16,7 @@ import webbrowser
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from farm.errors import ExitStatus, FarmError
+from farm.errors import ExitStatus, UsageError
 
 TERMINAL = ("done", "failed", "cancelled")
 LOCAL_POLL_SECONDS = 0.5
@@ -170,7 +170,7 @@ def _remote_updates(remote: Any, watch: Watch, mark: int) -> Iterable[None]:
                     watch.docs[event["job"]] = _summary(remote.job(event["job"]))
                 if watch.apply(event):
                     yield None
-        except FarmError as exc:  # the controller restarted: read again, follow again
+        except UsageError as exc:  # the stream broke (a restart): read again, follow again; a refusal is final
             print(f"farm: {exc}; reconnecting", file=sys.stderr)
             time.sleep(2)
             docs = [remote.job(watch.only)] if watch.only else remote.jobs()

@@ -388,13 +388,11 @@ class Store:
             # every column but the stored profile, which lists never show and which is the bulk of a row
             "SELECT j.id, j.batch_id, j.seq, j.input, j.profile_name, j.processor, j.destination, j.priority,"
             " j.state, j.created, j.updated, j.error, j.outputs, j.waiting,"
-            " COALESCE(s.total, 0) AS segments_total, COALESCE(s.done, 0) AS segments_done,"
-            " a.first_start FROM jobs j"
-            " LEFT JOIN (SELECT job_id, COUNT(*) AS total, SUM(state = 'done') AS done FROM segments"
-            "            GROUP BY job_id) s ON s.job_id = j.id"
-            " LEFT JOIN (SELECT job_id, MIN(started) AS first_start FROM attempts GROUP BY job_id) a"
-            "            ON a.job_id = j.id"
-            f" {where} ORDER BY j.created, j.seq", params)
+            # per job, through the indexes: one job or one batch costs what it holds, not the store
+            " (SELECT COUNT(*) FROM segments WHERE job_id = j.id) AS segments_total,"
+            " (SELECT COUNT(*) FROM segments WHERE job_id = j.id AND state = 'done') AS segments_done,"
+            " (SELECT MIN(started) FROM attempts WHERE job_id = j.id) AS first_start"
+            f" FROM jobs j {where} ORDER BY j.created, j.seq", params)
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (SQLite's data_version): what this
@@ -403,6 +401,9 @@ class Store:
 
     def batches(self) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM batches ORDER BY created")
+
+    def batch(self, batch_id: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM batches WHERE id = ?", (batch_id,))
 
     def attempt(self, attempt_id: str) -> sqlite3.Row | None:
         return self._one("SELECT * FROM attempts WHERE id = ?", (attempt_id,))

@@ -11,6 +11,7 @@ const view = {
   token: "", batches: new Map(), jobs: new Map(), nodes: [], expanded: new Set(),
   selected: null, detail: null, lastEvent: 0, renderQueued: false, detailTimer: null,
   shown: 50, // newest batches drawn; a busy controller holds thousands
+  fetching: new Map(), // batch id -> whether events came while it was being read
 };
 
 // -- talking to the controller -----------------------------------------------------------
@@ -107,6 +108,9 @@ function onEvent(event) {
 }
 
 async function refreshBatch(batchId) {
+  // a new batch's first events come together: read it once, and once more if events came meanwhile
+  if (view.fetching.has(batchId)) { view.fetching.set(batchId, true); return; }
+  view.fetching.set(batchId, false);
   try {
     const { data } = await api("GET", `/api/batches/${encodeURIComponent(batchId)}`);
     const { job_list: jobs, ...batch } = data;
@@ -115,6 +119,10 @@ async function refreshBatch(batchId) {
     render();
   } catch (error) {
     console.warn("batch", batchId, error);
+  } finally {
+    const again = view.fetching.get(batchId);
+    view.fetching.delete(batchId);
+    if (again) refreshBatch(batchId);
   }
 }
 
