@@ -57,8 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     _submission_arguments(run)
     run.add_argument("-o", "--output", metavar="DEST", help="destination folder (default: the profile's, else ./out)")
     run.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over: do not resume an interrupted run of the same command (its jobs are cancelled)")
     run.add_argument("--json", action="store_true", help="print one JSON document with the outcome on stdout")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    resume = commands.add_parser(
+        "resume", parents=[common], help="resume interrupted jobs on this machine",
+        description="Resume an interrupted job, or every interrupted job of a batch, on the embedded default and "
+                    "wait for it: segments already done are kept, the others run, then assembly. A job is "
+                    "interrupted when the process that ran it (its lease's owner) stopped before it ended. With "
+                    "--controller (or $FARM_CONTROLLER): hand out a paused job's segments again on that controller.")
+    resume.add_argument("target", metavar="JOB|BATCH", help="a job id or a batch id (see `farm status`)")
+    resume.add_argument("--json", action="store_true", help="print one JSON document with the outcome on stdout")
+    resume.add_argument("--quiet", action="store_true", help="no progress bars")
+    resume.add_argument("--controller", metavar="URL",
+                        help="resume a paused job on this controller instead (default: $FARM_CONTROLLER)")
+    resume.add_argument("--bundle", metavar="FILE", help="cluster bundle for --controller (default: $FARM_BUNDLE)")
 
     plan = commands.add_parser("plan", parents=[common], help="show the segments a batch would have",
                                description="Plan a batch and show its segments; nothing runs and nothing is stored.")
@@ -92,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_arguments(status)
 
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a job",
-                                 description="Ask the process running a job to cancel it.")
+                                 description="Ask the process running a job to cancel it; an interrupted job "
+                                             "(its process stopped) is cancelled at once.")
     cancel.add_argument("job", help="a job id")
     _remote_arguments(cancel)
     for module_name in COMMAND_MODULES:
@@ -187,8 +203,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    from farm.local import LocalFarm, check_destination, check_inputs, check_runnable
-    from farm.model import JobState
+    from farm.lease import describe
+    from farm.local import LocalFarm, check_destination, check_inputs, check_runnable, run_fingerprint
     from farm.node import install_runtime
     from farm.profiles import load_profile
 
@@ -198,51 +214,153 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
     destination = check_destination(args.output or loaded.profile.destination or "out")
     node = install_runtime(config.node)
     check_runnable(loaded, plugins, inputs, node.capabilities)
+    fingerprint = run_fingerprint(loaded, inputs, destination)
 
     farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node)
-    interrupted = threading.Event()
     try:
         scheduler = farm.scheduler
-        batch_id, job_ids = scheduler.submit(loaded, inputs, destination, origin="cli", overwrite=args.overwrite)
-
-        def on_interrupt(signum: int, frame: Any) -> None:
-            if interrupted.is_set():
-                raise KeyboardInterrupt
-            interrupted.set()
-            print("farm: cancelling the batch (Ctrl-C again to quit at once)", file=stderr)
-            for job_id in job_ids:
-                scheduler.cancel(job_id)
-
-        previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
-        try:
-            with _progress(scheduler, job_ids, stderr, enabled=not args.quiet):
-                scheduler.run_until_done(job_ids)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        jobs = [scheduler.jobs[job_id] for job_id in scheduler.family(job_ids)]
-        report = {
-            "batch": batch_id,
-            "jobs": [
-                {
-                    "id": rt.job.id,
-                    "input": str(rt.job.input) if rt.job.input else None,
-                    "state": str(rt.state),
-                    "outputs": rt.outputs,
-                    "segments": len(rt.segments),
-                    "error": rt.error if rt.state != JobState.DONE else None,
-                }
-                for rt in jobs
-            ],
-        }
+        batch_id, stale, owner = scheduler.resumable(fingerprint)
+        if owner is not None:
+            raise UsageError(f"the same run is running now (batch {batch_id}, {describe(owner)}); follow it with "
+                             "`farm status`, or cancel its jobs first (`farm cancel JOB`)")
+        if stale and args.fresh:
+            scheduler.abandon(stale, "replaced by a fresh run of the same command (--fresh)")
+            stale = []
+        if stale and batch_id is not None:
+            job_ids = scheduler.recover(stale)
+            done = sum(1 for j in job_ids for seg in scheduler.jobs[j].segments.values() if seg.state == "done")
+            total = sum(len(scheduler.jobs[j].segments) for j in job_ids)
+            print(f"farm: resuming interrupted batch {batch_id}: {done} of {total} segment(s) already done "
+                  "(--fresh starts over)", file=stderr)
+            every = [row["id"] for row in farm.store.jobs(batch_id)]
+        else:
+            batch_id, job_ids = scheduler.submit(loaded, inputs, destination, origin="cli", overwrite=args.overwrite,
+                                                 fingerprint=fingerprint)
+            every = job_ids
+        report, status = _run_jobs(farm, batch_id, job_ids, every, args, stderr)
     finally:
         farm.close()
+    return _finish(report, status, destination, args, stdout, stderr)
+
+
+def cmd_resume(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    from farm.lease import alive, describe, sweep
+    from farm.local import LocalFarm
+    from farm.model import JobState, TERMINAL_JOB_STATES
+    from farm.node import install_runtime
+    from farm.requirements import unmet_requirements
+
+    remote = _remote(args)
+    if remote is not None:  # a paused job on a controller (a controller takes interrupted jobs by itself)
+        answer = remote.request("POST", f"/api/jobs/{args.target}/resume")
+        print(f"job {args.target} {answer['state']}", file=stdout)
+        return ExitStatus.OK
+    store = _open_store(args)
+    try:
+        sweep(store)
+        row = store.job(args.target)
+        batch = store.batch(row["batch_id"] if row is not None else args.target)
+        if batch is None:
+            raise UsageError(f"no job or batch {args.target!r} in {store.path}")
+        rows = [row] if row is not None else store.jobs(batch["id"])
+        wanted = [r["id"] for r in rows if r["state"] == JobState.INTERRUPTED]
+        if not wanted:
+            states = ", ".join(sorted({r["state"] for r in rows})) or "empty"
+            if any(r["state"] not in TERMINAL_JOB_STATES for r in rows) and alive(lease := store.lease(batch["owner"])):
+                raise UsageError(f"{args.target} is {states}: its owner ({describe(lease)}) is running it; "
+                                 "nothing to resume")
+            raise UsageError(f"{args.target} is {states}; only interrupted jobs can be resumed")
+        destination = Path(rows[0]["destination"])
+    finally:
+        store.close()
+    config, plugins = _load(args)
+    node = install_runtime(config.node)
+    farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, owner="farm resume")
+    try:
+        scheduler = farm.scheduler
+        job_ids = scheduler.recover(wanted)
+        if not job_ids:
+            raise UsageError(f"{args.target}: another process took it over meanwhile; see `farm status`")
+        for job_id in job_ids:
+            unmet = unmet_requirements(scheduler.jobs[job_id].requires, node.capabilities)
+            if unmet:  # left for a machine that can: it is interrupted again when this process ends
+                raise UsageError(f"job {job_id} needs {', '.join(unmet)}, which this machine does not offer")
+        print(f"farm: resuming {len(job_ids)} job(s) of batch {batch['id']}", file=stderr)
+        report, status = _run_jobs(farm, batch["id"], job_ids, job_ids, args, stderr)
+    finally:
+        farm.close()
+    return _finish(report, status, destination, args, stdout, stderr)
+
+
+def _run_jobs(farm: Any, batch_id: str, job_ids: list[str], every: list[str], args: argparse.Namespace,
+              stderr: TextIO) -> tuple[dict[str, Any], Any]:
+    """Run ``job_ids`` (this process owns them) to their end with progress bars; returns the
+    report of the batch's jobs ``every`` (and the jobs chained after them) and how it went:
+    None, "interrupted" (Ctrl-C) or the :class:`farm.lease.LeaseLost` error."""
+    from farm.lease import LeaseLost
+
+    scheduler = farm.scheduler
+    interrupted = threading.Event()
+    outcome: Any = None
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        print("farm: cancelling the batch (Ctrl-C again to quit at once)", file=stderr)
+        for job_id in job_ids:
+            scheduler.cancel(job_id)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with _progress(scheduler, job_ids, stderr, enabled=not args.quiet):
+            scheduler.run_until_done(job_ids)
+    except LeaseLost as exc:
+        outcome = exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        outcome = "interrupted"
+    shown: list[str] = []
+    for job_id in every:
+        for member in scheduler.family([job_id]) if job_id in scheduler.jobs else [job_id]:
+            if member not in shown:
+                shown.append(member)
+    report = {"batch": batch_id, "jobs": [_report_job(scheduler, job_id) for job_id in shown]}
+    if outcome is not None and not isinstance(outcome, str):
+        report["error"] = str(outcome)
+    return report, outcome
+
+
+def _report_job(scheduler: Any, job_id: str) -> dict[str, Any]:
+    """One job of ``farm run``'s report: from this process when it ran it, else from the store."""
+    from farm.model import JobState
+
+    rt = scheduler.jobs.get(job_id)
+    if rt is not None:
+        return {"id": rt.job.id, "input": str(rt.job.input) if rt.job.input else None, "state": str(rt.state),
+                "outputs": rt.outputs, "segments": len(rt.segments),
+                "error": rt.error if rt.state != JobState.DONE else None}
+    row = scheduler.store.job(job_id)
+    return {"id": row["id"], "input": row["input"], "state": row["state"],
+            "outputs": json.loads(row["outputs"] or "[]"), "segments": len(scheduler.store.segments(job_id)),
+            "error": row["error"] if row["state"] != JobState.DONE else None}
+
+
+def _finish(report: dict[str, Any], outcome: Any, destination: Path, args: argparse.Namespace, stdout: TextIO,
+            stderr: TextIO) -> ExitStatus:
+    from farm.model import JobState
+
     if args.json:
         print(json.dumps(report, indent=2), file=stdout)
     else:
         _print_report(report, destination, stdout)
-    if interrupted.is_set():
+    if outcome == "interrupted":
         return ExitStatus.INTERRUPTED
+    if outcome is not None:
+        print(f"farm: error: {outcome}", file=stderr)
+        return ExitStatus(outcome.exit_status)
     if all(job["state"] == JobState.DONE for job in report["jobs"]):
         return ExitStatus.OK
     return ExitStatus.JOB_FAILED
@@ -284,7 +402,8 @@ class _progress:
             name = rt.job.input.name if rt.job.input else rt.job.profile.name
             self.tasks[job_id] = self.progress.add_task(f"{job_id} {name}", total=max(len(rt.segments), 1),
                                                         state=str(rt.state))
-            self.done[job_id] = 0
+            self.done[job_id] = sum(1 for seg in rt.segments.values() if seg.state == "done")  # resumed
+            self.progress.update(self.tasks[job_id], completed=self.done[job_id])
         self.scheduler.listeners.append(self.on_event)
         self.progress.start()
         return self
@@ -404,8 +523,14 @@ def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
 
 
 def _local_docs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from farm.lease import sweep
+
     store = _open_store(args)
     try:
+        try:
+            sweep(store)  # jobs whose process stopped show as interrupted
+        except FarmError as exc:  # a store that cannot be written is still read
+            log.warning("cannot mark the jobs of stopped processes as interrupted: %s", exc)
         if args.job:
             row = store.job(args.job)
             if row is None:
@@ -433,6 +558,9 @@ def _print_status(args: argparse.Namespace, docs: list[dict[str, Any]], stdout: 
             print(f"    reason: {doc['error']}", file=stdout)
         if doc.get("waiting") and doc["state"] == "queued":
             print(f"    waiting: {doc['waiting']}", file=stdout)
+        if doc["state"] == "interrupted":
+            print(f"    run the same `farm run` again or `farm resume {doc['id']}` to resume it; "
+                  f"`farm cancel {doc['id']}` to end it", file=stdout)
         for seg in doc.get("segment_list", []):
             tries = seg["attempts"] if isinstance(seg["attempts"], int) else len(seg["attempts"])
             print(f"    {seg['id']}  {seg['state']:<9} {seg['label']}  attempts {tries}", file=stdout)
@@ -454,18 +582,27 @@ def cmd_cancel(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
         remote.request("POST", f"/api/jobs/{args.job}/cancel")
         print(f"cancel requested for job {args.job}", file=stdout)
         return ExitStatus.OK
+    from farm.lease import describe, sweep
+    from farm.scheduler import cancel_interrupted
+
     store = _open_store(args)
     try:
+        sweep(store)
         row = store.job(args.job)
         if row is None:
             raise UsageError(f"no job {args.job!r} in {store.path}")
         if row["state"] in ("done", "failed", "cancelled"):
             print(f"job {args.job} is already {row['state']}", file=stdout)
             return ExitStatus.OK
+        if row["state"] == "interrupted":
+            cancel_interrupted(store, args.job, "cancelled by request (it was interrupted)")
+            print(f"job {args.job} was interrupted (its process stopped); it is cancelled", file=stdout)
+            return ExitStatus.OK
         store.request_cancel(args.job)
+        owner = store.lease((store.batch(row["batch_id"]) or {"owner": None})["owner"])
     finally:
         store.close()
-    print(f"cancel requested for job {args.job}", file=stdout)
+    print(f"cancel requested for job {args.job} from its owner ({describe(owner)})", file=stdout)
     return ExitStatus.OK
 
 
@@ -475,6 +612,7 @@ COMMANDS = {
     "profiles": cmd_profiles,
     "status": cmd_status,
     "cancel": cmd_cancel,
+    "resume": cmd_resume,
 }
 
 

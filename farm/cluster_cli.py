@@ -84,10 +84,10 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     retry.add_argument("job")
     retry.add_argument("--all", action="store_true", help="run every segment again, done ones too")
 
-    for verb, what in (("pause", "hand out no more of a job's segments (running ones finish)"),
-                       ("resume", "hand out a paused job's segments again")):
-        parser = commands.add_parser(verb, parents=[common, remote], help=f"{verb} a job", description=f"{what}.")
-        parser.add_argument("job")
+    # `farm resume JOB` is in farm.cli: a paused job on a controller, or an interrupted one here
+    pause = commands.add_parser("pause", parents=[common, remote], help="pause a job",
+                                description="hand out no more of a job's segments (running ones finish).")
+    pause.add_argument("job")
     priority = commands.add_parser("priority", parents=[common, remote], help="move a job up or down the queue",
                                    description="Set a job's priority: high, normal, low or a whole number.")
     priority.add_argument("job")
@@ -99,7 +99,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
         parser.add_argument("node")
     return {"cluster": cmd_cluster, "controller": cmd_controller, "node": cmd_node, "quickcluster": cmd_quickcluster,
             "submit": cmd_submit, "nodes": cmd_nodes, "retry": cmd_retry, "pause": cmd_pause_job,
-            "resume": cmd_resume_job, "priority": cmd_priority,
+            "priority": cmd_priority,
             "pause-node": cmd_pause_node, "resume-node": cmd_resume_node}
 
 
@@ -259,12 +259,6 @@ def cmd_retry(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
 def cmd_pause_job(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     _client(args).request("POST", f"/api/jobs/{args.job}/pause")
     print(f"job {args.job} paused (segments already running finish)", file=stdout)
-    return ExitStatus.OK
-
-
-def cmd_resume_job(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    answer = _client(args).request("POST", f"/api/jobs/{args.job}/resume")
-    print(f"job {args.job} {answer['state']}", file=stdout)
     return ExitStatus.OK
 
 

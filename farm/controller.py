@@ -4,6 +4,11 @@ in one long-running process.
 The store is the truth: a controller killed with SIGKILL and started again takes
 every unfinished job back from it. SIGTERM stops it cleanly; the jobs it held resume
 at the next start.
+
+The controller holds a lease (:mod:`farm.lease`) on every batch it runs, its droplets'
+included. At start, and every ``TAKEOVER_SECONDS`` after, it takes over the jobs whose
+owner's lease lapsed (``interrupted`` ones: a killed ``farm run``, a dead controller);
+a job whose owner lives (a ``farm run`` on the same state directory) is never touched.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from farm import __version__
 from farm.config import FarmConfig, state_dir
 from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
-from farm.errors import StoreError, UsageError
+from farm.errors import IllegalTransition, StoreError, UsageError
+from farm.lease import Lease
 from farm.local import STORE_NAME, check_destination, check_inputs
 from farm.plugins import load_plugins
 from farm.profiles import load_profile
@@ -30,6 +36,7 @@ from farm.store import Store
 
 log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
+TAKEOVER_SECONDS = 5.0  # how often the store is looked at for jobs whose owner is gone
 
 
 @dataclass
@@ -95,11 +102,10 @@ class Controller:
         self.engine = Engine(client, cluster)
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
         storage.mkdir(parents=True, exist_ok=True)
-        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage)
+        self.lease = Lease(self.store, "controller")
+        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage, lease=self.lease)
         self.scheduler.listeners.append(self._publish_job_event)
-        recovered = self.scheduler.recover()
-        if recovered:
-            log.warning("resumed %d unfinished job(s) from the store", len(recovered))
+        self._take_over()
         if self.config.droplets:
             from farm.droplets.service import start_droplets
 
@@ -112,6 +118,24 @@ class Controller:
             self._advertiser = Advertiser(
                 Advertised(self.bundle.cluster, self.api_url, self.dask_address, self.bundle.fingerprint),
                 settings.api_port or 0)
+
+    def _take_over(self) -> None:
+        """Take over the jobs whose owner's lease lapsed (never one whose owner lives)."""
+        self._taken_over_at = time.monotonic()
+        recovered = self.scheduler.recover()
+        if recovered:
+            log.warning("took over %d unfinished job(s) whose owner stopped: %s", len(recovered),
+                        ", ".join(recovered))
+
+    def _renew_lease(self) -> None:
+        """Our lease was found lapsed (this process was stopped longer than its ttl) and
+        our jobs interrupted: forget them, take a new lease, and take back whatever nobody
+        else took meanwhile."""
+        log.error("this controller's lease lapsed while it was stopped; its jobs were interrupted; taking a new lease")
+        self.scheduler.reset()
+        self.lease.release("lapsed")
+        self.lease = self.scheduler.lease = Lease(self.store, "controller")
+        self._take_over()
 
     def _reachable(self, address: str) -> str:
         """The scheduler's address as another machine dials it (not 0.0.0.0)."""
@@ -156,10 +180,18 @@ class Controller:
                 signal.signal(sig, lambda *_: self.stopping.set())
         while not self.stopping.is_set():
             try:
+                if self.lease.lost.is_set():
+                    self._renew_lease()
+                elif time.monotonic() - self._taken_over_at > TAKEOVER_SECONDS:
+                    self._take_over()
                 self.scheduler.step(wait=0.2)
             except StoreError as exc:
                 self._unpublished.clear()  # those changes were never stored
                 self._survive(exc)
+            except IllegalTransition:
+                if self.lease.beat():  # not a lapsed lease: a real bug
+                    raise
+                self._unpublished.clear()
             self._publish_committed()
             self._publish_nodes()
 
@@ -197,6 +229,7 @@ class Controller:
                 self.droplets.close()
             self.scheduler.close()
             self.engine.close()
+            self.lease.release()  # what it leaves unfinished is interrupted, and taken at the next start
         finally:
             self.store.close()
 

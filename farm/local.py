@@ -17,6 +17,7 @@ from typing import Any
 from farm.config import FarmConfig, state_dir
 from farm.engine import Engine
 from farm.errors import UsageError
+from farm.lease import Lease
 from farm.node import NodeRuntime, install_runtime
 from farm.plugins import Plugins
 from farm.profiles import LoadedProfile
@@ -101,17 +102,20 @@ class LocalFarm:
     engine: Engine
     scheduler: Scheduler
     node: NodeRuntime
+    lease: Lease
 
     @classmethod
     def start(cls, config: FarmConfig, plugins: Plugins, state: str | None = None,
-              node: NodeRuntime | None = None) -> LocalFarm:
+              node: NodeRuntime | None = None, owner: str = "farm run") -> LocalFarm:
+        """``owner``: what this process is, as the lease on its batches names it."""
         root = state_dir(state)
         plugins.configure(config.plugins)
         store = Store(root / STORE_NAME)
         node = node or install_runtime(config.node)
         engine = Engine.embedded(node.slots, node.capabilities)
-        scheduler = Scheduler(store, plugins, engine, root / "work")
-        return cls(store, engine, scheduler, node)
+        lease = Lease(store, owner)
+        scheduler = Scheduler(store, plugins, engine, root / "work", lease=lease)
+        return cls(store, engine, scheduler, node, lease)
 
     def close(self) -> None:
         try:
@@ -125,10 +129,36 @@ class LocalFarm:
                 self.engine.close()
             finally:
                 quiet.setLevel(level)
-                self.store.close()
+                try:
+                    # its attempts ended with the engine; what it leaves unfinished is interrupted
+                    self.lease.release()
+                finally:
+                    self.store.close()
 
     def __enter__(self) -> LocalFarm:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def run_fingerprint(loaded: LoadedProfile, inputs: list[Path | None], destination: Path) -> str:
+    """What makes two ``farm run`` commands the same run: the profile as it runs (after
+    extends and ``--set`` overrides), each input with its size and mtime (an edited input is
+    a new run), and the destination. Used to resume an interrupted run of it."""
+    import hashlib
+    import json
+
+    def stamp(path: Path | None) -> list[Any] | None:
+        if path is None:
+            return None
+        info = path.stat()
+        return [str(path), info.st_size, info.st_mtime_ns]
+
+    document = {
+        "profile": json.loads(loaded.profile.model_dump_json()),
+        "settings": json.loads(loaded.settings.model_dump_json()),
+        "inputs": [stamp(path) for path in inputs],
+        "destination": str(destination),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()

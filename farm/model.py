@@ -22,6 +22,8 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # its owner (the process holding the batch's lease) stopped before the job ended
+    INTERRUPTED = "interrupted"
 
 
 class SegmentState(StrEnum):
@@ -42,17 +44,32 @@ class AttemptState(StrEnum):
 
 
 TERMINAL_JOB_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+#: States a job is in while its owner works on it: the ones a lapsed lease interrupts.
+ACTIVE_JOB_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.PAUSED, JobState.ASSEMBLING})
 
 TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
     "job": {
-        JobState.QUEUED: frozenset({JobState.RUNNING, JobState.PAUSED, JobState.FAILED, JobState.CANCELLED}),
+        JobState.QUEUED: frozenset(
+            {JobState.RUNNING, JobState.PAUSED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
+        ),
         JobState.RUNNING: frozenset(
-            {JobState.QUEUED, JobState.PAUSED, JobState.ASSEMBLING, JobState.FAILED, JobState.CANCELLED}
+            {JobState.QUEUED, JobState.PAUSED, JobState.ASSEMBLING, JobState.FAILED, JobState.CANCELLED,
+             JobState.INTERRUPTED}
         ),
         # paused: nothing new is handed out; segments already running finish.
-        JobState.PAUSED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+        JobState.PAUSED: frozenset(
+            {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
+        ),
         # assembling -> running: verification found segments to run again.
-        JobState.ASSEMBLING: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+        JobState.ASSEMBLING: frozenset(
+            {JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
+        ),
+        # interrupted: the batch's lease lapsed. A new owner resumes it (queued when nothing
+        # ran yet, else running; all segments done means assembling next), or a person
+        # cancels it at once; a resume that cannot rebuild it fails it.
+        JobState.INTERRUPTED: frozenset(
+            {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}
+        ),
         JobState.DONE: frozenset(),
         # failed or cancelled -> queued is a retry asked for by a person.
         JobState.FAILED: frozenset({JobState.QUEUED}),

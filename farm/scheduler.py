@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.engine import Engine, NodeView
-from farm.errors import FarmError, ProfileError, StoreError
+from farm.errors import FarmError, IllegalTransition, ProfileError, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
@@ -93,11 +93,24 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(5)}"
 
 
+def cancel_interrupted(store: Store, job_id: str, reason: str) -> None:
+    """End an interrupted job as cancelled at once: nobody runs it, so nobody is asked."""
+    with store.transaction():
+        for seg in store.segments(job_id):
+            if seg["state"] in (SegmentState.QUEUED, SegmentState.RUNNING):
+                store.move_segment(seg["id"], seg["state"], SegmentState.CANCELLED)
+        store.move_job(job_id, JobState.INTERRUPTED, JobState.CANCELLED, error=reason)
+
+
 class Scheduler:
-    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0):
+    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0,
+                 lease: Any = None):
         """``prefetch``: segments handed to a node beyond its free slots, so that very short
-        segments do not wait on the round trip; 0 keeps every waiting segment here."""
+        segments do not wait on the round trip; 0 keeps every waiting segment here.
+        ``lease``: the :class:`farm.lease.Lease` of this process; every batch it submits
+        or takes over is owned by it (None: batches without an owner, for tests)."""
         self.prefetch = prefetch
+        self.lease = lease
         self.store = store
         self.plugins = plugins
         self.engine = engine
@@ -129,8 +142,10 @@ class Scheduler:
         destination: Path,
         origin: str = "cli",
         overwrite: bool = False,
+        fingerprint: str | None = None,
     ) -> tuple[str, list[str]]:
-        """Plan every job, store the batch, and queue its segments."""
+        """Plan every job, store the batch (owned by this scheduler's lease), and queue its
+        segments. ``fingerprint`` names what was run, so that the same run can resume it."""
         profile = loaded.profile
         processor = self.plugins.processor(profile.processor)
         then = None
@@ -175,7 +190,7 @@ class Scheduler:
                 "input_stamp": json.dumps(job.input_stamp) if job.input_stamp else None,
             })
             runtimes.append(rt)
-        self.store.add_batch(batch_id, origin, job_rows, segment_rows)
+        self.store.add_batch(batch_id, origin, job_rows, segment_rows, owner=self.owner, fingerprint=fingerprint)
         with self._lock:
             for rt in runtimes:
                 self.jobs[rt.job.id] = rt
@@ -191,28 +206,83 @@ class Scheduler:
                     self._start_assembly(rt)
         return batch_id, [rt.job.id for rt in runtimes]
 
-    def recover(self, job_ids: Iterable[str] | None = None) -> list[str]:
-        """Rebuild the queue from the store after a restart; returns the jobs taken back.
+    @property
+    def owner(self) -> str | None:
+        return self.lease.id if self.lease is not None else None
 
-        Attempts that were running when the controller stopped are recorded as lost
-        (without counting against the segment) and their segments queued again; their
-        outputs went to their own attempt folders, so nothing is written twice. With
-        ``job_ids``, only those jobs (another process may own the rest).
+    def recover(self, job_ids: Iterable[str] | None = None) -> list[str]:
+        """Take over jobs whose owner is gone, and rebuild this owner's own jobs from the
+        store (after :meth:`reset`); returns the jobs taken.
+
+        Lapsed leases are swept first (:func:`farm.lease.sweep`): their unfinished jobs
+        become ``interrupted``, and only those are taken over; a job whose owner lives is
+        never touched. Attempts that were running when the owner stopped are recorded as
+        lost (without counting against the segment) and their segments queued again; their
+        outputs went to their own attempt folders, so nothing is written twice. A done
+        segment whose attempt folder is gone runs again. With ``job_ids``, only those jobs.
         """
+        from farm.lease import sweep
         from farm.profiles import Profile
 
+        sweep(self.store)
         recovered = []
         wanted = set(job_ids) if job_ids is not None else None
+        owners: dict[str, str | None] = {}
         for row in self.store.unfinished_jobs():
             if row["id"] in self.jobs or (wanted is not None and row["id"] not in wanted):
                 continue
-            with self.store.transaction():
-                rt = self._rebuild(row, Profile)
+            if row["batch_id"] not in owners:
+                batch = self.store.batch(row["batch_id"])
+                owners[row["batch_id"]] = batch["owner"] if batch is not None else None
+            ours = self.owner is not None and owners[row["batch_id"]] == self.owner
+            if row["state"] != JobState.INTERRUPTED and not ours:
+                continue  # a living owner runs it
+            try:
+                with self.store.transaction():
+                    if row["state"] == JobState.INTERRUPTED:
+                        row = self._take_over(row, ours)
+                    rt = self._rebuild(row, Profile)
+            except IllegalTransition:  # another process took it over first
+                continue
             if rt is not None:
                 recovered.append(rt.job.id)
         with self._lock:
             self._reorder()
         return recovered
+
+    def _take_over(self, row: Any, ours: bool) -> dict[str, Any]:
+        """Own an interrupted job's batch and put the job back to work (in a transaction)."""
+        if not ours:
+            self.store.set_batch_owner(row["batch_id"], self.owner)
+        started = any(seg["attempts"] for seg in self.store.segments(row["id"]))
+        state = JobState.RUNNING if started else JobState.QUEUED
+        self.store.move_job(row["id"], JobState.INTERRUPTED, state, error=None)
+        self.store.event("job_taken_over", job_id=row["id"], data={"owner": self.owner})
+        return {**dict(row), "state": state, "error": None}
+
+    def resumable(self, fingerprint: str) -> tuple[str | None, list[str], Any]:
+        """The newest batch stored with ``fingerprint``: ``(batch id, its interrupted jobs,
+        the lease of a living owner or None)``; ``(None, [], None)`` when there is none."""
+        from farm.lease import alive, sweep
+
+        sweep(self.store)
+        for batch in self.store.batches_by_fingerprint(fingerprint):
+            jobs = self.store.jobs(batch["id"])
+            lease = self.store.lease(batch["owner"])
+            if any(job["state"] not in TERMINAL_JOB_STATES and job["state"] != JobState.INTERRUPTED for job in jobs) \
+                    and alive(lease):
+                return batch["id"], [], lease
+            interrupted = [job["id"] for job in jobs if job["state"] == JobState.INTERRUPTED]
+            if interrupted:
+                return batch["id"], interrupted, None
+            return None, [], None  # the newest run of it ended: a new run starts afresh
+        return None, [], None
+
+    def abandon(self, job_ids: list[str], reason: str) -> None:
+        """Cancel interrupted jobs at once (nobody runs them: nothing to ask)."""
+        with self.store.transaction():
+            for job_id in job_ids:
+                cancel_interrupted(self.store, job_id, reason)
 
     def _rebuild(self, row: Any, profile_model: Any) -> JobRuntime | None:
         profile = profile_model.model_validate_json(row["profile"])
@@ -249,6 +319,12 @@ class Scheduler:
             if seg.state == SegmentState.RUNNING:
                 self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
                 seg.state = SegmentState.QUEUED
+            elif seg.state == SegmentState.DONE and rt.state not in TERMINAL_JOB_STATES \
+                    and not self._output_kept(job, attempts):
+                # its output went with the work folder (cleaned, another disk): run it again
+                self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED, result=None)
+                self.store.event("segment_output_missing", job_id=job.id, segment_id=seg.id)
+                seg.state, seg.result = SegmentState.QUEUED, None
             rt.segments[seg.id] = seg
             if seg.state == SegmentState.QUEUED:
                 rt.queue.append(seg.id)
@@ -263,6 +339,11 @@ class Scheduler:
                 self._set_job(rt, JobState.RUNNING)
             self._start_assembly(rt)
         return rt
+
+    @staticmethod
+    def _output_kept(job: Job, attempts: list[Any]) -> bool:
+        done = [a["id"] for a in attempts if a["state"] == AttemptState.DONE]
+        return bool(done) and (job.work_dir / done[-1]).is_dir()
 
     def cancel(self, job_id: str) -> None:
         """Cancel a job (thread-safe; takes effect in the next round)."""
@@ -364,10 +445,30 @@ class Scheduler:
         return found
 
     def run_until_done(self, job_ids: list[str]) -> None:
+        """Step until these jobs (and those chained after them) end; raises
+        :class:`farm.lease.LeaseLost` when this owner's lease was ended under it."""
         while any(self.jobs[j].state not in TERMINAL_JOB_STATES for j in self.family(job_ids)):
-            self.step()
+            if self.lease is not None and self.lease.lost.is_set():
+                self._abandon()
+            try:
+                self.step()
+            except IllegalTransition:
+                # another process moved our jobs: only a sweep that found our lease lapsed does
+                if self.lease is not None and not self.lease.beat():
+                    self._abandon()
+                raise
         self._drain_stragglers()
         self._flush_hooks()
+
+    def _abandon(self) -> None:
+        """Our lease was ended under us: stop every attempt (the store already says they
+        were lost), forget the jobs, and raise :class:`farm.lease.LeaseLost`."""
+        for attempt in list(self.attempts.values()):
+            self.engine.cancel(attempt.id, attempt.node.address)
+        self.attempts.clear()
+        self.jobs.clear()
+        self._order = []
+        raise self.lease.lost_error()
 
     def step(self, wait: float = 0.2) -> None:
         """One round: take outcomes, enforce timeouts and cancels, dispatch."""
@@ -882,4 +983,4 @@ class Scheduler:
         self._assembler.shutdown(wait=True)
 
 
-__all__ = ["Scheduler", "JobRuntime", "new_id"]
+__all__ = ["Scheduler", "JobRuntime", "new_id", "cancel_interrupted"]

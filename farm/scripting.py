@@ -141,7 +141,7 @@ def start(profile: str | Path, inputs: Iterable[str | Path] = (), destination: s
     dest = check_destination(destination or loaded.profile.destination or "out")
     node = install_runtime(settings.node)
     check_runnable(loaded, plugins, sources, node.capabilities)
-    local = LocalFarm.start(settings, plugins, str(state) if state else None, node)
+    local = LocalFarm.start(settings, plugins, str(state) if state else None, node, owner="farm.start (Python)")
     try:
         batch_id, job_ids = local.scheduler.submit(loaded, sources, dest, origin="python", overwrite=overwrite)
     except BaseException:

@@ -113,6 +113,22 @@ CREATE TABLE IF NOT EXISTS droplet_files (
 CREATE INDEX IF NOT EXISTS droplet_files_by_path ON droplet_files(folder, path);
 CREATE INDEX IF NOT EXISTS droplet_files_by_digest ON droplet_files(folder, digest);
 CREATE INDEX IF NOT EXISTS droplet_files_by_state ON droplet_files(folder, state);
+-- leases (farm.lease): every batch belongs to one living process, its owner (a controller,
+-- one `farm run`, one `farm watch`). The owner beats (heartbeat) while it lives; a lease
+-- ended, unbeaten for ``ttl`` seconds, or whose process is gone makes the unfinished jobs
+-- of its batches `interrupted`.
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    ttl REAL NOT NULL,
+    ended REAL,
+    end_reason TEXT
+);
 CREATE TABLE IF NOT EXISTS droplets (
     folder TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -124,6 +140,25 @@ CREATE TABLE IF NOT EXISTS droplets (
     updated REAL NOT NULL
 );
 """
+
+
+#: Columns added after a store was first made: (table, column, declaration). A store made
+#: by an older version gets them when it is opened (SQLite has no ADD COLUMN IF NOT EXISTS).
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("batches", "owner", "TEXT"),        # the lease of the process that runs the batch
+    ("batches", "fingerprint", "TEXT"),  # what `farm run` ran (profile, inputs, destination): to resume it
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    for table, column, declaration in MIGRATIONS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it in between
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def _json(value: Any) -> str | None:
@@ -143,6 +178,8 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            _migrate(self._db)
+            self._db.execute("CREATE INDEX IF NOT EXISTS batches_by_fingerprint ON batches(fingerprint)")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the state store at {self.path}: {exc}") from None
         self._lock = threading.RLock()
@@ -207,10 +244,12 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------
 
-    def add_batch(self, batch_id: str, origin: str, jobs: list[dict[str, Any]], segments: list[dict[str, Any]]) -> None:
+    def add_batch(self, batch_id: str, origin: str, jobs: list[dict[str, Any]], segments: list[dict[str, Any]],
+                  owner: str | None = None, fingerprint: str | None = None) -> None:
         now = time.time()
         with self.transaction():
-            self._execute("INSERT INTO batches(id, created, origin) VALUES (?, ?, ?)", (batch_id, now, origin))
+            self._execute("INSERT INTO batches(id, created, origin, owner, fingerprint) VALUES (?, ?, ?, ?, ?)",
+                          (batch_id, now, origin, owner, fingerprint))
             self._db.executemany(
                 "INSERT INTO jobs(id, batch_id, seq, input, profile_name, profile, processor, destination,"
                 " work_dir, priority, state, created, updated, error, overwrite, input_stamp)"
@@ -327,6 +366,48 @@ class Store:
         """Ask whoever runs the job to cancel it; False when there is no such job."""
         cursor = self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
         return cursor.rowcount == 1
+
+    # -- leases (farm.lease) ------------------------------------------------------------
+
+    def add_lease(self, lease_id: str, kind: str, host: str, pid: int, pid_start: str | None, ttl: float) -> None:
+        now = time.time()
+        self._write(
+            "INSERT INTO leases(id, kind, host, pid, pid_start, started, heartbeat, ttl) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (lease_id, kind, host, pid, pid_start, now, now, ttl),
+        )
+
+    def beat_lease(self, lease_id: str) -> bool:
+        """Renew a lease; False when it has ended (it lapsed and was taken, or was released)."""
+        cursor = self._write("UPDATE leases SET heartbeat = ? WHERE id = ? AND ended IS NULL", (time.time(), lease_id))
+        return cursor.rowcount == 1
+
+    def end_lease(self, lease_id: str, reason: str, heartbeat: float | None = None) -> bool:
+        """End a lease; with ``heartbeat``, only if it was not renewed since that beat was read."""
+        sql = "UPDATE leases SET ended = ?, end_reason = ? WHERE id = ? AND ended IS NULL"
+        params: tuple[Any, ...] = (time.time(), reason, lease_id)
+        if heartbeat is not None:
+            sql += " AND heartbeat = ?"
+            params += (heartbeat,)
+        return self._write(sql, params).rowcount == 1
+
+    def lease(self, lease_id: str | None) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM leases WHERE id = ?", (lease_id,)) if lease_id else None
+
+    def set_batch_owner(self, batch_id: str, owner: str | None) -> None:
+        self._write("UPDATE batches SET owner = ? WHERE id = ?", (owner, batch_id))
+
+    def owners_of_active_batches(self) -> list[sqlite3.Row]:
+        """``(batch id, owner)`` of every batch with a job its owner still works on."""
+        return self._rows(
+            "SELECT DISTINCT b.id, b.owner FROM batches b JOIN jobs j ON j.batch_id = b.id"
+            " WHERE j.state IN ('queued', 'running', 'paused', 'assembling')"
+        )
+
+    def batches_by_fingerprint(self, fingerprint: str) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM batches WHERE fingerprint = ? ORDER BY created DESC", (fingerprint,))
+
+    def running_attempts(self, job_id: str) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM attempts WHERE job_id = ? AND state = 'running'", (job_id,))
 
     # -- reading ----------------------------------------------------------------------
 

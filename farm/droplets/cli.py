@@ -99,7 +99,7 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         elif kind == "skipped":
             say(f"skipped    {shown}: {detail}")
 
-    farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node)
+    farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, owner="farm watch")
     service = DropletService(farm.scheduler, prepared, on_event=on_event, once=args.once)
     stops = []  # one entry per Ctrl-C or SIGTERM
     wake = threading.Event()

@@ -500,9 +500,10 @@ class DropletService:
                    and jobs[row["job_id"]]["state"] not in TERMINAL and row["job_id"] not in self.scheduler.jobs]
         resumed = self._resume(orphans)
         for job_id in orphans:
-            if job_id not in resumed:
+            now = self.scheduler.store.job(job_id)["state"]  # a failed resume may have ended it already
+            if job_id not in resumed and now not in TERMINAL and not self._owned_elsewhere(job_id):
                 self.scheduler.store.move_job(
-                    job_id, jobs[job_id]["state"], "failed",
+                    job_id, now, "failed",
                     error="the process running it stopped before it finished, and this scheduler cannot resume "
                           "it; drop the file again to run it again")
         for row in rows:
@@ -514,6 +515,16 @@ class DropletService:
                 self.pending[row["job_id"]] = pending
         log.info("droplet %s: %d file(s) from the last run: %d resumed, %d waited for", droplet.label, len(rows),
                  len(resumed), len(rows) - len(orphans))
+
+    def _owned_elsewhere(self, job_id: str) -> bool:
+        """A living process owns this job's batch (a controller took it over): wait for it."""
+        from farm.lease import alive
+
+        store = self.scheduler.store
+        job = store.job(job_id)
+        batch = store.batch(job["batch_id"]) if job is not None else None
+        return batch is not None and job["state"] not in TERMINAL and job["state"] != "interrupted" \
+            and alive(store.lease(batch["owner"]))
 
     def _resume(self, job_ids: list[str]) -> set[str]:
         if not job_ids:
