@@ -26,7 +26,7 @@ from farm.config import FarmConfig, state_dir
 from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
 from farm.errors import IllegalTransition, StoreError, UsageError
-from farm.lease import Lease
+from farm.lease import Lease, LeaseLost
 from farm.local import STORE_NAME, check_destination, check_inputs
 from farm.plugins import load_plugins
 from farm.profiles import load_profile
@@ -188,10 +188,10 @@ class Controller:
             except StoreError as exc:
                 self._unpublished.clear()  # those changes were never stored
                 self._survive(exc)
-            except IllegalTransition:
+            except (IllegalTransition, LeaseLost):
                 if self.lease.beat():  # not a lapsed lease: a real bug
                     raise
-                self._unpublished.clear()
+                self._unpublished.clear()  # the next round takes a new lease
             self._publish_committed()
             self._publish_nodes()
 

@@ -457,6 +457,10 @@ class Scheduler:
                 if self.lease is not None and not self.lease.beat():
                     self._abandon()
                 raise
+            except FarmError:
+                if self.lease is not None and self.lease.lost.is_set():
+                    self._abandon()
+                raise
         self._drain_stragglers()
         self._flush_hooks()
 
@@ -484,6 +488,7 @@ class Scheduler:
         dispatched: list[tuple[JobRuntime, Segment, NodeView]] = []
         try:
             with self._committed():
+                self._hold_lease()
                 for kind, attempt_id, value in items:
                     if kind == "progress":
                         self._on_progress(attempt_id, value)
@@ -514,6 +519,16 @@ class Scheduler:
             self.engine.cancel(attempt.id, attempt.node.address)
         for rt, segment, node in dispatched:
             self.engine.submit(rt.job, segment, node.address)
+
+    def _hold_lease(self) -> None:
+        """Inside the round's transaction: write nothing once our lease was ended under us
+        (a sweep found it lapsed and interrupted our jobs). One indexed read a round."""
+        if self.lease is None:
+            return
+        row = self.store.lease(self.lease.id)
+        if row is None or row["ended"] is not None:
+            self.lease.lost.set()
+            raise self.lease.lost_error()
 
     def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
         try:

@@ -294,3 +294,30 @@ def test_a_controller_leaves_a_living_farm_runs_job_alone_and_takes_over_a_kille
         exact_outputs(c.root / "out2", 8)
     finally:
         c.stop()
+
+
+def test_a_farm_run_that_lost_its_lease_stops_with_a_message_and_its_json(farm_env, farm):
+    write_config(farm_env, slots=2)
+    tmp, state = farm_env["tmp"], farm_env["state"]
+    profile = work_profile(tmp, "1-6", first=2)
+    # short beats, so that a stopped process's lease lapses in about 1.5 s
+    proc = start_run(profile, "-o", tmp / "out", env={"FARM_LEASE_HEARTBEAT": "0.3"})
+    wait_until(lambda: segment_states(state).get("done", 0) == 2, 120, "2 segments done")
+    proc.send_signal(signal.SIGSTOP)  # alive, but beating no more
+    try:
+        job = wait_until(lambda: (j := farm("status", "--json").json()[0])["state"] == "interrupted" and j, 60,
+                         "the stopped run's lease to lapse", every=0.5)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    (tmp / "gate").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "lost its lease" in err and "farm: error:" in err and "Traceback" not in err
+    report = json.loads(out)
+    assert "lost its lease" in report["error"]
+    assert [j["state"] for j in report["jobs"]] == ["interrupted"] and report["jobs"][0]["id"] == job["id"]
+    # the store is as the sweep left it: the stopped run wrote nothing after it lost its lease
+    assert farm("status", job["id"], "--json").json()["state"] == "interrupted"
+    resumed = farm("resume", job["batch"], "--json", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    exact_outputs(tmp / "out", 6)
