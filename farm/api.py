@@ -80,7 +80,7 @@ def job_document(row: Any) -> dict[str, Any]:
 
 def batch_state(states: list[str]) -> str:
     if any(state not in TERMINAL_JOB_STATES for state in states):
-        for state in ("running", "assembling", "queued", "paused"):
+        for state in ("running", "assembling", "queued", "paused", "interrupted"):
             if state in states:
                 return "running" if state == "assembling" else state
     if all(state == "done" for state in states):

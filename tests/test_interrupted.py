@@ -321,3 +321,67 @@ def test_a_farm_run_that_lost_its_lease_stops_with_a_message_and_its_json(farm_e
     resumed = farm("resume", job["batch"], "--json", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     exact_outputs(tmp / "out", 6)
+
+
+def kill_midway(proc: subprocess.Popen, state: Path, at_least: int) -> set[str]:
+    """SIGKILL ``proc`` once ``at_least`` segments are done and some are not; returns the
+    ids of the segments done at the kill."""
+    def midway():
+        counts = segment_states(state)
+        return counts.get("done", 0) >= at_least and sum(counts.values()) > counts.get("done", 0)
+    wait_until(midway, 300, f"{at_least} segments done and more to do")
+    kill(proc)
+    return {seg_id for (seg_id,) in store_rows(state, "SELECT id FROM segments WHERE state = 'done'")}
+
+
+def assert_resumed(farm, job_id: str, done_at_kill: set[str]) -> None:
+    detail = farm("status", job_id, "--json").json()
+    assert detail["state"] == "done", detail
+    kept = [s for s in detail["segment_list"] if s["id"] in done_at_kill]
+    assert kept and all(s["attempts"] == 1 for s in kept), kept  # not rendered again
+
+
+def test_povray_render_killed_midway_resumes_with_the_frames_already_rendered(farm_env, farm):
+    from tests.test_imageseq import EXAMPLE, SCENE, png_size
+
+    write_config(farm_env, slots=2)
+    tmp, state = farm_env["tmp"], farm_env["state"]
+    out = tmp / "out"
+    args = [EXAMPLE, SCENE, "-o", out, "--set", "settings.width=320", "--set", "settings.height=240"]
+    done_at_kill = kill_midway(start_run(*args), state, 3)
+    job_id = store_rows(state, "SELECT id FROM jobs")[0][0]
+    assert farm("status", job_id, "--json").json()["state"] == "interrupted"
+
+    again = farm("run", *args, "--json", "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert again.json()["jobs"][0]["id"] == job_id
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"bouncing_{i:04d}.png" for i in range(1, 49)]
+    assert all(png_size(out / n) == (320, 240) for n in names)
+    frames = [(out / n).read_bytes() for n in names]
+    assert all(a != b for a, b in zip(frames, frames[1:])), "a frame is missing or doubled"
+    assert_resumed(farm, job_id, done_at_kill)
+
+
+def test_transcode_killed_midway_resumes_into_a_whole_frame_exact_movie(farm_env, farm):
+    from tests.test_transcode import duration, movie, profile, streams
+
+    write_config(farm_env, slots=2)
+    tmp, state = farm_env["tmp"], farm_env["state"]
+    source = movie(tmp / "src.mp4", seconds=12, size="640x360", audio=1)
+    path = profile(tmp, video={"codec": "libx264", "crf": 20, "preset": "medium", "pix_fmt": "yuv420p", "gop": 25},
+                   seconds=1)
+    args = [path, source, "-o", tmp / "out"]
+    done_at_kill = kill_midway(start_run(*args), state, 3)
+    job_id = store_rows(state, "SELECT id FROM jobs")[0][0]
+    assert farm("status", job_id, "--json").json()["state"] == "interrupted"
+
+    again = farm("run", *args, "--json", "--quiet")
+    assert again.returncode == 0, again.stderr
+    report = again.json()["jobs"][0]
+    assert report["id"] == job_id and report["state"] == "done"
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["src-t.mp4"]
+    v, = streams(tmp / "out" / "src-t.mp4", "video")
+    a, = streams(tmp / "out" / "src-t.mp4", "audio")
+    assert int(v["nb_read_packets"]) == 300 and abs(duration(v) - 12.0) < 0.04 and abs(duration(a) - 12.0) < 0.05
+    assert_resumed(farm, job_id, done_at_kill)

@@ -128,7 +128,7 @@ async function refreshBatch(batchId) {
 
 function batchState(states) {
   if (states.some((s) => !TERMINAL.has(s))) {
-    for (const s of ["running", "assembling", "queued", "paused"]) {
+    for (const s of ["running", "assembling", "queued", "paused", "interrupted"]) {
       if (states.includes(s)) return s === "assembling" ? "running" : s;
     }
   }
