@@ -224,19 +224,20 @@ class Scheduler:
         from farm.lease import sweep
         from farm.profiles import Profile
 
-        sweep(self.store)
+        sweep(self.store, spare={rt.job.batch_id for rt in self.jobs.values()})
         recovered = []
         wanted = set(job_ids) if job_ids is not None else None
-        owners: dict[str, str | None] = {}
-        for row in self.store.unfinished_jobs():
-            if row["id"] in self.jobs or (wanted is not None and row["id"] not in wanted):
+        # (id, state, owner) first: a controller looks every few seconds, and most unfinished
+        # jobs are its own, already in memory; full rows only for the jobs it takes
+        for candidate in self.store.unfinished_job_owners():
+            if candidate["id"] in self.jobs or (wanted is not None and candidate["id"] not in wanted):
                 continue
-            if row["batch_id"] not in owners:
-                batch = self.store.batch(row["batch_id"])
-                owners[row["batch_id"]] = batch["owner"] if batch is not None else None
-            ours = self.owner is not None and owners[row["batch_id"]] == self.owner
-            if row["state"] != JobState.INTERRUPTED and not ours:
+            ours = self.owner is not None and candidate["owner"] == self.owner
+            if candidate["state"] != JobState.INTERRUPTED and not ours:
                 continue  # a living owner runs it
+            row = self.store.job(candidate["id"])
+            if row is None or row["state"] != candidate["state"]:
+                continue  # it moved meanwhile: the next look sees it
             try:
                 with self.store.transaction():
                     if row["state"] == JobState.INTERRUPTED:
@@ -249,6 +250,20 @@ class Scheduler:
         with self._lock:
             self._reorder()
         return recovered
+
+    def _claim(self, batch_id: str) -> None:
+        """Own this batch from now on (a job of it runs here again); refused while another
+        living process runs jobs of it, which would then have no owner if it stopped."""
+        from farm.lease import alive, describe
+
+        batch = self.store.batch(batch_id)
+        if batch is None or batch["owner"] == self.owner:
+            return
+        lease = self.store.lease(batch["owner"])
+        if alive(lease) and any(row["state"] not in TERMINAL_JOB_STATES for row in self.store.jobs(batch_id)):
+            raise FarmError(f"batch {batch_id} is run by another process ({describe(lease)}); "
+                            "retry its jobs there, or once it has ended")
+        self.store.set_batch_owner(batch_id, self.owner)
 
     def _take_over(self, row: Any, ours: bool) -> dict[str, Any]:
         """Own an interrupted job's batch and put the job back to work (in a transaction)."""
@@ -369,6 +384,7 @@ class Scheduler:
         rt = self._known(job_id)
         if rt.state not in (JobState.FAILED, JobState.CANCELLED):
             raise FarmError(f"job {job_id} is {rt.state}; only failed or cancelled jobs can be retried")
+        self._claim(rt.job.batch_id)
         again = [seg for seg in sorted(rt.segments.values(), key=lambda s: s.index)
                  if whole or seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
         with self.store.transaction():

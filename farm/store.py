@@ -403,6 +403,13 @@ class Store:
             " WHERE j.state IN ('queued', 'running', 'paused', 'assembling')"
         )
 
+    def unfinished_job_owners(self) -> list[sqlite3.Row]:
+        """``(id, state, owner)`` of every unfinished job, oldest first (no stored profiles)."""
+        return self._rows(
+            "SELECT j.id, j.state, b.owner FROM jobs j JOIN batches b ON b.id = j.batch_id"
+            " WHERE j.state NOT IN ('done', 'failed', 'cancelled') ORDER BY j.created, j.seq"
+        )
+
     def batches_by_fingerprint(self, fingerprint: str) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM batches WHERE fingerprint = ? ORDER BY created DESC", (fingerprint,))
 

@@ -385,3 +385,41 @@ def test_transcode_killed_midway_resumes_into_a_whole_frame_exact_movie(farm_env
     a, = streams(tmp / "out" / "src-t.mp4", "audio")
     assert int(v["nb_read_packets"]) == 300 and abs(duration(v) - 12.0) < 0.04 and abs(duration(a) - 12.0) < 0.05
     assert_resumed(farm, job_id, done_at_kill)
+
+
+def test_a_lease_is_dead_once_its_process_is_a_zombie_or_its_pid_was_reused():
+    from farm.lease import pid_alive, process_start
+
+    child = subprocess.Popen(["sleep", "60"])
+    start = process_start(child.pid)
+    assert start is not None and pid_alive(child.pid, start)
+    assert not pid_alive(child.pid, str(int(start) + 1))  # the same pid, another process
+    child.send_signal(signal.SIGKILL)
+    wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 10,
+               "the child to be a zombie")
+    assert not pid_alive(child.pid, start)  # killed, not yet reaped: gone all the same
+    child.wait()
+    assert not pid_alive(child.pid, start)
+
+
+def test_a_store_made_before_leases_gets_them_and_its_unfinished_jobs_are_interrupted(tmp_path):
+    from farm.lease import sweep
+    from farm.store import Store
+
+    path = tmp_path / "farm.db"
+    old = sqlite3.connect(path)  # the batches table as it was, with a job left running
+    old.executescript("""
+        CREATE TABLE batches (id TEXT PRIMARY KEY, created REAL NOT NULL, origin TEXT NOT NULL);
+        INSERT INTO batches VALUES ('b1', 0, 'cli');
+    """)
+    old.close()
+    store = Store(path)
+    store._write("INSERT INTO jobs(id, batch_id, seq, profile_name, profile, processor, destination, work_dir,"
+                 " priority, state, created, updated) VALUES ('j1', 'b1', 0, 'p', '{}', 'command', '/d', '/w', 0,"
+                 " 'running', 0, 0)")
+    assert {"owner", "fingerprint"} <= {row[1] for row in store._rows("PRAGMA table_info(batches)")}
+    assert sweep(store) == ["j1"]
+    job = store.job("j1")
+    assert job["state"] == "interrupted" and "it has no owner" in job["error"]
+    store.close()
+    Store(path).close()  # opening it again changes nothing
