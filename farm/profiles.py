@@ -413,7 +413,7 @@ def apply_overrides(
                 raise ProfileError(f"--set {shown}: {clip(where)[1:-1]} is a value, not a group of keys")
             target = existing
         target[path[-1]] = value
-        origins[path] = f"--set {shown}"
+        origins[path] = f"--set {shown[1:-1]}"
 
 
 # -- validating -----------------------------------------------------------------------
