@@ -96,7 +96,7 @@ class ProfileLimits(BaseModel):
                                description="largest profile file, in bytes")
     depth: int = Field(default=32, ge=4, le=200,
                        description="deepest nesting of mappings and lists")
-    values: int = Field(default=100_000, ge=100,
+    values: int = Field(default=10_000, ge=100,
                         description="most values a profile holds once its aliases (*name) are expanded")
     frames: int = Field(default=1_000_000, ge=1,
                         description="most frames a frame range may name (counted before any list is made)")

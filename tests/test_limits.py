@@ -50,7 +50,7 @@ def hostile_profiles(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
     priority = folder / "priority.yaml"
     priority.write_text(f"name: priority\nprocessor: command\nsettings: {{command: [echo, x]}}\npriority: {10**40}\n")
     return {
-        "alias bomb": (bomb, [], "holds more than 100,000 values"),
+        "alias bomb": (bomb, [], "holds more than 10,000 values"),
         "deep nesting": (deep, [], "nested deeper than 32 levels"),
         "deep --set": (good, ["settings.x=" + "[" * 5000 + "]" * 5000], "nested deeper than 32 levels"),
         "10^7 frames": (good, ["frames=1-10000000"], "names 10,000,000 frames; at most 1,000,000"),
@@ -95,17 +95,25 @@ def test_a_50_mb_profile_is_refused_by_its_size(farm, farm_env):
     assert f"{big}: a profile is at most 1,048,576 bytes" in error
 
 
+def test_a_profile_of_many_plain_values_is_refused_before_it_is_composed(farm, farm_env):
+    many = farm_env["tmp"] / "many.yaml"
+    many.write_text("name: many\nprocessor: command\nsettings: {command: [echo, x]}\nrequires:\n"
+                    + "".join(f"  k{i}: v\n" for i in range(20000)))
+    assert "holds more than 10,000 values" in one_line_error(farm("plan", many))
+
+
 def test_the_limits_are_set_in_farm_yaml(farm, farm_env):
-    profile, overrides, _ = hostile_profiles(farm_env["tmp"] / "p")["10^7 frames"]
+    profile, _, _ = hostile_profiles(farm_env["tmp"] / "p")["10^7 frames"]
     data = yaml.safe_load(farm_env["config"].read_text())
-    data["limits"] = {"frames": 20_000_000}
+    data["limits"] = {"frames": 100, "depth": 4}
     farm_env["config"].write_text(yaml.safe_dump(data))
-    # within the raised limit: planned (segments of 5,000,000 frames keep the plan short)
-    result = farm("plan", profile, "--set", overrides[0], "--set", "segment.frames=5000000", "--json")
+    result = farm("plan", profile, "--set", "frames=1-100", "--set", "segment.frames=50", "--json")
     assert result.returncode == 0, result.stderr
-    assert [seg["label"] for seg in result.json()["jobs"][0]["segments"]][-1].endswith("10000000")
-    error = one_line_error(farm("plan", profile, "--set", "frames=1-20000001"))
-    assert "names 20,000,001 frames; at most 20,000,000" in error
+    assert len(result.json()["jobs"][0]["segments"]) == 2
+    error = one_line_error(farm("plan", profile, "--set", "frames=1-50,60-110"))
+    assert "names 101 frames; at most 100 are allowed (limits.frames in farm.yaml)" in error
+    error = one_line_error(farm("plan", profile, "--set", "settings.x=[[[[[1]]]]]"))
+    assert "nested deeper than 4 levels" in error
 
 
 # -- the API ------------------------------------------------------------------------------------
