@@ -215,6 +215,7 @@ def test_hostile_profiles_through_the_api_are_refused_and_others_are_served_mean
     c = controller
     profiles = hostile_profiles(c.root / "hostile")
     waits: list[float] = []
+    refused: dict[str, float] = {}
     done = threading.Event()
 
     def other_client() -> None:
@@ -228,11 +229,13 @@ def test_hostile_profiles_through_the_api_are_refused_and_others_are_served_mean
     watcher.start()
     try:
         for case, (profile, overrides, expected) in profiles.items():
+            started = time.monotonic()
             response = c.http.post("/api/batches", json={"profile": str(profile), "overrides": overrides,
                                                          "destination": str(c.root / "out")})
             assert 400 <= response.status_code < 500, (case, response.status_code, response.text[:500])
             error = response.json()["error"]
             assert expected in error and len(error) < 400, (case, error[:500])
+            refused[case] = time.monotonic() - started
         response = c.http.post("/api/batches", json={"profile": str(profiles["alias bomb"][0].parent / "frames.yaml"),
                                                      "priority": 10**30, "destination": str(c.root / "out")})
         assert response.status_code == 400 and "from -1000000 to 1000000" in response.json()["error"], response.text
@@ -241,7 +244,8 @@ def test_hostile_profiles_through_the_api_are_refused_and_others_are_served_mean
     finally:
         done.set()
         watcher.join()
-    print(f"another client: {len(waits)} requests, slowest {max(waits):.2f} s")
+    print("refused in: " + ", ".join(f"{case} {seconds:.2f} s" for case, seconds in refused.items()))
+    print(f"another client meanwhile: {len(waits)} requests, slowest {max(waits):.2f} s")
     assert waits and max(waits) < 1.0, f"another client waited {max(waits):.1f} s"
 
 
@@ -311,3 +315,27 @@ def test_the_docs_page_refers_to_no_other_host(controller):
             assert not re.search(r"https?:|//cdn|unpkg|jsdelivr", asset.text), ref
     assert c.anonymous.get("/redoc").status_code == 404
     assert "/api/batches" in c.anonymous.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.slow
+def test_the_docs_page_draws_the_routes_in_a_browser_from_this_controller_alone(controller):
+    import shutil
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip(f"no chromium at {chromium}: ./setup installs Debian's chromium (as root)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(f"{controller.url}/docs")
+            page.wait_for_selector("details.route")
+            routes = page.locator("details.route summary").all_inner_texts()
+        finally:
+            browser.close()
+    assert any("/api/batches" in route for route in routes), routes
+    assert requested and all(url.startswith(controller.url + "/") for url in requested), requested
