@@ -26,6 +26,15 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def make_state_dir(path: Path) -> Path:
+    """Create the state directory 0700 when it is missing: it holds the store (profiles
+    with their ``env`` values, every job's log). One that exists keeps its mode: it may
+    be a folder the user chose and shares with other things."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
 def config_dir() -> Path:
     return Path(platformdirs.user_config_dir(APP))
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from farm.config import make_state_dir
 from farm.errors import IllegalTransition, StoreError
 from farm.model import check_transition
 
@@ -136,8 +137,7 @@ def _make_private(path: Path) -> None:
     owner may read it. Its folder is made 0700 when the store creates it (a folder that
     already exists keeps its mode: it may be one the user chose, shared with other
     things); the database and its -wal and -shm files are 0600, old ones included."""
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_state_dir(path.parent)
     try:  # created 0600 before SQLite opens it: SQLite gives -wal and -shm the same mode
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
