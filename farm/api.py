@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
 from farm.errors import FarmError, StoreError
-from farm.model import TERMINAL_JOB_STATES
 from farm.gate import UNAUTHORISED, Gate
+from farm.model import TERMINAL_JOB_STATES
 from farm.profiles import Priority
 from farm.store import Store
 

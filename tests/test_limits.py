@@ -19,7 +19,7 @@ import yaml
 
 from farm.security import Bundle
 from tests.cluster_helpers import Cluster
-from tests.conftest import FARM, write_profile
+from tests.conftest import write_profile
 
 MiB = 1024 * 1024
 
