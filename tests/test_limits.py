@@ -199,9 +199,12 @@ def test_an_oversize_body_with_a_token_gets_413(controller):
     # chunked: no Content-Length, counted as it comes
     response = c.http.post("/api/batches", content=stream(64 * MiB), headers={"Content-Type": "application/json"})
     assert response.status_code == 413, response.text
-    # a body within the limit is read as before
+    # a body within the limit is read as before, whole or chunked
     response = c.http.post("/api/batches", json={"profile": "no-such-profile-here"})
     assert response.status_code == 400 and "unknown profile" in response.json()["error"]
+    chunks = iter([b'{"profile": ', b'"no-such-profile-here"}'])
+    response = c.http.post("/api/batches", content=chunks, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "unknown profile" in response.json()["error"], response.text
 
 
 @pytest.mark.slow
