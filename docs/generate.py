@@ -72,8 +72,18 @@ def profiles_page() -> str:
     from farm.plugins import load_plugins
     from farm.profiles import Profile
 
+    from farm.config import ProfileLimits
+
     lines = ["# Profile reference", "", "Generated from the schemas by `docs/generate.py`; do not edit by hand.", "",
-             "## Keys common to every processor", "", *model_table(Profile), ""]
+             "## Keys common to every processor", "", *model_table(Profile), "",
+             "## Limits", "",
+             "What a profile may hold, set under `limits:` in farm.yaml (the controller's farm.yaml for "
+             "submissions to a cluster). They are checked before anything is expanded: the file's size before it "
+             "is read, nesting while it is read, aliases (`*name`) by counting the values they stand for, a frame "
+             "range by arithmetic. A profile or `--set` value beyond one is refused in one line (exit 2; 400 from "
+             "the API). Each `--set` value is held to the same nesting and values limits. A priority is a whole number "
+             "from -1,000,000 to 1,000,000 (not a setting).", "",
+             *model_table(ProfileLimits, "limits."), ""]
     plugins = load_plugins()
     for name in sorted(plugins.processors):
         processor = plugins.processors[name]

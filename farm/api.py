@@ -1,7 +1,8 @@
 """The controller's HTTP API (FastAPI): batches, jobs, segments, attempts, nodes, events,
 and the Batch Monitor page at ``/``.
 
-Every ``/api`` route wants ``Authorization: Bearer TOKEN``. Errors are JSON
+Every ``/api`` route wants ``Authorization: Bearer TOKEN``, checked (with the body's size)
+by :mod:`farm.gate` before any body is read. Errors are JSON
 ``{"error": ...}`` with a sentence a person can act on. Reads come from the store (one
 query for a list, however long); changes go through the scheduler's own thread. Live
 changes stream from ``/api/events/stream`` as server-sent events.
@@ -26,15 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
 from farm.errors import FarmError, StoreError
+from farm.gate import UNAUTHORISED, Gate
 from farm.model import TERMINAL_JOB_STATES
 from farm.profiles import Priority
-from farm.security import token_matches
 from farm.store import Store
 
 log = logging.getLogger("farm.api")
 KEEPALIVE_SECONDS = 15.0
 EVENTS_HEADER = "X-Farm-Events"  # the last live event id when a list was read: stream from there
-WEB_FILES = {"monitor.js": "text/javascript", "monitor.css": "text/css"}
+WEB_FILES = {"monitor.js": "text/javascript", "monitor.css": "text/css", "api.js": "text/javascript",
+             "api.css": "text/css"}
 
 
 class ApiError(Exception):
@@ -120,15 +122,21 @@ def attempt_document(row: Any) -> dict[str, Any]:
 
 
 def create_app(controller: Any) -> FastAPI:
-    app = FastAPI(title="Farm", version=__version__,
+    # FastAPI's own /docs and /redoc load their scripts from a public CDN: off, and /docs
+    # is a page of our own (farm/web/api.html) that reads /openapi.json.
+    app = FastAPI(title="Farm", version=__version__, docs_url=None, redoc_url=None,
                   description="The Farm controller: batches, jobs, segments, nodes and live events.")
+    app.add_middleware(Gate, authenticate=controller.authenticate,
+                       max_body=controller.config.controller.max_request_bytes)
     reader = Store(controller.store.path)
-    bearer = HTTPBearer(auto_error=False)
+    bearer = HTTPBearer(auto_error=False)  # names the scheme in the OpenAPI spec
 
-    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if credentials is None or not token_matches(controller.bundle.token, credentials.credentials):
-            raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer TOKEN' with the "
-                                "cluster's token (in its bundle)")
+    def authorised(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Any:
+        """The principal the gate let in (the gate refuses everyone else before this)."""
+        principal = getattr(request.state, "principal", None)
+        if principal is None:
+            raise ApiError(401, UNAUTHORISED)
+        return principal
 
     guarded = [Depends(authorised)]
 
@@ -187,6 +195,10 @@ def create_app(controller: Any) -> FastAPI:
     def page() -> HTMLResponse:
         return HTMLResponse(web.joinpath("index.html").read_text(encoding="utf-8"),
                             headers={"Cache-Control": "no-store"})
+
+    @app.get("/docs", include_in_schema=False)
+    def reference() -> HTMLResponse:
+        return HTMLResponse(web.joinpath("api.html").read_text(encoding="utf-8"))
 
     @app.get("/web/{name}", include_in_schema=False)
     def asset(name: str) -> Response:

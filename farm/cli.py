@@ -209,7 +209,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
     from farm.profiles import load_profile
 
     config, plugins = _load(args)
-    loaded = load_profile(args.profile, plugins, args.overrides)
+    loaded = load_profile(args.profile, plugins, args.overrides, limits=config.limits)
     inputs = check_inputs(loaded, plugins, args.inputs)
     destination = check_destination(args.output or loaded.profile.destination or "out")
     node = install_runtime(config.node)
@@ -431,8 +431,8 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     from farm.model import Job
     from farm.profiles import load_profile
 
-    _, plugins = _load(args)
-    loaded = load_profile(args.profile, plugins, args.overrides)
+    config, plugins = _load(args)
+    loaded = load_profile(args.profile, plugins, args.overrides, limits=config.limits)
     inputs = check_inputs(loaded, plugins, args.inputs)
     processor = plugins.processor(loaded.profile.processor)
     planned = []
@@ -473,9 +473,9 @@ def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Ex
         for entry in entries:
             print(f"{entry.name:<{width}}  {entry.description}  ({entry.path})", file=stdout)
         return ExitStatus.OK
-    _, plugins = _load(args)
+    config, plugins = _load(args)
     if args.profiles_command == "show":
-        loaded = load_profile(args.name, plugins, args.overrides)
+        loaded = load_profile(args.name, plugins, args.overrides, limits=config.limits)
         data = loaded.profile.model_dump(mode="json")
         data["settings"] = loaded.settings.model_dump(mode="json")
         print(f"# {loaded.source}", file=stdout)
@@ -488,7 +488,7 @@ def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Ex
             bad += 1
             continue
         try:
-            loaded = load_profile(str(Path(name)) if "/" in name else f"./{name}", plugins)
+            loaded = load_profile(str(Path(name)) if "/" in name else f"./{name}", plugins, limits=config.limits)
         except FarmError as exc:
             print(f"farm: error: {exc}", file=stderr)
             bad += 1

@@ -167,12 +167,12 @@ def cmd_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
 
 
 def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    from farm.config import state_dir
+    from farm.config import make_state_dir, state_dir
     from farm.controller import Controller
     from farm.security import Bundle, init_cluster
 
     config = _config(args)
-    folder = state_dir(getattr(args, "state", None)) / "quickcluster"
+    folder = make_state_dir(state_dir(getattr(args, "state", None))) / "quickcluster"
     if not (folder / "controller.yaml").exists():
         init_cluster("quickcluster", folder)
     config.controller.host = "127.0.0.1"

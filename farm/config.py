@@ -26,6 +26,15 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def make_state_dir(path: Path) -> Path:
+    """Create the state directory 0700 when it is missing: it holds the store (profiles
+    with their ``env`` values, every job's log). One that exists keeps its mode: it may
+    be a folder the user chose and shares with other things."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
 def config_dir() -> Path:
     return Path(platformdirs.user_config_dir(APP))
 
@@ -81,6 +90,25 @@ class ControllerConfig(BaseModel):
     storage: str | None = None
     #: Advertise with zeroconf so that nodes find the controller by themselves.
     advertise: bool = True
+    #: The largest request body the API takes, in bytes; a bigger one is refused (413)
+    #: before it is read. Bodies are JSON (a submission); 1 MiB is thousands of inputs.
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class ProfileLimits(BaseModel):
+    """What a profile may hold, checked before anything in it is expanded: a profile
+    (or a ``--set`` value) beyond these is refused with one line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile_bytes: int = Field(default=1024 * 1024, ge=1024,
+                               description="largest profile file, in bytes")
+    depth: int = Field(default=32, ge=4, le=200,
+                       description="deepest nesting of mappings and lists")
+    values: int = Field(default=10_000, ge=100,
+                        description="most values a profile holds once its aliases (*name) are expanded")
+    frames: int = Field(default=1_000_000, ge=1,
+                        description="most frames a frame range may name (counted before any list is made)")
 
 
 class FarmConfig(BaseModel):
@@ -89,6 +117,8 @@ class FarmConfig(BaseModel):
     node: NodeConfig = Field(default_factory=NodeConfig)
     droplets: DropletList = Field(default_factory=list)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    #: Limits on profiles and ``--set`` values (see docs/profiles.md).
+    limits: ProfileLimits = Field(default_factory=ProfileLimits)
     #: Settings for plugins, by plugin (entry point) name, e.g. ``notify: {...}``; each
     #: plugin validates its own (see the ``farm_configure`` hook).
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -19,30 +19,50 @@ class FrameRangeError(FarmError):
     """A frame spec that does not parse or makes no sense."""
 
 
-def parse_frames(spec: str | int) -> list[int]:
-    """Turn ``"1-10,20,30-40x5"`` into a sorted list of unique frame numbers."""
+def _items(spec: str | int) -> tuple[str, list[tuple[int, int, int]]]:
+    """The spec's text and its items as (first, last, step), checked but not expanded."""
     if isinstance(spec, bool):
         raise FrameRangeError(f"frame range {spec!r}: expected frames such as 1-240, 1-240x2 or 1,5,10-20")
     if isinstance(spec, int):
-        return [spec]
+        return str(spec), [(spec, spec, 1)]
     text = str(spec).strip()
     if not text:
         raise FrameRangeError("frame range is empty: expected frames such as 1-240, 1-240x2 or 1,5,10-20")
-    frames: set[int] = set()
+    shown = text if len(text) <= 60 else f"{text[:40]}...({len(text)} characters)"
+    items = []
     for item in text.split(","):
         match = _ITEM.match(item)
         if not match:
-            raise FrameRangeError(
-                f"frame range {text!r}: cannot read {item.strip()!r}; expected N, A-B or A-BxSTEP"
-            )
-        start, end, step = match.groups()
-        first = int(start)
-        last = int(end) if end is not None else first
-        by = int(step) if step is not None else 1
+            part = item.strip()
+            part = part if len(part) <= 40 else f"{part[:30]}..."
+            raise FrameRangeError(f"frame range {shown!r}: cannot read {part!r}; expected N, A-B or A-BxSTEP")
+        try:
+            first, last, by = (int(g) if g is not None else None for g in match.groups())
+        except ValueError:  # more digits than Python turns into a number
+            raise FrameRangeError(f"frame range {shown!r}: a frame number has too many digits") from None
+        last = first if last is None else last
+        by = 1 if by is None else by
         if last < first:
-            raise FrameRangeError(f"frame range {text!r}: end {last} is before start {first}")
+            raise FrameRangeError(f"frame range {shown!r}: end {last} is before start {first}")
         if by <= 0:
-            raise FrameRangeError(f"frame range {text!r}: step {by} must be a positive number")
+            raise FrameRangeError(f"frame range {shown!r}: step {by} must be a positive number")
+        items.append((first, last, by))
+    return shown, items
+
+
+def count_frames(spec: str | int) -> int:
+    """How many frames a spec names, counted item by item (a frame named twice counts
+    twice) without building any list: a range of a billion frames costs nothing here."""
+    _, items = _items(spec)
+    return sum((last - first) // by + 1 for first, last, by in items)
+
+
+def parse_frames(spec: str | int) -> list[int]:
+    """Turn ``"1-10,20,30-40x5"`` into a sorted list of unique frame numbers. Check
+    :func:`count_frames` first where the spec comes from outside: the list is built here."""
+    _, items = _items(spec)
+    frames: set[int] = set()
+    for first, last, by in items:
         frames.update(range(first, last + 1, by))
     return sorted(frames)
 

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
 
-from farm.config import config_dir
+from farm.config import ProfileLimits, config_dir
 from farm.errors import FarmError, ProfileError, UsageError
-from farm.frames import parse_frames
+from farm.frames import count_frames, parse_frames
 from farm.security import usable_path
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 PRIORITY_NAMES = {"high": 10, "normal": 0, "low": -10}
+PRIORITY_BOUND = 1_000_000  # a priority is a whole number from -PRIORITY_BOUND to PRIORITY_BOUND
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 
 
@@ -48,15 +50,26 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_priority(value: Any) -> int:
+    expected = f"expected high, normal, low or a whole number from {-PRIORITY_BOUND} to {PRIORITY_BOUND}"
     if isinstance(value, bool):
-        raise ValueError("expected high, normal, low or a whole number")
-    if isinstance(value, int):
-        return value
+        raise ValueError(expected)
     if isinstance(value, str) and value.strip().lower() in PRIORITY_NAMES:
         return PRIORITY_NAMES[value.strip().lower()]
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-        return int(value)
-    raise ValueError(f"expected high, normal, low or a whole number, got {value!r}")
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,30}", value.strip()):
+        value = int(value)
+    if isinstance(value, int):
+        if not -PRIORITY_BOUND <= value <= PRIORITY_BOUND:
+            raise ValueError(f"{expected}, got {clip(value)}")
+        return value
+    raise ValueError(f"{expected}, got {clip(value)}")
+
+
+def clip(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` short enough for a one-line error, however big the value."""
+    if isinstance(value, (dict, list)) and len(value) > 20:
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else f"a number of {len(str(value))} digits"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -83,7 +96,8 @@ class Profile(BaseModel):
     name: str = Field(min_length=1, description="how users and droplets refer to it (default: the file name)")
     description: str = Field(default="", description="one line shown by `farm profiles list`")
     processor: str = Field(min_length=1, description="a registered processor: command, transcode, imageseq, ...")
-    frames: str | None = Field(default=None, description="frame range: 1-240, 1-240x2, 1,5,10-20")
+    frames: str | None = Field(default=None, description="frame range: 1-240, 1-240x2, 1,5,10-20 "
+                                                         "(at most limits.frames frames, 1,000,000 by default)")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="how a job is cut into segments")
     settings: dict[str, Any] = Field(default_factory=dict, description="the processor's own settings (below)")
     output: str | None = Field(default=None, description="output name template")
@@ -94,7 +108,8 @@ class Profile(BaseModel):
     stall_timeout: Duration | None = Field(
         default=None, description="an attempt with no progress for this long is ended"
     )
-    priority: Priority = Field(default=0, description="high (10), normal (0), low (-10) or a number")
+    priority: Priority = Field(default=0, description="high (10), normal (0), low (-10) or a whole number "
+                                                      "from -1000000 to 1000000")
     requires: dict[str, str] = Field(default_factory=dict, description="what a node must offer: {povray: '>=3.7'}")
     then: str | None = Field(default=None, description="a profile to run on this job's first output when it is done")
     max_node_failures: int = Field(
@@ -103,15 +118,20 @@ class Profile(BaseModel):
 
     @field_validator("frames", mode="before")
     @classmethod
-    def _frames(cls, value: Any) -> Any:
+    def _frames(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"expected frames such as 1-240, 1-240x2 or 1,5,10-20, got {value!r}")
+            raise ValueError(f"expected frames such as 1-240, 1-240x2 or 1,5,10-20, got {clip(value)}")
+        limits = (info.context or {}).get("limits")
         try:
-            parse_frames(value)
+            # counted, never expanded: a range of a billion frames is refused at no cost
+            count = count_frames(value)
         except FarmError as exc:
             raise ValueError(str(exc)) from None
+        if limits is not None and count > limits.frames:
+            raise ValueError(f"names {count:,} frames; at most {limits.frames:,} are allowed "
+                             "(limits.frames in farm.yaml)")
         return str(value)
 
     @field_validator("requires", mode="before")
@@ -189,9 +209,9 @@ def list_profiles() -> list[ProfileEntry]:
             if path.stem in found:
                 continue
             try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-                description = str(data.get("description", "")) if isinstance(data, dict) else ""
-            except (OSError, yaml.YAMLError):
+                data, _ = load_yaml(read_text(path, ProfileLimits()), str(path), ProfileLimits())
+                description = str(data.get("description", ""))[:200] if isinstance(data, dict) else ""
+            except FarmError:
                 description = "(unreadable)"
             found[path.stem] = ProfileEntry(path.stem, path, description)
     return sorted(found.values(), key=lambda entry: entry.name)
@@ -200,19 +220,141 @@ def list_profiles() -> list[ProfileEntry]:
 # -- reading and merging --------------------------------------------------------------
 
 
-def _read_layer(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+# libyaml's parser when PyYAML has it: a profile near the size limit is read in a tenth
+# of the time the pure-Python one takes.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark: Any):
+        self.mark = mark
+
+
+class _TooMany(Exception):
+    pass
+
+
+def _check_shape(text: str, limits: ProfileLimits) -> None:
+    """Refuse nesting deeper than ``limits.depth``, and more written values than
+    ``limits.values``, on the event stream, before anything is composed: composing
+    recurses (a few thousand ``[`` end in RecursionError) and costs far more per value."""
+    depth = 0
+    values = 0
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: cannot read profile ({exc})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                values += 1
+                if depth > limits.depth:
+                    raise _TooDeep(event.start_mark)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.ScalarEvent):
+                values += 1
+            if values > limits.values:
+                raise _TooMany()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        if mark is not None and "nesting" in str(getattr(exc, "problem", "")):
+            raise _TooDeep(mark) from None  # libyaml's own limit, met first
+        raise
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many values the document holds once every alias is expanded, counted on the
+    node graph (each shared node once, times its uses), so an alias bomb is measured
+    without being built. Stops counting past ``limit``; -1 for an alias that contains itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _Cycle()
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        return size(root)
+    except _Cycle:
+        return -1
+
+
+class _Cycle(Exception):
+    pass
+
+
+def load_yaml(text: str, where: str, limits: ProfileLimits) -> tuple[Any, yaml.Node | None]:
+    """YAML text as Python data and its node graph, refused in one line (naming ``where``)
+    when it nests deeper than ``limits.depth`` or expands past ``limits.values`` values."""
+    def at(mark: Any) -> str:  # a file's line; an override is one line anyway
+        return where if where.startswith("--set") else f"{where}:{mark.line + 1}"
+
+    loader = None
+    try:
+        _check_shape(text, limits)
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        size = _expanded_size(node, limits.values)
+        if size < 0:
+            raise ProfileError(f"{where}: an alias (*name) refers to the value that contains it; "
+                               "a profile must be a tree")
+        if size > limits.values:
+            raise _TooMany()
+        return loader.construct_document(node), node
+    except _TooMany:
+        raise ProfileError(f"{where}: holds more than {limits.values:,} values, counting what each alias (*name) "
+                           "stands for (limits.values in farm.yaml)") from None
+    except _TooDeep as deep:
+        raise ProfileError(f"{at(deep.mark)}: nested deeper than {limits.depth} levels "
+                           "(limits.depth in farm.yaml)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ProfileError(f"{where}: YAML syntax error: {problem}") from None
+        raise ProfileError(f"{at(mark) if mark else where}: YAML syntax error: {clip(problem, 200)[1:-1]}") from None
+    except ValueError as exc:  # a number with more digits than Python converts, and the like
+        problem = "a number has too many digits" if "digits" in str(exc) else clip(str(exc), 200)[1:-1]
+        raise ProfileError(f"{where}: cannot read a value: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_text(path: Path, limits: ProfileLimits) -> str:
+    """A profile file's text; one bigger than ``limits.profile_bytes`` is refused unread."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limits.profile_bytes + 1)
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile ({exc.strerror or exc})") from None
+    if len(raw) > limits.profile_bytes:
+        raise ProfileError(f"{path}: a profile is at most {limits.profile_bytes:,} bytes; this one is bigger "
+                           "(limits.profile_bytes in farm.yaml)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: cannot read profile (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+
+
+def _read_layer(path: Path, limits: ProfileLimits) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    data, node = load_yaml(read_text(path, limits), str(path), limits)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -240,11 +382,12 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+def _load_layers(path: Path, limits: ProfileLimits,
+                 chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise ProfileError(f"{path}: extends itself in a cycle: {cycle}")
-    data, origins = _read_layer(path)
+    data, origins = _read_layer(path, limits)
     data.setdefault("name", path.stem)
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
@@ -255,24 +398,31 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, An
         parent_path = resolve(parent_ref, relative_to=path.parent)
     except ProfileError as exc:
         raise ProfileError(f"{origins.get(('extends',), path)}: extends: {exc}") from None
-    parent_data, parent_origins = _load_layers(parent_path, (*chain, path))
+    parent_data, parent_origins = _load_layers(parent_path, limits, (*chain, path))
     return _deep_merge(parent_data, data), {**parent_origins, **origins}
 
 
 def apply_overrides(
-    data: dict[str, Any], origins: dict[tuple[str, ...], str], overrides: list[str]
+    data: dict[str, Any], origins: dict[tuple[str, ...], str], overrides: list[str],
+    limits: ProfileLimits | None = None,
 ) -> None:
     """Apply ``a.b=c`` overrides in place; values are read as YAML scalars or lists."""
+    limits = limits or ProfileLimits()
     for item in overrides:
+        shown = clip(item)
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ProfileError(f"--set {item!r}: expected KEY=VALUE, such as segment.frames=5")
+            raise ProfileError(f"--set {shown}: expected KEY=VALUE, such as segment.frames=5")
         path = tuple(part for part in key.strip().split("."))
         if any(not part for part in path):
-            raise ProfileError(f"--set {item!r}: {key!r} is not a dotted key path")
+            raise ProfileError(f"--set {shown}: {clip(key)} is not a dotted key path")
+        if len(path) > limits.depth:
+            raise ProfileError(f"--set {shown}: a key path is at most {limits.depth} keys deep")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value, _ = load_yaml(raw, f"--set {shown}", limits) if raw.strip() else ("", None)
+        except ProfileError as exc:
+            if "YAML syntax error" not in str(exc):
+                raise  # too deep, too many values: refused, not taken as text
             value = raw
         target = data
         for depth, part in enumerate(path[:-1]):
@@ -281,10 +431,10 @@ def apply_overrides(
                 existing = target[part] = {}
             if not isinstance(existing, dict):
                 where = ".".join(path[: depth + 1])
-                raise ProfileError(f"--set {item!r}: {where} is a value, not a group of keys")
+                raise ProfileError(f"--set {shown}: {clip(where)[1:-1]} is a value, not a group of keys")
             target = existing
         target[path[-1]] = value
-        origins[path] = f"--set {item}"
+        origins[path] = f"--set {shown[1:-1]}"
 
 
 # -- validating -----------------------------------------------------------------------
@@ -332,7 +482,7 @@ def describe_validation_error(
             if where:
                 break
         where = where or (str(source) if source else "profile")
-        key = ".".join(key_path)
+        key = clip(".".join(key_path))[1:-1]
         if error["type"] == "extra_forbidden":
             known = _known_keys(model, tuple(error["loc"][:-1]))
             hint = f"; expected one of: {', '.join(known)}" if known else ""
@@ -342,20 +492,22 @@ def describe_validation_error(
         else:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] not in ("value_error",) and "input" in error:
-                message += f" (got {error['input']!r})"
+                message += f" (got {clip(error['input'])})"
         problems.append(f"{where}: {key}: {message}")
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return problems[0] + more
 
 
 def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None,
-                 relative_to: Path | None = None) -> LoadedProfile:
-    """Find, merge, override and validate a profile, including its processor's settings."""
+                 relative_to: Path | None = None, limits: ProfileLimits | None = None) -> LoadedProfile:
+    """Find, merge, override and validate a profile, including its processor's settings.
+    ``limits`` (farm.yaml's ``limits:``) bound what the files and overrides may hold."""
+    limits = limits or ProfileLimits()
     source = resolve(ref, relative_to)
-    data, origins = _load_layers(source)
-    apply_overrides(data, origins, overrides or [])
+    data, origins = _load_layers(source, limits)
+    apply_overrides(data, origins, overrides or [], limits)
     try:
-        profile = Profile.model_validate(data)
+        profile = Profile.model_validate(data, context={"limits": limits})
     except ValidationError as exc:
         raise ProfileError(describe_validation_error(exc, Profile, origins, source)) from None
     try:

@@ -167,10 +167,22 @@ class Bundle:
 def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
     """Create the cluster's CA, controller and node bundles, and token, in ``folder``."""
     check_cluster_name(name)
-    if (folder / "controller.yaml").exists():
-        raise UsageError(f"{folder} already holds cluster files; remove them or choose another --dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    # Only a new or empty folder: files of another cluster, or anything else, are never
+    # mixed with the keys, and a folder Farm did not make keeps its mode (each file is 0600).
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir():
+            raise UsageError(f"{folder} exists and is not a folder; choose a new or empty folder with --dir")
+        if (folder / "controller.yaml").exists():
+            raise UsageError(f"{folder} already holds cluster files; remove them or choose another --dir")
+        try:
+            holds = any(folder.iterdir())
+        except OSError as exc:
+            raise UsageError(f"{folder} cannot be read: {exc.strerror or exc}; choose another --dir") from None
+        if holds:
+            raise UsageError(f"{folder} is not empty; cluster files go into a new or empty folder "
+                             "(choose another --dir)")
+    else:
+        folder.mkdir(parents=True, mode=0o700)
     ca_key = _new_key()
     ca_cert = _issue(f"{name} farm CA", ca_key, None, None, ca=True, days=days)
     token = secrets.token_urlsafe(32)
@@ -204,6 +216,14 @@ def allowed_executable(argv0: str, allow: list[str]) -> str | None:
         elif os.sep not in argv0 and entry == argv0:
             return resolved
     return None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who an API request speaks for, as :meth:`farm.controller.Controller.authenticate` found."""
+
+    name: str
+    role: str  # "admin" for the bundle's token
 
 
 def token_matches(expected: str, given: str | None) -> bool:

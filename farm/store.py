@@ -9,6 +9,7 @@ in :mod:`farm.model`, so a change based on a stale view raises instead of winnin
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from farm.config import make_state_dir
 from farm.errors import IllegalTransition, StoreError
 from farm.model import check_transition
 
@@ -165,12 +167,31 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, default=str)
 
 
+def _make_private(path: Path) -> None:
+    """The store holds profiles with their ``env`` values and every job's log: only its
+    owner may read it. Its folder is made 0700 when the store creates it (a folder that
+    already exists keeps its mode: it may be one the user chose, shared with other
+    things); the database and its -wal and -shm files are 0600, old ones included."""
+    make_state_dir(path.parent)
+    try:  # created 0600 before SQLite opens it: SQLite gives -wal and -shm the same mode
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        file = path.with_name(name)
+        try:
+            if os.stat(file).st_mode & 0o077 and os.stat(file).st_uid == os.geteuid():
+                os.chmod(file, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class Store:
     def __init__(self, path: Path, busy_timeout: float = 30.0):
         """``busy_timeout``: seconds a write waits for another process's lock before failing."""
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(self.path)
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )

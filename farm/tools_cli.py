@@ -107,11 +107,11 @@ def check_renderers(args: argparse.Namespace) -> list[Check]:
 
 
 def check_state(args: argparse.Namespace) -> list[Check]:
-    from farm.config import state_dir
+    from farm.config import make_state_dir, state_dir
 
     folder = state_dir(getattr(args, "state", None))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_state_dir(folder)
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as exc:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from farm.frames import FrameRangeError, chunk_frames, format_frames, parse_frames
+from farm.frames import FrameRangeError, chunk_frames, count_frames, format_frames, parse_frames
 
 frame_sets = st.lists(st.integers(min_value=-50, max_value=5000), min_size=1, max_size=200, unique=True)
 
@@ -20,6 +20,23 @@ def test_format_then_parse_gives_the_same_frames(frames):
 def test_stepped_range_matches_python_range(start, length, step):
     end = start + length
     assert parse_frames(f"{start}-{end}x{step}") == list(range(start, end + 1, step))
+
+
+@given(frame_sets)
+def test_count_of_a_spec_without_overlaps_is_the_number_of_frames(frames):
+    assert count_frames(format_frames(frames)) == len(frames)
+
+
+@given(st.integers(-10**12, 10**12), st.integers(0, 10**15), st.integers(1, 10**6))
+def test_count_of_a_huge_range_is_arithmetic(start, length, step):
+    # no list is built: a billion billion frames are counted at once
+    assert count_frames(f"{start}-{start + length}x{step}") == len(range(start, start + length + 1, step))
+
+
+def test_count_counts_an_overlap_twice_and_a_frame_number_too_long_is_refused():
+    assert count_frames("1-10,5-10") == 16
+    with pytest.raises(FrameRangeError, match="too many digits"):
+        count_frames("1-" + "9" * 5000)
 
 
 @given(frame_sets, st.integers(1, 50))
