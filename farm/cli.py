@@ -135,7 +135,48 @@ def _submission_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(argv, sys.stdout, sys.stderr)
+    status = run_cli(argv, sys.stdout, sys.stderr)
+    # Output to a pipe is buffered: a reader that left early (`farm status | head -1`) is
+    # often only noticed here, and Python would otherwise say so at exit, after the fact.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            _silence(stream)
+            if status == ExitStatus.OK:
+                status = int(ExitStatus.BROKEN_PIPE)
+        except (OSError, ValueError):
+            pass
+    return status
+
+
+def _reader_gone(stream: Any) -> bool:
+    """Whether ``stream`` is a pipe (or socket) whose reader has closed it."""
+    import select
+
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _silence(stream: Any) -> None:
+    """Point a stream whose reader has gone at /dev/null: whatever is still buffered (and
+    Python's flush at exit) then goes nowhere instead of raising again."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
@@ -165,15 +206,28 @@ def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
     except KeyboardInterrupt:
         print("farm: interrupted", file=stderr)
         return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError as exc:
+        # The reader of our output has gone (`farm status | head -1`): end quietly, as a
+        # command killed by SIGPIPE would. A broken pipe to anything else is a real error.
+        gone = [stream for stream in (stdout, stderr) if _reader_gone(stream)]
+        if not gone:
+            return _internal(exc, debug, stderr)
+        for stream in gone:
+            _silence(stream)
+        return int(ExitStatus.BROKEN_PIPE)
     except Exception as exc:
-        if debug:
-            raise
-        print(f"farm: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
-              "and please report it)", file=stderr)
-        return int(ExitStatus.INTERNAL)
+        return _internal(exc, debug, stderr)
     finally:
         logging.getLogger().removeHandler(handler)
         warnings.showwarning = previous_showwarning
+
+
+def _internal(exc: Exception, debug: bool, stderr: TextIO) -> int:
+    if debug:
+        raise exc
+    print(f"farm: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
+          "and please report it)", file=stderr)
+    return int(ExitStatus.INTERNAL)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -324,7 +378,11 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
                   overwrite=args.overwrite or loaded.profile.overwrite)
         try:
             plans = list(processor.plan(job))
-        except FarmError as exc:
+        except Exception as exc:
+            if source is not None and not source.exists():  # deleted since check_inputs looked
+                raise UsageError(f"input {str(source)!r} was deleted while it was being planned") from None
+            if not isinstance(exc, FarmError):
+                raise
             raise UsageError(f"cannot plan {source or 'the job'}: {exc}") from None
         planned.append({
             "input": str(source) if source else None,
