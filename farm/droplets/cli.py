@@ -21,7 +21,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
         "watch", parents=[common], help="watch a folder and run a profile on every file dropped into it",
         description="Watch a folder (a droplet) on the embedded default: every file dropped into it becomes a job, "
                     "exactly once. Runs until Ctrl-C or SIGTERM (the first lets jobs in flight finish, the second "
-                    "cancels them); --once takes the files present now and exits.")
+                    "cancels them); --once takes the files present now and exits. A folder has one watcher: a "
+                    "second one, whatever its state directory, is refused with a message naming the first.")
     watch.add_argument("folder", metavar="DIR", help="the folder to watch")
     watch.add_argument("--profile", required=True, help="profile name or path to a YAML file")
     watch.add_argument("-o", "--output", metavar="DEST", required=True,
