@@ -244,7 +244,8 @@ def test_a_lock_written_on_another_machine_counts_while_it_is_renewed(tmp_path):
 
     toucher = threading.Thread(target=keep_touching, daemon=True)
     toucher.start()
-    lock = FolderLock(folder, tmp_path / "state", stale=1.5, heartbeat=0.2)
+    # shared=True: this folder stands for a network share (on a local disk flock is the whole truth)
+    lock = FolderLock(folder, tmp_path / "state", stale=1.5, heartbeat=0.2, shared=True)
     try:
         with pytest.raises(FolderLocked) as refused:
             lock.acquire(wait=3.0)
@@ -263,3 +264,54 @@ def test_a_lock_written_on_another_machine_counts_while_it_is_renewed(tmp_path):
     finally:
         lock.release()
     assert path.exists()  # not ours any more: left alone
+
+
+TRY_AS_NOBODY = """
+import os, sys
+from farm.droplets.lock import FolderLock, FolderLocked  # imported first: the worktree is root's
+os.setgid(65534); os.setuid(65534)
+lock = FolderLock(sys.argv[1], "/nonexistent/state-of-nobody")
+try:
+    lock.acquire(wait=0)
+except FolderLocked as exc:
+    print("refused:", exc)
+else:
+    print("held" if lock.held else "unlocked: " + lock.unlocked_reason)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a second user")
+def test_another_users_lock_file_is_respected_and_its_dead_holders_taken_over():
+    import stat
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="farm-lock-"))  # outside pytest's root-only folders
+    try:
+        folder.chmod(0o777)
+        mine = FolderLock(folder, "/var/lib/farm-root", "root's droplet")
+        umask = os.umask(0o077)  # a private umask: still readable by others, never writable
+        try:
+            mine.acquire()
+        finally:
+            os.umask(umask)
+        assert stat.S_IMODE((folder / LOCK_NAME).stat().st_mode) == 0o644
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+        def as_nobody() -> str:
+            done = subprocess.run([*FARM[:1], "-c", TRY_AS_NOBODY, str(folder)], capture_output=True, text=True,
+                                  env=env, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        assert as_nobody().startswith(f"refused: {folder} is already watched by pid {os.getpid()} on ")
+        os.close(mine.fd)  # root's watcher dies: its flock goes, its file (unreadable to others) stays
+        mine.fd = None
+        assert as_nobody() == "held"
+        assert (folder / LOCK_NAME).stat().st_uid == 65534
+        os.chown(folder / LOCK_NAME, 0, 0)
+        (folder / LOCK_NAME).chmod(0o600)  # unreadable to others: whose it is cannot be known, so never taken
+        assert as_nobody().startswith(f"refused: {folder / LOCK_NAME} belongs to another user and cannot be read")
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

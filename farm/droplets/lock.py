@@ -11,10 +11,14 @@ their state directories, they share the folder, so the lock lives there:
   message that refuses a second watcher, and the holder touches it every
   :data:`HEARTBEAT_SECONDS`.
 - On a network share ``flock`` may not reach other machines (NFS mounted with
-  ``local_lock=flock``, SMB without byte-range locks). A record written by another host
-  therefore refuses us even when our ``flock`` succeeds, as long as its holder keeps
-  touching it; one left untouched for ``stale`` seconds (measured on our clock, so that
-  no two machines' clocks are compared) is taken over.
+  ``local_lock=flock``, SMB without byte-range locks). There a record written by another
+  host refuses us even when our ``flock`` succeeds, as long as its holder keeps touching
+  it; one left untouched for ``stale`` seconds (measured on our clock, so that no two
+  machines' clocks are compared) is taken over. On a local file system ``flock`` is the
+  whole truth (a container with a new host name takes its old lock over at once).
+- A lock file this process may not open for writing (another user's) is still
+  ``flock``-ed read-only to learn whether its holder lives; a folder where no lock file
+  can be made at all (read-only) is watched unlocked, and the droplet says so.
 - A holder checks the file at every health check: deleted (by a person, or with the
   folder) it is made again; overwritten by another host's watcher, the holder stands
   down and reports itself refused, so two watchers never both go on.
@@ -32,6 +36,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: one watcher per folder is then up to the user
+    fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".farm-droplet.lock"
 #: Seconds between two touches of a held lock file.
@@ -57,8 +66,11 @@ class FolderLock:
     """The lock on one watched folder. Not thread-safe: one thread uses it."""
 
     def __init__(self, folder: str | os.PathLike[str], state: str | os.PathLike[str], label: str = "", *,
-                 stale: float = STALE_SECONDS, heartbeat: float = HEARTBEAT_SECONDS):
+                 stale: float = STALE_SECONDS, heartbeat: float = HEARTBEAT_SECONDS, shared: bool | None = None):
+        """``shared``: whether the folder is on a network share, where another host's record
+        counts even when flock succeeds (default: from the file system's type)."""
         self.folder = Path(folder)
+        self._shared = shared
         self.path = self.folder / LOCK_NAME
         self.state = str(state)
         self.label = label or str(folder)
@@ -75,6 +87,15 @@ class FolderLock:
     @property
     def held(self) -> bool:
         return self.fd is not None
+
+    @property
+    def shared(self) -> bool:
+        if self._shared is None:
+            from farm.droplets.watch import filesystem_type, is_network_filesystem
+
+            fstype = filesystem_type(self.folder)
+            self._shared = fstype is None or is_network_filesystem(fstype)
+        return self._shared
 
     # -- taking and keeping -------------------------------------------------------------
 
@@ -119,10 +140,18 @@ class FolderLock:
     # -- inside -------------------------------------------------------------------------
 
     def _try(self) -> str | None:
+        if fcntl is None:
+            self.unlocked_reason = "not locked (no flock here): a second watcher of this folder is not refused"
+            return None
         for _ in range(5):  # a file unlinked by its releaser between our open and our flock: again
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
             except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(self.path):
+                    outcome = self._not_ours()
+                    if outcome == "again":
+                        continue
+                    return outcome
                 return self._cannot_open(exc)
             try:
                 outcome = self._take(fd)
@@ -151,9 +180,36 @@ class FolderLock:
             return f"folder {self.folder} is missing"
         return f"cannot lock {self.path}: {exc.strerror or exc}"
 
-    def _take(self, fd: int) -> str | None:
-        import fcntl
+    def _not_ours(self) -> str | None:
+        """Another user's lock file: refused while its holder lives, else removed and made anew."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # whose it is cannot be known: not taken
+                return (f"{self.path} belongs to another user and cannot be read, so its holder is unknown; "
+                        "remove it if no other watcher runs")
+            return self._cannot_open(exc)
+        try:
+            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+                return f"{self.path} is not a lock file; remove it"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._refusal(_read(fd))
+            refusal = self._alive_elsewhere(fd, _read(fd))
+            if refusal:
+                return refusal
+            if not self._same(fd):
+                return "again"
+            try:
+                os.unlink(self.path)  # its holder is gone; removing needs the folder's permission only
+            except OSError as exc:
+                return self._cannot_open(exc)
+            return "again"
+        finally:
+            os.close(fd)
 
+    def _take(self, fd: int) -> str | None:
         info = os.fstat(fd)
         if not stat_module.S_ISREG(info.st_mode):
             return f"{self.path} is not a lock file; remove it"
@@ -170,15 +226,10 @@ class FolderLock:
             return "again"
         content = _read(fd)
         record = _parse(content)
-        if record and record.get("host") != self.host:
-            # flock said yes, but it may not reach the machine that wrote this: alive while touched
-            mtime = os.fstat(fd).st_mtime_ns
-            now = time.monotonic()
-            if self._foreign is None or (self._foreign.content, self._foreign.mtime_ns) != (content, mtime):
-                self._foreign = _Foreign(content, mtime, now)
-            if now - self._foreign.since < self.stale:
-                return self._refusal(content, f"its lock is taken over if it is not renewed for {self.stale:g} s")
-        elif record and record.get("host") == self.host and not flocked and _pid_alive(record.get("pid")):
+        refusal = self._alive_elsewhere(fd, content)
+        if refusal:
+            return refusal
+        if record and record.get("host") == self.host and not flocked and _pid_alive(record.get("pid")):
             return self._refusal(content, "this share has no working flock, and that process is alive")
         self._foreign = None
         self._record = json.dumps({
@@ -187,7 +238,25 @@ class FolderLock:
         }).encode() + b"\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, self._record, 0)
+        try:  # readable by every user whatever the umask: the next watcher must learn who holds it
+            os.fchmod(fd, 0o644)
+        except OSError:
+            pass
         self._beat = time.monotonic()
+        return None
+
+    def _alive_elsewhere(self, fd: int, content: bytes) -> str | None:
+        """flock said yes, but on a share it may not reach the machine that wrote this record:
+        its holder counts as alive while the file's mtime keeps moving."""
+        record = _parse(content)
+        if not record or record.get("host") == self.host or not self.shared:
+            return None
+        mtime = os.fstat(fd).st_mtime_ns
+        now = time.monotonic()
+        if self._foreign is None or (self._foreign.content, self._foreign.mtime_ns) != (content, mtime):
+            self._foreign = _Foreign(content, mtime, now)
+        if now - self._foreign.since < self.stale:
+            return self._refusal(content, f"its lock is taken over if it is not renewed for {self.stale:g} s")
         return None
 
     def _keep(self) -> str | None:
