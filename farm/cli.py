@@ -23,6 +23,7 @@ import yaml
 
 from farm import __version__
 from farm.errors import ExitStatus, FarmError, UsageError
+from farm.pipes import reader_gone, silence
 
 log = logging.getLogger("farm.cli")
 
@@ -142,41 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             stream.flush()
         except BrokenPipeError:
-            _silence(stream)
+            silence(stream)
             if status == ExitStatus.OK:
                 status = int(ExitStatus.BROKEN_PIPE)
         except (OSError, ValueError):
             pass
     return status
-
-
-def _reader_gone(stream: Any) -> bool:
-    """Whether ``stream`` is a pipe (or socket) whose reader has closed it."""
-    import select
-
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-
-
-def _silence(stream: Any) -> None:
-    """Point a stream whose reader has gone at /dev/null: whatever is still buffered (and
-    Python's flush at exit) then goes nowhere instead of raising again."""
-    import os
-
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
@@ -209,11 +181,11 @@ def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
     except BrokenPipeError as exc:
         # The reader of our output has gone (`farm status | head -1`): end quietly, as a
         # command killed by SIGPIPE would. A broken pipe to anything else is a real error.
-        gone = [stream for stream in (stdout, stderr) if _reader_gone(stream)]
+        gone = [stream for stream in (stdout, stderr) if reader_gone(stream)]
         if not gone:
             return _internal(exc, debug, stderr)
         for stream in gone:
-            _silence(stream)
+            silence(stream)
         return int(ExitStatus.BROKEN_PIPE)
     except Exception as exc:
         return _internal(exc, debug, stderr)
@@ -324,12 +296,13 @@ class _progress:
     def __enter__(self) -> _progress:
         if not self.enabled:
             return self
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(
+        from farm.pipes import console
+
+        self.progress = Progress(  # a reader of stderr that leaves stops the bars, not the batch
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
-            TimeElapsedColumn(), console=Console(file=self.stream), transient=False,
+            TimeElapsedColumn(), console=console(self.stream), transient=False,
         )
         self.tasks = {}
         self.done: dict[str, int] = {}

@@ -84,6 +84,47 @@ def test_farm_piped_into_head_ends_quietly(farm_env, reader, many_jobs, command)
     assert first.startswith(expected) and first.strip(), first
 
 
+def test_progress_bars_into_head_stop_drawing_and_the_batch_finishes(farm_env, reader):
+    """Progress bars on stderr whose reader left: rich would end the process with status 1
+    (read as "a job failed"); the bars stop, the batch finishes, the status is the batch's."""
+    tmp = farm_env["tmp"]
+    inputs = []
+    for i in range(3):
+        inputs.append(tmp / f"in{i}.bin")
+        inputs[-1].write_bytes(bytes([i]) * 10)
+    names = " ".join(f"'{p}'" for p in inputs)
+    for redirect, expected in (("2>&1 >/dev/null", "farm exit 0"), ("2>&1", "farm exit 141")):
+        script = (f"set -o pipefail; {SHELL_FARM} run '{reader}' {names} -o out --overwrite {redirect} | head -1; "
+                  "echo \"farm exit ${PIPESTATUS[0]}\"")
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp, timeout=300)
+        first, status = done.stdout.splitlines()
+        assert status == expected and "Traceback" not in first, done.stdout
+    store = Store(farm_env["state"] / "farm.db")
+    try:
+        assert [job["state"] for job in store.jobs()] == ["done"] * 6
+    finally:
+        store.close()
+
+
+def test_farm_status_watch_into_head_ends_without_waiting_for_a_change(farm_env):
+    """Its one line fits in the pipe, so no write fails: it must notice the reader has gone
+    by itself (before: it waited for the next change, for ever on an idle farm)."""
+    farm_env["state"].mkdir(parents=True, exist_ok=True)
+    store = Store(farm_env["state"] / "farm.db")
+    try:
+        store.add_batch("b-one", "test", [
+            {"id": "j00000", "batch_id": "b-one", "seq": 0, "input": "/media/clip.mov", "profile_name": "reader",
+             "profile": "{}", "processor": "command", "destination": "/out", "work_dir": "/work/j00000",
+             "priority": 50, "state": "cancelled"}], [])
+    finally:
+        store.close()
+    script = f"set -o pipefail; {SHELL_FARM} status --watch 2>err | head -1; echo \"farm exit ${{PIPESTATUS[0]}}\""
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=farm_env["tmp"], timeout=120)
+    first, status = done.stdout.splitlines()
+    assert first.startswith("j00000  cancelled") and status == "farm exit 141", done.stdout
+    assert (farm_env["tmp"] / "err").read_text() == ""
+
+
 def test_farm_watch_piped_into_head_stops_as_after_ctrl_c(farm_env, reader):
     tmp = farm_env["tmp"]
     folder = tmp / "in"

@@ -96,9 +96,9 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         try:
             print(line, file=stdout, flush=True)
         except BrokenPipeError:  # the reader left (`farm watch ... | head`): stop as after one Ctrl-C
-            from farm.cli import _silence
+            from farm.pipes import silence
 
-            _silence(stdout)
+            silence(stdout)
             if "pipe" not in stops:
                 stops.append("pipe")
 
