@@ -54,8 +54,8 @@ def check_inputs(loaded: LoadedProfile, plugins: Plugins, inputs: list[str]) -> 
             resolved = path.resolve(strict=True)
         except FileNotFoundError:
             raise UsageError(f"input {raw!r} does not exist") from None
-        except OSError as exc:
-            raise UsageError(f"input {raw!r} cannot be read: {exc.strerror or exc}") from None
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop, as Python 3.11 says it
+            raise UsageError(f"input {raw!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         if stat.S_ISDIR(info.st_mode):
             raise UsageError(f"input {raw!r} is a directory; expected a file")
         if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would hang planning, or never end

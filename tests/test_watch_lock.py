@@ -315,3 +315,63 @@ def test_another_users_lock_file_is_respected_and_its_dead_holders_taken_over():
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_real_controller_with_a_droplet_on_a_watched_folder_runs_on(tmp_path, python_profile):
+    """`farm controller` with two droplets in farm.yaml, one on a folder a `farm watch` holds:
+    the controller starts and serves, the free droplet runs on a node, `farm droplets`
+    says who holds the other, which takes its folder once that `farm watch` stops."""
+    import yaml
+
+    from tests.cluster_helpers import Cluster
+
+    c = Cluster(tmp_path / "cluster")
+    try:
+        taken, free = c.root / "taken", c.root / "free"
+        taken.mkdir()
+        free.mkdir()
+        data = yaml.safe_load(c.config.read_text())
+        data["droplets"] = [
+            {"name": "taken", "folder": str(taken), "profile": str(python_profile), "destination": str(c.root / "o1"),
+             "settle": SETTLE},
+            {"name": "free", "folder": str(free), "profile": str(python_profile), "destination": str(c.root / "o2"),
+             "settle": SETTLE}]
+        c.config.write_text(yaml.safe_dump(data))
+        watch_state = tmp_path / "state-watch"
+        watcher = Watch({"tmp": tmp_path}, watch_state, taken, python_profile, tmp_path / "out-watch")
+        try:
+            watcher.wait_watching()
+            c.start_controller()
+            c.start_node("n1")
+            c.wait_for_nodes("n1")
+
+            def droplets() -> dict:
+                listed = c.farm("droplets", "--json")
+                assert listed.returncode == 0, listed.stderr
+                return {doc["name"]: doc for doc in listed.json()}
+
+            docs = c.wait_until(lambda: (d := droplets()) and d["taken"]["state"] != "not running" and d, 60,
+                                "the droplets to report")
+            assert docs["taken"]["state"] == "refused", docs["taken"]
+            assert f"already watched by pid {watcher.proc.pid} on {socket.gethostname()} (state dir {watch_state}" \
+                in docs["taken"]["message"]
+            assert docs["free"]["state"] == "watching"
+            (tmp_path / "a.bin").write_bytes(b"for the controller")
+            drop(tmp_path / "a.bin", free)
+            c.wait_until(lambda: (free / "done" / "a.bin").exists(), 120, "the free droplet's drop to be processed")
+            (tmp_path / "b.bin").write_bytes(b"for farm watch")
+            drop(tmp_path / "b.bin", taken)
+            wait_for(lambda: watcher.done(), 120, 0.1, "farm watch to process its drop")
+        finally:
+            assert watcher.stop() == 0, "\n".join(watcher.err)
+        c.wait_until(lambda: droplets()["taken"]["state"] == "watching", 60, "the controller to take the folder")
+        (tmp_path / "c.bin").write_bytes(b"after farm watch stopped")
+        drop(tmp_path / "c.bin", taken)
+        c.wait_until(lambda: (taken / "done" / "c.bin").exists(), 120, "the drop after the take-over")
+        jobs = json.loads(c.farm("status", "--json").stdout)
+        assert sorted(Path(j["input"]).name for j in jobs) == ["a.bin", "c.bin"]
+        assert all(j["state"] == "done" for j in jobs)
+        assert [Path(j["input"]).name for j in jobs_in(watch_state)] == ["b.bin"]
+        assert record(taken)["state"] == str(c.root / "state")
+    finally:
+        c.stop()

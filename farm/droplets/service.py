@@ -1,6 +1,8 @@
 """The droplets of one process, bound to its scheduler: exactly once, and nothing lost.
 
-How a dropped file travels:
+How a dropped file travels (in a folder this process holds: each droplet takes the lock
+file in its folder, :mod:`farm.droplets.lock`, before it watches; a droplet refused it
+reports ``refused`` naming the holder, and takes the folder once that one has gone):
 
 1. **Settle.** :class:`~farm.droplets.watch.FolderWatch` reports a file once its size
    and mtime held for ``settle`` seconds over several readings and it can be read.
