@@ -268,3 +268,41 @@ def test_files_deleted_while_a_droplet_takes_them_end_with_a_reason(farm_env, re
                 assert "was deleted" in row["reason"] and "internal error" not in row["reason"], dict(row)
         print(f"\n{len(delays)} drops deleted after 0-{delays[-1]:.2f} s: {len(rows)} taken, "
               f"{sum(r['state'] == 'failed' for r in rows)} failed with the reason")
+
+
+def test_an_input_deleted_while_farm_plan_runs_is_a_one_line_error(farm_env):
+    """`farm plan` with a transcode profile (it probes the source with ffprobe twice); the
+    input deleted after d seconds, for delays spread over a whole run measured first."""
+    tmp = farm_env["tmp"]
+    original = lavfi(tmp / "original.mp4", seconds=0.4, size="96x64")
+    runs = 0
+
+    def plan(delay: float | None) -> tuple[str, float]:
+        nonlocal runs
+        runs += 1
+        source = tmp / f"plan{runs:03d}.mp4"
+        shutil.copyfile(original, source)
+        started = time.monotonic()
+        proc = subprocess.Popen([*FARM, "plan", "h264-web-720p", str(source), "--json"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=tmp)
+        timer = threading.Timer(delay, source.unlink) if delay is not None else None
+        if timer is not None:
+            timer.start()
+        out, err = proc.communicate(timeout=120)
+        if timer is not None:
+            timer.join()
+        assert "Traceback" not in err and "internal error" not in err, err
+        if proc.returncode == 0:
+            assert json.loads(out)["jobs"][0]["segments"], out
+            return "planned", time.monotonic() - started
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, err
+        assert lines[0] in (f"farm: error: input {str(source)!r} does not exist",
+                            f"farm: error: input {str(source)!r} was deleted while it was being planned"), lines[0]
+        return "refused", time.monotonic() - started
+
+    outcome, whole = plan(None)
+    assert outcome == "planned"
+    outcomes = [plan(whole * step / 10)[0] for step in range(12)]
+    print(f"\nfarm plan: whole run {whole:.2f} s; outcomes: {outcomes}")
+    assert outcomes[0] == "refused"
