@@ -155,6 +155,9 @@ class FolderLock:
                 return self._cannot_open(exc)
             try:
                 outcome = self._take(fd)
+            except OSError as exc:  # a share that fails under us (EIO, ESTALE): not ours, say why
+                os.close(fd)
+                return f"cannot lock {self.path}: {exc.strerror or exc}"
             except BaseException:
                 os.close(fd)
                 raise
@@ -238,6 +241,7 @@ class FolderLock:
         }).encode() + b"\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, self._record, 0)
+        self.unlocked_reason = ""
         try:  # readable by every user whatever the umask: the next watcher must learn who holds it
             os.fchmod(fd, 0o644)
         except OSError:
@@ -263,11 +267,14 @@ class FolderLock:
         """None: still ours (touched when due). "": our file is gone, take it anew. Else: lost to whom."""
         fd = self.fd
         assert fd is not None
-        if not self._same(fd):
+        try:
+            content = _read(fd) if self._same(fd) else None
+        except OSError:  # a share that lost our file under us (ESTALE): take it anew
+            content = None
+        if content is None:
             self.fd = None
             os.close(fd)
             return ""
-        content = _read(fd)
         if content != self._record:  # another host's watcher wrote over it: it goes on, we stop
             self.fd = None
             os.close(fd)
