@@ -23,6 +23,7 @@ import yaml
 
 from farm import __version__
 from farm.errors import ExitStatus, FarmError, UsageError
+from farm.pipes import reader_gone, silence
 
 log = logging.getLogger("farm.cli")
 
@@ -151,7 +152,19 @@ def _submission_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(argv, sys.stdout, sys.stderr)
+    status = run_cli(argv, sys.stdout, sys.stderr)
+    # Output to a pipe is buffered: a reader that left early (`farm status | head -1`) is
+    # often only noticed here, and Python would otherwise say so at exit, after the fact.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            silence(stream)
+            if status == ExitStatus.OK:
+                status = int(ExitStatus.BROKEN_PIPE)
+        except (OSError, ValueError):
+            pass
+    return status
 
 
 def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
@@ -181,15 +194,28 @@ def run_cli(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
     except KeyboardInterrupt:
         print("farm: interrupted", file=stderr)
         return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError as exc:
+        # The reader of our output has gone (`farm status | head -1`): end quietly, as a
+        # command killed by SIGPIPE would. A broken pipe to anything else is a real error.
+        gone = [stream for stream in (stdout, stderr) if reader_gone(stream)]
+        if not gone:
+            return _internal(exc, debug, stderr)
+        for stream in gone:
+            silence(stream)
+        return int(ExitStatus.BROKEN_PIPE)
     except Exception as exc:
-        if debug:
-            raise
-        print(f"farm: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
-              "and please report it)", file=stderr)
-        return int(ExitStatus.INTERNAL)
+        return _internal(exc, debug, stderr)
     finally:
         logging.getLogger().removeHandler(handler)
         warnings.showwarning = previous_showwarning
+
+
+def _internal(exc: Exception, debug: bool, stderr: TextIO) -> int:
+    if debug:
+        raise exc
+    print(f"farm: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback, "
+          "and please report it)", file=stderr)
+    return int(ExitStatus.INTERNAL)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -388,12 +414,13 @@ class _progress:
     def __enter__(self) -> _progress:
         if not self.enabled:
             return self
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(
+        from farm.pipes import console
+
+        self.progress = Progress(  # a reader of stderr that leaves stops the bars, not the batch
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
-            TimeElapsedColumn(), console=Console(file=self.stream), transient=False,
+            TimeElapsedColumn(), console=console(self.stream), transient=False,
         )
         self.tasks = {}
         self.done: dict[str, int] = {}
@@ -443,7 +470,11 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
                   overwrite=args.overwrite or loaded.profile.overwrite)
         try:
             plans = list(processor.plan(job))
-        except FarmError as exc:
+        except Exception as exc:
+            if source is not None and not source.exists():  # deleted since check_inputs looked
+                raise UsageError(f"input {str(source)!r} was deleted while it was being planned") from None
+            if not isinstance(exc, FarmError):
+                raise
             raise UsageError(f"cannot plan {source or 'the job'}: {exc}") from None
         planned.append({
             "input": str(source) if source else None,

@@ -15,6 +15,7 @@ class ExitStatus(IntEnum):
     BAD_INPUT = 2
     INTERNAL = 3
     INTERRUPTED = 130
+    BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output left early, as with any Unix command
 
 
 class FarmError(Exception):

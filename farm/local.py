@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,23 @@ def check_inputs(loaded: LoadedProfile, plugins: Plugins, inputs: list[str]) -> 
     checked: list[Path | None] = []
     for raw in inputs:
         path = usable_path(raw, "input")
-        if not path.exists():
-            raise UsageError(f"input {raw!r} does not exist")
-        if path.is_dir():
+        # One look at the file, so that one deleted meanwhile gets the right sentence; a file
+        # deleted after this check fails its job with that reason (see Scheduler.submit).
+        try:
+            info = path.stat()
+            resolved = path.resolve(strict=True)
+        except FileNotFoundError:
+            raise UsageError(f"input {raw!r} does not exist") from None
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop, as Python 3.11 says it
+            raise UsageError(f"input {raw!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if stat.S_ISDIR(info.st_mode):
             raise UsageError(f"input {raw!r} is a directory; expected a file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would hang planning, or never end
+            raise UsageError(f"input {raw!r} is not a regular file (a pipe, socket or device); expected a file")
         if not os.access(path, os.R_OK):
-            raise UsageError(f"input {raw!r} cannot be read (permission denied)")
-        checked.append(path.resolve())
+            raise UsageError(f"input {raw!r} cannot be read (permission denied)" if path.exists() else
+                             f"input {raw!r} does not exist")
+        checked.append(resolved)
     return checked
 
 

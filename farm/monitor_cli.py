@@ -9,6 +9,7 @@ no process serves events there.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -180,8 +181,12 @@ def _remote_updates(remote: Any, watch: Watch, mark: int) -> Iterable[None]:
 
 
 def _local_updates(watch: Watch, read_local: Callable[[], list[dict[str, Any]]]) -> Iterable[None]:
+    from farm.pipes import reader_gone
+
     while True:
         time.sleep(LOCAL_POLL_SECONDS)
+        if reader_gone(watch.stdout):  # `farm status --watch | head -1`: end now, not at the next change
+            raise BrokenPipeError(errno.EPIPE, "the reader of the output has gone")
         fresh = {doc["id"]: _summary(doc) for doc in read_local()}
         if fresh != watch.docs:
             watch.docs = fresh

@@ -433,6 +433,14 @@ def check_source(job: Job) -> None:
         )
 
 
+def _source_changed(job: Job) -> str | None:
+    try:
+        check_source(job)
+    except SourceChanged as exc:
+        return str(exc)
+    return None
+
+
 def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     """Run one attempt; never raises: the outcome is a dict the controller stores."""
     node = runtime()
@@ -478,12 +486,19 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     except SourceChanged as exc:
         log.write(f"=== failed: {exc}")
         return {"ok": False, "fatal": True, "reason": str(exc), "log": log.text(), "node": node.name}
-    except FarmError as exc:
-        log.write(f"=== failed: {exc}")
-        return {"ok": False, "reason": str(exc), "log": log.text(), "node": node.name}
-    except Exception as exc:  # a processor bug is this segment's failure, not the node's
-        log.write(traceback.format_exc())
-        return {"ok": False, "reason": f"processor error: {type(exc).__name__}: {exc}", "log": log.text(), "node": node.name}
+    except Exception as exc:
+        if isinstance(exc, FarmError):
+            reason = str(exc)
+            log.write(f"=== failed: {exc}")
+        else:  # a processor bug is this segment's failure, not the node's
+            reason = f"processor error: {type(exc).__name__}: {exc}"
+            log.write(traceback.format_exc())
+        changed = _source_changed(job)
+        if changed:  # it failed because the source went away meanwhile: say that, and retry nothing
+            log.write(f"=== {changed}")
+            return {"ok": False, "fatal": True, "reason": f"{changed} (the segment said: {reason})", "log": log.text(),
+                    "node": node.name}
+        return {"ok": False, "reason": reason, "log": log.text(), "node": node.name}
     finally:
         node._unregister(segment.attempt_id)
         logger.removeHandler(handler)

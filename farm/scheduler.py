@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.engine import Engine, NodeView
-from farm.errors import FarmError, IllegalTransition, ProfileError, StoreError
+from farm.errors import FarmError, IllegalTransition, ProfileError, SourceChanged, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
@@ -160,22 +160,28 @@ class Scheduler:
         now = time.time()
         for seq, source in enumerate(inputs):
             job_id = new_id("j")
+            stamp, gone = _stamp(source)
             job = Job(
                 id=job_id, batch_id=batch_id, input=source, profile=profile, settings=loaded.settings,
                 destination=destination, work_dir=self.work_root / job_id,
                 frames=profile.frame_list, overwrite=overwrite or profile.overwrite,
-                input_stamp=input_stamp(source),
+                input_stamp=stamp,
             )
             rt = JobRuntime(job, processor, seq, now, profile.priority,
                             {f"processor:{processor.name}": "", **processor.requires(job)}, then=then)
-            try:
-                plans = list(processor.plan(job))
-            except FarmError as exc:
-                rt.state, rt.error = JobState.FAILED, f"cannot plan {source or 'the job'}: {exc}"
-                plans = []
-            except Exception as exc:  # a processor bug fails this job, not the batch
-                rt.state, rt.error = JobState.FAILED, f"processor {processor.name} failed to plan: {type(exc).__name__}: {exc}"
-                plans = []
+            plans = []
+            if gone:  # deleted since the submission was checked: this job fails, the batch goes on
+                rt.state, rt.error = JobState.FAILED, gone
+            else:
+                try:
+                    plans = list(processor.plan(job))
+                except FarmError as exc:
+                    rt.state, rt.error = JobState.FAILED, f"cannot plan {source or 'the job'}: {exc}"
+                except Exception as exc:  # a processor bug fails this job, not the batch
+                    rt.state, rt.error = JobState.FAILED, f"processor {processor.name} failed to plan: {type(exc).__name__}: {exc}"
+                gone = _stamp(source)[1] if rt.state == JobState.FAILED else None
+                if gone:  # the plan failed because the source went away meanwhile: say that first
+                    rt.error = f"{gone} (planning it said: {rt.error})"
             for index, plan in enumerate(plans):
                 seg = SegmentRuntime(f"{job_id}.s{index:05d}", index, plan.label, plan.frames, dict(plan.params))
                 rt.segments[seg.id] = seg
@@ -837,6 +843,12 @@ class Scheduler:
         except Exception as exc:
             value = {"ok": False, "reason": f"processor {rt.processor.name} failed to assemble: {type(exc).__name__}: {exc}",
                      "log": attempt_log.text()}
+        if not value["ok"] and not value.get("again"):
+            try:  # it may have failed because the source went away meanwhile: then that is the reason
+                check_source(rt.job)
+            except SourceChanged as exc:
+                if not value["reason"].startswith(str(exc)):
+                    value["reason"] = f"{exc} (assembling said: {value['reason']})"
         self.engine.outcomes.put(("assembled", rt.job.id, value))
 
     def _on_assembled(self, job_id: str, value: dict[str, Any]) -> None:
@@ -1012,6 +1024,17 @@ class Scheduler:
 
     def close(self) -> None:
         self._assembler.shutdown(wait=True)
+
+
+def _stamp(source: Path | None) -> tuple[tuple[int, int] | None, str | None]:
+    """The input's (size, mtime_ns) as it is accepted, or why it cannot be: the file may have
+    gone in the moment since the submission was checked."""
+    try:
+        return input_stamp(source), None
+    except FileNotFoundError:
+        return None, f"the source {source} was deleted before the job was accepted"
+    except OSError as exc:
+        return None, f"the source {source} cannot be read: {exc.strerror or exc}"
 
 
 __all__ = ["Scheduler", "JobRuntime", "new_id", "cancel_interrupted"]

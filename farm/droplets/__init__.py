@@ -3,6 +3,7 @@
 - :mod:`farm.droplets.config`: ``DropletConfig`` (the ``droplets:`` list of farm.yaml).
 - :mod:`farm.droplets.watch`: one folder: its observer (inotify or polling), settle
   detection, the scan at start, and recovery when the folder goes away and comes back.
+- :mod:`farm.droplets.lock`: one watcher per folder: the lock file in the watched folder.
 - :mod:`farm.droplets.service`: the droplets of one process bound to a scheduler: the
   ledger in the store, submission, after-actions and ``failed/``.
 - :mod:`farm.droplets.cli`: ``farm watch`` and ``farm droplets``.

@@ -21,7 +21,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
         "watch", parents=[common], help="watch a folder and run a profile on every file dropped into it",
         description="Watch a folder (a droplet) on the embedded default: every file dropped into it becomes a job, "
                     "exactly once. Runs until Ctrl-C or SIGTERM (the first lets jobs in flight finish, the second "
-                    "cancels them); --once takes the files present now and exits.")
+                    "cancels them); --once takes the files present now and exits. A folder has one watcher: a "
+                    "second one, whatever its state directory, is refused with a message naming the first.")
     watch.add_argument("folder", metavar="DIR", help="the folder to watch")
     watch.add_argument("--profile", required=True, help="profile name or path to a YAML file")
     watch.add_argument("-o", "--output", metavar="DEST", required=True,
@@ -57,8 +58,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
 def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from pydantic import ValidationError
 
-    from farm.config import load_config
+    from farm.config import load_config, state_dir
     from farm.droplets.config import DropletConfig
+    from farm.droplets.lock import FolderLock, FolderLocked
     from farm.droplets.service import DropletService, prepare_droplets
     from farm.local import LocalFarm, check_runnable
     from farm.node import install_runtime
@@ -82,9 +84,23 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     prepared = prepare_droplets([droplet], plugins, require_folders=True)
     node = install_runtime(config.node)
     check_runnable(prepared[0].loaded, plugins, [None], node.capabilities)
+    # One watcher per folder, whatever its state directory: refused before anything starts.
+    lock = FolderLock(droplet.folder, state_dir(getattr(args, "state", None)), droplet.label)
+    try:
+        lock.acquire()
+    except FolderLocked as exc:
+        raise UsageError(str(exc)) from None
+    prepared[0].lock = lock
 
     def say(line: str) -> None:
-        print(line, file=stdout, flush=True)
+        try:
+            print(line, file=stdout, flush=True)
+        except BrokenPipeError:  # the reader left (`farm watch ... | head`): stop as after one Ctrl-C
+            from farm.pipes import silence
+
+            silence(stdout)
+            if "pipe" not in stops:
+                stops.append("pipe")
 
     def on_event(kind: str, name: str, path: str, job_id: str | None, detail: str) -> None:
         if args.quiet:
@@ -99,9 +115,13 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         elif kind == "skipped":
             say(f"skipped    {shown}: {detail}")
 
-    farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, owner="farm watch")
+    try:
+        farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, owner="farm watch")
+    except BaseException:
+        lock.release()
+        raise
     service = DropletService(farm.scheduler, prepared, on_event=on_event, once=args.once)
-    stops = []  # one entry per Ctrl-C or SIGTERM
+    stops: list[Any] = []  # one entry per Ctrl-C or SIGTERM
     wake = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -117,6 +137,8 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     try:
         service.start()
         watch = service.droplets[0].watch
+        if watch.state == "refused":
+            raise UsageError(watch.message)
         if args.once:
             print(f"farm: taking the files in {droplet.folder} with profile {prepared[0].loaded.profile.name} "
                   f"-> {prepared[0].destination}", file=stderr, flush=True)
@@ -149,6 +171,7 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         try:
             service.close()
         finally:
+            lock.release()
             farm.close()
     counts = service.droplets[0].counts
     if args.once or not args.quiet:
@@ -156,6 +179,8 @@ def cmd_watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
               f"{counts['skipped']} skipped", file=stderr, flush=True)
     if stops and stops[0] == signal.SIGINT:
         return ExitStatus.INTERRUPTED
+    if stops and stops[0] == "pipe":
+        return ExitStatus.BROKEN_PIPE
     if args.once and counts["failed"]:
         return ExitStatus.JOB_FAILED
     return ExitStatus.OK
@@ -228,7 +253,7 @@ def _doc(key: str, name: str, source: str, report: Any, store: Any, recent: int,
             alive = False
         if alive:
             state, message = report["state"], report["message"] or ""
-            message += f" (pid {report['pid']} on {report['host']})"
+            message += f" (run by pid {report['pid']} on {report['host']})"
     rows = store.droplet_files(key, recent) if store is not None else []
     return {
         "name": name, "folder": key, "source": source, "state": state, "message": message,

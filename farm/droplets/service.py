@@ -1,6 +1,8 @@
 """The droplets of one process, bound to its scheduler: exactly once, and nothing lost.
 
-How a dropped file travels:
+How a dropped file travels (in a folder this process holds: each droplet takes the lock
+file in its folder, :mod:`farm.droplets.lock`, before it watches; a droplet refused it
+reports ``refused`` naming the holder, and takes the folder once that one has gone):
 
 1. **Settle.** :class:`~farm.droplets.watch.FolderWatch` reports a file once its size
    and mtime held for ``settle`` seconds over several readings and it can be read.
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.droplets.config import DropletConfig, check_droplets, lock_name
+from farm.droplets.lock import FolderLock
 from farm.droplets.watch import FolderWatch, Settled, fingerprint
 from farm.errors import FarmError, UsageError
 
@@ -54,6 +57,7 @@ class PreparedDroplet:
     config: DropletConfig
     loaded: Any  # LoadedProfile
     destination: Path
+    lock: FolderLock | None = None  # the folder's lock when taken already (farm watch); else taken at start
 
 
 def prepare_droplets(configs: list[DropletConfig], plugins: Any, *, require_folders: bool = False) -> list[PreparedDroplet]:
@@ -143,8 +147,11 @@ class DropletService:
         self.once = once
         self.on_event = on_event
         self._wake = threading.Event()
+        state = Path(scheduler.store.path).parent  # named in the folder's lock, for the message that refuses others
         self.droplets = [
-            Droplet(p.config, p.loaded, p.destination, FolderWatch(p.config, self._wake, mounts, observe=not once))
+            Droplet(p.config, p.loaded, p.destination, FolderWatch(
+                p.config, self._wake, mounts, observe=not once,
+                lock=p.lock or FolderLock(p.config.folder, state, p.config.label)))
             for p in droplets
         ]
         self.pending: dict[str, Pending] = {}
@@ -154,6 +161,7 @@ class DropletService:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._calls_lock = threading.Lock()
         self._locks: list[Any] = []
+        self._refused: dict[str, str] = {}  # droplet key -> why its ledger is another process's now
         self._cancel_reason: str | None = None
         self._busy = False
         self._store: Any = None
@@ -168,9 +176,13 @@ class DropletService:
         self._lock_folders()
         self._store = Store(self.scheduler.store.path)
         for droplet in self.droplets:
-            self._restore(droplet)
+            if droplet.key not in self._refused:
+                self._restore(droplet)
         for droplet in self.droplets:
-            droplet.watch.start()
+            if droplet.key in self._refused:
+                droplet.watch.refuse(self._refused[droplet.key])
+            else:
+                droplet.watch.start()
             self._report(droplet, force=True)
         self.scheduler.listeners.append(self._on_scheduler_event)
         self._thread = threading.Thread(target=self._run, name="farm-droplets", daemon=True)
@@ -245,7 +257,10 @@ class DropletService:
         now = time.time()
         self._busy = True
         try:
-            if self._intake:
+            if not self._intake:
+                for droplet in self.droplets:
+                    droplet.watch.keep_lock()
+            else:
                 for droplet in self.droplets:
                     settled = droplet.watch.poll(now)
                     if settled:
@@ -534,6 +549,9 @@ class DropletService:
     # -- one process per folder ----------------------------------------------------------
 
     def _lock_folders(self) -> None:
+        """Lock each droplet's ledger in the state directory (besides the lock in the folder
+        itself, which a missing folder cannot hold): a droplet whose ledger another process
+        holds is refused, and the others run."""
         try:
             import fcntl
         except ImportError:  # not on Windows: one process per folder is then up to the user
@@ -549,9 +567,11 @@ class DropletService:
                 handle.seek(0)
                 owner = handle.read().strip() or "another process"
                 handle.close()
-                self._unlock_folders()
-                raise UsageError(f"droplet {droplet.label}: {droplet.config.folder} is already watched by {owner} "
-                                 "with this state directory; stop it first") from None
+                self._refused[droplet.key] = (
+                    f"{droplet.config.folder} is already watched by {owner} with this state directory; this droplet "
+                    "stays off until this process is started again after that one has stopped")
+                log.warning("droplet %s: %s", droplet.label, self._refused[droplet.key])
+                continue
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -603,7 +623,9 @@ def start_droplets(scheduler: Any, configs: list[DropletConfig], plugins: Any,
     are waited for, not failed), from the thread that drives the scheduler, before that
     thread steps again; call ``close()`` on the result before the scheduler closes. A bad
     droplet is a :class:`UsageError` (the controller refuses to start); a folder that is
-    missing is an outage the droplet reports and waits out.
+    missing is an outage the droplet reports and waits out; a folder that another
+    process watches refuses only its droplet, which reports why (``refused``) and takes
+    the folder over once that process has stopped.
     """
     prepared = prepare_droplets(configs, plugins)
     if not prepared:

@@ -5,7 +5,9 @@ paths may have changed; :class:`FolderWatch` decides when a file is complete. A 
 is *settled* when its size and mtime stayed the same over several readings spanning
 ``settle`` seconds and it can be opened for reading. Events are hints: a scan at
 start (and now and then) finds what no event reported, and a folder that goes away
-is an outage to wait out, never a sign that its files were deleted.
+is an outage to wait out, never a sign that its files were deleted. A folder is
+watched only while this process holds its lock (:mod:`farm.droplets.lock`): refused
+while another watcher holds it, and taken over once that one is gone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.droplets.config import DropletConfig, is_partial_name, real
+from farm.droplets.lock import LOCK_NAME, FolderLock
 
 log = logging.getLogger("farm.droplets")
 
@@ -155,9 +158,12 @@ class FolderWatch:
     the observer's thread only fills the inbox.
     """
 
-    def __init__(self, config: DropletConfig, wake: Any, mounts: str | None = None, observe: bool = True):
-        """``observe=False``: no observer and no rescans; only the files found at start."""
+    def __init__(self, config: DropletConfig, wake: Any, mounts: str | None = None, observe: bool = True,
+                 lock: FolderLock | None = None):
+        """``observe=False``: no observer and no rescans; only the files found at start.
+        ``lock``: the folder's lock, taken (and kept) before the folder is watched."""
         self.config = config
+        self.lock = lock
         self.observe = observe
         self.folder = config.folder
         self.wake = wake
@@ -171,6 +177,7 @@ class FolderWatch:
         self._health_checked = 0.0
         self._scanned = 0.0
         self.outages = 0
+        self.refused_for_good = False
         skip = [config.done_folder, config.failed_folder]
         self._skip = [real(p) for p in skip]
         self._real_folder = real(self.folder)
@@ -186,7 +193,24 @@ class FolderWatch:
     def stop(self) -> None:
         self._stop_observer()
         self.readings.clear()
+        if self.lock is not None:
+            self.lock.release()
         self.state = "stopped"
+
+    def refuse(self, reason: str) -> None:
+        """Never watch in this process (another one holds this droplet's ledger)."""
+        self._stop_observer()
+        self.readings.clear()
+        if self.lock is not None:
+            self.lock.release()
+        self.lock = None
+        self.refused_for_good = True
+        self.state, self.message = "refused", reason
+
+    def keep_lock(self) -> None:
+        """Touch the lock while no longer polling (draining), so that it does not look stale."""
+        if self.lock is not None and self.lock.held:
+            self.lock.ensure()
 
     def _start_observer(self) -> None:
         from watchdog.events import (
@@ -235,7 +259,7 @@ class FolderWatch:
     def _check_health(self, force: bool = False) -> None:
         """Start, keep or restart the observer as the folder comes and goes."""
         now = time.monotonic()
-        if not force and now - self._health_checked < HEALTH_SECONDS:
+        if self.refused_for_good or (not force and now - self._health_checked < HEALTH_SECONDS):
             return
         self._health_checked = now
         problem = None
@@ -259,11 +283,23 @@ class FolderWatch:
             self._stop_observer()
             self.readings.clear()
             self._identity = None
+            if self.lock is not None:  # taken again in the folder that comes back
+                self.lock.release()
+            return
+        refusal = self.lock.ensure() if self.lock is not None else None
+        if refusal is not None:
+            if (self.state, self.message) != ("refused", refusal):
+                log.warning("droplet %s: %s; this droplet takes the folder over once that watcher has stopped",
+                            self.config.label, refusal)
+            self.state, self.message = "refused", refusal
+            self._stop_observer()
+            self.readings.clear()
+            self._identity = None
             return
         identity = (info.st_dev, info.st_ino)
         if self.state == "watching" and identity == self._identity and (self._observer_alive() or not self.observe):
             return
-        was_out = self.state == "unavailable"
+        was_out, was_refused = self.state == "unavailable", self.state == "refused"
         self._stop_observer()
         try:
             if self.observe:
@@ -277,8 +313,12 @@ class FolderWatch:
         self._identity = identity
         self.state = "watching"
         self.message = f"{self.kind} observer ({self.kind_reason})" if self.observe else "files present at start only"
+        if self.lock is not None and self.lock.unlocked_reason:
+            self.message += f"; {self.lock.unlocked_reason}"
         if was_out:
             log.warning("droplet %s: folder %s is back; watching again", self.config.label, self.folder)
+        elif was_refused:
+            log.warning("droplet %s: the other watcher of %s has gone; watching it now", self.config.label, self.folder)
         # Anything that arrived while nobody watched is found by a scan.
         self.scan()
 
@@ -301,7 +341,7 @@ class FolderWatch:
             if any(skip == p.parent or skip in p.parents for skip in self._skip_paths(p)):
                 return False
         name = relative.parts[-1]
-        if is_partial_name(name):
+        if is_partial_name(name) or name == LOCK_NAME:  # the lock is hidden, so a partial name too; said twice
             return False
         if os.path.islink(path) and os.path.isdir(path):
             # Never followed (it may lead out of the folder, or loop), but where sub-folders
