@@ -89,6 +89,10 @@ class FarmConfig(BaseModel):
     node: NodeConfig = Field(default_factory=NodeConfig)
     droplets: DropletList = Field(default_factory=list)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    #: Keep a done job's work folder (its segments' outputs, in the state directory or the
+    #: cluster storage) instead of removing it; by default it is removed when the job is
+    #: done, and at the next start if a process was killed first.
+    keep_work: bool = False
     #: Settings for plugins, by plugin (entry point) name, e.g. ``notify: {...}``; each
     #: plugin validates its own (see the ``farm_configure`` hook).
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)

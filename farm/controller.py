@@ -27,6 +27,7 @@ from farm.profiles import load_profile
 from farm.scheduler import Scheduler
 from farm.security import Bundle
 from farm.store import Store
+from farm.sweep import sweep_leftovers
 
 log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
@@ -95,7 +96,8 @@ class Controller:
         self.engine = Engine(client, cluster)
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
         storage.mkdir(parents=True, exist_ok=True)
-        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage)
+        sweep_leftovers(self.store, storage, self.config.keep_work)
+        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage, keep_work=self.config.keep_work)
         self.scheduler.listeners.append(self._publish_job_event)
         recovered = self.scheduler.recover()
         if recovered:

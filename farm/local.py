@@ -24,6 +24,7 @@ from farm.requirements import unmet_requirements
 from farm.scheduler import Scheduler
 from farm.security import usable_path
 from farm.store import Store
+from farm.sweep import sweep_leftovers
 
 STORE_NAME = "farm.db"
 
@@ -108,9 +109,10 @@ class LocalFarm:
         root = state_dir(state)
         plugins.configure(config.plugins)
         store = Store(root / STORE_NAME)
+        sweep_leftovers(store, root / "work", config.keep_work)
         node = node or install_runtime(config.node)
         engine = Engine.embedded(node.slots, node.capabilities)
-        scheduler = Scheduler(store, plugins, engine, root / "work")
+        scheduler = Scheduler(store, plugins, engine, root / "work", keep_work=config.keep_work)
         return cls(store, engine, scheduler, node)
 
     def close(self) -> None:

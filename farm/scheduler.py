@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import secrets
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.engine import Engine, NodeView
-from farm.errors import FarmError, ProfileError, StoreError
+from farm.errors import FarmError, OutputConflict, ProfileError, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
@@ -94,10 +95,13 @@ def new_id(prefix: str) -> str:
 
 
 class Scheduler:
-    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0):
+    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0,
+                 keep_work: bool = False):
         """``prefetch``: segments handed to a node beyond its free slots, so that very short
-        segments do not wait on the round trip; 0 keeps every waiting segment here."""
+        segments do not wait on the round trip; 0 keeps every waiting segment here.
+        ``keep_work``: keep a done job's work folder (segment outputs) instead of removing it."""
         self.prefetch = prefetch
+        self.keep_work = keep_work
         self.store = store
         self.plugins = plugins
         self.engine = engine
@@ -130,7 +134,11 @@ class Scheduler:
         origin: str = "cli",
         overwrite: bool = False,
     ) -> tuple[str, list[str]]:
-        """Plan every job, store the batch, and queue its segments."""
+        """Plan every job, claim its outputs, store the batch, and queue its segments.
+
+        Refused (:class:`~farm.errors.OutputConflict`, nothing stored) when an output
+        exists already and the job may not overwrite, or when another unfinished job has
+        claimed one."""
         profile = loaded.profile
         processor = self.plugins.processor(profile.processor)
         then = None
@@ -142,6 +150,7 @@ class Scheduler:
                 raise ProfileError(f"{where}: then: {exc}") from None
         batch_id = new_id("b")
         job_rows, segment_rows, runtimes = [], [], []
+        claims: dict[str, list[str]] = {}
         now = time.time()
         for seq, source in enumerate(inputs):
             job_id = new_id("j")
@@ -154,9 +163,15 @@ class Scheduler:
             rt = JobRuntime(job, processor, seq, now, profile.priority,
                             {f"processor:{processor.name}": "", **processor.requires(job)}, then=then)
             try:
+                outputs = processor.outputs(job)
+                if outputs is not None:
+                    claims[job_id] = self._claimable(job, outputs)
                 plans = list(processor.plan(job))
+            except OutputConflict:
+                raise
             except FarmError as exc:
                 rt.state, rt.error = JobState.FAILED, f"cannot plan {source or 'the job'}: {exc}"
+                claims.pop(job_id, None)
                 plans = []
             except Exception as exc:  # a processor bug fails this job, not the batch
                 rt.state, rt.error = JobState.FAILED, f"processor {processor.name} failed to plan: {type(exc).__name__}: {exc}"
@@ -175,7 +190,7 @@ class Scheduler:
                 "input_stamp": json.dumps(job.input_stamp) if job.input_stamp else None,
             })
             runtimes.append(rt)
-        self.store.add_batch(batch_id, origin, job_rows, segment_rows)
+        self.store.add_batch(batch_id, origin, job_rows, segment_rows, claims)
         with self._lock:
             for rt in runtimes:
                 self.jobs[rt.job.id] = rt
@@ -190,6 +205,19 @@ class Scheduler:
                     self._set_job(rt, JobState.RUNNING)
                     self._start_assembly(rt)
         return batch_id, [rt.job.id for rt in runtimes]
+
+    @staticmethod
+    def _claimable(job: Job, outputs: list[Path]) -> list[str]:
+        """The paths to claim for a job's outputs (links followed, as delivery writes
+        them), refused when one exists and the job may not overwrite it."""
+        paths = [Path(path).resolve() for path in outputs]
+        if not job.overwrite:
+            existing = [path for path in paths if os.path.lexists(path)]
+            if existing:
+                more = f" and {len(existing) - 1} more already exist" if len(existing) > 1 else " already exists"
+                raise OutputConflict(f"{existing[0]}{more} in the destination; pass --overwrite (or set "
+                                     "overwrite: true) to replace, or choose another destination")
+        return [str(path) for path in paths]
 
     def recover(self, job_ids: Iterable[str] | None = None) -> list[str]:
         """Rebuild the queue from the store after a restart; returns the jobs taken back.
@@ -290,7 +318,10 @@ class Scheduler:
             raise FarmError(f"job {job_id} is {rt.state}; only failed or cancelled jobs can be retried")
         again = [seg for seg in sorted(rt.segments.values(), key=lambda s: s.index)
                  if whole or seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
+        outputs = rt.processor.outputs(rt.job)
         with self.store.transaction():
+            if outputs is not None:  # its claims went when it ended; another job may have taken them since
+                self.store.claim(job_id, [str(Path(path).resolve()) for path in outputs])
             self.store.clear_cancel(job_id)
             self._set_job(rt, JobState.QUEUED, error=None)
             for seg in again:
@@ -692,6 +723,7 @@ class Scheduler:
                 scratch=scratch, logger=logging.getLogger(f"farm.assemble.{rt.job.id}"),
                 progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
                 run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
+                claim=lambda paths: self.store.claim(rt.job.id, [str(path) for path in paths]),
             )
             check_source(rt.job)
             again = list(rt.processor.verify(rt.job, results, context))
@@ -730,7 +762,8 @@ class Scheduler:
         if value["ok"]:
             rt.outputs = value["outputs"]
             self._set_job(rt, JobState.DONE, outputs=rt.outputs)
-            shutil.rmtree(rt.job.work_dir, ignore_errors=True)
+            if not self.keep_work:
+                shutil.rmtree(rt.job.work_dir, ignore_errors=True)
             self._notify_later("farm_job_finished", job=rt.job, outputs=rt.outputs)
             self._emit("job_done", rt, {"outputs": rt.outputs})
             self._chain(rt)
@@ -791,8 +824,13 @@ class Scheduler:
         if not rt.outputs:
             self.store.event("chain_skipped", job_id=rt.job.id, data={"reason": "the job has no outputs"})
             return
-        _, child_ids = self.submit(rt.then, [Path(rt.outputs[0])], rt.job.destination,
-                                   origin=f"then:{rt.job.id}", overwrite=rt.job.overwrite)
+        try:
+            _, child_ids = self.submit(rt.then, [Path(rt.outputs[0])], rt.job.destination,
+                                       origin=f"then:{rt.job.id}", overwrite=rt.job.overwrite)
+        except OutputConflict as exc:  # this job is done; only the chained one is refused
+            log.warning("job %s: the chained job %s was refused: %s", rt.job.id, rt.then.profile.name, exc)
+            self.store.event("chain_refused", job_id=rt.job.id, data={"reason": str(exc)})
+            return
         rt.children.extend(child_ids)
         self.store.event("chained", job_id=rt.job.id, data={"jobs": child_ids})
 
