@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Plan a batch and show its segments; nothing runs and nothing is stored.")
     _submission_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("-o", "--output", metavar="DEST", help="destination the batch would write to")
+    plan.add_argument("-o", "--output", metavar="DEST",
+                      help="destination the batch would write to; the outputs already there are listed")
     plan.add_argument("--overwrite", action="store_true", help="plan as if existing outputs may be replaced")
 
     profiles = commands.add_parser("profiles", parents=[common], help="list, show and validate profiles",

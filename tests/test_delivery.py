@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import yaml
 from farm.errors import ProcessorError
 from farm.model import Job
 from farm.outputs import Delivery, rename_noreplace
+from tests.cluster_helpers import Cluster
 from tests.conftest import FARM, ROOT, write_profile
 
 FRAMES = """
@@ -254,6 +256,37 @@ def test_a_command_without_expect_is_claimed_at_delivery_and_refused_on_existing
     job = result.json()["jobs"][0]
     assert f"{dest / 'f_0003.txt'} already exists; set overwrite: true or pass --overwrite" in job["error"]
     assert sorted(p.name for p in dest.iterdir()) == ["f_0003.txt"] and (dest / "f_0003.txt").read_text() == "precious"
+
+
+def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
+    c = Cluster(tmp_path / "cluster")
+    try:
+        c.start_controller()  # no node: the first job stays queued, holding its claims
+        dest = c.root / "out"
+        profile = frames_profile(c.root, "held", frames="1-4", per_segment=2)
+        first = c.farm("submit", profile, "-o", dest, "--json")
+        assert first.returncode == 0, first.stderr
+        job_id = json.loads(first.stdout)["jobs"][0]["id"]
+        second = c.farm("submit", profile, "-o", dest, "--json", "--overwrite")  # with or without --overwrite
+        assert second.returncode == 2, second.stderr
+        assert f"farm: error: the controller refused: {dest / 'f_0001.txt'} and 3 more will be written by job " \
+               f"{job_id} (queued), which has not finished" in second.stderr
+        assert c.farm("cancel", job_id).returncode == 0
+        c.wait_until(lambda: c.job(job_id)["state"] == "cancelled", 60, "the job to be cancelled")
+        # what a killed delivery of that job would have left
+        (dest / f".farm-staging-{job_id}" / "files").mkdir(parents=True)
+        (dest / ".f_0001.txt.farm-1a2b3c4d").write_text("half")
+        c.controller.send_signal(signal.SIGTERM)
+        c.controller.wait(timeout=60)
+        c.start_controller()
+        log = (c.root / "controller.log").read_text()
+        assert f"removed leftovers of unfinished deliveries from {dest}: .f_0001.txt.farm-1a2b3c4d, " \
+               f".farm-staging-{job_id}" in log, log[-2000:]
+        assert list(dest.iterdir()) == []
+        third = c.farm("submit", profile, "-o", dest, "--json")  # the cancelled job's claims went with it
+        assert third.returncode == 0, third.stderr
+    finally:
+        c.stop()
 
 
 # -- the delivery itself, on a real file system ------------------------------------------------
