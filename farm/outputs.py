@@ -154,9 +154,14 @@ class Delivery:
         self.folder = staging_folder(self.destination, job.id)
         self.files: dict[Path, Path] = {}  # final path -> staged path
         self._committed = False
+        self._need = 0
         if self.folder.exists():  # an earlier try of this job, killed part-way: undo it first
             undo_staging(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProcessorError(f"cannot make the staging folder {self.folder.name} in {self.destination}: "
+                                 f"{exc.strerror or exc}; nothing was delivered") from None
 
     def __enter__(self) -> Delivery:
         return self
@@ -172,7 +177,11 @@ class Delivery:
             raise ProcessorError(f"{real.relative_to(self.destination)} would be delivered twice; "
                                  "each output needs its own name")
         staged = self.folder / _FILES / real.relative_to(self.destination)
-        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staged.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProcessorError(f"cannot stage {real.name} in {self.destination}: {exc.strerror or exc}; "
+                                 "nothing was delivered") from None
         self.files[real] = staged
         return staged
 
@@ -201,6 +210,8 @@ class Delivery:
         disk = os.statvfs(self.folder)
         block = disk.f_frsize or 4096
         need = sum(-(-size // block) * block for size in sizes)  # a file system keeps whole blocks
+        need += -(-256 * len(sizes) // block) * block  # the journal of the renames
+        self._need += need
         free = disk.f_bavail * disk.f_frsize
         if need > free:
             raise ProcessorError(f"the destination's disk is full: {mib(free)} free, the {self.noun} need {mib(need)}; "
@@ -208,7 +219,7 @@ class Delivery:
         return free, need
 
     def _full(self, need: int, copied: int, count: int) -> ProcessorError:
-        disk = os.statvfs(self.folder)  # before the staged copies are removed: the disk as it filled
+        disk = os.statvfs(self.destination)  # in stage(), before the staged copies go: the disk as it filled
         if disk.f_files and disk.f_favail == 0:
             why = (f"no more files can be made there (it holds {disk.f_files:,} at most), "
                    f"and {count - copied:,} of the {count:,} {self.noun} were still to come")
@@ -230,9 +241,10 @@ class Delivery:
                                      "nothing was delivered")
         if self.claim is not None:
             self.claim(targets)
-        journal = open(self.folder / _JOURNAL, "a", encoding="utf-8")
+        journal = None
         made: list[Path] = []  # folders this delivery created, to take out again on undo
         try:
+            journal = open(self.folder / _JOURNAL, "a", encoding="utf-8")
             for target in targets:
                 staged = self.files[target]
                 made.extend(_make_parents(target.parent, self.destination))
@@ -253,13 +265,19 @@ class Delivery:
                 else:
                     rename_noreplace(staged, target)
         except BaseException as exc:
-            journal.close()
+            if journal is not None:
+                try:
+                    journal.close()
+                except OSError:
+                    pass
             undo_staging(self.folder)
             for folder in reversed(made):
                 try:
                     folder.rmdir()
                 except OSError:
                     pass
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(self._need, 0, len(targets)) from None
             if isinstance(exc, FileExistsError):
                 raise ProcessorError(f"{exc.filename} appeared while this job delivered (another job or person "
                                      "wrote it); nothing of this job was left in the destination") from None
