@@ -170,9 +170,12 @@ class Delivery:
         if not self._committed:
             self.abort()
 
-    def staged(self, target: Path) -> Path:
-        """The path in the staging folder that becomes ``target`` on :meth:`commit`."""
-        real = inside(target, self.destination)
+    def staged(self, target: Path, real: Path | None = None) -> Path:
+        """The path in the staging folder that becomes ``target`` on :meth:`commit`
+        (``real``: ``target`` resolved already, see :func:`real_paths`)."""
+        real = real or target.resolve()
+        if real == self.destination or not real.is_relative_to(self.destination):
+            raise ProcessorError(f"{target} leads to {real}, which is not inside the destination {self.destination}")
         if real in self.files:
             raise ProcessorError(f"{real.relative_to(self.destination)} would be delivered twice; "
                                  "each output needs its own name")
@@ -194,8 +197,9 @@ class Delivery:
                                      f"(to {os.readlink(source)}); only files a segment writes are delivered")
         _, need = self.check_room([source.stat().st_size for source in files.values()])
         copied = 0
-        for target, source in sorted(files.items()):
-            staged = self.staged(target)
+        ordered = sorted(files.items())
+        for (target, source), real in zip(ordered, real_paths([target for target, _ in ordered]), strict=True):
+            staged = self.staged(target, real)
             try:
                 shutil.copyfile(source, staged)
             except OSError as exc:
@@ -335,6 +339,22 @@ def undo_staging(folder: Path, *, keep_delivered: bool = False) -> list[str]:
     return taken
 
 
+def real_paths(paths: list[Path]) -> list[Path]:
+    """``[path.resolve() for path in paths]``, resolving each folder once: thousands of
+    frames in one folder cost one walk of it, not one each."""
+    folders: dict[Path, Path] = {}
+    found = []
+    for path in map(Path, paths):
+        folder = folders.get(path.parent)
+        if folder is None:
+            folder = folders[path.parent] = path.parent.resolve()
+        real = folder / path.name
+        if os.path.islink(real):  # the name itself may be a link
+            real = real.resolve()
+        found.append(real)
+    return found
+
+
 def deliver(files: dict[Path, Path], job: Job, context: object = None, *, noun: str = "outputs") -> list[Path]:
     """Deliver finished files (``{target: source}``) all or nothing (see :class:`Delivery`);
     returns the delivered paths. ``context`` is the assemble step's
@@ -377,4 +397,4 @@ def sweep(destination: Path, state_of: Callable[[str], str | None]) -> list[str]
 
 
 __all__ = ["Delivery", "deliver", "output_path", "inside", "rename_noreplace", "staging_folder", "sweep",
-           "undo_staging", "mib", "is_temporary", "STAGING_PREFIX"]
+           "undo_staging", "mib", "is_temporary", "real_paths", "STAGING_PREFIX"]

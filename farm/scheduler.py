@@ -30,6 +30,7 @@ from farm.errors import FarmError, OutputConflict, ProfileError, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
+from farm.outputs import real_paths
 from farm.processor import Context, Processor
 from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
@@ -210,7 +211,7 @@ class Scheduler:
     def _claimable(job: Job, outputs: list[Path]) -> list[str]:
         """The paths to claim for a job's outputs (links followed, as delivery writes
         them), refused when one exists and the job may not overwrite it."""
-        paths = [Path(path).resolve() for path in outputs]
+        paths = real_paths(outputs)
         if not job.overwrite:
             existing = [path for path in paths if os.path.lexists(path)]
             if existing:
@@ -321,7 +322,7 @@ class Scheduler:
         outputs = rt.processor.outputs(rt.job)
         with self.store.transaction():
             if outputs is not None:  # its claims went when it ended; another job may have taken them since
-                self.store.claim(job_id, [str(Path(path).resolve()) for path in outputs])
+                self.store.claim(job_id, [str(path) for path in real_paths(outputs)])
             self.store.clear_cancel(job_id)
             self._set_job(rt, JobState.QUEUED, error=None)
             for seg in again:
