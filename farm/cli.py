@@ -349,7 +349,7 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
         for seg in job["segments"]:
             print(f"    {seg['index']:>5}  {seg['label']}", file=stdout)
         if job["existing"]:
-            verdict = "would be replaced (--overwrite)" if job_overwrite(args, loaded) else \
+            verdict = "would be replaced (--overwrite)" if args.overwrite or loaded.profile.overwrite else \
                 "`farm run` refuses them unless --overwrite"
             print(f"    {len(job['existing'])} output(s) exist already in {destination}; {verdict}:", file=stdout)
             for path in job["existing"][:20]:
@@ -357,10 +357,6 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
             if len(job["existing"]) > 20:
                 print(f"      ... and {len(job['existing']) - 20} more", file=stdout)
     return ExitStatus.OK
-
-
-def job_overwrite(args: argparse.Namespace, loaded: Any) -> bool:
-    return bool(args.overwrite or loaded.profile.overwrite)
 
 
 def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:

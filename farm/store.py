@@ -267,15 +267,15 @@ class Store:
                 "or choose another destination")
 
     def _insert_claims(self, job_id: str, paths: list[str]) -> None:
-        with self._lock:
-            self._db.executemany("INSERT OR REPLACE INTO claims(path, job_id) VALUES (?, ?)",
-                                 [(path, job_id) for path in sorted(set(paths))])
+        try:
+            with self._lock:
+                self._db.executemany("INSERT OR REPLACE INTO claims(path, job_id) VALUES (?, ?)",
+                                     [(path, job_id) for path in sorted(set(paths))])
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"the state store at {self.path} cannot be written: {exc}") from None
 
     def release_claims(self, job_id: str) -> None:
         self._write("DELETE FROM claims WHERE job_id = ?", (job_id,))
-
-    def claims(self, job_id: str) -> list[str]:
-        return [row["path"] for row in self._rows("SELECT path FROM claims WHERE job_id = ? ORDER BY path", (job_id,))]
 
     def add_segments(self, segments: list[dict[str, Any]]) -> None:
         """Segments added to a running job (a re-cut, or a re-run after verification)."""
