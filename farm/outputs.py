@@ -22,6 +22,7 @@ import datetime
 import errno
 import logging
 import os
+import re
 import shutil
 import string
 from collections.abc import Callable
@@ -82,10 +83,14 @@ def staging_folder(destination: Path, job_id: str) -> Path:
     return destination.resolve() / f"{STAGING_PREFIX}{job_id}"
 
 
+#: Temporary names Farm has used next to an output: ``.clip.mp4.farm-1a2b3c4d`` and
+#: ``.clip.farm-1a2b3c4d.mp4`` (a hex tag; ``.notes.farm-plan`` is a person's file).
+_TEMPORARY = re.compile(r"^\..+\.farm-[0-9a-f]{4,}(\.[^.]+)?$")
+
+
 def is_temporary(name: str) -> bool:
-    """A temporary file name Farm has used next to an output (``.clip.mp4.farm-1a2b3c4d``,
-    ``.clip.farm-1a2b3c4d.mp4``): left behind only by a process that was killed."""
-    return name.startswith(".") and not name.startswith(".farm-") and ".farm-" in name[1:]
+    """A temporary file Farm wrote next to an output, left behind only by a process that was killed."""
+    return bool(_TEMPORARY.match(name))
 
 
 def mib(size: float) -> str:
