@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from farm.errors import ProcessorError
 from farm.model import Job
 from farm.outputs import Delivery, rename_noreplace
+from farm.security import Bundle
 from tests.cluster_helpers import Cluster
 from tests.conftest import FARM, ROOT, write_profile
 
@@ -271,6 +273,11 @@ def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
         assert second.returncode == 2, second.stderr
         assert f"farm: error: the controller refused: {dest / 'f_0001.txt'} and 3 more will be written by job " \
                f"{job_id} (queued), which has not finished" in second.stderr
+        bundle = Bundle.load(c.bundles / "node.yaml")
+        with httpx.Client(base_url=c.url, verify=bundle.client_ssl_context(), timeout=60,
+                          headers={"Authorization": f"Bearer {bundle.token}"}) as http:
+            answer = http.post("/api/batches", json={"profile": str(profile), "inputs": [], "destination": str(dest)})
+        assert answer.status_code == 409 and f"will be written by job {job_id}" in answer.json()["error"]
         assert c.farm("cancel", job_id).returncode == 0
         c.wait_until(lambda: c.job(job_id)["state"] == "cancelled", 60, "the job to be cancelled")
         # what a killed delivery of that job would have left
