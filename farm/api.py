@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
-from farm.errors import FarmError, StoreError
+from farm.errors import FarmError, OutputConflict, StoreError
 from farm.gate import UNAUTHORISED, Gate
 from farm.model import TERMINAL_JOB_STATES
 from farm.profiles import Priority
@@ -147,6 +147,11 @@ def create_app(controller: Any) -> FastAPI:
     @app.exception_handler(FarmError)
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(OutputConflict)
+    async def output_conflict(request: Request, exc: OutputConflict) -> JSONResponse:
+        # an output exists, or another unfinished job will write it: the request clashes with the state
+        return JSONResponse({"error": str(exc)}, status_code=409)
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Plan a batch and show its segments; nothing runs and nothing is stored.")
     _submission_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("-o", "--output", metavar="DEST", help="destination the batch would write to")
+    plan.add_argument("-o", "--output", metavar="DEST",
+                      help="destination the batch would write to; the outputs already there are listed")
     plan.add_argument("--overwrite", action="store_true", help="plan as if existing outputs may be replaced")
 
     profiles = commands.add_parser("profiles", parents=[common], help="list, show and validate profiles",
@@ -463,12 +465,14 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     inputs = check_inputs(loaded, plugins, args.inputs)
     processor = plugins.processor(loaded.profile.processor)
     planned = []
+    destination = Path(args.output or loaded.profile.destination or "out").absolute()
     for seq, source in enumerate(inputs):
         job = Job(id=f"job{seq + 1}", batch_id="plan", input=source, profile=loaded.profile, settings=loaded.settings,
-                  destination=Path(args.output or loaded.profile.destination or "out").absolute(),
+                  destination=destination,
                   work_dir=Path("(cluster storage)"), frames=loaded.profile.frame_list,
                   overwrite=args.overwrite or loaded.profile.overwrite)
         try:
+            outputs = processor.outputs(job)
             plans = list(processor.plan(job))
         except Exception as exc:
             if source is not None and not source.exists():  # deleted since check_inputs looked
@@ -478,6 +482,9 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
             raise UsageError(f"cannot plan {source or 'the job'}: {exc}") from None
         planned.append({
             "input": str(source) if source else None,
+            # null: known only once the job has run (a command without expect:)
+            "outputs": None if outputs is None else [str(path) for path in outputs],
+            "existing": [] if outputs is None else [str(path) for path in outputs if os.path.lexists(path)],
             "segments": [{"index": i, "label": p.label, "frames": p.frames, "params": p.params}
                          for i, p in enumerate(plans)],
         })
@@ -487,9 +494,18 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
         return ExitStatus.OK
     print(f"profile {loaded.profile.name} (processor {processor.name}): {len(planned)} job(s)", file=stdout)
     for job in planned:
-        print(f"  {job['input'] or '(no input)'}: {len(job['segments'])} segment(s)", file=stdout)
+        outputs = "outputs known once it has run" if job["outputs"] is None else f"{len(job['outputs'])} output(s)"
+        print(f"  {job['input'] or '(no input)'}: {len(job['segments'])} segment(s), {outputs}", file=stdout)
         for seg in job["segments"]:
             print(f"    {seg['index']:>5}  {seg['label']}", file=stdout)
+        if job["existing"]:
+            verdict = "would be replaced (--overwrite)" if args.overwrite or loaded.profile.overwrite else \
+                "`farm run` refuses them unless --overwrite"
+            print(f"    {len(job['existing'])} output(s) exist already in {destination}; {verdict}:", file=stdout)
+            for path in job["existing"][:20]:
+                print(f"      {path}", file=stdout)
+            if len(job["existing"]) > 20:
+                print(f"      ... and {len(job['existing']) - 20} more", file=stdout)
     return ExitStatus.OK
 
 

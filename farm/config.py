@@ -119,6 +119,10 @@ class FarmConfig(BaseModel):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     #: Limits on profiles and ``--set`` values (see docs/profiles.md).
     limits: ProfileLimits = Field(default_factory=ProfileLimits)
+    #: Keep a done job's work folder (its segments' outputs, in the state directory or the
+    #: cluster storage) instead of removing it; by default it is removed when the job is
+    #: done, and at the next start if a process was killed first.
+    keep_work: bool = False
     #: Settings for plugins, by plugin (entry point) name, e.g. ``notify: {...}``; each
     #: plugin validates its own (see the ``farm_configure`` hook).
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -33,6 +33,7 @@ from farm.profiles import load_profile
 from farm.scheduler import Scheduler
 from farm.security import Bundle, Principal, token_matches
 from farm.store import Store
+from farm.sweep import sweep_leftovers
 
 log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
@@ -102,8 +103,10 @@ class Controller:
         self.engine = Engine(client, cluster)
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
         storage.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(self.store, storage, self.config.keep_work)
         self.lease = Lease(self.store, "controller")
-        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage, lease=self.lease)
+        self.scheduler = Scheduler(self.store, self.plugins, self.engine, storage, lease=self.lease,
+                                   keep_work=self.config.keep_work)
         self.scheduler.listeners.append(self._publish_job_event)
         self._take_over()
         if self.config.droplets:

@@ -32,6 +32,11 @@ class UsageError(FarmError):
     """Bad arguments, inputs or destinations."""
 
 
+class OutputConflict(UsageError):
+    """An output path that another unfinished job has claimed (or that exists already):
+    the submission is refused before anything runs."""
+
+
 class PlanError(FarmError):
     """A processor could not cut a job into segments."""
 

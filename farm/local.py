@@ -26,6 +26,7 @@ from farm.requirements import unmet_requirements
 from farm.scheduler import Scheduler
 from farm.security import usable_path
 from farm.store import Store
+from farm.sweep import sweep_leftovers
 
 STORE_NAME = "farm.db"
 
@@ -122,10 +123,11 @@ class LocalFarm:
         root = state_dir(state)
         plugins.configure(config.plugins)
         store = Store(root / STORE_NAME)
+        sweep_leftovers(store, root / "work", config.keep_work)
         node = node or install_runtime(config.node)
         engine = Engine.embedded(node.slots, node.capabilities)
         lease = Lease(store, owner)
-        scheduler = Scheduler(store, plugins, engine, root / "work", lease=lease)
+        scheduler = Scheduler(store, plugins, engine, root / "work", lease=lease, keep_work=config.keep_work)
         return cls(store, engine, scheduler, node, lease)
 
     def close(self) -> None:

@@ -47,6 +47,10 @@ class Context:
     cancelled: threading.Event
     node: NodeInfo
     run: Callable[..., Any]  # farm.node.CommandRunner.run
+    #: In an assemble step: claims output paths for the job in the store before they are
+    #: delivered, refusing paths another unfinished job holds (``farm.outputs.deliver``
+    #: calls it). None on nodes.
+    claim: Callable[[list[Path]], None] | None = None
 
 
 class Processor:
@@ -72,6 +76,20 @@ class Processor:
     def check(self, profile: Any, settings: BaseModel) -> None:
         """Refuse, with a :class:`~farm.errors.ProfileError`, a profile that cannot work."""
 
+    def outputs(self, job: Job) -> list[Path] | None:
+        """Every path in ``job.destination`` this job will write, known before it runs
+        (templates and frame patterns expanded), or None when they cannot be known until
+        its segments have run.
+
+        The core claims these paths in the store at submission, refusing the job (exit 2)
+        when another unfinished job has claimed one, or when one exists already and the
+        job may not overwrite. Paths not listed here (all of them, with None) are claimed
+        at delivery (:func:`farm.outputs.deliver`), where a clash fails the job instead.
+        Cheap and pure, like :meth:`plan`; raise :class:`~farm.errors.ProcessorError` for
+        a template that cannot work.
+        """
+        return None
+
     def plan(self, job: Job) -> Sequence[SegmentPlan]:
         """Cut a job into segments; cheap and pure (may probe, never writes outputs)."""
         return [SegmentPlan(label="whole job")]
@@ -89,5 +107,7 @@ class Processor:
         return []
 
     def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
-        """Join segment results into the destination; verify; return output paths."""
+        """Join segment results, verify, and deliver them into the destination with
+        :func:`farm.outputs.deliver` (or a :class:`farm.outputs.Delivery`): all outputs or
+        none, never replacing a file unless ``job.overwrite``. Return the output paths."""
         return []

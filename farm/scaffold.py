@@ -40,18 +40,15 @@ packages = ["farm_{module}"]
 PROCESSOR = '''"""The `{name}` processor: writes one text file per frame, by running a small command
 per segment. Replace `run` with your renderer or tool; keep the rest of the contract."""
 
-import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm import hookimpl
-from farm.errors import ProcessorError
 from farm.frames import chunk_frames, format_frames
 from farm.model import SegmentPlan
+from farm.outputs import deliver
 from farm.processor import Processor
 
 
@@ -67,6 +64,11 @@ class {cls}(Processor):
     frame_based = True
     inputs = "none"
 
+    def outputs(self, job):
+        # Every path the job will write, before it runs: the core claims them, and refuses
+        # the job when one exists (unless --overwrite) or another job will write it.
+        return [job.destination / f"frame_{{frame:04d}}.txt" for frame in job.frames]
+
     def plan(self, job):
         size = job.profile.segment.frames or 10
         return [SegmentPlan(f"frames {{format_frames(chunk)}}", chunk) for chunk in chunk_frames(job.frames, size)]
@@ -79,17 +81,11 @@ class {cls}(Processor):
         return {{"dir": str(segment.output_dir), "frames": segment.frames}}
 
     def assemble(self, job, results, context):
-        outputs = []
-        for result in results:
-            for frame in result["frames"]:
-                target = job.destination / f"frame_{{frame:04d}}.txt"
-                if target.exists() and not job.overwrite:
-                    raise ProcessorError(f"{{target}} already exists; pass --overwrite to replace it")
-                temporary = target.with_name(f".{{target.name}}.{{uuid.uuid4().hex[:8]}}")
-                shutil.copyfile(Path(result["dir"]) / target.name, temporary)
-                os.replace(temporary, target)
-                outputs.append(str(target))
-        return outputs
+        # All or nothing: staged in the destination, then renamed into place, never over
+        # an existing file unless job.overwrite.
+        files = {{job.destination / f"frame_{{frame:04d}}.txt": Path(result["dir"]) / f"frame_{{frame:04d}}.txt"
+                 for result in results for frame in result["frames"]}}
+        return [str(path) for path in deliver(files, job, context, noun="frames")]
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import secrets
 import shutil
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from farm.engine import Engine, NodeView
-from farm.errors import FarmError, IllegalTransition, ProfileError, SourceChanged, StoreError
+from farm.errors import FarmError, IllegalTransition, OutputConflict, ProfileError, SourceChanged, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
+from farm.outputs import real_paths
 from farm.processor import Context, Processor
 from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
@@ -104,13 +106,15 @@ def cancel_interrupted(store: Store, job_id: str, reason: str) -> None:
 
 class Scheduler:
     def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0,
-                 lease: Any = None):
+                 lease: Any = None, keep_work: bool = False):
         """``prefetch``: segments handed to a node beyond its free slots, so that very short
         segments do not wait on the round trip; 0 keeps every waiting segment here.
         ``lease``: the :class:`farm.lease.Lease` of this process; every batch it submits
-        or takes over is owned by it (None: batches without an owner, for tests)."""
+        or takes over is owned by it (None: batches without an owner, for tests).
+        ``keep_work``: keep a done job's work folder (segment outputs) instead of removing it."""
         self.prefetch = prefetch
         self.lease = lease
+        self.keep_work = keep_work
         self.store = store
         self.plugins = plugins
         self.engine = engine
@@ -144,8 +148,13 @@ class Scheduler:
         overwrite: bool = False,
         fingerprint: str | None = None,
     ) -> tuple[str, list[str]]:
-        """Plan every job, store the batch (owned by this scheduler's lease), and queue its
-        segments. ``fingerprint`` names what was run, so that the same run can resume it."""
+        """Plan every job, claim its outputs, store the batch (owned by this scheduler's
+        lease), and queue its segments. ``fingerprint`` names what was run, so that the
+        same run can resume it.
+
+        Refused (:class:`~farm.errors.OutputConflict`, nothing stored) when an output
+        exists already and the job may not overwrite, or when another unfinished job has
+        claimed one."""
         profile = loaded.profile
         processor = self.plugins.processor(profile.processor)
         then = None
@@ -157,6 +166,7 @@ class Scheduler:
                 raise ProfileError(f"{where}: then: {exc}") from None
         batch_id = new_id("b")
         job_rows, segment_rows, runtimes = [], [], []
+        claims: dict[str, list[str]] = {}
         now = time.time()
         for seq, source in enumerate(inputs):
             job_id = new_id("j")
@@ -174,11 +184,19 @@ class Scheduler:
                 rt.state, rt.error = JobState.FAILED, gone
             else:
                 try:
+                    outputs = processor.outputs(job)
+                    if outputs is not None:
+                        claims[job_id] = self._claimable(job, outputs)
                     plans = list(processor.plan(job))
+                except OutputConflict:
+                    raise
                 except FarmError as exc:
                     rt.state, rt.error = JobState.FAILED, f"cannot plan {source or 'the job'}: {exc}"
                 except Exception as exc:  # a processor bug fails this job, not the batch
                     rt.state, rt.error = JobState.FAILED, f"processor {processor.name} failed to plan: {type(exc).__name__}: {exc}"
+                if rt.state == JobState.FAILED:
+                    plans = []
+                    claims.pop(job_id, None)
                 gone = _stamp(source)[1] if rt.state == JobState.FAILED else None
                 if gone:  # the plan failed because the source went away meanwhile: say that first
                     rt.error = f"{gone} (planning it said: {rt.error})"
@@ -196,7 +214,7 @@ class Scheduler:
                 "input_stamp": json.dumps(job.input_stamp) if job.input_stamp else None,
             })
             runtimes.append(rt)
-        self.store.add_batch(batch_id, origin, job_rows, segment_rows, owner=self.owner, fingerprint=fingerprint)
+        self.store.add_batch(batch_id, origin, job_rows, segment_rows, claims, owner=self.owner, fingerprint=fingerprint)
         with self._lock:
             for rt in runtimes:
                 self.jobs[rt.job.id] = rt
@@ -215,6 +233,19 @@ class Scheduler:
     @property
     def owner(self) -> str | None:
         return self.lease.id if self.lease is not None else None
+
+    @staticmethod
+    def _claimable(job: Job, outputs: list[Path]) -> list[str]:
+        """The paths to claim for a job's outputs (links followed, as delivery writes
+        them), refused when one exists and the job may not overwrite it."""
+        paths = real_paths(outputs)
+        if not job.overwrite:
+            existing = [path for path in paths if os.path.lexists(path)]
+            if existing:
+                more = f" and {len(existing) - 1} more already exist" if len(existing) > 1 else " already exists"
+                raise OutputConflict(f"{existing[0]}{more} in the destination; pass --overwrite (or set "
+                                     "overwrite: true) to replace, or choose another destination")
+        return [str(path) for path in paths]
 
     def recover(self, job_ids: Iterable[str] | None = None) -> list[str]:
         """Take over jobs whose owner is gone, and rebuild this owner's own jobs from the
@@ -393,7 +424,10 @@ class Scheduler:
         self._claim(rt.job.batch_id)
         again = [seg for seg in sorted(rt.segments.values(), key=lambda s: s.index)
                  if whole or seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
+        outputs = rt.processor.outputs(rt.job)
         with self.store.transaction():
+            if outputs is not None:  # its claims went when it ended; another job may have taken them since
+                self.store.claim(job_id, [str(path) for path in real_paths(outputs)])
             self.store.clear_cancel(job_id)
             self._set_job(rt, JobState.QUEUED, error=None)
             for seg in again:
@@ -830,6 +864,7 @@ class Scheduler:
                 scratch=scratch, logger=logging.getLogger(f"farm.assemble.{rt.job.id}"),
                 progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
                 run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
+                claim=lambda paths: self.store.claim(rt.job.id, [str(path) for path in paths]),
             )
             check_source(rt.job)
             again = list(rt.processor.verify(rt.job, results, context))
@@ -874,7 +909,8 @@ class Scheduler:
         if value["ok"]:
             rt.outputs = value["outputs"]
             self._set_job(rt, JobState.DONE, outputs=rt.outputs)
-            shutil.rmtree(rt.job.work_dir, ignore_errors=True)
+            if not self.keep_work:
+                shutil.rmtree(rt.job.work_dir, ignore_errors=True)
             self._notify_later("farm_job_finished", job=rt.job, outputs=rt.outputs)
             self._emit("job_done", rt, {"outputs": rt.outputs})
             self._chain(rt)
@@ -935,8 +971,13 @@ class Scheduler:
         if not rt.outputs:
             self.store.event("chain_skipped", job_id=rt.job.id, data={"reason": "the job has no outputs"})
             return
-        _, child_ids = self.submit(rt.then, [Path(rt.outputs[0])], rt.job.destination,
-                                   origin=f"then:{rt.job.id}", overwrite=rt.job.overwrite)
+        try:
+            _, child_ids = self.submit(rt.then, [Path(rt.outputs[0])], rt.job.destination,
+                                       origin=f"then:{rt.job.id}", overwrite=rt.job.overwrite)
+        except OutputConflict as exc:  # this job is done; only the chained one is refused
+            log.warning("job %s: the chained job %s was refused: %s", rt.job.id, rt.then.profile.name, exc)
+            self.store.event("chain_refused", job_id=rt.job.id, data={"reason": str(exc)})
+            return
         rt.children.extend(child_ids)
         self.store.event("chained", job_id=rt.job.id, data={"jobs": child_ids})
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from farm.config import make_state_dir
-from farm.errors import IllegalTransition, StoreError
-from farm.model import check_transition
+from farm.errors import IllegalTransition, OutputConflict, StoreError
+from farm.model import TERMINAL_JOB_STATES, check_transition
 
 LOG_LIMIT = 64 * 1024  # bytes of each attempt's log kept in the store (the tail)
 
@@ -95,6 +95,14 @@ CREATE TABLE IF NOT EXISTS events (
     attempt_id TEXT,
     data TEXT
 );
+-- output claims: every path a job will write, claimed at submission (or, for outputs
+-- known only once they exist, at delivery) so that two unfinished jobs never write the
+-- same file. A job's claims are released when it ends.
+CREATE TABLE IF NOT EXISTS claims (
+    path TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS claims_by_job ON claims(job_id);
 -- droplets (farm.droplets): the exactly-once ledger of dropped files, one row per file
 -- seen (state submitted -> processed | failed; skipped for a duplicate), keyed by the
 -- watched folder; and the state each running droplet last reported.
@@ -266,9 +274,19 @@ class Store:
     # -- writing ----------------------------------------------------------------------
 
     def add_batch(self, batch_id: str, origin: str, jobs: list[dict[str, Any]], segments: list[dict[str, Any]],
-                  owner: str | None = None, fingerprint: str | None = None) -> None:
+                  claims: dict[str, list[str]] | None = None, owner: str | None = None,
+                  fingerprint: str | None = None) -> None:
+        """Store a batch; ``claims`` (job id -> output paths) are claimed in the same
+        transaction, so that of two submissions racing for a path exactly one is stored."""
         now = time.time()
         with self.transaction():
+            taken: dict[str, str] = {}  # checked before any write, so a refusal leaves nothing behind
+            for job_id, paths in (claims or {}).items():
+                self._check_claims(job_id, paths)
+                for path in paths:
+                    if taken.setdefault(path, job_id) != job_id:
+                        raise OutputConflict(f"{path} would be written by two jobs of this batch ({taken[path]} "
+                                             f"and {job_id}); give their outputs different names")
             self._execute("INSERT INTO batches(id, created, origin, owner, fingerprint) VALUES (?, ?, ?, ?, ?)",
                           (batch_id, now, origin, owner, fingerprint))
             self._db.executemany(
@@ -279,7 +297,45 @@ class Store:
                 [{"error": None, "created": now, "overwrite": 0, "input_stamp": None, **job} for job in jobs],
             )
             self.add_segments(segments)
+            for job_id, paths in (claims or {}).items():
+                self._insert_claims(job_id, paths)
             self.event("batch_submitted", data={"batch": batch_id, "jobs": len(jobs)})
+
+    def claim(self, job_id: str, paths: list[str]) -> None:
+        """Claim output paths for a job, or raise :class:`OutputConflict` naming the
+        unfinished job that holds one of them (claims of ended jobs are free)."""
+        with self.transaction():
+            self._check_claims(job_id, paths)
+            self._insert_claims(job_id, paths)
+
+    def _check_claims(self, job_id: str, paths: list[str]) -> None:
+        unique = sorted(set(paths))
+        live: list[sqlite3.Row] = []
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            live += [row for row in self._rows(
+                f"SELECT c.path, c.job_id, j.state FROM claims c JOIN jobs j ON j.id = c.job_id"
+                f" WHERE c.path IN ({marks}) AND c.job_id != ? ORDER BY c.path", [*chunk, job_id])
+                if row["state"] not in TERMINAL_JOB_STATES]
+        if live:
+            first = live[0]
+            more = f" and {len(live) - 1} more" if len(live) > 1 else ""
+            raise OutputConflict(
+                f"{first['path']}{more} will be written by job {first['job_id']} ({first['state']}), "
+                f"which has not finished; wait for it, cancel it (farm cancel {first['job_id']}), "
+                "or choose another destination")
+
+    def _insert_claims(self, job_id: str, paths: list[str]) -> None:
+        try:
+            with self._lock:
+                self._db.executemany("INSERT OR REPLACE INTO claims(path, job_id) VALUES (?, ?)",
+                                     [(path, job_id) for path in sorted(set(paths))])
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"the state store at {self.path} cannot be written: {exc}") from None
+
+    def release_claims(self, job_id: str) -> None:
+        self._write("DELETE FROM claims WHERE job_id = ?", (job_id,))
 
     def add_segments(self, segments: list[dict[str, Any]]) -> None:
         """Segments added to a running job (a re-cut, or a re-run after verification)."""
@@ -318,8 +374,11 @@ class Store:
     def move_job(self, job_id: str, old: str, new: str, **fields: Any) -> None:
         if "outputs" in fields:
             fields["outputs"] = _json(fields["outputs"])
-        self._move("jobs", "job", job_id, old, new, fields)
-        self.event(f"job_{new}", job_id=job_id, data={"error": fields.get("error")} if fields.get("error") else None)
+        with self.transaction():
+            self._move("jobs", "job", job_id, old, new, fields)
+            if new in TERMINAL_JOB_STATES:  # an ended job writes nothing more: its outputs are free
+                self.release_claims(job_id)
+            self.event(f"job_{new}", job_id=job_id, data={"error": fields.get("error")} if fields.get("error") else None)
 
     def move_segment(self, segment_id: str, old: str, new: str, **fields: Any) -> None:
         if "result" in fields:
@@ -452,6 +511,14 @@ class Store:
         return self._rows(
             "SELECT * FROM jobs WHERE state NOT IN ('done', 'failed', 'cancelled') ORDER BY created, seq"
         )
+
+    def job_states(self) -> dict[str, str]:
+        """Every job's state, by id."""
+        return {row["id"]: row["state"] for row in self._rows("SELECT id, state FROM jobs")}
+
+    def destinations(self) -> list[str]:
+        """Every destination a job of this store was given."""
+        return [row["destination"] for row in self._rows("SELECT DISTINCT destination FROM jobs ORDER BY destination")]
 
     def job(self, job_id: str) -> sqlite3.Row | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))

@@ -67,9 +67,9 @@ def test_existing_outputs_are_not_overwritten_unless_asked(farm, farm_env):
     dest = farm_env["tmp"] / "frames"
     args = ("run", ROOT / "examples" / "testsrc-frames.yaml", "-o", dest, "--set", "frames=1-4", "--json")
     assert farm(*args).returncode == 0
-    second = farm(*args)
-    assert second.returncode == 1
-    assert "already exist" in second.json()["jobs"][0]["error"] and "--overwrite" in second.json()["jobs"][0]["error"]
+    second = farm(*args)  # refused before anything runs
+    assert second.returncode == 2 and not second.stdout
+    assert "testsrc_0001.png and 3 more already exist" in second.stderr and "--overwrite" in second.stderr
     assert farm(*args, "--overwrite").returncode == 0
 
 

@@ -405,9 +405,9 @@ def test_existing_output_is_kept_unless_overwrite_is_asked(farm, farm_env):
     target = tmp / "out" / "clip-t.mp4"
     target.parent.mkdir()
     target.write_bytes(b"precious")
-    code, report = run_json(farm, path, source, "-o", tmp / "out")
-    assert code == 1
-    assert "already exists; set overwrite: true or pass --overwrite" in report["jobs"][0]["error"]
+    refused = farm("run", path, source, "-o", tmp / "out", "--json")  # before anything runs
+    assert refused.returncode == 2 and not refused.stdout
+    assert f"{target} already exists in the destination; pass --overwrite" in refused.stderr
     assert target.read_bytes() == b"precious"
     code, report = run_json(farm, path, source, "-o", tmp / "out", "--overwrite")
     assert code == 0, report

@@ -193,6 +193,19 @@ class CommandProcessor(Processor):
         )
         return {"dir": str(segment.output_dir), "files": files}
 
+    def outputs(self, job: Job) -> list[Path] | None:
+        """The files ``expect`` names, for every frame; a command without ``expect`` may
+        write anything, so its files are claimed when they are delivered."""
+        settings: CommandSettings = job.settings
+        if not settings.expect:
+            return None
+        by_segment = any("segment" in template_fields(pattern) for pattern in settings.expect)
+        chunks = [(index, plan.frames or []) for index, plan in enumerate(self.plan(job))] if by_segment \
+            else [(0, job.frames or [])]
+        names = {expand(pattern, {"frame": frame, "segment": index})
+                 for index, frames in chunks for frame in frames for pattern in settings.expect}
+        return [job.destination / name for name in sorted(names)]
+
     def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
         moves: dict[Path, Path] = {}
         for result in results:
@@ -201,16 +214,7 @@ class CommandProcessor(Processor):
                 if target in moves:
                     raise ProcessorError(f"two segments wrote {name}; each segment must write its own files")
                 moves[target] = Path(result["dir"]) / name
-        if not job.overwrite:
-            existing = sorted(str(target) for target in moves if target.exists())
-            if existing:
-                more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-                raise ProcessorError(
-                    f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite to replace"
-                )
-        for target, source in sorted(moves.items()):
-            deliver(source, target, destination=job.destination)
-        return [str(target) for target in sorted(moves)]
+        return [str(path) for path in deliver(moves, job, context, noun="files")]
 
 
 @hookimpl

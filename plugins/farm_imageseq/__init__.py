@@ -166,18 +166,15 @@ class ImageSequence(Processor):
         return [SegmentPlan(label=f"re-render frames {format_frames(chunk)}", frames=chunk)
                 for chunk in chunk_frames(sorted(bad), job.profile.segment.frames or 10)]
 
-    def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
+    def outputs(self, job: Job) -> list[Path]:
         pattern = job.settings.pattern
+        return [job.destination / pattern.name(frame) for frame in job.frames or []]
+
+    def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
         files = self._frame_files(results)
-        targets = {frame: job.destination / pattern.name(frame) for frame in job.frames or []}
-        if not job.overwrite:
-            existing = [str(path) for path in targets.values() if path.exists()]
-            if existing:
-                more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-                raise ProcessorError(f"{existing[0]}{more} already exist(s); set overwrite: true or pass --overwrite")
-        for frame, target in sorted(targets.items()):
-            deliver(files[frame], target, destination=job.destination)
-        return [str(targets[frame]) for frame in sorted(targets)]
+        targets = dict(zip(job.frames or [], self.outputs(job), strict=True))
+        return [str(path) for path in deliver({target: files[frame] for frame, target in targets.items()},
+                                              job, context, noun="frames")]
 
 
 @hookimpl

@@ -36,7 +36,6 @@ import re
 import shutil
 import signal
 import subprocess
-import uuid
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 from farm import hookimpl
 from farm.errors import PlanError, ProcessorError
 from farm.model import Job, Segment, SegmentPlan
-from farm.outputs import output_path
+from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
 
 from farm_transcode import ffmpeg_io
@@ -132,8 +131,6 @@ class TranscodeProcessor(Processor):
         target = self.target(job)
         if target == job.input.resolve():
             raise PlanError(f"the output {target} would replace the source; change output: or the destination")
-        if target.exists() and not job.overwrite:
-            raise PlanError(f"the output {target} already exists; set overwrite: true or pass --overwrite to replace it")
         facts = probe_source(job.input)
         summary = facts.summary()
         plans: list[SegmentPlan] = []
@@ -227,6 +224,9 @@ class TranscodeProcessor(Processor):
     def target(self, job: Job) -> Path:
         return output_path(job, DEFAULT_OUTPUT, job.settings.box.ext)
 
+    def outputs(self, job: Job) -> list[Path]:
+        return [self.target(job)]
+
     # -- run ------------------------------------------------------------------------------
 
     def run(self, segment: Segment, context: Context) -> dict[str, Any]:
@@ -314,8 +314,6 @@ class TranscodeProcessor(Processor):
         target = self.target(job)
         if job.input is not None and target == job.input.resolve():
             raise ProcessorError(f"the output {target} would replace the source")
-        if target.exists() and not job.overwrite:
-            raise ProcessorError(f"the output {target} already exists; set overwrite: true or pass --overwrite to replace it")
         video_list = None
         if videos:
             video_list = context.scratch / "video.ffconcat"
@@ -323,9 +321,10 @@ class TranscodeProcessor(Processor):
                             else r["params"]["count"] / parse_rate(r["params"]["rate"])) for r in videos]
             video_list.write_text(ffmpeg_io.concat_list(pieces_list), encoding="utf-8")
         offset = expected.av_offset
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.stem}.farm-{uuid.uuid4().hex[:8]}{target.suffix}")
-        try:
+        # Joined straight into the staging folder on the destination's disk: delivering is a rename.
+        with Delivery(job, claim=context.claim) as delivery:
+            delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
+            temporary = delivery.staged(target)
             run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
                                               audio_file=Path(audio["file"]) if audio else None,
                                               audio_streams=audio["params"]["streams"] if audio else [],
@@ -335,10 +334,7 @@ class TranscodeProcessor(Processor):
             wrong = problems(found, expected)
             if wrong:
                 raise ProcessorError(f"the joined output failed verification, so it was not delivered: {'; '.join(wrong)}")
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return [str(target)]
+            return [str(path) for path in delivery.commit()]
 
     def _expected(self, facts: SourceFacts, settings: TranscodeSettings, videos: list[dict[str, Any]],
                   audio: dict[str, Any] | None) -> Expected:

@@ -3,23 +3,21 @@
 Each segment grabs a few evenly spaced frames of one part of the movie as small PNGs;
 assembling tiles them, in order, into one sheet with ffmpeg. Written the way any
 third party would: its own package, the `farm` entry point, `context.run` for every
-command, outputs under a temporary name.
+command, its output named before it runs and delivered through a staging folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm import hookimpl
-from farm.errors import PlanError, ProcessorError
+from farm.errors import PlanError
 from farm.model import SegmentPlan
-from farm.outputs import output_path
+from farm.outputs import Delivery, output_path
 from farm.processor import Processor
 
 
@@ -49,6 +47,9 @@ class Thumbnails(Processor):
     def requires(self, job):
         return {**job.profile.requires, "ffmpeg": ""}
 
+    def outputs(self, job):  # named before it runs: the core claims it and refuses an existing one
+        return [output_path(job, "{stem}-sheet.png", "png")]
+
     def plan(self, job):
         settings: Settings = job.settings
         count = settings.columns * settings.rows
@@ -72,18 +73,16 @@ class Thumbnails(Processor):
 
     def assemble(self, job, results, context):
         settings: Settings = job.settings
-        target = output_path(job, "{stem}-sheet.png", "png")
-        if target.exists() and not job.overwrite:
-            raise ProcessorError(f"{target} already exists; pass --overwrite to replace it")
+        target = self.outputs(job)[0]
         listing = context.scratch / "thumbs.txt"
         files = [Path(r["dir"]) / name for r in results for name in r["files"]]
         listing.write_text("".join(f"file '{f}'\n" for f in files))
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.png")
-        context.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "concat", "-safe", "0",
-                     "-protocol_whitelist", "file", "-i", str(listing),
-                     "-vf", f"tile={settings.columns}x{settings.rows}", "-frames:v", "1", str(temporary)])
-        os.replace(temporary, target)
-        return [str(target)]
+        with Delivery(job, claim=context.claim) as delivery:  # all or nothing, never over another's file
+            staged = delivery.staged(target)
+            context.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "concat", "-safe", "0",
+                         "-protocol_whitelist", "file", "-i", str(listing),
+                         "-vf", f"tile={settings.columns}x{settings.rows}", "-frames:v", "1", str(staged)])
+            return [str(path) for path in delivery.commit()]
 
 
 @hookimpl
