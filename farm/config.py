@@ -81,6 +81,12 @@ class ControllerConfig(BaseModel):
     storage: str | None = None
     #: Advertise with zeroconf so that nodes find the controller by themselves.
     advertise: bool = True
+    #: Destination roots: folders under which a ``submit`` token may write outputs
+    #: (an ``admin`` token may write anywhere the controller can). Empty: nowhere.
+    destinations: list[str] = Field(default_factory=list)
+    #: The token table (hashed API tokens with roles). Default: ``tokens.yaml`` next to
+    #: the controller's bundle, where `farm cluster token` writes it.
+    tokens: str | None = None
 
 
 class FarmConfig(BaseModel):

@@ -31,6 +31,11 @@ class UsageError(FarmError):
     """Bad arguments, inputs or destinations."""
 
 
+class Forbidden(FarmError):
+    """A request that the caller's token may not make (HTTP 403); the message names the
+    token, its role and what the action needs."""
+
+
 class PlanError(FarmError):
     """A processor could not cut a job into segments."""
 

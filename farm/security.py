@@ -157,15 +157,23 @@ class Bundle:
         )
 
     def client_ssl_context(self) -> ssl.SSLContext:
-        """Trust only this cluster's CA. Host names are not checked: nodes reach the
-        controller by whatever address zeroconf gives, and the CA is the cluster's own."""
-        context = ssl.create_default_context(cadata=self.ca)
-        context.check_hostname = False
-        return context
+        """Trust this cluster's CA, and of its certificates only the controller's: by name
+        (a node's certificate is not named so), and by fingerprint where this bundle is
+        the controller's own. Host names are not checked: nodes reach the controller by
+        whatever address zeroconf gives."""
+        from farm.credentials import controller_name, pinned_context
+
+        return pinned_context(self.ca, name=controller_name(self.cluster),
+                              fingerprint=self.fingerprint if self.role == "controller" else None)
 
 
-def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
-    """Create the cluster's CA, controller and node bundles, and token, in ``folder``."""
+def init_cluster(name: str, folder: Path, days: int = 3650, urls: list[str] | None = None) -> dict[str, Path]:
+    """Create the cluster's CA, the controller's and the nodes' bundles, the token table
+    (an ``admin`` token and the nodes' ``node`` token, hashed) and the admin's client file,
+    in ``folder``."""
+    from farm.credentials import ClientFile
+    from farm.tokens import TOKENS_NAME, TokenTable
+
     check_cluster_name(name)
     if (folder / "controller.yaml").exists():
         raise UsageError(f"{folder} already holds cluster files; remove them or choose another --dir")
@@ -173,15 +181,22 @@ def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
     os.chmod(folder, 0o700)
     ca_key = _new_key()
     ca_cert = _issue(f"{name} farm CA", ca_key, None, None, ca=True, days=days)
-    token = secrets.token_urlsafe(32)
+    table = TokenTable(folder / TOKENS_NAME)
+    tokens = {"controller": "", "node": table.add("nodes", "node")}  # the controller holds no API token
     paths = {}
+    bundles = {}
     for role in ("controller", "node"):
         key = _new_key()
         cert = _issue(f"{role}.{name}.farm", key, ca_cert, ca_key, ca=False, days=days)
-        bundle = Bundle(name, role, token, _pem_cert(ca_cert).decode(), _pem_cert(cert).decode(), _pem_key(key).decode())
+        bundles[role] = Bundle(name, role, tokens[role], _pem_cert(ca_cert).decode(), _pem_cert(cert).decode(),
+                               _pem_key(key).decode())
         paths[role] = folder / f"{role}.yaml"
-        bundle.save(paths[role])
+        bundles[role].save(paths[role])
     _write_private(folder / "ca.key", _pem_key(ca_key))
+    paths["admin"] = folder / "admin.yaml"
+    ClientFile(name, "admin", "admin", table.add("admin", "admin"), bundles["controller"].ca,
+               bundles["controller"].fingerprint, list(urls or [])).save(paths["admin"])
+    paths["tokens"] = table.path
     return paths
 
 
