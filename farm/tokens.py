@@ -42,7 +42,6 @@ TOKENS_NAME = "tokens.yaml"
 ROLES = ("admin", "submit", "view", "node")
 PERSON_ROLES = ("admin", "submit", "view")  # what a client file carries
 LEGACY_NAME = "cluster"  # the single token of a cluster made before roles
-_READ_ROLES = ("admin", "submit", "view")
 
 
 @dataclass(frozen=True)
