@@ -7,9 +7,11 @@ certificate against that fingerprint (and the controller's name) during the TLS
 handshake, before a byte of the request (and so the token) is sent: a certificate from
 the same CA, such as a node's, is refused.
 
-A node bundle or the controller's bundle still works as a client credential (older
-set-ups): then the server must show a certificate of the cluster's CA named as the
-controller (``controller.CLUSTER.farm``), which a node's certificate is not.
+Bundles pin the controller too: the controller's own by its certificate, a node bundle
+by the fingerprint written into it at ``farm cluster init``. A bundle made before roles
+has no fingerprint: then the server must show a certificate of the cluster's CA named as
+the controller (``controller.CLUSTER.farm``), which a node's certificate is not. Such a
+bundle still works as a client credential (older set-ups).
 """
 
 from __future__ import annotations

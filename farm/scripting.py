@@ -219,12 +219,12 @@ def submit(profile: str, inputs: Iterable[str | Path] = (), destination: str | P
     set-ups, a bundle; paths are as the controller sees them."""
     from farm.client import ControllerClient, find_credentials
 
-    client = ControllerClient(find_credentials(str(client) if client else None, str(bundle) if bundle else None),
+    remote = ControllerClient(find_credentials(str(client) if client else None, str(bundle) if bundle else None),
                               controller)
-    answer = client.submit(profile=str(profile), inputs=[str(Path(p).absolute()) for p in inputs],
+    answer = remote.submit(profile=str(profile), inputs=[str(Path(p).absolute()) for p in inputs],
                            destination=str(Path(destination).absolute()) if destination else None,
                            overrides=list(overrides), overwrite=overwrite, priority=priority)
-    return RemoteBatch(answer["batch"], [RemoteJob(client, job["id"]) for job in answer["jobs"]])
+    return RemoteBatch(answer["batch"], [RemoteJob(remote, job["id"]) for job in answer["jobs"]])
 
 
 __all__ = ["Batch", "FarmError", "JobHandle", "RemoteBatch", "RemoteJob", "run", "start", "submit"]

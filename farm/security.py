@@ -107,15 +107,19 @@ class Bundle:
     cert: str
     key: str
     path: Path | None = None
+    #: a node bundle's pin of the controller's certificate (SHA-256); bundles made before
+    #: roles have none, and then trust the CA and the controller's name
+    controller_fingerprint: str | None = None
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.cert)
 
     def save(self, path: Path) -> None:
+        pin = {"controller_fingerprint": self.controller_fingerprint} if self.controller_fingerprint else {}
         _write_private(path, yaml.safe_dump({
             "cluster": self.cluster, "role": self.role, "token": self.token,
-            "ca": self.ca, "cert": self.cert, "key": self.key,
+            "ca": self.ca, "cert": self.cert, "key": self.key, **pin,
         }, sort_keys=False))
 
     @classmethod
@@ -132,7 +136,8 @@ class Bundle:
         missing = [k for k in ("cluster", "role", "token", "ca", "cert", "key") if not isinstance(data, dict) or k not in data]
         if missing:
             raise UsageError(f"cluster bundle {path} is incomplete: missing {', '.join(missing)}")
-        return cls(**{k: data[k] for k in ("cluster", "role", "token", "ca", "cert", "key")}, path=path)
+        return cls(**{k: data[k] for k in ("cluster", "role", "token", "ca", "cert", "key")}, path=path,
+                   controller_fingerprint=data.get("controller_fingerprint"))
 
     def files(self) -> dict[str, str]:
         """PEM files for libraries that want paths (Dask, uvicorn), in a private temp dir."""
@@ -157,14 +162,14 @@ class Bundle:
         )
 
     def client_ssl_context(self) -> ssl.SSLContext:
-        """Trust this cluster's CA, and of its certificates only the controller's: by name
-        (a node's certificate is not named so), and by fingerprint where this bundle is
-        the controller's own. Host names are not checked: nodes reach the controller by
-        whatever address zeroconf gives."""
+        """Trust this cluster's CA, and of its certificates only the controller's: by
+        fingerprint (the controller's own bundle, and node bundles made since roles) and by
+        name (a node's certificate is not named so). Host names are not checked: nodes
+        reach the controller by whatever address zeroconf gives."""
         from farm.credentials import controller_name, pinned_context
 
-        return pinned_context(self.ca, name=controller_name(self.cluster),
-                              fingerprint=self.fingerprint if self.role == "controller" else None)
+        pin = self.fingerprint if self.role == "controller" else self.controller_fingerprint
+        return pinned_context(self.ca, name=controller_name(self.cluster), fingerprint=pin)
 
 
 def init_cluster(name: str, folder: Path, days: int = 3650, urls: list[str] | None = None) -> dict[str, Path]:
@@ -190,6 +195,8 @@ def init_cluster(name: str, folder: Path, days: int = 3650, urls: list[str] | No
         cert = _issue(f"{role}.{name}.farm", key, ca_cert, ca_key, ca=False, days=days)
         bundles[role] = Bundle(name, role, tokens[role], _pem_cert(ca_cert).decode(), _pem_cert(cert).decode(),
                                _pem_key(key).decode())
+        if role == "node":  # nodes pin the controller the way client files do
+            bundles[role].controller_fingerprint = bundles["controller"].fingerprint
         paths[role] = folder / f"{role}.yaml"
         bundles[role].save(paths[role])
     _write_private(folder / "ca.key", _pem_key(ca_key))

@@ -277,8 +277,14 @@ def test_a_client_refuses_another_cluster_certificate_before_sending_its_token(t
     pinned = c.farm("nodes", "--controller", url)
     assert pinned.returncode == 2 and "is not the controller's" in pinned.stderr, pinned.stderr
     assert "the token was not sent" in pinned.stderr
-    # a bundle (older set-ups) has no pin, but a node's certificate is not named as the controller
-    named = c.farm("nodes", "--controller", url, env={"FARM_CLIENT": "", "FARM_BUNDLE": str(c.bundles / "node.yaml")})
+    # a node bundle pins the controller too (nodes ask it where the scheduler is) ...
+    node = c.farm("nodes", "--controller", url, env={"FARM_CLIENT": "", "FARM_BUNDLE": str(c.bundles / "node.yaml")})
+    assert node.returncode == 2 and "is not the controller's" in node.stderr, node.stderr
+    # ... and one made before roles has no pin, but a node's certificate is not named as the controller
+    old = yaml.safe_load((c.bundles / "node.yaml").read_text())
+    del old["controller_fingerprint"]
+    (tmp_path / "old-node.yaml").write_text(yaml.safe_dump(old))
+    named = c.farm("nodes", "--controller", url, env={"FARM_CLIENT": "", "FARM_BUNDLE": str(tmp_path / "old-node.yaml")})
     assert named.returncode == 2 and "not the controller's 'controller.testfarm.farm'" in named.stderr, named.stderr
     assert impostor.handshakes >= 1  # the TLS handshake happened, and then nothing was sent
     assert impostor.received == b"" and admin["token"].encode() not in impostor.received
@@ -299,6 +305,7 @@ def test_an_old_single_token_cluster_keeps_working_as_admin(tmp_path):
     for name in ("controller.yaml", "node.yaml"):
         data = yaml.safe_load((c.bundles / name).read_text())
         data["token"] = old_token
+        data.pop("controller_fingerprint", None)
         (c.bundles / name).write_text(yaml.safe_dump(data, sort_keys=False))
     (c.bundles / "tokens.yaml").unlink()
     (c.bundles / "admin.yaml").unlink()
