@@ -48,7 +48,7 @@ class ApiError(Exception):
 class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: str = Field(min_length=1, max_length=4096, description="profile name or path on the controller")
+    profile: str = Field(min_length=1, max_length=4096, description="profile name, or path on the controller (a path needs an admin token)")
     inputs: list[str] = Field(default_factory=list, description="input paths as the controller sees them")
     destination: str | None = Field(default=None, max_length=4096)
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as --set")

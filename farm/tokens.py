@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import threading
@@ -38,6 +39,7 @@ import yaml
 
 from farm.errors import UsageError
 
+log = logging.getLogger("farm.tokens")
 TOKENS_NAME = "tokens.yaml"
 ROLES = ("admin", "submit", "view", "node")
 PERSON_ROLES = ("admin", "submit", "view")  # what a client file carries
@@ -108,8 +110,13 @@ class TokenTable:
         identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
             if identity != self._seen:
+                try:
+                    entries = self._entries()
+                except UsageError as exc:  # a hand-edited file gone wrong: refuse every token, say why
+                    log.error("%s; every API token is refused until it is fixed", exc)
+                    entries = []
                 self._by_digest = {entry["sha256"]: Principal(entry["name"], entry["role"], entry["id"])
-                                   for entry in self._entries()}
+                                   for entry in entries}
                 self._seen = identity
             return self._by_digest.get(digest(token))
 

@@ -335,3 +335,24 @@ def test_an_old_single_token_cluster_keeps_working_as_admin(tmp_path):
     refused(c.farm("nodes"), "missing, wrong or revoked API token")
     assert c.farm("nodes", env=as_(view)).returncode == 0
     c.stop()
+
+
+def test_a_token_table_that_cannot_be_read_refuses_every_token(tmp_path):
+    from farm.tokens import TokenTable
+
+    table = TokenTable(tmp_path / "tokens.yaml")
+    token = table.add("ana", "submit")
+    assert table.authenticate(token).role == "submit" and table.authenticate("guess") is None
+    (tmp_path / "tokens.yaml").write_text("tokens: [\n")  # a hand edit gone wrong
+    assert table.authenticate(token) is None
+    TokenTable(tmp_path / "again.yaml").add("x", "view")
+    (tmp_path / "tokens.yaml").write_text((tmp_path / "again.yaml").read_text())
+    assert table.authenticate(token) is None  # ana is not in the new file
+
+
+def test_expose_lists_key_paths(farm, farm_env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "processor": "command", "settings": {"command": ["ffmpeg"]},
+                                   "expose": ["frames", "settings command"]}))
+    result = farm("plan", bad)
+    assert result.returncode == 2 and "expose" in result.stderr and "'settings command'" in result.stderr, result.stderr
