@@ -45,11 +45,8 @@ class Cluster:
         self.nodes: dict[str, subprocess.Popen] = {}
         subprocess.run([*FARM, "cluster", "init", name, "--dir", str(self.bundles)], env=self.env, check=True,
                        capture_output=True)
-
-    @property
-    def token(self) -> str:
-        """The admin's token (from the admin client file that `farm cluster init` wrote)."""
-        return yaml.safe_load((self.bundles / "admin.yaml").read_text())["token"]
+        #: the admin's token, from the admin client file that `farm cluster init` wrote
+        self.token: str = yaml.safe_load((self.bundles / "admin.yaml").read_text())["token"]
 
     def add_token(self, name: str, role: str) -> Path:
         """A token made with the real CLI; returns its client file."""

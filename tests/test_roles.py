@@ -356,3 +356,24 @@ def test_expose_lists_key_paths(farm, farm_env, tmp_path):
                                    "expose": ["frames", "settings command"]}))
     result = farm("plan", bad)
     assert result.returncode == 2 and "expose" in result.stderr and "'settings command'" in result.stderr, result.stderr
+
+
+def test_a_client_file_finds_the_controller_among_its_urls(farm_roles, tmp_path):
+    from tests.cluster_helpers import free_port
+
+    c = farm_roles
+    impostor = Impostor(c.bundles / "node.yaml", tmp_path)
+    out = tmp_path / "roaming.yaml"
+    made = c.farm("cluster", "token", "add", "roaming", "--role", "view", "--dir", c.bundles, "--out", out,
+                  "--url", f"https://127.0.0.1:{free_port()}", "--url", f"https://127.0.0.1:{impostor.port}",
+                  "--url", c.url)
+    assert made.returncode == 0, made.stderr
+    alone = {"FARM_CLIENT": str(out), "FARM_CONTROLLER": ""}  # no URL but the file's
+    nodes = c.farm("nodes", "--json", env=alone)
+    assert nodes.returncode == 0, nodes.stderr
+    assert [n["name"] for n in json.loads(nodes.stdout)] == ["n1"]
+    job = submit_stuck(c, c.bundles / "admin.yaml", c.dest / "roaming")["jobs"][0]["id"]
+    status = c.farm("status", "--json", env={**alone, "FARM_STATE": str(tmp_path / "empty-state")})
+    assert status.returncode == 0 and job in status.stdout  # the controller's jobs, not this machine's store
+    assert c.farm("cancel", job).returncode == 0
+    assert impostor.received == b""
