@@ -127,8 +127,11 @@ def create_app(controller: Any) -> FastAPI:
     reader = Store(controller.store.path)
     bearer = HTTPBearer(auto_error=False)
 
-    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-        found = controller.authenticate(credentials.credentials if credentials is not None else None)
+    def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        # a gate in front of the app may have found it already (request.state); else ask here
+        found = getattr(request.state, "principal", None)
+        if found is None:
+            found = controller.authenticate(credentials.credentials if credentials is not None else None)
         if found is None:
             raise ApiError(401, "missing, wrong or revoked API token: send 'Authorization: Bearer TOKEN' with "
                                 "the token of your client file")

@@ -1,9 +1,10 @@
-"""Cluster identity: a private CA, certificates for the controller and the nodes, an
-API token, and the one-file bundle a node or a client needs to join.
+"""Cluster identity: a private CA, certificates for the controller and the nodes, and
+the one-file bundle a node (or the controller) holds.
 
 Dask's comms run as mutual TLS with these certificates, so a worker without the
 bundle, or with another cluster's, is refused; the HTTP API is served over TLS with
-the controller's certificate and wants the token on every request.
+the controller's certificate and wants a token on every request (tokens and their roles:
+:mod:`farm.tokens`; what people hold instead of a bundle: :mod:`farm.credentials`).
 """
 
 from __future__ import annotations
