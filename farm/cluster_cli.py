@@ -198,6 +198,7 @@ def _token(args: argparse.Namespace, folder: Path, stdout: TextIO) -> ExitStatus
     if args.role == "node":
         node = Bundle.load(folder / "node.yaml")
         node.token = secret
+        node.controller_fingerprint = bundle.fingerprint  # bundles made before roles had no pin
         out = Path(args.out).expanduser() if args.out else folder / "clients" / f"{args.name}.node.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         node.save(out)

@@ -331,9 +331,13 @@ def test_an_old_single_token_cluster_keeps_working_as_admin(tmp_path):
     view = c.add_token("viewer", "view")
     assert c.farm("nodes", env=as_(view)).returncode == 0
     assert c.farm("nodes").returncode == 0
+    made = c.farm("cluster", "token", "add", "nodes", "--role", "node", "--dir", c.bundles)
+    assert made.returncode == 0 and "clients/nodes.node.yaml" in made.stdout, made.stderr
     assert c.farm("cluster", "token", "revoke", "cluster", "--dir", c.bundles).returncode == 0
     refused(c.farm("nodes"), "missing, wrong or revoked API token")
-    assert c.farm("nodes", env=as_(view)).returncode == 0
+    # a node started now, with the new node bundle, finds the scheduler; the old shared token is gone
+    c.start_node("n2", bundle=c.bundles / "clients" / "nodes.node.yaml")
+    c.wait_until(lambda: "n2" in c.farm("nodes", "--json", env=as_(view)).stdout, 90, "n2 to join")
     c.stop()
 
 
