@@ -22,6 +22,10 @@ CLIENT_FILE_NAME = "client.yaml"
 Credentials = ClientFile | Bundle
 
 
+class NoCredentials(UsageError):
+    """Neither a client file nor a bundle is named or in its default place."""
+
+
 def default_bundle_path(role: str = "node") -> Path:
     return config_dir() / DEFAULT_CLUSTER_DIR / f"{role}.yaml"
 
@@ -55,7 +59,7 @@ def find_credentials(client: str | None = None, bundle: str | None = None) -> Cr
     for default in defaults:
         if default.exists():
             return load_credentials(default)
-    raise UsageError(f"no client file: pass --client FILE, set FARM_CLIENT, or put it at {defaults[0]} "
+    raise NoCredentials(f"no client file: pass --client FILE, set FARM_CLIENT, or put it at {defaults[0]} "
                      "(an admin makes one with `farm cluster token add NAME --role view|submit|admin`)")
 
 

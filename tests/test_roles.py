@@ -94,6 +94,8 @@ def test_view_reads_and_changes_nothing(farm_roles):
     assert status.returncode == 0 and json.loads(status.stdout)["state"] == "queued"
     monitor = c.farm("monitor", "--no-browser", env=as_(view))
     assert monitor.returncode == 0 and c.url in monitor.stdout
+    doctor = {check["name"]: check for check in json.loads(c.farm("doctor", "--json", env=as_(view)).stdout)["checks"]}
+    assert doctor["client file (view)"]["ok"] and doctor["controller"]["ok"], doctor
 
     refused(c.farm("submit", "frames", "-o", c.dest / "v", env=as_(view)),
             "token 'a-view' has role view; submitting needs submit or admin")
