@@ -308,18 +308,23 @@ def create_app(controller: Any) -> FastAPI:
 
     @app.get("/api/events/stream", dependencies=guarded, response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}}})
-    async def stream(request: Request, after: int | None = Query(default=None, ge=0, le=2**62)) -> StreamingResponse:
+    async def stream(request: Request, after: int | None = Query(default=None, ge=0, le=2**62),
+                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> StreamingResponse:
         """Server-sent events: one ``data:`` line of JSON per change, with its ``id:``;
-        reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed."""
+        reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed. A stream
+        ends when its token is revoked (at the next event or keep-alive)."""
         hub = controller.events
         last = request.headers.get("last-event-id", "")
         start = int(last) if last.isdigit() else (after if after is not None else hub.last_id)
+        token = credentials.credentials if credentials is not None else None
 
         async def feed() -> AsyncIterator[str]:
             seen = start
             yield f"retry: 2000\n: connected at event {seen}\n\n"
             while not hub.closed and not await request.is_disconnected():
                 batch = await hub.wait(seen, KEEPALIVE_SECONDS)
+                if controller.authenticate(token) is None:
+                    return  # revoked while streaming: what was not yet sent is not sent
                 if not batch:
                     yield ": keep-alive\n\n"
                     continue

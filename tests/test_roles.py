@@ -202,12 +202,20 @@ def test_submit_steers_only_the_jobs_it_submitted(farm_roles):
 def test_a_revoked_token_is_refused_at_once(farm_roles):
     c = farm_roles
     gone = c.add_token("leaver", "submit")
-    with api(c, gone) as http:
+    with api(c, gone) as http, api(c, gone) as streaming:
         assert http.get("/api/nodes").status_code == 200
-        revoked = c.farm("cluster", "token", "revoke", "leaver", "--dir", c.bundles)
-        assert revoked.returncode == 0 and "revoked" in revoked.stdout
-        answer = http.get("/api/nodes")  # the very next request, no restart, no wait
-        assert answer.status_code == 401 and "revoked" in answer.json()["error"]
+        with streaming.stream("GET", "/api/events/stream", timeout=httpx.Timeout(60)) as events:
+            lines = events.iter_lines()
+            assert next(lines).startswith("retry:")
+            revoked = c.farm("cluster", "token", "revoke", "leaver", "--dir", c.bundles)
+            assert revoked.returncode == 0 and "revoked" in revoked.stdout
+            answer = http.get("/api/nodes")  # the very next request, no restart, no wait
+            assert answer.status_code == 401 and "revoked" in answer.json()["error"]
+            # the stream it opened before ends at the next event: nothing more reaches it
+            job = submit_stuck(c, c.bundles / "admin.yaml", c.dest / "after-revoke")["jobs"][0]["id"]
+            rest = list(lines)  # ends, rather than timing out
+            assert not [line for line in rest if job in line]
+    assert c.farm("cancel", job).returncode == 0
     refused(c.farm("nodes", env=as_(gone)), "missing, wrong or revoked API token")
     assert c.farm("nodes", env=as_(c.clients["view"])).returncode == 0  # the others go on
 
