@@ -288,7 +288,8 @@ def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -
         if getattr(args, "config", None):
             command += ["--config", args.config]
         node = subprocess.Popen(command)
-        print(f"quickcluster: API {controller.api_url} (client file {folder / 'admin.yaml'}); Ctrl-C stops it",
+        client_file = folder / "admin.yaml" if (folder / "admin.yaml").exists() else folder / "node.yaml"  # older
+        print(f"quickcluster: API {controller.api_url} (client file {client_file}); Ctrl-C stops it",
               file=stdout, flush=True)
         controller.serve_forever()
     finally:
