@@ -195,6 +195,8 @@ def _token(args: argparse.Namespace, folder: Path, stdout: TextIO) -> ExitStatus
               file=stdout)
         return ExitStatus.OK
     secret = table.add(args.name, args.role)
+    if not args.out:
+        (folder / "clients").mkdir(mode=0o700, exist_ok=True)  # client files hold tokens
     if args.role == "node":
         node = Bundle.load(folder / "node.yaml")
         node.token = secret
