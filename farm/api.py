@@ -2,7 +2,9 @@
 and the Batch Monitor page at ``/``.
 
 Every ``/api`` route wants ``Authorization: Bearer TOKEN``, checked (with the body's size)
-by :mod:`farm.gate` before any body is read. Errors are JSON
+by :mod:`farm.gate` before any body is read, and a token's role decides what it may do
+(:mod:`farm.tokens`): a wrong or revoked token is 401, a role that may not do something is
+403 with a sentence that says which role it needs. Errors are JSON
 ``{"error": ...}`` with a sentence a person can act on. Reads come from the store (one
 query for a list, however long); changes go through the scheduler's own thread. Live
 changes stream from ``/api/events/stream`` as server-sent events.
@@ -26,11 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
-from farm.errors import FarmError, OutputConflict, StoreError
+from farm.errors import FarmError, Forbidden, OutputConflict, StoreError
 from farm.gate import UNAUTHORISED, Gate
 from farm.model import TERMINAL_JOB_STATES
 from farm.profiles import Priority
 from farm.store import Store
+from farm.tokens import Principal
 
 log = logging.getLogger("farm.api")
 KEEPALIVE_SECONDS = 15.0
@@ -48,7 +51,7 @@ class ApiError(Exception):
 class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: str = Field(min_length=1, max_length=4096, description="profile name or path on the controller")
+    profile: str = Field(min_length=1, max_length=4096, description="profile name, or path on the controller (a path needs an admin token)")
     inputs: list[str] = Field(default_factory=list, description="input paths as the controller sees them")
     destination: str | None = Field(default=None, max_length=4096)
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as --set")
@@ -131,18 +134,52 @@ def create_app(controller: Any) -> FastAPI:
     reader = Store(controller.store.path)
     bearer = HTTPBearer(auto_error=False)  # names the scheme in the OpenAPI spec
 
-    def authorised(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Any:
-        """The principal the gate let in (the gate refuses everyone else before this)."""
-        principal = getattr(request.state, "principal", None)
-        if principal is None:
+    def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        # a gate in front of the app may have found it already (request.state); else ask here
+        found = getattr(request.state, "principal", None)
+        if found is None:
+            found = controller.authenticate(credentials.credentials if credentials is not None else None)
+        if found is None:
             raise ApiError(401, UNAUTHORISED)
-        return principal
+        return found
 
-    guarded = [Depends(authorised)]
+    def role(doing: str, *roles: str) -> Any:
+        def check(who: Principal = Depends(principal)) -> Principal:
+            if not who.may(*roles):
+                raise ApiError(403, who.refusal(doing, *roles))
+            return who
+        return check
+
+    readers = ("view", "submit", "admin")
+    guarded = [Depends(role("reading", *readers))]
+    steering = role("changing a job", "submit", "admin")
+
+    def owner_of(batch_id: str) -> str | None:
+        """Who submitted a batch; a chained batch (``then:JOB``) belongs to whoever
+        submitted the job it follows."""
+        for _ in range(64):
+            row = reader.batch(batch_id)
+            if row is None or not row["origin"].startswith("then:"):
+                return row["origin"] if row is not None else None
+            parent = reader.job(row["origin"].removeprefix("then:"))
+            if parent is None:
+                return None
+            batch_id = parent["batch_id"]
+        return None
+
+    def must_own(who: Principal, batch_id: str, what: str) -> None:
+        if who.may("admin") or who.owns(owner_of(batch_id)):
+            return
+        raise ApiError(403, f"token {who.name!r} has role {who.role}: it may change only the jobs it submitted, "
+                            f"and {what} was submitted by another; changing it needs admin")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=403)
 
     @app.exception_handler(FarmError)
     async def farm_error(request: Request, exc: FarmError) -> JSONResponse:
@@ -213,7 +250,7 @@ def create_app(controller: Any) -> FastAPI:
 
     # -- reading -------------------------------------------------------------------------
 
-    @app.get("/api/cluster", dependencies=guarded)
+    @app.get("/api/cluster", dependencies=[Depends(role("reading the cluster's address", "node", *readers))])
     def cluster() -> dict[str, Any]:
         return controller.info()
 
@@ -286,18 +323,23 @@ def create_app(controller: Any) -> FastAPI:
 
     @app.get("/api/events/stream", dependencies=guarded, response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}}})
-    async def stream(request: Request, after: int | None = Query(default=None, ge=0, le=2**62)) -> StreamingResponse:
+    async def stream(request: Request, after: int | None = Query(default=None, ge=0, le=2**62),
+                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> StreamingResponse:
         """Server-sent events: one ``data:`` line of JSON per change, with its ``id:``;
-        reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed."""
+        reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed. A stream
+        ends when its token is revoked (at the next event or keep-alive)."""
         hub = controller.events
         last = request.headers.get("last-event-id", "")
         start = int(last) if last.isdigit() else (after if after is not None else hub.last_id)
+        token = credentials.credentials if credentials is not None else None
 
         async def feed() -> AsyncIterator[str]:
             seen = start
             yield f"retry: 2000\n: connected at event {seen}\n\n"
             while not hub.closed and not await request.is_disconnected():
                 batch = await hub.wait(seen, KEEPALIVE_SECONDS)
+                if controller.authenticate(token) is None:
+                    return  # revoked while streaming: what was not yet sent is not sent
                 if not batch:
                     yield ": keep-alive\n\n"
                     continue
@@ -309,54 +351,56 @@ def create_app(controller: Any) -> FastAPI:
 
     # -- changing --------------------------------------------------------------------------
 
-    @app.post("/api/batches", status_code=201, dependencies=guarded)
-    def submit(body: SubmitRequest) -> dict[str, Any]:
+    @app.post("/api/batches", status_code=201)
+    def submit(body: SubmitRequest, who: Principal = Depends(role("submitting", "submit", "admin"))) -> dict[str, Any]:
         from farm.controller import Submission
 
-        batch_id, job_ids = controller.submit(Submission(**body.model_dump()))
+        batch_id, job_ids = controller.submit(Submission(**body.model_dump(), principal=who))
         return {"batch": batch_id, "jobs": [job_document(row) for row in reader.job_summaries_of(job_ids)]}
 
-    @app.post("/api/batches/{batch_id}/cancel", dependencies=guarded)
-    def cancel_batch(batch_id: str) -> dict[str, Any]:
+    @app.post("/api/batches/{batch_id}/cancel")
+    def cancel_batch(batch_id: str, who: Principal = Depends(steering)) -> dict[str, Any]:
         rows = reader.job_summaries(batch_id)
         if not rows:
             raise ApiError(404, f"no batch {batch_id!r}")
+        must_own(who, batch_id, f"batch {batch_id}")
         open_jobs = [row["id"] for row in rows if row["state"] not in TERMINAL_JOB_STATES]
         for job_id in open_jobs:
             controller.scheduler.cancel(job_id)
         return {"batch": batch_id, "cancel": "requested" if open_jobs else "nothing left to cancel",
                 "jobs": open_jobs}
 
-    @app.post("/api/jobs/{job_id}/cancel", dependencies=guarded)
-    def cancel(job_id: str) -> dict[str, Any]:
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel(job_id: str, who: Principal = Depends(steering)) -> dict[str, Any]:
         row = job_or_404(job_id)
+        must_own(who, row["batch_id"], f"job {job_id}")
         if row["state"] in TERMINAL_JOB_STATES:
             raise ApiError(409, f"job {job_id} is already {row['state']}")
         controller.scheduler.cancel(job_id)
         return {"job": job_id, "cancel": "requested"}
 
-    @app.post("/api/jobs/{job_id}/retry", dependencies=guarded)
-    def retry(job_id: str, body: RetryRequest | None = None) -> dict[str, Any]:
-        job_or_404(job_id)
+    @app.post("/api/jobs/{job_id}/retry")
+    def retry(job_id: str, body: RetryRequest | None = None, who: Principal = Depends(steering)) -> dict[str, Any]:
+        must_own(who, job_or_404(job_id)["batch_id"], f"job {job_id}")
         whole = body is not None and body.segments == "all"
         count = in_scheduler(lambda: controller.scheduler.retry(job_id, whole=whole))
         return {"job": job_id, "segments_queued": count}
 
-    @app.post("/api/jobs/{job_id}/pause", dependencies=guarded)
-    def pause_job(job_id: str) -> dict[str, Any]:
-        job_or_404(job_id)
+    @app.post("/api/jobs/{job_id}/pause")
+    def pause_job(job_id: str, who: Principal = Depends(steering)) -> dict[str, Any]:
+        must_own(who, job_or_404(job_id)["batch_id"], f"job {job_id}")
         in_scheduler(lambda: controller.scheduler.pause(job_id))
         return {"job": job_id, "state": "paused"}
 
-    @app.post("/api/jobs/{job_id}/resume", dependencies=guarded)
-    def resume_job(job_id: str) -> dict[str, Any]:
-        job_or_404(job_id)
+    @app.post("/api/jobs/{job_id}/resume")
+    def resume_job(job_id: str, who: Principal = Depends(steering)) -> dict[str, Any]:
+        must_own(who, job_or_404(job_id)["batch_id"], f"job {job_id}")
         in_scheduler(lambda: controller.scheduler.resume(job_id))
         return {"job": job_id, "state": reader.job(job_id)["state"]}
 
-    @app.post("/api/jobs/{job_id}/priority", dependencies=guarded)
-    def priority(job_id: str, body: PriorityRequest) -> dict[str, Any]:
-        job_or_404(job_id)
+    @app.post("/api/jobs/{job_id}/priority")
+    def priority(job_id: str, body: PriorityRequest, who: Principal = Depends(steering)) -> dict[str, Any]:
+        must_own(who, job_or_404(job_id)["batch_id"], f"job {job_id}")
         in_scheduler(lambda: controller.scheduler.set_priority(job_id, body.priority))
         return {"job": job_id, "priority": body.priority}
 
@@ -366,11 +410,13 @@ def create_app(controller: Any) -> FastAPI:
         in_scheduler(lambda: controller.scheduler.set_node_paused(name, paused))
         return {"node": name, "paused": paused}
 
-    @app.post("/api/nodes/{name}/pause", dependencies=guarded)
+    admin_only = [Depends(role("pausing or resuming a node", "admin"))]
+
+    @app.post("/api/nodes/{name}/pause", dependencies=admin_only)
     def pause(name: str) -> dict[str, Any]:
         return set_paused(name, True)
 
-    @app.post("/api/nodes/{name}/resume", dependencies=guarded)
+    @app.post("/api/nodes/{name}/resume", dependencies=admin_only)
     def resume(name: str) -> dict[str, Any]:
         return set_paused(name, False)
 

@@ -129,18 +129,21 @@ COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "fa
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", metavar="URL",
                         help="ask this controller instead of the local store (default: $FARM_CONTROLLER)")
-    parser.add_argument("--bundle", metavar="FILE", help="cluster bundle for --controller (default: $FARM_BUNDLE)")
+    parser.add_argument("--client", metavar="FILE", help="client file for --controller (default: $FARM_CLIENT)")
+    parser.add_argument("--bundle", metavar="FILE", help="a cluster bundle instead of a client file (default: "
+                                                         "$FARM_BUNDLE)")
 
 
 def _remote(args: argparse.Namespace) -> Any:
-    """A controller client when one is named, else None (the local store is used)."""
+    """A controller client when a controller or a client file is named, else None (the
+    local store is used)."""
     import os
 
-    if not (args.controller or os.environ.get("FARM_CONTROLLER")):
+    if not (args.controller or args.client or os.environ.get("FARM_CONTROLLER") or os.environ.get("FARM_CLIENT")):
         return None
-    from farm.client import ControllerClient, find_bundle
+    from farm.client import ControllerClient, find_credentials
 
-    return ControllerClient(find_bundle(args.bundle), args.controller)
+    return ControllerClient(find_credentials(args.client, args.bundle), args.controller)
 
 
 def _submission_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,18 +20,52 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--controller", metavar="URL", help="the controller's API URL (default: $FARM_CONTROLLER, "
                                                             "else found by zeroconf)")
-    remote.add_argument("--bundle", metavar="FILE", help="cluster bundle (default: $FARM_BUNDLE or the config dir's)")
+    add_client_arguments(remote)
 
-    cluster = commands.add_parser("cluster", parents=[common], help="create a cluster's certificates and token",
-                                  description="Cluster set-up.")
+    cluster = commands.add_parser("cluster", parents=[common], help="create a cluster's certificates and tokens",
+                                  description="Cluster set-up, on the controller's machine.")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="ACTION")
     cluster_commands.required = True
     init = cluster_commands.add_parser(
-        "init", parents=[common], help="create a cluster: CA, controller and node bundles, API token",
-        description="Create a cluster's own CA, the controller's and the nodes' certificates and an API token. "
-                    "Copy node.yaml to each node (like an SSH key).")
+        "init", parents=[common], help="create a cluster: CA, controller and node bundles, an admin client file",
+        description="Create a cluster's own CA, the controller's and the nodes' certificates, the token table, "
+                    "and an admin client file. Copy node.yaml to each node only; give people and scripts client "
+                    "files (`farm cluster token add`).")
     init.add_argument("name", help="the cluster's name (letters, digits, . _ -)")
     init.add_argument("--dir", help="where to write the files (default: the config dir's cluster/)")
+    init.add_argument("--url", action="append", default=[], metavar="URL",
+                      help="the controller's API URL, written into the admin client file (repeatable; default: "
+                           "none, clients find the controller by zeroconf or --controller)")
+
+    token = cluster_commands.add_parser(
+        "token", parents=[common], help="add, list or revoke API tokens (admin, submit, view)",
+        description="API tokens with roles, kept hashed in the cluster folder's tokens.yaml, which a running "
+                    "controller reads again at once: run these on the controller's machine. A new token is "
+                    "written into a client file for the person or script that gets it.")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
+    token_commands.required = True
+    add = token_commands.add_parser(
+        "add", parents=[common], help="make a token and its client file",
+        description="Make a token with a role and write a client file (URL(s), CA, the controller's certificate "
+                    "fingerprint, the token). view reads; submit submits shipped profiles by name with the keys "
+                    "they expose, into controller.destinations, and steers its own jobs; admin does everything. "
+                    "--role node writes a node bundle instead (for nodes, when replacing the nodes' token).")
+    add.add_argument("name", help="who gets it: a person, a script, a droplet machine (letters, digits, . _ @ -)")
+    add.add_argument("--role", required=True, choices=("admin", "submit", "view", "node"))
+    add.add_argument("--url", action="append", default=[], metavar="URL",
+                     help="the controller's API URL (repeatable; default: the admin client file's)")
+    add.add_argument("--out", metavar="FILE", help="where to write the client file (default: clients/NAME.yaml in "
+                                                    "the cluster folder)")
+    add.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
+    listing = token_commands.add_parser("list", parents=[common], help="list tokens (names and roles, never the tokens)",
+                                        description="List the cluster's tokens: name, role, when made.")
+    listing.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
+    listing.add_argument("--json", action="store_true")
+    revoke = token_commands.add_parser("revoke", parents=[common], help="revoke a token (at once)",
+                                       description="Revoke a token: a running controller refuses it from the next "
+                                                   "request on. Jobs it submitted go on.")
+    revoke.add_argument("name")
+    revoke.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
 
     controller = commands.add_parser(
         "controller", parents=[common], help="run the controller service",
@@ -109,17 +143,83 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(getattr(args, "config", None))
 
 
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--client", metavar="FILE", help="client file (default: $FARM_CLIENT, or client.yaml in the "
+                                                         "config dir)")
+    parser.add_argument("--bundle", metavar="FILE", help="a cluster bundle instead of a client file (older set-ups; "
+                                                         "default: $FARM_BUNDLE)")
+
+
 def cmd_cluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.client import default_bundle_path
     from farm.security import Bundle, init_cluster
 
-    folder = Path(args.dir).expanduser() if args.dir else default_bundle_path().parent
-    paths = init_cluster(args.name, folder)
+    folder = Path(args.dir).expanduser() if getattr(args, "dir", None) else default_bundle_path().parent
+    if args.cluster_command == "token":
+        return _token(args, folder, stdout)
+    paths = init_cluster(args.name, folder, urls=args.url)
     fingerprint = Bundle.load(paths["controller"]).fingerprint
     print(f"cluster {args.name} created in {folder}", file=stdout)
     print(f"  controller bundle: {paths['controller']}  (keep it on the controller)", file=stdout)
-    print(f"  node bundle:       {paths['node']}  (copy it to each node and client, like an SSH key)", file=stdout)
+    print(f"  node bundle:       {paths['node']}  (copy it to each node, and only to nodes)", file=stdout)
+    print(f"  admin client file: {paths['admin']}  (yours: farm submit/status/... use it; give others their own "
+          "with `farm cluster token add NAME --role view|submit|admin`)", file=stdout)
     print(f"  controller certificate fingerprint: {fingerprint}", file=stdout)
+    return ExitStatus.OK
+
+
+def _token(args: argparse.Namespace, folder: Path, stdout: TextIO) -> ExitStatus:
+    """`farm cluster token add|list|revoke`: on the controller's machine, in its cluster folder."""
+    from farm.credentials import ClientFile
+    from farm.errors import UsageError
+    from farm.security import Bundle
+    from farm.tokens import TOKENS_NAME, TokenTable
+
+    controller_bundle = folder / "controller.yaml"
+    if not controller_bundle.exists():
+        raise UsageError(f"{folder} holds no cluster (no controller.yaml): run this on the controller's machine, "
+                         "with --dir the folder `farm cluster init` wrote")
+    bundle = Bundle.load(controller_bundle)
+    table = TokenTable(folder / TOKENS_NAME, legacy_token=bundle.token)
+    if args.token_command == "list":
+        entries = table.list()
+        if args.json:
+            print(json.dumps(entries, indent=2), file=stdout)
+        for entry in [] if args.json else entries:
+            note = f"  ({entry['note']})" if entry.get("note") else ""
+            print(f"{entry['name']:<20} {entry['role']:<7} {entry.get('created') or '-'}{note}", file=stdout)
+        return ExitStatus.OK
+    if args.token_command == "revoke":
+        gone = table.revoke(args.name)
+        print(f"token {gone['name']} ({gone['role']}) revoked; a running controller refuses it from now on",
+              file=stdout)
+        return ExitStatus.OK
+    secret = table.add(args.name, args.role)
+    if not args.out:
+        (folder / "clients").mkdir(mode=0o700, exist_ok=True)  # client files hold tokens
+    if args.role == "node":
+        node = Bundle.load(folder / "node.yaml")
+        node.token = secret
+        node.controller_fingerprint = bundle.fingerprint  # bundles made before roles had no pin
+        out = Path(args.out).expanduser() if args.out else folder / "clients" / f"{args.name}.node.yaml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        node.save(out)
+        print(f"node token {args.name} added; node bundle written to {out} (copy it to the nodes)", file=stdout)
+        return ExitStatus.OK
+    urls = args.url
+    if not urls and (folder / "admin.yaml").exists():
+        try:
+            urls = ClientFile.load(folder / "admin.yaml").urls
+        except UsageError:
+            urls = []
+    out = Path(args.out).expanduser() if args.out else folder / "clients" / f"{args.name}.yaml"
+    ClientFile(bundle.cluster, args.name, args.role, secret, bundle.ca, bundle.fingerprint, list(urls)).save(out)
+    print(f"token {args.name} ({args.role}) added; client file written to {out}", file=stdout)
+    print(f"  give it to {args.name} (it holds the token: like a password); they use it with --client FILE, "
+          f"FARM_CLIENT, or as ~/.config/farm/client.yaml", file=stdout)
+    if not urls:
+        print("  it names no controller URL: they pass --controller URL or find it by zeroconf "
+              "(add --url https://HOST:PORT to write one in)", file=stdout)
     return ExitStatus.OK
 
 
@@ -190,7 +290,8 @@ def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -
         if getattr(args, "config", None):
             command += ["--config", args.config]
         node = subprocess.Popen(command)
-        print(f"quickcluster: API {controller.api_url} (bundle {folder / 'node.yaml'}); Ctrl-C stops it",
+        client_file = folder / "admin.yaml" if (folder / "admin.yaml").exists() else folder / "node.yaml"  # older
+        print(f"quickcluster: API {controller.api_url} (client file {client_file}); Ctrl-C stops it",
               file=stdout, flush=True)
         controller.serve_forever()
     finally:
@@ -205,9 +306,9 @@ def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from farm.client import ControllerClient, find_bundle
+    from farm.client import ControllerClient, find_credentials
 
-    return ControllerClient(find_bundle(args.bundle), args.controller)
+    return ControllerClient(find_credentials(args.client, args.bundle), args.controller)
 
 
 def cmd_submit(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:

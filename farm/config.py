@@ -94,6 +94,13 @@ class ControllerConfig(BaseModel):
     #: before it is read. Bodies are JSON (a submission); 1 MiB is thousands of inputs.
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    #: Destination roots: folders under which a ``submit`` token may write outputs
+    #: (an ``admin`` token may write anywhere the controller can). Empty: nowhere.
+    destinations: list[str] = Field(default_factory=list)
+    #: The token table (hashed API tokens with roles). Default: ``tokens.yaml`` next to
+    #: the controller's bundle, where `farm cluster token` writes it.
+    tokens: str | None = None
+
 
 class ProfileLimits(BaseModel):
     """What a profile may hold, checked before anything in it is expanded: a profile

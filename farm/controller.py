@@ -14,6 +14,7 @@ a job whose owner lives (a ``farm run`` on the same state directory) is never to
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -25,15 +26,16 @@ from farm import __version__
 from farm.config import FarmConfig, state_dir
 from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
-from farm.errors import IllegalTransition, StoreError, UsageError
+from farm.errors import Forbidden, IllegalTransition, StoreError, UsageError
 from farm.lease import Lease, LeaseLost
 from farm.local import STORE_NAME, check_destination, check_inputs
 from farm.plugins import load_plugins
-from farm.profiles import load_profile
+from farm.profiles import load_profile, looks_like_path
 from farm.scheduler import Scheduler
-from farm.security import Bundle, Principal, token_matches
+from farm.security import Bundle, usable_path
 from farm.store import Store
 from farm.sweep import sweep_leftovers
+from farm.tokens import TOKENS_NAME, Principal, TokenTable
 
 log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
@@ -49,6 +51,8 @@ class Submission:
     overwrite: bool = False
     priority: str | int | None = None
     origin: str = "api"
+    #: who asks; None (the controller's own droplets, tests) is not checked
+    principal: Principal | None = None
 
 
 class Controller:
@@ -60,6 +64,11 @@ class Controller:
         self.config = config
         self.bundle = bundle
         self.root = state_dir(state)
+        if config.controller.tokens:
+            tokens_path = Path(config.controller.tokens).expanduser()
+        else:
+            tokens_path = (bundle.path.parent if bundle.path else self.root) / TOKENS_NAME
+        self.tokens = TokenTable(tokens_path, legacy_token=bundle.token)
         self.scheduler_address = scheduler_address
         self.advertise = config.controller.advertise if advertise is None else advertise
         self.stopping = threading.Event()
@@ -239,27 +248,62 @@ class Controller:
     # -- what the API asks for -------------------------------------------------------------
 
     def authenticate(self, token: str | None) -> Principal | None:
-        """Who holds ``token``, or None: the API's one token check, made before any request
-        body is read. Here the bundle's token is the one admin."""
-        if token is not None and token_matches(self.bundle.token, token):
-            return Principal(name="cluster token", role="admin")
-        return None
+        """The principal a bearer token stands for, or None (a missing, wrong or revoked
+        token). The token table is read again whenever it changed, so a revoked token is
+        refused from the next request on."""
+        return self.tokens.authenticate(token)
 
     def submit(self, request: Submission) -> tuple[str, list[str]]:
         if self.store_error:
             raise StoreError(f"the controller takes no new work until its store can be written: {self.store_error}")
+        principal = request.principal
+        restricted = principal is not None and not principal.may("admin")
+        if restricted:
+            self._check_submission(principal, request)  # before anything is read by path or written
+        origin = principal.origin if principal is not None else request.origin
         overrides = list(request.overrides or [])
         if request.priority is not None:
             overrides.append(f"priority={request.priority}")
         loaded = load_profile(request.profile, self.plugins, overrides, limits=self.config.limits)
         inputs = check_inputs(loaded, self.plugins, request.inputs)
-        destination = check_destination(request.destination or loaded.profile.destination or self.root / "out")
+        raw_destination = str(request.destination or loaded.profile.destination or self.root / "out")
+        if restricted:
+            self._check_destination(principal, raw_destination)  # before check_destination creates it
+        destination = check_destination(raw_destination)
         batch_id, job_ids = self.scheduler.call(
-            lambda: self.scheduler.submit(loaded, inputs, destination, origin=request.origin,
+            lambda: self.scheduler.submit(loaded, inputs, destination, origin=origin,
                                           overwrite=request.overwrite)
         ).result(timeout=120)
         self.events.publish("batch_submitted", {"batch": batch_id, "jobs": job_ids})
         return batch_id, job_ids
+
+    def _check_submission(self, principal: Principal, request: Submission) -> None:
+        """What a ``submit`` token may ask for: a profile known by name, only the keys that
+        profile exposes, a destination under ``controller.destinations``."""
+        if not principal.may("submit"):
+            raise Forbidden(principal.refusal("submitting", "submit", "admin"))
+        who = f"token {principal.name!r} has role {principal.role}"
+        if looks_like_path(request.profile):
+            raise Forbidden(f"{who}: name a profile the controller knows (see `farm profiles list` there), "
+                            f"not a path ({request.profile!r}); profiles by path need admin")
+        # the profile as the controller has it: an override cannot widen its own expose list
+        exposed = load_profile(request.profile, self.plugins).profile.expose
+        for item in request.overrides or []:
+            key = item.partition("=")[0].strip()
+            if not any(key == allowed or key.startswith(f"{allowed}.") for allowed in exposed):
+                offered = ", ".join(exposed) if exposed else "no keys"
+                raise Forbidden(f"{who}: profile {request.profile!r} exposes {offered}, not {key!r}; "
+                                "overriding other keys needs admin (or the key in the profile's expose list)")
+
+    def _check_destination(self, principal: Principal, raw: str) -> None:
+        who = f"token {principal.name!r} has role {principal.role}"
+        real = Path(os.path.realpath(usable_path(raw, "destination")))
+        roots = [Path(os.path.realpath(Path(root).expanduser())) for root in self.config.controller.destinations]
+        if not any(real == root or real.is_relative_to(root) for root in roots):
+            where = ", ".join(str(root) for root in roots) if roots else \
+                "nowhere: the controller's farm.yaml has no controller.destinations"
+            raise Forbidden(f"{who}: it may write only under the destination roots ({where}), not {raw!r}; "
+                            "writing elsewhere needs admin")
 
     # -- what the monitor sees -------------------------------------------------------------
 

@@ -37,6 +37,11 @@ class OutputConflict(UsageError):
     the submission is refused before anything runs."""
 
 
+class Forbidden(FarmError):
+    """A request that the caller's token may not make (HTTP 403); the message names the
+    token, its role and what the action needs."""
+
+
 class PlanError(FarmError):
     """A processor could not cut a job into segments."""
 

@@ -19,8 +19,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-UNAUTHORISED = ("missing or wrong API token: send 'Authorization: Bearer TOKEN' with the cluster's token "
-                "(in its bundle)")
+UNAUTHORISED = ("missing, wrong or revoked API token: send 'Authorization: Bearer TOKEN' with the token "
+                "of your client file")
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]

@@ -27,9 +27,10 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     monitor = commands.add_parser(
         "monitor", parents=[common], help="open the Batch Monitor page in a browser",
         description="Open the controller's Batch Monitor page in a browser; where none can open, print its "
-                    "address. The page asks for the cluster token; --link prints a link that carries it.")
+                    "address. The page asks for your token (in your client file); --link prints a link that carries it.")
     monitor.add_argument("--controller", metavar="URL", help="the controller (default: $FARM_CONTROLLER, else zeroconf)")
-    monitor.add_argument("--bundle", metavar="FILE", help="cluster bundle (default: $FARM_BUNDLE)")
+    monitor.add_argument("--client", metavar="FILE", help="client file (default: $FARM_CLIENT)")
+    monitor.add_argument("--bundle", metavar="FILE", help="a cluster bundle instead (default: $FARM_BUNDLE)")
     monitor.add_argument("--link", action="store_true",
                          help="print a link that signs in by itself (it carries the token: keep it to yourself)")
     monitor.add_argument("--no-browser", action="store_true", help="print the address, open nothing")
@@ -41,20 +42,20 @@ def _can_open_a_browser() -> bool:
 
 
 def cmd_monitor(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    from farm.client import ControllerClient, find_bundle
+    from farm.client import ControllerClient, find_credentials
 
-    bundle = find_bundle(args.bundle)
+    bundle = find_credentials(args.client, args.bundle)
     client = ControllerClient(bundle, args.controller)
     cluster = client.request("GET", "/api/cluster")  # fails clearly when the controller is not there
     page = f"{client.url}/"
     link = f"{page}#token={bundle.token}"
     print(f"Batch Monitor of cluster {cluster['cluster']}: {page}", file=stdout)
     if args.link:
-        print(f"sign-in link (carries the cluster token): {link}", file=stdout)
+        print(f"sign-in link (carries your token): {link}", file=stdout)
     if not args.no_browser and _can_open_a_browser() and webbrowser.open(link):
         print("opened in your browser", file=stdout)
     else:
-        print("open it in a browser and sign in with the cluster token (in the bundle), or use "
+        print("open it in a browser and sign in with your token (in your client file), or use "
               "`farm monitor --link`", file=stdout)
     print(f"the page is served over TLS with the cluster's own certificate: trust {bundle.path} 's CA, or "
           "accept the browser's warning once", file=stdout)

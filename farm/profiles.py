@@ -115,6 +115,19 @@ class Profile(BaseModel):
     max_node_failures: int = Field(
         default=3, ge=1, description="failures on one node before it is kept off the job"
     )
+    expose: list[str] = Field(
+        default_factory=list,
+        description="keys a `submit` token may set (`--set`), as dotted paths: frames, settings.video.crf; "
+                    "a group (settings.video) exposes every key in it. Admin tokens may set any key",
+    )
+
+    @field_validator("expose")
+    @classmethod
+    def _expose(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", key):
+                raise ValueError(f"expected dotted key paths such as settings.video.crf, got {key!r}")
+        return value
 
     @field_validator("frames", mode="before")
     @classmethod
@@ -161,8 +174,9 @@ def search_paths() -> list[Path]:
     return [Path.cwd() / "profiles", config_dir() / "profiles", SHIPPED_PROFILES]
 
 
-def _looks_like_path(ref: str) -> bool:
-    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml"))
+def looks_like_path(ref: str) -> bool:
+    """A profile named by path rather than by name (path-like names are never searched)."""
+    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml")) or ref in (".", "..")
 
 
 def resolve(ref: str, relative_to: Path | None = None) -> Path:
@@ -171,7 +185,7 @@ def resolve(ref: str, relative_to: Path | None = None) -> Path:
         usable_path(ref, "profile")
     except UsageError as exc:
         raise ProfileError(str(exc)) from None
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         candidates = [Path(ref).expanduser()]
         if relative_to is not None and not Path(ref).is_absolute():
             candidates.insert(0, relative_to / ref)

@@ -212,16 +212,19 @@ class RemoteBatch:
 
 def submit(profile: str, inputs: Iterable[str | Path] = (), destination: str | Path | None = None,
            overrides: Iterable[str] = (), overwrite: bool = False, priority: str | int | None = None,
-           controller: str | None = None, bundle: str | Path | None = None) -> RemoteBatch:
-    """Submit a batch to a controller (``controller`` URL, $FARM_CONTROLLER, or zeroconf);
-    paths are as the controller sees them."""
-    from farm.client import ControllerClient, find_bundle
+           controller: str | None = None, bundle: str | Path | None = None,
+           client: str | Path | None = None) -> RemoteBatch:
+    """Submit a batch to a controller (``controller`` URL, $FARM_CONTROLLER, the client
+    file's URL, or zeroconf) with a client file (``client``, $FARM_CLIENT) or, in older
+    set-ups, a bundle; paths are as the controller sees them."""
+    from farm.client import ControllerClient, find_credentials
 
-    client = ControllerClient(find_bundle(str(bundle) if bundle else None), controller)
-    answer = client.submit(profile=str(profile), inputs=[str(Path(p).absolute()) for p in inputs],
+    remote = ControllerClient(find_credentials(str(client) if client else None, str(bundle) if bundle else None),
+                              controller)
+    answer = remote.submit(profile=str(profile), inputs=[str(Path(p).absolute()) for p in inputs],
                            destination=str(Path(destination).absolute()) if destination else None,
                            overrides=list(overrides), overwrite=overwrite, priority=priority)
-    return RemoteBatch(answer["batch"], [RemoteJob(client, job["id"]) for job in answer["jobs"]])
+    return RemoteBatch(answer["batch"], [RemoteJob(remote, job["id"]) for job in answer["jobs"]])
 
 
 __all__ = ["Batch", "FarmError", "JobHandle", "RemoteBatch", "RemoteJob", "run", "start", "submit"]

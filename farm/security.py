@@ -1,9 +1,10 @@
-"""Cluster identity: a private CA, certificates for the controller and the nodes, an
-API token, and the one-file bundle a node or a client needs to join.
+"""Cluster identity: a private CA, certificates for the controller and the nodes, and
+the one-file bundle a node (or the controller) holds.
 
 Dask's comms run as mutual TLS with these certificates, so a worker without the
 bundle, or with another cluster's, is refused; the HTTP API is served over TLS with
-the controller's certificate and wants the token on every request.
+the controller's certificate and wants a token on every request (tokens and their roles:
+:mod:`farm.tokens`; what people hold instead of a bundle: :mod:`farm.credentials`).
 """
 
 from __future__ import annotations
@@ -107,15 +108,19 @@ class Bundle:
     cert: str
     key: str
     path: Path | None = None
+    #: a node bundle's pin of the controller's certificate (SHA-256); bundles made before
+    #: roles have none, and then trust the CA and the controller's name
+    controller_fingerprint: str | None = None
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.cert)
 
     def save(self, path: Path) -> None:
+        pin = {"controller_fingerprint": self.controller_fingerprint} if self.controller_fingerprint else {}
         _write_private(path, yaml.safe_dump({
             "cluster": self.cluster, "role": self.role, "token": self.token,
-            "ca": self.ca, "cert": self.cert, "key": self.key,
+            "ca": self.ca, "cert": self.cert, "key": self.key, **pin,
         }, sort_keys=False))
 
     @classmethod
@@ -132,7 +137,8 @@ class Bundle:
         missing = [k for k in ("cluster", "role", "token", "ca", "cert", "key") if not isinstance(data, dict) or k not in data]
         if missing:
             raise UsageError(f"cluster bundle {path} is incomplete: missing {', '.join(missing)}")
-        return cls(**{k: data[k] for k in ("cluster", "role", "token", "ca", "cert", "key")}, path=path)
+        return cls(**{k: data[k] for k in ("cluster", "role", "token", "ca", "cert", "key")}, path=path,
+                   controller_fingerprint=data.get("controller_fingerprint"))
 
     def files(self) -> dict[str, str]:
         """PEM files for libraries that want paths (Dask, uvicorn), in a private temp dir."""
@@ -157,15 +163,23 @@ class Bundle:
         )
 
     def client_ssl_context(self) -> ssl.SSLContext:
-        """Trust only this cluster's CA. Host names are not checked: nodes reach the
-        controller by whatever address zeroconf gives, and the CA is the cluster's own."""
-        context = ssl.create_default_context(cadata=self.ca)
-        context.check_hostname = False
-        return context
+        """Trust this cluster's CA, and of its certificates only the controller's: by
+        fingerprint (the controller's own bundle, and node bundles made since roles) and by
+        name (a node's certificate is not named so). Host names are not checked: nodes
+        reach the controller by whatever address zeroconf gives."""
+        from farm.credentials import controller_name, pinned_context
+
+        pin = self.fingerprint if self.role == "controller" else self.controller_fingerprint
+        return pinned_context(self.ca, name=controller_name(self.cluster), fingerprint=pin)
 
 
-def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
-    """Create the cluster's CA, controller and node bundles, and token, in ``folder``."""
+def init_cluster(name: str, folder: Path, days: int = 3650, urls: list[str] | None = None) -> dict[str, Path]:
+    """Create the cluster's CA, the controller's and the nodes' bundles, the token table
+    (an ``admin`` token and the nodes' ``node`` token, hashed) and the admin's client file,
+    in ``folder``."""
+    from farm.credentials import ClientFile
+    from farm.tokens import TOKENS_NAME, TokenTable
+
     check_cluster_name(name)
     # Only a new or empty folder: files of another cluster, or anything else, are never
     # mixed with the keys, and a folder Farm did not make keeps its mode (each file is 0600).
@@ -185,15 +199,24 @@ def init_cluster(name: str, folder: Path, days: int = 3650) -> dict[str, Path]:
         folder.mkdir(parents=True, mode=0o700)
     ca_key = _new_key()
     ca_cert = _issue(f"{name} farm CA", ca_key, None, None, ca=True, days=days)
-    token = secrets.token_urlsafe(32)
+    table = TokenTable(folder / TOKENS_NAME)
+    tokens = {"controller": "", "node": table.add("nodes", "node")}  # the controller holds no API token
     paths = {}
+    bundles = {}
     for role in ("controller", "node"):
         key = _new_key()
         cert = _issue(f"{role}.{name}.farm", key, ca_cert, ca_key, ca=False, days=days)
-        bundle = Bundle(name, role, token, _pem_cert(ca_cert).decode(), _pem_cert(cert).decode(), _pem_key(key).decode())
+        bundles[role] = Bundle(name, role, tokens[role], _pem_cert(ca_cert).decode(), _pem_cert(cert).decode(),
+                               _pem_key(key).decode())
+        if role == "node":  # nodes pin the controller the way client files do
+            bundles[role].controller_fingerprint = bundles["controller"].fingerprint
         paths[role] = folder / f"{role}.yaml"
-        bundle.save(paths[role])
+        bundles[role].save(paths[role])
     _write_private(folder / "ca.key", _pem_key(ca_key))
+    paths["admin"] = folder / "admin.yaml"
+    ClientFile(name, "admin", "admin", table.add("admin", "admin"), bundles["controller"].ca,
+               bundles["controller"].fingerprint, list(urls or [])).save(paths["admin"])
+    paths["tokens"] = table.path
     return paths
 
 
@@ -216,14 +239,6 @@ def allowed_executable(argv0: str, allow: list[str]) -> str | None:
         elif os.sep not in argv0 and entry == argv0:
             return resolved
     return None
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who an API request speaks for, as :meth:`farm.controller.Controller.authenticate` found."""
-
-    name: str
-    role: str  # "admin" for the bundle's token
 
 
 def token_matches(expected: str, given: str | None) -> bool:

@@ -25,7 +25,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     plugins.add_argument("--json", action="store_true")
     doctor = commands.add_parser("doctor", parents=[common], help="check this machine",
                                  description="Check ffmpeg, renderers, the state dir, the configuration, plugins "
-                                             "and the cluster bundle; say what to do about each problem.")
+                                             "and the client file (or cluster bundle); say what to do about each problem.")
     doctor.add_argument("--json", action="store_true")
     return {"plugins": cmd_plugins, "doctor": cmd_doctor}
 
@@ -148,20 +148,19 @@ def check_plugins(args: argparse.Namespace) -> list[Check]:
 
 
 def check_cluster(args: argparse.Namespace) -> list[Check]:
-    from farm.client import ControllerClient, default_bundle_path
-    from farm.security import Bundle
+    from farm.client import ControllerClient, NoCredentials, find_credentials
 
-    named = os.environ.get("FARM_BUNDLE")
-    path = named or (default_bundle_path() if default_bundle_path().exists() else None)
-    if path is None:
-        return [Check("cluster bundle", True, "none (this machine runs batches on its own)", required=False)]
     try:
-        bundle = Bundle.load(path)
+        credentials = find_credentials()
+    except NoCredentials:
+        return [Check("client file", True, "none (this machine runs batches on its own)", required=False)]
     except FarmError as exc:
-        return [Check("cluster bundle", False, str(exc), "copy node.yaml from the controller again")]
-    checks = [Check("cluster bundle", True, f"cluster {bundle.cluster} ({path})")]
+        return [Check("client file", False, str(exc), "ask the farm's admin for a client file again "
+                                                      "(`farm cluster token add NAME --role ...`)")]
+    kind = "cluster bundle" if hasattr(credentials, "key") else f"client file ({credentials.role})"
+    checks = [Check(kind, True, f"cluster {credentials.cluster} ({credentials.path})")]
     try:
-        info = ControllerClient(bundle, timeout=10).request("GET", "/api/cluster")
+        info = ControllerClient(credentials, timeout=10).request("GET", "/api/cluster")
         checks.append(Check("controller", True, f"{info['api']} (scheduler {info['scheduler']})"))
     except FarmError as exc:
         checks.append(Check("controller", False, str(exc),

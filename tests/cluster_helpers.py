@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, root: Path, name: str = "testfarm", advertise: bool = False, node_config: dict | None = None):
+    def __init__(self, root: Path, name: str = "testfarm", advertise: bool = False, node_config: dict | None = None,
+                 controller_config: dict | None = None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -34,15 +35,26 @@ class Cluster:
         self.config.write_text(yaml.safe_dump({
             "node": {"allow_commands": ["ffmpeg", sys.executable], "kill_grace": 1.0, **(node_config or {})},
             "controller": {"host": "127.0.0.1", "api_port": self.api_port, "scheduler_port": self.scheduler_port,
-                           "advertise": advertise, "storage": str(root / "storage")},
+                           "advertise": advertise, "storage": str(root / "storage"), **(controller_config or {})},
         }))
+        # people's commands use the admin client file; nodes get node.yaml (--bundle, FARM_BUNDLE)
         self.env = {**os.environ, "FARM_CONFIG": str(self.config), "FARM_STATE": str(root / "state"),
-                    "FARM_BUNDLE": str(self.bundles / "node.yaml"), "FARM_CONTROLLER": self.url,
-                    "DASK_LOGGING__DISTRIBUTED": "warning"}
+                    "FARM_BUNDLE": str(self.bundles / "node.yaml"), "FARM_CLIENT": str(self.bundles / "admin.yaml"),
+                    "FARM_CONTROLLER": self.url, "DASK_LOGGING__DISTRIBUTED": "warning"}
         self.controller: subprocess.Popen | None = None
         self.nodes: dict[str, subprocess.Popen] = {}
         subprocess.run([*FARM, "cluster", "init", name, "--dir", str(self.bundles)], env=self.env, check=True,
                        capture_output=True)
+        #: the admin's token, from the admin client file that `farm cluster init` wrote
+        self.token: str = yaml.safe_load((self.bundles / "admin.yaml").read_text())["token"]
+
+    def add_token(self, name: str, role: str) -> Path:
+        """A token made with the real CLI; returns its client file."""
+        out = self.root / "clients" / f"{name}.yaml"
+        result = self.farm("cluster", "token", "add", name, "--role", role, "--dir", self.bundles, "--url", self.url,
+                           "--out", out)
+        assert result.returncode == 0, result.stderr
+        return out
 
     def farm(self, *args: str, timeout: float = 120, env: dict | None = None) -> Result:
         proc = subprocess.run([*FARM, *map(str, args)], capture_output=True, text=True, timeout=timeout,

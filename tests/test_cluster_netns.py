@@ -94,7 +94,8 @@ def test_nodes_find_the_controller_by_zeroconf_alone_across_hosts(hosts, tmp_pat
     in_ns("n2", "node", "--cluster", "nsfarm", "--name", "intruder", log="n2.log",
           extra_env={"FARM_BUNDLE": str(tmp_path / "other" / "node.yaml")})
 
-    client_env = {**node_env, "FARM_CONTROLLER": f"https://{addresses['ctl']}:8780"}
+    # people use the admin's client file; node.yaml's token only finds the scheduler
+    client_env = {"FARM_CLIENT": str(bundles / "admin.yaml"), "FARM_CONTROLLER": f"https://{addresses['ctl']}:8780"}
     deadline = time.monotonic() + 60
     nodes: list = []
     while time.monotonic() < deadline:
@@ -137,8 +138,8 @@ def test_a_node_cut_off_from_the_network_loses_its_work_to_others_and_rejoins(ho
                        "storage": str(tmp_path / "storage")},
     }))
     env = {**os.environ, "FARM_CONFIG": str(config), "FARM_STATE": str(tmp_path / "state"),
-           "FARM_BUNDLE": str(bundles / "node.yaml"), "FARM_CONTROLLER": f"https://{addresses['ctl']}:8780",
-           "DASK_LOGGING__DISTRIBUTED": "warning"}
+           "FARM_BUNDLE": str(bundles / "node.yaml"), "FARM_CLIENT": str(bundles / "admin.yaml"),
+           "FARM_CONTROLLER": f"https://{addresses['ctl']}:8780", "DASK_LOGGING__DISTRIBUTED": "warning"}
 
     def start(role: str, *args: str):
         return subprocess.Popen(["ip", "netns", "exec", names[role], *FARM, *args], env=env, cwd=tmp_path,

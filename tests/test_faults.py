@@ -134,8 +134,6 @@ def a_blocked_store_refuses_new_work_and_loses_nothing_accepted(c: Cluster, bloc
     the refused one left no job behind."""
     import httpx
 
-    from farm.security import Bundle
-
     c.start_controller()
     c.start_node("n1", "--slots", "1")
     c.wait_for_nodes("n1")
@@ -150,7 +148,7 @@ def a_blocked_store_refuses_new_work_and_loses_nothing_accepted(c: Cluster, bloc
         assert refused.stderr.startswith("farm: error: ") and refused.stderr.count("\n") == 1, refused.stderr
         assert all(words in refused.stderr for words in reason), refused.stderr
         assert "Traceback" not in refused.stderr
-        token = Bundle.load(c.bundles / "node.yaml").token
+        token = c.token
         answer = httpx.post(f"{c.url}/api/batches", verify=False, timeout=120,
                             headers={"Authorization": f"Bearer {token}"},
                             json={"profile": str(profile), "inputs": [], "destination": str(c.root / "out3")})

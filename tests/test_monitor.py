@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from farm.security import Bundle
+from farm.credentials import ClientFile
 from tests.cluster_helpers import Cluster
 from tests.conftest import ROOT, write_config, write_profile
 from tests.test_cluster import work_profile
@@ -43,7 +43,7 @@ def farm_cluster(tmp_path_factory):
     c.start_controller()
     c.start_node("alpha", "--slots", "2")
     c.wait_for_nodes("alpha")
-    bundle = Bundle.load(c.bundles / "node.yaml")
+    bundle = ClientFile.load(c.bundles / "admin.yaml")
     client = httpx.Client(base_url=c.url, verify=bundle.client_ssl_context(), timeout=60,
                           headers={"Authorization": f"Bearer {bundle.token}"})
     c.http, c.token = client, bundle.token
@@ -254,7 +254,7 @@ def test_the_api_answers_no_500_and_matches_its_schema_under_schemathesis(tmp_pa
     c = Cluster(tmp_path / "fuzzed")
     try:
         c.start_controller()
-        token = Bundle.load(c.bundles / "node.yaml").token
+        token = c.token
         schemathesis = Path(sys.executable).parent / "schemathesis"
         # Farm's clients pin the cluster's CA without checking host names (nodes move between
         # addresses); schemathesis can only do both or neither.
@@ -363,7 +363,7 @@ def test_the_page_draws_the_newest_fifty_batches_and_the_rest_on_request(browser
     c = Cluster(tmp_path / "many")  # no node: the batches wait, which is all this needs
     try:
         c.start_controller()
-        bundle = Bundle.load(c.bundles / "node.yaml")
+        bundle = ClientFile.load(c.bundles / "admin.yaml")
         profile = work_profile(c, "1", 0.0)
         with httpx.Client(base_url=c.url, verify=bundle.client_ssl_context(), timeout=60,
                           headers={"Authorization": f"Bearer {bundle.token}"}) as http:
