@@ -275,7 +275,7 @@ def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
                f"{job_id} (queued), which has not finished" in second.stderr
         bundle = Bundle.load(c.bundles / "node.yaml")
         with httpx.Client(base_url=c.url, verify=bundle.client_ssl_context(), timeout=60,
-                          headers={"Authorization": f"Bearer {bundle.token}"}) as http:
+                          headers={"Authorization": f"Bearer {c.token}"}) as http:
             answer = http.post("/api/batches", json={"profile": str(profile), "inputs": [], "destination": str(dest)})
         assert answer.status_code == 409 and f"will be written by job {job_id}" in answer.json()["error"]
         assert c.farm("cancel", job_id).returncode == 0

@@ -126,7 +126,7 @@ def controller(tmp_path_factory):
     bundle = Bundle.load(c.bundles / "node.yaml")
     c.ssl = bundle.client_ssl_context()
     c.http = httpx.Client(base_url=c.url, verify=c.ssl, timeout=120,
-                          headers={"Authorization": f"Bearer {bundle.token}"})
+                          headers={"Authorization": f"Bearer {c.token}"})
     c.anonymous = httpx.Client(base_url=c.url, verify=c.ssl, timeout=120)
     yield c
     c.http.close()
@@ -298,7 +298,8 @@ def test_cluster_init_into_an_empty_folder_leaves_its_mode_and_a_new_one_is_priv
     result = farm("cluster", "init", "studio", "--dir", empty)
     assert result.returncode == 0, result.stderr
     assert mode(empty) == 0o755
-    assert {p.name: mode(p) for p in empty.iterdir()} == {"controller.yaml": 0o600, "node.yaml": 0o600, "ca.key": 0o600}
+    assert {p.name: mode(p) for p in empty.iterdir()} == {"controller.yaml": 0o600, "node.yaml": 0o600, "ca.key": 0o600,
+                                                      "admin.yaml": 0o600, "tokens.yaml": 0o600}
     new = tmp_path / "new" / "cluster"
     assert farm("cluster", "init", "studio", "--dir", new).returncode == 0
     assert mode(new) == 0o700
