@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
     from farm.profiles import load_profile
 
     config, plugins = _load(args)
-    loaded = load_profile(args.profile, plugins, args.overrides)
+    loaded = load_profile(args.profile, plugins, args.overrides, allow_env=config.node.allow_env)
     inputs = check_inputs(loaded, plugins, args.inputs)
     destination = check_destination(args.output or loaded.profile.destination or "out")
     node = install_runtime(config.node)
@@ -312,8 +312,8 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     from farm.model import Job
     from farm.profiles import load_profile
 
-    _, plugins = _load(args)
-    loaded = load_profile(args.profile, plugins, args.overrides)
+    config, plugins = _load(args)
+    loaded = load_profile(args.profile, plugins, args.overrides, allow_env=config.node.allow_env)
     inputs = check_inputs(loaded, plugins, args.inputs)
     processor = plugins.processor(loaded.profile.processor)
     planned = []
@@ -354,9 +354,9 @@ def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Ex
         for entry in entries:
             print(f"{entry.name:<{width}}  {entry.description}  ({entry.path})", file=stdout)
         return ExitStatus.OK
-    _, plugins = _load(args)
+    config, plugins = _load(args)
     if args.profiles_command == "show":
-        loaded = load_profile(args.name, plugins, args.overrides)
+        loaded = load_profile(args.name, plugins, args.overrides, allow_env=config.node.allow_env)
         data = loaded.profile.model_dump(mode="json")
         data["settings"] = loaded.settings.model_dump(mode="json")
         print(f"# {loaded.source}", file=stdout)
@@ -369,7 +369,8 @@ def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Ex
             bad += 1
             continue
         try:
-            loaded = load_profile(str(Path(name)) if "/" in name else f"./{name}", plugins)
+            loaded = load_profile(str(Path(name)) if "/" in name else f"./{name}", plugins,
+                                  allow_env=config.node.allow_env)
         except FarmError as exc:
             print(f"farm: error: {exc}", file=stderr)
             bad += 1

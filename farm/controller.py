@@ -208,7 +208,7 @@ class Controller:
         overrides = list(request.overrides or [])
         if request.priority is not None:
             overrides.append(f"priority={request.priority}")
-        loaded = load_profile(request.profile, self.plugins, overrides)
+        loaded = load_profile(request.profile, self.plugins, overrides, allow_env=self.config.node.allow_env)
         inputs = check_inputs(loaded, self.plugins, request.inputs)
         destination = check_destination(request.destination or loaded.profile.destination or self.root / "out")
         batch_id, job_ids = self.scheduler.call(

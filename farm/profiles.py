@@ -75,6 +75,45 @@ class SegmentConfig(BaseModel):
     )
 
 
+class SandboxConfig(BaseModel):
+    """What a profile's processes may touch besides what the job gives them (see
+    docs/cluster.md, "The sandbox"). Only an admin's profile may widen it: a submit
+    token's overrides of these keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: bool = Field(default=False, description="the processes may use the network")
+    read: list[str] = Field(default_factory=list, description="more folders or files to read (absolute paths)")
+    write: list[str] = Field(default_factory=list, description="more folders to write (absolute paths)")
+
+    @field_validator("read", "write")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not Path(path).is_absolute():
+                raise ValueError(f"{path!r}: expected an absolute path")
+        return paths
+
+
+#: Profile keys (dotted) that widen what a process may do, whatever the processor.
+SENSITIVE_PROFILE_KEYS = frozenset({"sandbox"})
+
+
+def sensitive_keys(processor: Any) -> frozenset[str]:
+    """Dotted keys a submitter must not override for this processor: the profile's own
+    (``sandbox``) and the processor's ``sensitive_settings`` under ``settings.``."""
+    own = getattr(processor, "sensitive_settings", frozenset())
+    return SENSITIVE_PROFILE_KEYS | {f"settings.{key}" for key in own}
+
+
+def is_sensitive(key: str, processor: Any) -> bool:
+    """Whether an override of ``key`` (``settings.env.LD_PRELOAD``, ``sandbox.network``)
+    touches a sensitive key or something below one."""
+    parts = key.strip().split(".")
+    return any(".".join(parts[:depth]) in sensitive_keys(processor) for depth in range(1, len(parts) + 1)) or \
+        any(sensitive.startswith(key.strip() + ".") for sensitive in sensitive_keys(processor))
+
+
 class Profile(BaseModel):
     """The keys common to every processor; ``settings`` belongs to the processor."""
 
@@ -100,6 +139,8 @@ class Profile(BaseModel):
     max_node_failures: int = Field(
         default=3, ge=1, description="failures on one node before it is kept off the job"
     )
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
+                                   description="network, extra read and write paths for the processes")
 
     @field_validator("frames", mode="before")
     @classmethod
@@ -348,9 +389,22 @@ def describe_validation_error(
     return problems[0] + more
 
 
+def _node_allow_env() -> list[str] | None:
+    from farm.config import load_config
+
+    try:
+        return load_config().node.allow_env
+    except FarmError:  # a broken farm.yaml is reported where it is read for itself
+        return None
+
+
 def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None,
-                 relative_to: Path | None = None) -> LoadedProfile:
-    """Find, merge, override and validate a profile, including its processor's settings."""
+                 relative_to: Path | None = None, allow_env: list[str] | None = None) -> LoadedProfile:
+    """Find, merge, override and validate a profile, including its processor's settings.
+
+    ``allow_env`` is the node's environment allow-list that a profile's ``env`` is
+    checked against (default: ``node.allow_env`` of farm.yaml).
+    """
     source = resolve(ref, relative_to)
     data, origins = _load_layers(source)
     apply_overrides(data, origins, overrides or [])
@@ -364,7 +418,8 @@ def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None,
         where = origins.get(("processor",), str(source))
         raise ProfileError(f"{where}: processor: {exc}") from None
     try:
-        settings = processor.settings_model.model_validate(profile.settings)
+        settings = processor.settings_model.model_validate(
+            profile.settings, context={"allow_env": allow_env if allow_env is not None else _node_allow_env()})
     except ValidationError as exc:
         raise ProfileError(
             describe_validation_error(exc, processor.settings_model, origins, source, prefix=("settings",))

@@ -28,7 +28,7 @@ from farm.engine import Engine, NodeView
 from farm.errors import FarmError, ProfileError, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
-from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
+from farm.node import AttemptLog, CommandRunner, attempt_policy, check_source, input_stamp, runtime
 from farm.processor import Context, Processor
 from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
@@ -691,7 +691,8 @@ class Scheduler:
             context = Context(
                 scratch=scratch, logger=logging.getLogger(f"farm.assemble.{rt.job.id}"),
                 progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
-                run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
+                run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace,
+                                  attempt_policy(node.config, rt.job, [rt.job.work_dir]), home=scratch).run,
             )
             check_source(rt.job)
             again = list(rt.processor.verify(rt.job, results, context))

@@ -136,7 +136,7 @@ def start(profile: str | Path, inputs: Iterable[str | Path] = (), destination: s
 
     settings = load_config(config)
     plugins = load_plugins()
-    loaded = load_profile(str(profile), plugins, list(overrides))
+    loaded = load_profile(str(profile), plugins, list(overrides), allow_env=settings.node.allow_env)
     sources = check_inputs(loaded, plugins, [str(p) for p in inputs])
     dest = check_destination(destination or loaded.profile.destination or "out")
     node = install_runtime(settings.node)

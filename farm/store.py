@@ -134,6 +134,9 @@ class Store:
     def __init__(self, path: Path, busy_timeout: float = 30.0):
         """``busy_timeout``: seconds a write waits for another process's lock before failing."""
         self.path = Path(path)
+        from farm import sandbox
+
+        sandbox.hide(self.path.parent)  # the store and the work folders of every job
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(

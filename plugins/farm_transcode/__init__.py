@@ -45,7 +45,7 @@ from typing import Any
 from farm import hookimpl
 from farm.errors import PlanError, ProcessorError
 from farm.model import Job, Segment, SegmentPlan
-from farm.outputs import output_path
+from farm.outputs import deliver, output_path
 from farm.processor import Context, Processor
 
 from farm_transcode import ffmpeg_io
@@ -110,6 +110,8 @@ class TranscodeProcessor(Processor):
     description = "ffmpeg transcodes: video encoded in segments across nodes, joined frame-exact and verified"
     settings_model = TranscodeSettings
     inputs = "file"
+    #: Encoder parameters are handed to the encoder as they are (x264's stats=FILE).
+    sensitive_settings = frozenset({"video.params"})
 
     # -- what a node needs ---------------------------------------------------------------
 
@@ -323,8 +325,9 @@ class TranscodeProcessor(Processor):
                             else r["params"]["count"] / parse_rate(r["params"]["rate"])) for r in videos]
             video_list.write_text(ffmpeg_io.concat_list(pieces_list), encoding="utf-8")
         offset = expected.av_offset
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.stem}.farm-{uuid.uuid4().hex[:8]}{target.suffix}")
+        # Joined in the job's work folder, the one place the (sandboxed) joining ffmpeg
+        # may write, then delivered.
+        temporary = context.scratch / f"{target.stem}.farm-{uuid.uuid4().hex[:8]}{target.suffix}"
         try:
             run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
                                               audio_file=Path(audio["file"]) if audio else None,
@@ -335,7 +338,7 @@ class TranscodeProcessor(Processor):
             wrong = problems(found, expected)
             if wrong:
                 raise ProcessorError(f"the joined output failed verification, so it was not delivered: {'; '.join(wrong)}")
-            os.replace(temporary, target)
+            deliver(temporary, target, destination=job.destination)
         finally:
             temporary.unlink(missing_ok=True)
         return [str(target)]
