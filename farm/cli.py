@@ -189,13 +189,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.local import LocalFarm, check_destination, check_inputs, check_runnable
     from farm.model import JobState
-    from farm.node import install_runtime
+    from farm.node import install_runtime, require_sandbox
     from farm.profiles import load_profile
 
     config, plugins = _load(args)
     loaded = load_profile(args.profile, plugins, args.overrides, allow_env=config.node.allow_env)
     inputs = check_inputs(loaded, plugins, args.inputs)
     destination = check_destination(args.output or loaded.profile.destination or "out")
+    require_sandbox(config.node)
     node = install_runtime(config.node)
     check_runnable(loaded, plugins, inputs, node.capabilities)
 

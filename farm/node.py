@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.config import NodeConfig, load_config
-from farm.errors import FarmError, ProcessorError, SourceChanged
+from farm.errors import FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
 from farm.processor import Context, NodeInfo
 from farm import sandbox
@@ -234,8 +234,30 @@ def unmap_values(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
+def sandbox_state(config: NodeConfig) -> str:
+    """How this node contains its segments, as `farm nodes` shows it: the bubblewrap
+    version, ``off`` (node.sandbox: off), or ``unavailable``."""
+    if not config.sandbox:
+        return "off"
+    usable = sandbox.availability()
+    return usable.found.replace(" ", "-") if usable.ok else "unavailable"
+
+
+def require_sandbox(config: NodeConfig) -> None:
+    """Refuse to start a node that is to sandbox its segments and cannot: never run
+    them with the node's full rights silently."""
+    if not config.sandbox:
+        return
+    usable = sandbox.availability()
+    if not usable.ok:
+        raise UsageError(f"node.sandbox is on, but {usable.found}; install bubblewrap (sudo apt-get install "
+                         "bubblewrap; ./setup does this), or set node.sandbox: off in farm.yaml for a node that "
+                         "cannot use it")
+
+
 def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
     capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
+    capabilities["sandbox"] = sandbox_state(config)
     for answer in plugins.hook.farm_node_capabilities(config=config):
         capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
     return capabilities
@@ -594,4 +616,4 @@ class _LogHandler(logging.Handler):
         self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
 
 
-__all__ = ["attempt_policy", "CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime"]
+__all__ = ["attempt_policy", "require_sandbox", "sandbox_state", "CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime"]

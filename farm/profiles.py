@@ -368,7 +368,16 @@ def describe_validation_error(
         loc = tuple(str(part) for part in error["loc"])
         key_path = (*prefix, *loc)
         where = None
+        # A problem with one entry of a mapping (settings.env: LD_PRELOAD: ...) is told
+        # where that entry came from, e.g. the --set that added it.
+        for deeper, origin in origins.items():
+            if len(deeper) == len(key_path) + 1 and deeper[:-1] == key_path and \
+                    error["msg"].removeprefix("Value error, ").startswith(f"{deeper[-1]}:"):
+                where = origin
+                break
         for depth in range(len(key_path), 0, -1):
+            if where:
+                break
             where = origins.get(key_path[:depth])
             if where:
                 break

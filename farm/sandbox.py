@@ -236,6 +236,7 @@ def wrap(argv: Sequence[str], policy: Policy, cwd: str, hidden: Sequence[str] = 
     mounts: list[tuple[int, int, str, str]] = []  # (depth, order, kind, path)
     visible: list[str] = []
     writable = [os.path.abspath(raw) for raw in policy.write]
+    hidden = [os.path.abspath(path) for path in hidden]
     for order, kind, paths in ((0, "ro", [*policy.read, *executable_paths(argv[0])]), (2, "rw", policy.write)):
         for raw in paths:
             path = os.path.abspath(raw)
@@ -243,6 +244,8 @@ def wrap(argv: Sequence[str], policy: Policy, cwd: str, hidden: Sequence[str] = 
                 continue
             if kind == "ro" and (_system_visible(path) or _inside(path, writable)):
                 continue  # visible already, and a file inside a writable folder stays writable
+            if kind == "ro" and _inside(path, hidden):
+                continue  # a store or a bundle stays hidden even when named
             mounts.append((path.count("/"), order, kind, path))
             visible.append(path)
     for path in hidden:
