@@ -66,9 +66,9 @@ class ImageSeqSettings(BaseModel):
         return FramePattern.parse(self.output)
 
 
-def image_problem(path: Path, width: int, height: int, run: Any) -> str | None:
-    """Why a rendered frame is not sound, or None. ``run`` is ``Context.run``: ffprobe
-    reads a frame a renderer wrote, so it runs sandboxed like the renderer."""
+def image_problem(path: Path, width: int, height: int, context: Any) -> str | None:
+    """Why a rendered frame is not sound, or None. A frame other than PNG is probed with
+    ``context.run``: ffprobe reads what a renderer wrote, so it runs sandboxed too."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -84,7 +84,7 @@ def image_problem(path: Path, width: int, height: int, run: Any) -> str | None:
             return "not a complete PNG"
         found = struct.unpack(">II", head[16:24])
     else:
-        probe = run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+        probe = context.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
                      "stream=width,height", "-of", "csv=p=0", str(path)], check=False, read=[path])
         try:
             found = tuple(int(x) for x in probe.output.strip().splitlines()[0].split(",")[:2])
@@ -158,7 +158,7 @@ class ImageSequence(Processor):
         bad: dict[int, str] = {}
         for frame in job.frames or []:
             path = files.get(frame)
-            problem = "missing" if path is None else image_problem(path, settings.width, settings.height, context.run)
+            problem = "missing" if path is None else image_problem(path, settings.width, settings.height, context)
             if problem:
                 bad[frame] = problem
         if not bad:
