@@ -267,12 +267,12 @@ def wrap(argv: Sequence[str], policy: Policy, cwd: str, hidden: Sequence[str] = 
     return args
 
 
-#: Where a sandboxed process keeps its home and temporary files.
 def sandbox_environment(base: dict[str, str], home: str) -> dict[str, str]:
-    """The node's environment without Farm's own variables (tokens, bundle paths), with a
-    home and a temporary folder the process may write."""
+    """The node's environment without Farm's own variables (tokens, bundle paths), with
+    ``home`` (the attempt's scratch folder, on the node's disk rather than in the
+    memory of the private /tmp) as its home and temporary folder."""
     env = {key: value for key, value in base.items() if not key.startswith("FARM_")}
-    env.update({"HOME": home, "TMPDIR": "/tmp"})
+    env.update({"HOME": home, "TMPDIR": home})
     return env
 
 

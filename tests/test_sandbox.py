@@ -338,3 +338,14 @@ def test_a_node_that_cannot_sandbox_says_so_and_runs_nothing(farm, farm_env):
     assert run.returncode == 2
     assert run.stderr.startswith("farm: error: node.sandbox is on, but") and "node.sandbox: off" in run.stderr
     assert not mark.exists()
+
+
+def test_a_node_tells_how_it_contains_its_segments_among_its_capabilities():
+    """What `farm nodes` lists for a node (``sandbox off``, or the bubblewrap version)."""
+    from farm.config import NodeConfig
+    from farm.node import node_capabilities
+    from farm.plugins import load_plugins
+
+    plugins = load_plugins()
+    assert node_capabilities(NodeConfig(sandbox=False), plugins)["sandbox"] == "off"
+    assert node_capabilities(NodeConfig(), plugins)["sandbox"].startswith("bubblewrap-")
