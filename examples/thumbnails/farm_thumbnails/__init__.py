@@ -9,7 +9,6 @@ command, outputs under a temporary name.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from farm import hookimpl
 from farm.errors import PlanError, ProcessorError
 from farm.model import SegmentPlan
-from farm.outputs import output_path
+from farm.outputs import deliver, output_path
 from farm.processor import Processor
 
 
@@ -78,11 +77,13 @@ class Thumbnails(Processor):
         listing = context.scratch / "thumbs.txt"
         files = [Path(r["dir"]) / name for r in results for name in r["files"]]
         listing.write_text("".join(f"file '{f}'\n" for f in files))
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.png")
+        # Tiled in the job's work folder (the one place a sandboxed command of an assemble
+        # step may write), then delivered: copied under a temporary name and renamed.
+        sheet = context.scratch / f"sheet-{uuid.uuid4().hex[:8]}.png"
         context.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "concat", "-safe", "0",
                      "-protocol_whitelist", "file", "-i", str(listing),
-                     "-vf", f"tile={settings.columns}x{settings.rows}", "-frames:v", "1", str(temporary)])
-        os.replace(temporary, target)
+                     "-vf", f"tile={settings.columns}x{settings.rows}", "-frames:v", "1", str(sheet)])
+        deliver(sheet, target, destination=job.destination)
         return [str(target)]
 
 
