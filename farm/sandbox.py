@@ -262,7 +262,11 @@ def wrap(argv: Sequence[str], policy: Policy, cwd: str, hidden: Sequence[str] = 
             args += [flag, real, real]
     if os.geteuid() == 0:
         args += ["--cap-drop", "ALL"]  # root in the sandbox must not remount what is read-only
-    args += ["--unshare-all", *(["--share-net"] if policy.network else []), "--die-with-parent",
+    # --as-pid-1: the command itself heads its process namespace, so the node's wait4()
+    # sees its CPU time and memory (behind bwrap's own init they are lost); when it ends,
+    # or bwrap dies with its worker (--die-with-parent), everything in the namespace ends,
+    # even a child that left the process group.
+    args += ["--unshare-all", *(["--share-net"] if policy.network else []), "--die-with-parent", "--as-pid-1",
              "--chdir", cwd, "--", *argv]
     return args
 

@@ -27,22 +27,21 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bub
 
 EVIL_C = r"""
 #include <stdio.h>
-#include <stdlib.h>
 __attribute__((constructor)) static void evil(void) {
-    const char *to = getenv("EVIL_MARK");
-    FILE *f = fopen(to ? to : "/tmp/farm-evil-ran", "w");
+    FILE *f = fopen("MARK", "w");
     if (f) { fputs("constructor ran\n", f); fclose(f); }
 }
 """
 
 
 def evil_library(folder: Path) -> Path:
-    """A shared library whose constructor leaves a mark (built when a C compiler is here)."""
+    """A shared library whose constructor writes ``folder/mark`` (built when a C compiler
+    is here; without one the refusal is still checked)."""
     library = folder / "evil.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler:
         source = folder / "evil.c"
-        source.write_text(EVIL_C)
+        source.write_text(EVIL_C.replace("MARK", str(folder / "mark")))
         subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     return library
 
@@ -70,7 +69,7 @@ def test_ld_preload_in_a_profile_is_refused_when_it_is_loaded_naming_the_key(far
     tmp = farm_env["tmp"]
     mark = tmp / "mark"
     profile = ffmpeg_profile(tmp, "preload", ["-version"],
-                             settings={"env": {"LD_PRELOAD": str(evil_library(tmp)), "EVIL_MARK": str(mark)}})
+                             settings={"env": {"LD_PRELOAD": str(evil_library(tmp))}})
     result = farm("run", profile, "-o", tmp / "out")
     assert result.returncode == 2
     assert "settings.env" in result.stderr and "LD_PRELOAD" in result.stderr
@@ -86,7 +85,7 @@ def test_ld_preload_through_an_override_is_refused(farm, farm_env):
     result = farm("run", profile, "-o", tmp / "out", "--set", f"settings.env.LD_PRELOAD={evil_library(tmp)}")
     assert result.returncode == 2
     assert "--set settings.env.LD_PRELOAD" in result.stderr and "LD_PRELOAD" in result.stderr
-    assert not mark.exists() and not Path("/tmp/farm-evil-ran").exists()
+    assert not mark.exists()
 
 
 @pytest.mark.parametrize("name", ["FFREPORT", "DYLD_INSERT_LIBRARIES", "PYTHONSTARTUP", "LD_LIBRARY_PATH"])
@@ -122,12 +121,13 @@ def test_an_unlisted_name_is_refused_and_a_listed_one_reaches_the_process(farm, 
 @pytest.mark.parametrize("cwd", ["/tmp", "../..", "sub/../../.."])
 def test_a_working_folder_outside_the_attempt_is_refused(farm, farm_env, cwd):
     tmp = farm_env["tmp"]
+    name = f"frame-{uuid.uuid4().hex}.png"
     profile = ffmpeg_profile(tmp, "elsewhere", ["-f", "lavfi", "-i", "testsrc=d=0.04", "-frames:v", "1", "-y",
-                                                "frame.png"], settings={"cwd": cwd})
+                                                name], settings={"cwd": cwd})
     result = farm("run", profile, "-o", tmp / "out")
     assert result.returncode == 2
     assert "settings.cwd" in result.stderr and "inside the attempt's folder" in result.stderr
-    assert not Path(cwd, "frame.png").exists() and not (tmp / "frame.png").exists()
+    assert not Path(cwd, name).exists() and not (tmp / name).exists()
 
 
 def test_a_relative_working_folder_lands_in_the_attempt(farm, farm_env):
@@ -349,3 +349,23 @@ def test_a_node_tells_how_it_contains_its_segments_among_its_capabilities():
     plugins = load_plugins()
     assert node_capabilities(NodeConfig(sandbox=False), plugins)["sandbox"] == "off"
     assert node_capabilities(NodeConfig(), plugins)["sandbox"].startswith("bubblewrap-")
+
+
+def test_the_log_footer_still_counts_the_sandboxed_process(farm, farm_env):
+    """Behind bwrap the node still sees its command's CPU time and memory (--as-pid-1)."""
+    from farm.store import Store
+
+    tmp = farm_env["tmp"]
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    profile = write_profile(tmp, "burn", {"processor": "command", "frames": "1",
+                                          "settings": {"command": [sys.executable, "-c", burn, "{start}"]}})
+    job = run_json(farm, "run", profile, "-o", tmp / "out")
+    assert job["state"] == "done", job["error"]
+    store = Store(farm_env["state"] / "farm.db")
+    log = store.attempts(job_id=job["id"])[0]["log"]
+    store.close()
+    footer = next(line for line in log.splitlines() if line.startswith("=== finished:"))
+    user = float(footer.split("cpu user ")[1].split(" s")[0])
+    system = float(footer.split(" sys ")[1].split(" s")[0])
+    assert user + system >= 0.25, footer  # it burnt 0.3 s (user and system) of CPU
+    assert "=== sandbox: bwrap" in log
