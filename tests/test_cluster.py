@@ -81,6 +81,8 @@ def test_two_nodes_share_a_batch_and_list_their_capabilities(cluster):
     for node in nodes:
         assert "processor:command" in node["capabilities"] and f"command:{Path(sys.executable).name}" in node["capabilities"]
         assert node["slots"] == 1 and node["state"] in ("idle", "busy")
+        assert node["capabilities"]["sandbox"].startswith("bubblewrap-")  # its segments run contained
+    assert "sandbox bubblewrap-" in c.farm("nodes").stdout
 
     profile = work_profile(c, "1-8", 0.5)
     result = c.farm("submit", profile, "-o", c.root / "out", "--wait", "--json")
