@@ -42,7 +42,8 @@ _NEVER_ENV = re.compile(r"^(LD_|DYLD_|PYTHON)|^FFREPORT$")
 DEFAULT_ALLOW_ENV = ["LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS"]
 #: Read-only in every sandbox: the installed system. Links such as /bin -> usr/bin are
 #: recreated as links.
-SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                "/var/cache/fontconfig")  # without its cache fontconfig rescans every font, every time
 #: Secrets under /etc that the system part must not show.
 MASKED_SYSTEM = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/ssh", "/etc/ssl/private",
                  "/etc/sudoers", "/etc/sudoers.d", "/etc/security/opasswd")
@@ -237,6 +238,8 @@ def wrap(argv: Sequence[str], policy: Policy, cwd: str, hidden: Sequence[str] = 
     visible: list[str] = []
     writable = [os.path.abspath(raw) for raw in policy.write]
     hidden = [os.path.abspath(path) for path in hidden]
+    if policy.network and os.path.islink("/etc/resolv.conf"):  # e.g. systemd-resolved's, under /run
+        args += ["--ro-bind-try", os.path.realpath("/etc/resolv.conf"), os.path.realpath("/etc/resolv.conf")]
     for order, kind, paths in ((0, "ro", [*policy.read, *executable_paths(argv[0])]), (2, "rw", policy.write)):
         for raw in paths:
             path = os.path.abspath(raw)
