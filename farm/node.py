@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from farm import sandbox
 from farm.config import NodeConfig, load_config
 from farm.errors import FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
 from farm.processor import Context, NodeInfo
-from farm import sandbox
 
 LOG_LINES_LIMIT = 2000
 PROGRESS_TOPIC = "farm-progress"
@@ -616,4 +616,5 @@ class _LogHandler(logging.Handler):
         self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
 
 
-__all__ = ["attempt_policy", "require_sandbox", "sandbox_state", "CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime"]
+__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime",
+           "attempt_policy", "require_sandbox", "sandbox_state"]
