@@ -233,6 +233,9 @@ def wrap(argv: Sequence[str], policy: Policy, cwd: str, hidden: Sequence[str] = 
     state directory is still writable.
     """
     passwd, group = _identity_files()
+    if not (os.path.exists(passwd) and os.path.exists(group)):  # a /tmp cleaner took them: write them again
+        _identity_files.cache_clear()
+        passwd, group = _identity_files()
     args = ["bwrap", *_system_args(), "--ro-bind", passwd, "/etc/passwd", "--ro-bind", group, "/etc/group"]
     mounts: list[tuple[int, int, str, str]] = []  # (depth, order, kind, path)
     visible: list[str] = []
