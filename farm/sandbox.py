@@ -20,6 +20,7 @@ to refuse in a submit token's overrides. This module knows no codec or renderer.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
@@ -161,6 +162,7 @@ def _identity_files() -> tuple[str, str]:
     """Stub /etc/passwd and /etc/group: the users a process may need to look up (itself,
     root, nobody), and nothing of the host's list."""
     folder = Path(tempfile.mkdtemp(prefix="farm-sandbox-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     uid, gid = os.getuid(), os.getgid()
     users = {0: "root:x:0:0:root:/root:/usr/sbin/nologin", 65534: "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin"}
     users.setdefault(uid, f"farm:x:{uid}:{gid}:farm:/nonexistent:/usr/sbin/nologin")
