@@ -236,13 +236,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.lease import describe
     from farm.local import LocalFarm, check_destination, check_inputs, check_runnable, run_fingerprint
-    from farm.node import install_runtime
+    from farm.node import install_runtime, require_sandbox
     from farm.profiles import load_profile
 
     config, plugins = _load(args)
-    loaded = load_profile(args.profile, plugins, args.overrides, limits=config.limits)
+    loaded = load_profile(args.profile, plugins, args.overrides, limits=config.limits,
+                          allow_env=config.node.allow_env)
     inputs = check_inputs(loaded, plugins, args.inputs)
     destination = check_destination(args.output or loaded.profile.destination or "out")
+    require_sandbox(config.node)
     node = install_runtime(config.node)
     check_runnable(loaded, plugins, inputs, node.capabilities)
     fingerprint = run_fingerprint(loaded, inputs, destination)
@@ -464,7 +466,8 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     from farm.profiles import load_profile
 
     config, plugins = _load(args)
-    loaded = load_profile(args.profile, plugins, args.overrides, limits=config.limits)
+    loaded = load_profile(args.profile, plugins, args.overrides, limits=config.limits,
+                          allow_env=config.node.allow_env)
     inputs = check_inputs(loaded, plugins, args.inputs)
     processor = plugins.processor(loaded.profile.processor)
     planned = []
@@ -525,7 +528,8 @@ def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Ex
         return ExitStatus.OK
     config, plugins = _load(args)
     if args.profiles_command == "show":
-        loaded = load_profile(args.name, plugins, args.overrides, limits=config.limits)
+        loaded = load_profile(args.name, plugins, args.overrides, limits=config.limits,
+                              allow_env=config.node.allow_env)
         data = loaded.profile.model_dump(mode="json")
         data["settings"] = loaded.settings.model_dump(mode="json")
         print(f"# {loaded.source}", file=stdout)
@@ -538,7 +542,8 @@ def cmd_profiles(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Ex
             bad += 1
             continue
         try:
-            loaded = load_profile(str(Path(name)) if "/" in name else f"./{name}", plugins, limits=config.limits)
+            loaded = load_profile(str(Path(name)) if "/" in name else f"./{name}", plugins, limits=config.limits,
+                                  allow_env=config.node.allow_env)
         except FarmError as exc:
             print(f"farm: error: {exc}", file=stderr)
             bad += 1

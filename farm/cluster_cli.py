@@ -250,9 +250,11 @@ def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
 def cmd_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.client import find_bundle
     from farm.config import PartTime
+    from farm.node import require_sandbox
     from farm.nodeservice import serve_node
 
     config = _config(args)
+    require_sandbox(config.node)
     bundle = find_bundle(args.bundle, "node")
     if args.part_time is not None:
         policy = config.node.part_time or PartTime(idle_cpu_below=25)

@@ -12,10 +12,11 @@ from typing import Any
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from farm.droplets.config import DropletList
 from farm.errors import UsageError
+from farm.sandbox import DEFAULT_ALLOW_ENV, never_allowed_env
 
 APP = "farm"
 
@@ -71,6 +72,31 @@ class NodeConfig(BaseModel):
     #: e.g. {"/Volumes/Media": "/mnt/media"}.
     path_map: dict[str, str] = Field(default_factory=dict)
     part_time: PartTime | None = None
+    #: Run every segment's processes in a bubblewrap sandbox (Linux). ``off`` only for a
+    #: node that cannot use it; `farm doctor` and `farm nodes` then say so.
+    sandbox: bool = True
+    #: Folders every sandboxed process may read besides the system and what its job was
+    #: given, e.g. a shared library of textures: ["/mnt/library"].
+    sandbox_read: list[str] = Field(default_factory=list)
+    #: Environment variables a profile's ``env`` may set. LD_*, DYLD_*, PYTHON* and
+    #: FFREPORT can never be listed.
+    allow_env: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOW_ENV))
+
+    @field_validator("allow_env")
+    @classmethod
+    def _allow_env(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if never_allowed_env(name):
+                raise ValueError(f"{name} can never be allowed: it loads code into or makes files from the process")
+        return names
+
+    @field_validator("sandbox_read")
+    @classmethod
+    def _sandbox_read(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not os.path.isabs(path):
+                raise ValueError(f"{path!r}: expected an absolute path")
+        return paths
 
 
 class ControllerConfig(BaseModel):

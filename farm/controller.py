@@ -264,7 +264,8 @@ class Controller:
         overrides = list(request.overrides or [])
         if request.priority is not None:
             overrides.append(f"priority={request.priority}")
-        loaded = load_profile(request.profile, self.plugins, overrides, limits=self.config.limits)
+        loaded = load_profile(request.profile, self.plugins, overrides, limits=self.config.limits,
+                              allow_env=self.config.node.allow_env)
         inputs = check_inputs(loaded, self.plugins, request.inputs)
         raw_destination = str(request.destination or loaded.profile.destination or self.root / "out")
         if restricted:

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from farm import sandbox
 from farm.config import NodeConfig, load_config
-from farm.errors import FarmError, ProcessorError, SourceChanged
+from farm.errors import FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
 from farm.processor import Context, NodeInfo
 
@@ -233,8 +234,30 @@ def unmap_values(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
+def sandbox_state(config: NodeConfig) -> str:
+    """How this node contains its segments, as `farm nodes` shows it: the bubblewrap
+    version, ``off`` (node.sandbox: off), or ``unavailable``."""
+    if not config.sandbox:
+        return "off"
+    usable = sandbox.availability()
+    return usable.found.replace(" ", "-") if usable.ok else "unavailable"
+
+
+def require_sandbox(config: NodeConfig) -> None:
+    """Refuse to start a node that is to sandbox its segments and cannot: never run
+    them with the node's full rights silently."""
+    if not config.sandbox:
+        return
+    usable = sandbox.availability()
+    if not usable.ok:
+        raise UsageError(f"node.sandbox is on, but {usable.found}; install bubblewrap (sudo apt-get install "
+                         "bubblewrap; ./setup does this), or set node.sandbox: off in farm.yaml for a node that "
+                         "cannot use it")
+
+
 def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
     capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
+    capabilities["sandbox"] = sandbox_state(config)
     for answer in plugins.hook.farm_node_capabilities(config=config):
         capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
     return capabilities
@@ -285,13 +308,36 @@ class AttemptLog:
 
 
 class CommandRunner:
-    """Starts subprocesses for one attempt; ``Context.run`` is its :meth:`run`."""
+    """Starts subprocesses for one attempt; ``Context.run`` is its :meth:`run`.
 
-    def __init__(self, log: AttemptLog, cancelled: threading.Event, ids: str, kill_grace: float):
+    With a ``policy`` every command runs in the sandbox (:mod:`farm.sandbox`), allowed
+    what the policy names plus what each call adds; without one (``node.sandbox: off``)
+    it runs with the node's own rights.
+    """
+
+    def __init__(self, log: AttemptLog, cancelled: threading.Event, ids: str, kill_grace: float,
+                 policy: sandbox.Policy | None = None, home: str | os.PathLike[str] | None = None):
         self.log = log
         self.cancelled = cancelled
         self.ids = ids
         self.kill_grace = kill_grace
+        self.policy = policy
+        self.home = os.fspath(home) if home else "/tmp"
+
+    def _contain(self, argv: list[str], workdir: str, env: dict[str, str] | None,
+                 read: Sequence[Any], write: Sequence[Any]) -> tuple[list[str], dict[str, str] | None]:
+        """The bwrap command line and environment for ``argv``; refuses clearly when the
+        node is to sandbox and cannot."""
+        usable = sandbox.availability()
+        if not usable.ok:
+            raise ProcessorError(f"the sandbox cannot start on node {socket.gethostname()}: {usable.found}; install "
+                                 "bubblewrap (sudo apt-get install bubblewrap), or set node.sandbox: off in "
+                                 "farm.yaml for a node that cannot use it")
+        assert self.policy is not None
+        policy = sandbox.Policy(read=[*self.policy.read, *map(os.fspath, read)],
+                                write=[*self.policy.write, *map(os.fspath, write)], network=self.policy.network)
+        wrapped = sandbox.wrap(argv, policy, workdir, sandbox.hidden_paths())
+        return wrapped, {**sandbox.sandbox_environment(dict(os.environ), self.home), **(env or {})}
 
     def run(
         self,
@@ -301,22 +347,42 @@ class CommandRunner:
         env: dict[str, str] | None = None,
         on_line: Callable[[str], None] | None = None,
         check: bool = True,
+        read: Sequence[str | os.PathLike[str]] = (),
+        write: Sequence[str | os.PathLike[str]] = (),
     ) -> CommandResult:
         argv = [os.fspath(arg) for arg in argv]
         if not argv or not all(isinstance(arg, str) for arg in argv):
             raise ProcessorError(f"a command must be a non-empty list of strings, got {argv!r}")
+        try:
+            sandbox.check_env(env or {}, None)
+        except ValueError as exc:
+            raise ProcessorError(f"refused environment variable {exc}") from None
         if self.cancelled.is_set():
             raise Cancelled("cancelled before the command started")
-        workdir = os.fspath(cwd) if cwd else os.getcwd()
+        if cwd:
+            workdir = os.fspath(cwd)
+        elif self.policy is not None:  # the node's own folder is not visible inside
+            workdir = (self.policy.write or ["/tmp"])[0]
+        else:
+            workdir = os.getcwd()
+        started_argv, started_env = argv, ({**os.environ, **env} if env else None)
+        if self.policy is not None:
+            if shutil.which(argv[0]) is None:
+                self.log.write(f"=== could not start: {argv[0]} not found")
+                raise ProcessorError(f"cannot start {argv[0]!r}: not found on node {socket.gethostname()}")
+            started_argv, started_env = self._contain(argv, workdir, env, read, write)
         self.log.write(f"=== command: {shlex.join(argv)}")
         self.log.write(f"=== host: {socket.gethostname()}  pid: {os.getpid()}  cwd: {workdir}  ids: {self.ids}")
+        self.log.write("=== sandbox: " + (f"bwrap; writes {', '.join(self.policy.write + [os.fspath(p) for p in write])}"
+                                           f"; network {'on' if self.policy.network else 'off'}"
+                                           if self.policy is not None else "off (node.sandbox: off)"))
         self.log.write(f"=== started: {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
-                argv,
+                started_argv,
                 cwd=workdir,
-                env={**os.environ, **env} if env else None,
+                env=started_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -382,6 +448,9 @@ class CommandRunner:
         seconds = time.monotonic() - started
         exit_status = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        if self.policy is not None and exit_status is not None and 128 < exit_status < 128 + signal.NSIG:
+            # bwrap reports its command's death by a signal as 128 + the signal's number
+            exit_status, sig = None, exit_status - 128
         peak = int(usage.ru_maxrss)
         ending = f"exit status {exit_status}" if sig is None else f"killed by {signal.Signals(sig).name}"
         self.log.write(
@@ -396,6 +465,23 @@ class CommandRunner:
             detail = f": {last.strip()}" if last else ""
             raise ProcessorError(f"{Path(argv[0]).name} failed with {ending}{detail}")
         return result
+
+
+def attempt_policy(config: NodeConfig, job: Job, write: list[Path]) -> sandbox.Policy | None:
+    """What an attempt's processes may touch: the job's input and the node's
+    ``sandbox_read`` read-only, ``write`` (the attempt's folder and scratch) writable,
+    and what the (admin's) profile adds under ``sandbox:``; None when the node does not
+    sandbox."""
+    if not config.sandbox:
+        return None
+    own = getattr(job.profile, "sandbox", None)
+    extra_read = [str(map_path(Path(p), config.path_map)) for p in (own.read if own else [])]
+    extra_write = [str(map_path(Path(p), config.path_map)) for p in (own.write if own else [])]
+    return sandbox.Policy(
+        read=[*([str(job.input)] if job.input else []), *config.sandbox_read, *extra_read],
+        write=[*map(str, write), *extra_write],
+        network=bool(own and own.network),
+    )
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -468,7 +554,9 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
             raise ProcessorError(f"no scratch space on node {node.name}: {exc.strerror or exc}") from None
         processor = node.plugins.processor(job.profile.processor)
         segment.output_dir.mkdir(parents=True, exist_ok=True)
-        runner = CommandRunner(log, cancelled, f"job={job.id} segment={segment.id} attempt={segment.attempt_id}", node.config.kill_grace)
+        runner = CommandRunner(log, cancelled, f"job={job.id} segment={segment.id} attempt={segment.attempt_id}",
+                               node.config.kill_grace, attempt_policy(node.config, job, [segment.output_dir, scratch]),
+                               home=scratch)
         context = Context(
             scratch=scratch,
             logger=logger,
@@ -543,4 +631,5 @@ class _LogHandler(logging.Handler):
         self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
 
 
-__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime"]
+__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime",
+           "attempt_policy", "require_sandbox", "sandbox_state"]

@@ -38,7 +38,10 @@ class Context:
     """What the node gives a running segment (and the controller an assemble step).
 
     ``run`` starts a subprocess the way every segment must: an argv list, in its own
-    process group, ended on cancel, with a logged header and footer.
+    process group, ended on cancel, with a logged header and footer, inside the node's
+    sandbox (see :mod:`farm.sandbox`): it reads the job's input and writes the attempt's
+    folder and ``scratch``; pass ``read=[...]`` for more files it must read (a scene's
+    folder for its includes), ``write=[...]`` for more it must write.
     """
 
     scratch: Path
@@ -64,6 +67,10 @@ class Processor:
     inputs: ClassVar[str] = "file"
     #: True when the profile's ``frames`` and ``segment.frames`` apply.
     frame_based: ClassVar[bool] = False
+    #: Settings (top-level keys of ``settings``) that decide what a process runs, reads,
+    #: writes or loads: executables, argument lists, env, cwd. A submitter may not
+    #: override them (see :func:`farm.profiles.sensitive_keys`).
+    sensitive_settings: ClassVar[frozenset[str]] = frozenset()
 
     def input_mode(self, settings: BaseModel) -> str:
         """How this profile takes inputs: ``file``, ``none`` or ``optional`` (see ``inputs``)."""

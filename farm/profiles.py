@@ -88,6 +88,45 @@ class SegmentConfig(BaseModel):
     )
 
 
+class SandboxConfig(BaseModel):
+    """What a profile's processes may touch besides what the job gives them (see
+    docs/cluster.md, "The sandbox"). Only an admin's profile may widen it: a submit
+    token's overrides of these keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: bool = Field(default=False, description="the processes may use the network")
+    read: list[str] = Field(default_factory=list, description="more folders or files to read (absolute paths)")
+    write: list[str] = Field(default_factory=list, description="more folders to write (absolute paths)")
+
+    @field_validator("read", "write")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not Path(path).is_absolute():
+                raise ValueError(f"{path!r}: expected an absolute path")
+        return paths
+
+
+#: Profile keys (dotted) that widen what a process may do, whatever the processor.
+SENSITIVE_PROFILE_KEYS = frozenset({"sandbox"})
+
+
+def sensitive_keys(processor: Any) -> frozenset[str]:
+    """Dotted keys a submitter must not override for this processor: the profile's own
+    (``sandbox``) and the processor's ``sensitive_settings`` under ``settings.``."""
+    own = getattr(processor, "sensitive_settings", frozenset())
+    return SENSITIVE_PROFILE_KEYS | {f"settings.{key}" for key in own}
+
+
+def is_sensitive(key: str, processor: Any) -> bool:
+    """Whether an override of ``key`` (``settings.env.LD_PRELOAD``, ``sandbox.network``)
+    touches a sensitive key or something below one."""
+    parts = key.strip().split(".")
+    return any(".".join(parts[:depth]) in sensitive_keys(processor) for depth in range(1, len(parts) + 1)) or \
+        any(sensitive.startswith(key.strip() + ".") for sensitive in sensitive_keys(processor))
+
+
 class Profile(BaseModel):
     """The keys common to every processor; ``settings`` belongs to the processor."""
 
@@ -128,6 +167,8 @@ class Profile(BaseModel):
             if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", key):
                 raise ValueError(f"expected dotted key paths such as settings.video.crf, got {key!r}")
         return value
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
+                                   description="network, extra read and write paths for the processes")
 
     @field_validator("frames", mode="before")
     @classmethod
@@ -491,7 +532,16 @@ def describe_validation_error(
         loc = tuple(str(part) for part in error["loc"])
         key_path = (*prefix, *loc)
         where = None
+        # A problem with one entry of a mapping (settings.env: LD_PRELOAD: ...) is told
+        # where that entry came from, e.g. the --set that added it.
+        for deeper, origin in origins.items():
+            if len(deeper) == len(key_path) + 1 and deeper[:-1] == key_path and \
+                    error["msg"].removeprefix("Value error, ").startswith(f"{deeper[-1]}:"):
+                where = origin
+                break
         for depth in range(len(key_path), 0, -1):
+            if where:
+                break
             where = origins.get(key_path[:depth])
             if where:
                 break
@@ -512,10 +562,24 @@ def describe_validation_error(
     return problems[0] + more
 
 
+def _node_allow_env() -> list[str] | None:
+    from farm.config import load_config
+
+    try:
+        return load_config().node.allow_env
+    except FarmError:  # a broken farm.yaml is reported where it is read for itself
+        return None
+
+
 def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None,
-                 relative_to: Path | None = None, limits: ProfileLimits | None = None) -> LoadedProfile:
+                 relative_to: Path | None = None, limits: ProfileLimits | None = None,
+                 allow_env: list[str] | None = None) -> LoadedProfile:
     """Find, merge, override and validate a profile, including its processor's settings.
-    ``limits`` (farm.yaml's ``limits:``) bound what the files and overrides may hold."""
+
+    ``limits`` (farm.yaml's ``limits:``) bound what the files and overrides may hold;
+    ``allow_env`` is the node's environment allow-list that a profile's ``env`` is
+    checked against (default: ``node.allow_env`` of farm.yaml).
+    """
     limits = limits or ProfileLimits()
     source = resolve(ref, relative_to)
     data, origins = _load_layers(source, limits)
@@ -530,7 +594,8 @@ def load_profile(ref: str, plugins: Any, overrides: list[str] | None = None,
         where = origins.get(("processor",), str(source))
         raise ProfileError(f"{where}: processor: {exc}") from None
     try:
-        settings = processor.settings_model.model_validate(profile.settings)
+        settings = processor.settings_model.model_validate(
+            profile.settings, context={"allow_env": allow_env if allow_env is not None else _node_allow_env()})
     except ValidationError as exc:
         raise ProfileError(
             describe_validation_error(exc, processor.settings_model, origins, source, prefix=("settings",))

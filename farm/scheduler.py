@@ -29,8 +29,8 @@ from farm.engine import Engine, NodeView
 from farm.errors import FarmError, IllegalTransition, OutputConflict, ProfileError, SourceChanged, StoreError
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
-from farm.node import AttemptLog, CommandRunner, check_source, input_stamp, runtime
-from farm.outputs import real_paths
+from farm.node import AttemptLog, CommandRunner, attempt_policy, check_source, input_stamp, runtime
+from farm.outputs import real_paths, staging_folder
 from farm.processor import Context, Processor
 from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
@@ -863,7 +863,12 @@ class Scheduler:
             context = Context(
                 scratch=scratch, logger=logging.getLogger(f"farm.assemble.{rt.job.id}"),
                 progress=lambda fraction, message="": None, cancelled=cancelled, node=node.info(),
-                run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace).run,
+                # the joining process writes in the job's work folder and, for processors that
+                # join straight into it, the job's staging folder in the destination
+                run=CommandRunner(attempt_log, cancelled, f"job={rt.job.id} assemble", node.config.kill_grace,
+                                  attempt_policy(node.config, rt.job,
+                                                 [rt.job.work_dir, staging_folder(rt.job.destination, rt.job.id)]),
+                                  home=scratch).run,
                 claim=lambda paths: self.store.claim(rt.job.id, [str(path) for path in paths]),
             )
             check_source(rt.job)

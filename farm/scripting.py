@@ -130,15 +130,17 @@ def start(profile: str | Path, inputs: Iterable[str | Path] = (), destination: s
     """Check and submit a batch on the embedded default; returns at once."""
     from farm.config import load_config
     from farm.local import LocalFarm, check_destination, check_inputs, check_runnable
-    from farm.node import install_runtime
+    from farm.node import install_runtime, require_sandbox
     from farm.plugins import load_plugins
     from farm.profiles import load_profile
 
     settings = load_config(config)
     plugins = load_plugins()
-    loaded = load_profile(str(profile), plugins, list(overrides), limits=settings.limits)
+    loaded = load_profile(str(profile), plugins, list(overrides), limits=settings.limits,
+                          allow_env=settings.node.allow_env)
     sources = check_inputs(loaded, plugins, [str(p) for p in inputs])
     dest = check_destination(destination or loaded.profile.destination or "out")
+    require_sandbox(settings.node)
     node = install_runtime(settings.node)
     check_runnable(loaded, plugins, sources, node.capabilities)
     local = LocalFarm.start(settings, plugins, str(state) if state else None, node, owner="farm.start (Python)")

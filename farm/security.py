@@ -128,6 +128,10 @@ class Bundle:
         path = Path(path).expanduser()
         if path.is_dir():
             path = path / BUNDLE_NAME
+        from farm import sandbox
+
+        for secret in (path, path.parent / "ca.key", path.parent / "controller.yaml", path.parent / "node.yaml"):
+            sandbox.hide(secret)  # no segment's process may read the cluster's keys or token
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

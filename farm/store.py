@@ -198,6 +198,9 @@ class Store:
     def __init__(self, path: Path, busy_timeout: float = 30.0):
         """``busy_timeout``: seconds a write waits for another process's lock before failing."""
         self.path = Path(path)
+        from farm import sandbox
+
+        sandbox.hide(self.path.parent)  # the store and the work folders of every job
         try:
             _make_private(self.path)
             self._db = sqlite3.connect(

@@ -24,8 +24,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
                                   description="Plugins, their versions, processors and hooks; failures with reasons.")
     plugins.add_argument("--json", action="store_true")
     doctor = commands.add_parser("doctor", parents=[common], help="check this machine",
-                                 description="Check ffmpeg, renderers, the state dir, the configuration, plugins "
-                                             "and the client file (or cluster bundle); say what to do about each problem.")
+                                 description="Check ffmpeg, renderers, the state dir, the configuration, the "
+                                             "sandbox, plugins and the client file (or cluster bundle); say what "
+                                             "to do about each problem.")
     doctor.add_argument("--json", action="store_true")
     return {"plugins": cmd_plugins, "doctor": cmd_doctor}
 
@@ -135,6 +136,25 @@ def check_config(args: argparse.Namespace) -> list[Check]:
     return checks
 
 
+def check_sandbox(args: argparse.Namespace) -> list[Check]:
+    from farm import sandbox
+    from farm.config import load_config
+
+    try:
+        config = load_config(getattr(args, "config", None))
+    except FarmError:
+        return []  # the configuration check says what is wrong with it
+    if not config.node.sandbox:
+        return [Check("sandbox", False, "off (node.sandbox: off): segment processes run with this node's full rights",
+                      "install bubblewrap and remove node.sandbox: off from farm.yaml", required=False)]
+    usable = sandbox.availability()
+    if usable.ok:
+        return [Check("sandbox", True, f"{usable.found} (segment processes run contained)")]
+    return [Check("sandbox", False, usable.found,
+                  "install bubblewrap (sudo apt-get install bubblewrap; ./setup does this), or set "
+                  "node.sandbox: off in farm.yaml for a node that cannot use it")]
+
+
 def check_plugins(args: argparse.Namespace) -> list[Check]:
     from farm.plugins import load_plugins
 
@@ -170,7 +190,7 @@ def check_cluster(args: argparse.Namespace) -> list[Check]:
 
 
 CHECKS: list[Callable[[argparse.Namespace], list[Check]]] = [
-    check_ffmpeg, check_renderers, check_state, check_config, check_plugins, check_cluster,
+    check_ffmpeg, check_renderers, check_state, check_config, check_sandbox, check_plugins, check_cluster,
 ]
 
 

@@ -58,6 +58,33 @@ def farm(farm_env):
     return run
 
 
+def running_with(marker: str) -> list[int]:
+    """Host pids of the live processes whose command line holds ``marker`` (a script's
+    path), and of their descendants. A sandboxed process sees only its own pid
+    namespace, so it cannot report its host pid itself."""
+    parents: dict[int, int] = {}
+    marked: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat[0] == "Z":
+            continue
+        parents[int(entry.name)] = int(stat[1])
+        if marker in cmdline and int(entry.name) != os.getpid():
+            marked.add(int(entry.name))
+    found, grew = set(marked), True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return sorted(found)
+
+
 def write_profile(folder: Path, name: str, data: dict) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, **data}, sort_keys=False))

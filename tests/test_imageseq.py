@@ -172,6 +172,7 @@ def test_missing_and_broken_frames_are_rendered_again(farm, farm_env):
         "processor": "imageseq", "frames": "1-6", "segment": {"frames": 3},
         "settings": {"renderer": "template", "output": "comp_####.png", "width": 16, "height": 8,
                      "template": [sys.executable, str(script), "{start}", "{end}", "{output}", str(marks)]},
+        "sandbox": {"write": [str(marks)]},  # the marks outlive an attempt
     })
     result = farm("run", profile, "-o", farm_env["tmp"] / "out", "--json")
     # frame 3 is missing: its segment fails and is retried; frame 5 is written but broken:

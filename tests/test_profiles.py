@@ -38,7 +38,7 @@ def test_extends_merges_settings_and_child_wins(tmp_path, plugins):
                                      "retries": 5, "settings": {**CMD, "env": {"A": "1", "B": "2"}}})
     child = write_profile(tmp_path, "child", {"extends": "base", "segment": {"frames": 25},
                                               "settings": {"env": {"B": "3"}}})
-    loaded = load_profile(str(child), plugins)
+    loaded = load_profile(str(child), plugins, allow_env=["A", "B"])
     assert loaded.profile.name == "child"
     assert loaded.profile.segment.frames == 25 and loaded.profile.retries == 5
     assert loaded.settings.env == {"A": "1", "B": "3"} and loaded.settings.command == CMD["command"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from tests.conftest import FARM, ROOT, write_profile
+from tests.conftest import FARM, ROOT, running_with, write_profile
 
 
 def alive(pid: int) -> bool:
@@ -74,6 +74,8 @@ def test_existing_outputs_are_not_overwritten_unless_asked(farm, farm_env):
 
 
 def test_a_segment_that_fails_once_is_retried_and_both_attempts_are_recorded(farm, farm_env):
+    markers = farm_env["tmp"] / "markers"
+    markers.mkdir()
     flaky = script(farm_env["tmp"], "flaky.py", """
         import sys, pathlib
         out, start, markers = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
@@ -86,8 +88,9 @@ def test_a_segment_that_fails_once_is_retried_and_both_attempts_are_recorded(far
     """)
     profile = write_profile(farm_env["tmp"], "flaky", {
         "processor": "command", "frames": "1-4", "segment": {"frames": 1}, "retries": 2,
-        "settings": {"command": [sys.executable, str(flaky), "{output_dir}", "{start}", str(farm_env["tmp"])],
+        "settings": {"command": [sys.executable, str(flaky), "{output_dir}", "{start}", str(markers)],
                      "expect": ["f{frame}.txt"]},
+        "sandbox": {"write": [str(markers)]},  # the markers outlive an attempt
     })
     result = farm("run", profile, "-o", farm_env["tmp"] / "out", "--json")
     assert result.returncode == 0, result.stderr
@@ -136,6 +139,14 @@ HANG = """
 """
 
 
+def hang_setup(farm_env) -> tuple[Path, Path, dict]:
+    """The hanging script, the file it writes once started, and the profile keys that
+    let it write that file from inside the sandbox."""
+    ready = farm_env["tmp"] / "ready"
+    ready.mkdir(exist_ok=True)
+    return script(farm_env["tmp"], "hang.py", HANG), ready / "pids", {"sandbox": {"write": [str(ready)]}}
+
+
 def start_farm_run(profile: Path, dest: Path) -> subprocess.Popen:
     return subprocess.Popen([*FARM, "run", str(profile), "-o", str(dest), "--json", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -151,15 +162,16 @@ def wait_for(path: Path, timeout: float = 30) -> str:
 
 
 def test_cancelling_a_running_job_ends_its_process_group(farm, farm_env):
-    pids_file = farm_env["tmp"] / "pids"
-    hang = script(farm_env["tmp"], "hang.py", HANG)
+    hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "hang", {
         "processor": "command", "frames": "1",
         "settings": {"command": [sys.executable, str(hang), str(pids_file), "{start}"]},
+        **writes,
     })
     proc = start_farm_run(profile, farm_env["tmp"] / "out")
-    pids = [int(p) for p in wait_for(pids_file).split()]
-    assert all(alive(pid) for pid in pids)
+    wait_for(pids_file)
+    pids = running_with(str(hang))  # bwrap, the script and its child, as the host numbers them
+    assert len(pids) >= 2 and all(alive(pid) for pid in pids)
     job_id = farm("status", "--json").json()[0]["id"]
 
     cancelled = farm("cancel", job_id)
@@ -176,14 +188,16 @@ def test_cancelling_a_running_job_ends_its_process_group(farm, farm_env):
 
 
 def test_ctrl_c_cancels_the_batch(farm, farm_env):
-    pids_file = farm_env["tmp"] / "pids"
-    hang = script(farm_env["tmp"], "hang.py", HANG)
+    hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "hang", {
         "processor": "command", "frames": "1",
         "settings": {"command": [sys.executable, str(hang), str(pids_file), "{start}"]},
+        **writes,
     })
     proc = start_farm_run(profile, farm_env["tmp"] / "out")
-    pids = [int(p) for p in wait_for(pids_file).split()]
+    wait_for(pids_file)
+    pids = running_with(str(hang))
+    assert len(pids) >= 2
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
@@ -192,19 +206,19 @@ def test_ctrl_c_cancels_the_batch(farm, farm_env):
 
 
 def test_a_segment_over_its_timeout_is_killed_retried_then_failed(farm, farm_env):
-    pids_file = farm_env["tmp"] / "pids"
-    hang = script(farm_env["tmp"], "hang.py", HANG)
+    hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "slow", {
         "processor": "command", "frames": "1", "timeout": "1s", "retries": 1,
         "settings": {"command": [sys.executable, str(hang), str(pids_file), "{start}"]},
+        **writes,
     })
     result = farm("run", profile, "-o", farm_env["tmp"] / "out", "--json")
     assert result.returncode == 1, result.stderr
     job = result.json()["jobs"][0]
     assert job["state"] == "failed"
     assert "failed after 2 attempts" in job["error"] and "timeout of 1 s" in job["error"]
-    pids = [int(p) for p in pids_file.read_text().split()]
-    assert not any(alive(pid) for pid in pids)
+    assert pids_file.read_text().strip()  # it did start
+    assert running_with(str(hang)) == []
 
     from farm.store import Store
 
@@ -215,11 +229,11 @@ def test_a_segment_over_its_timeout_is_killed_retried_then_failed(farm, farm_env
 
 
 def test_a_stalled_segment_is_ended_by_the_stall_timeout(farm, farm_env):
-    pids_file = farm_env["tmp"] / "pids"
-    hang = script(farm_env["tmp"], "hang.py", HANG)
+    hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "stall", {
         "processor": "command", "frames": "1", "stall_timeout": "1s", "retries": 0,
         "settings": {"command": [sys.executable, str(hang), str(pids_file), "{start}"]},
+        **writes,
     })
     result = farm("run", profile, "-o", farm_env["tmp"] / "out", "--json")
     assert result.returncode == 1

@@ -3,7 +3,9 @@
 The command is an argv template: a list whose items may hold tokens. Each item stays
 one argument whatever a token expands to, so a profile value can never become shell
 syntax or an extra option. Only executables on the node's allow-list
-(``node.allow_commands`` in farm.yaml) ever run.
+(``node.allow_commands`` in farm.yaml) ever run, with only environment names on the
+node's ``allow_env``, in a working folder inside the attempt's folder, inside the
+node's sandbox; the files the profile's own command names (a script) are readable there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from farm.frames import chunk_frames, format_frames
 from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import deliver
 from farm.processor import Context, Processor
+from farm.sandbox import ProcessEnv, WorkFolder, check_env
 from farm.security import allowed_executable
 
 #: Tokens a command template may use, and what each one means.
@@ -96,8 +99,10 @@ class CommandSettings(BaseModel):
         default_factory=list,
         description="output files each frame must leave in {output_dir}, e.g. frame_{frame:04d}.png",
     )
-    cwd: str | None = Field(default=None, description="working directory (default: the attempt's folder)")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    cwd: WorkFolder = Field(default=None, description="working folder, relative, inside the attempt's folder "
+                                                      "(default: the attempt's folder)")
+    env: ProcessEnv = Field(default_factory=dict,
+                            description="extra environment variables; only names on the node's allow_env")
 
     @field_validator("command")
     @classmethod
@@ -132,6 +137,7 @@ class CommandProcessor(Processor):
     description = "runs a command line once per frame-range segment"
     settings_model = CommandSettings
     frame_based = True
+    sensitive_settings = frozenset({"command", "env", "cwd"})
 
     def input_mode(self, settings: CommandSettings) -> str:
         return "file" if settings.uses_input else "none"
@@ -175,9 +181,18 @@ class CommandProcessor(Processor):
         if missing:
             raise ProcessorError(f"{{{missing[0]}}} needs a numbered input such as shot_0001.png, "
                                  f"not {segment.job.input.name if segment.job.input else 'no input'}")
+        try:  # the node's own allow-list decides, whatever the controller's said
+            check_env(settings.env, context.node.config.allow_env)
+        except ValueError as exc:
+            raise ProcessorError(f"settings.env: {exc}") from None
         argv = [executable] + [expand(item, values) for item in settings.command[1:]]
-        cwd = Path(settings.cwd) if settings.cwd else segment.output_dir
-        context.run(argv, cwd=cwd, env=settings.env or None)
+        cwd = segment.output_dir
+        if settings.cwd:
+            cwd = segment.output_dir / settings.cwd
+            if not cwd.resolve().is_relative_to(segment.output_dir.resolve()):
+                raise ProcessorError(f"settings.cwd {settings.cwd!r} leads out of the attempt's folder")
+            cwd.mkdir(parents=True, exist_ok=True)
+        context.run(argv, cwd=cwd, env=settings.env or None, read=self._named_files(settings, segment))
         context.progress(1.0, "command finished")
         missing = [
             name
@@ -205,6 +220,17 @@ class CommandProcessor(Processor):
         names = {expand(pattern, {"frame": frame, "segment": index})
                  for index, frames in chunks for frame in frames for pattern in settings.expect}
         return [job.destination / name for name in sorted(names)]
+
+    @staticmethod
+    def _named_files(settings: CommandSettings, segment: Segment) -> list[Path]:
+        """What the command may read besides its input: the files its profile names
+        (``python3 /opt/tools/render.py``), and for a numbered input its whole sequence."""
+        named = [Path(item) for item in settings.command[1:]
+                 if not template_fields(item) and Path(item).is_absolute() and Path(item).exists()]
+        used = {name for item in settings.command for name in template_fields(item)}
+        if segment.job.input is not None and used & {"input_sequence", "input_number", "sequence_name"}:
+            named.append(segment.job.input.parent)
+        return named
 
     def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
         moves: dict[Path, Path] = {}

@@ -7,7 +7,6 @@ there, readable, of the expected size.
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,8 +66,9 @@ class ImageSeqSettings(BaseModel):
         return FramePattern.parse(self.output)
 
 
-def image_problem(path: Path, width: int, height: int) -> str | None:
-    """Why a rendered frame is not sound, or None."""
+def image_problem(path: Path, width: int, height: int, context: Any) -> str | None:
+    """Why a rendered frame is not sound, or None. A frame other than PNG is probed with
+    ``context.run``: ffprobe reads what a renderer wrote, so it runs sandboxed too."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -84,11 +84,11 @@ def image_problem(path: Path, width: int, height: int) -> str | None:
             return "not a complete PNG"
         found = struct.unpack(">II", head[16:24])
     else:
-        probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                                "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+        probe = context.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                     "stream=width,height", "-of", "csv=p=0", str(path)], check=False, read=[path])
         try:
-            found = tuple(int(x) for x in probe.stdout.strip().split(",")[:2])
-        except ValueError:
+            found = tuple(int(x) for x in probe.output.strip().splitlines()[0].split(",")[:2])
+        except (ValueError, IndexError):
             return "not a readable image"
     if tuple(found) != (width, height):
         return f"{found[0]}x{found[1]}, expected {width}x{height}"
@@ -100,6 +100,7 @@ class ImageSequence(Processor):
     description = "renders image sequences by frame ranges (POV-Ray, Blender, command templates)"
     settings_model = ImageSeqSettings
     frame_based = True
+    sensitive_settings = frozenset({"renderer", "renderer_args", "template"})
 
     def input_mode(self, settings: ImageSeqSettings) -> str:
         uses_scene = settings.renderer != "template" or any("{scene}" in item for item in settings.template)
@@ -157,7 +158,7 @@ class ImageSequence(Processor):
         bad: dict[int, str] = {}
         for frame in job.frames or []:
             path = files.get(frame)
-            problem = "missing" if path is None else image_problem(path, settings.width, settings.height)
+            problem = "missing" if path is None else image_problem(path, settings.width, settings.height, context)
             if problem:
                 bad[frame] = problem
         if not bad:

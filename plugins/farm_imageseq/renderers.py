@@ -32,6 +32,12 @@ def consecutive_runs(frames: list[int]) -> list[list[int]]:
     return runs
 
 
+def scene_folder(job: Any) -> list[Path]:
+    """What a renderer may read besides the system: the scene's folder (includes,
+    textures and INI files sit beside the scene)."""
+    return [job.input.parent] if job.input is not None else []
+
+
 class Renderer:
     name: ClassVar[str] = ""
     executable: ClassVar[str] = ""
@@ -84,7 +90,7 @@ class PovRay(Renderer):
             argv = ["povray", f"+I{job.input}", "+Oframe.png", "+FN", f"+W{settings.width}", f"+H{settings.height}",
                     f"+KFI{first}", f"+KFF{last}", f"+SF{run[0]}", f"+EF{run[-1]}", "-D", "-V",
                     *settings.renderer_args]
-            result = context.run(argv, cwd=folder, check=False)
+            result = context.run(argv, cwd=folder, check=False, read=scene_folder(job))
             if result.exit_status != 0:
                 lines = result.output.splitlines()
                 said = next((line.strip() for line in lines if "Parse Error" in line), None) or \
@@ -127,7 +133,7 @@ class Blender(Renderer):
             argv = ["blender", "-b", "-noaudio", "--factory-startup", *scene, "--python-exit-code", "2",
                     "--python-expr", setup, *settings.renderer_args,
                     "-o", str(folder / "bl_####"), "-F", "PNG", "-x", "1", "-s", str(run[0]), "-e", str(run[-1]), "-a"]
-            context.run(argv, cwd=folder)
+            context.run(argv, cwd=folder, read=scene_folder(job))
             for frame in run:
                 produced = folder / f"bl_{frame:04d}.png"
                 if not produced.exists():
@@ -155,7 +161,9 @@ class Template(Renderer):
             values = {"scene": str(job.input or ""), "start": run[0], "end": run[-1],
                       "output": str(folder / pattern.printf), "output_dir": str(folder)}
             argv = [allowed] + [item.format(**values) for item in template[1:]]
-            context.run(argv, cwd=folder)
+            named = [Path(item) for item in template[1:]  # a script the (admin's) profile names
+                     if "{" not in item and Path(item).is_absolute() and Path(item).exists()]
+            context.run(argv, cwd=folder, read=[*scene_folder(job), *named])
 
 
 def check_template(items: list[str]) -> None:

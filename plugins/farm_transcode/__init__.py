@@ -109,6 +109,8 @@ class TranscodeProcessor(Processor):
     description = "ffmpeg transcodes: video encoded in segments across nodes, joined frame-exact and verified"
     settings_model = TranscodeSettings
     inputs = "file"
+    #: Encoder parameters are handed to the encoder as they are (x264's stats=FILE).
+    sensitive_settings = frozenset({"video.params"})
 
     # -- what a node needs ---------------------------------------------------------------
 
