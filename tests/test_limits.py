@@ -299,7 +299,7 @@ def test_cluster_init_into_an_empty_folder_leaves_its_mode_and_a_new_one_is_priv
     assert result.returncode == 0, result.stderr
     assert mode(empty) == 0o755
     assert {p.name: mode(p) for p in empty.iterdir()} == {"controller.yaml": 0o600, "node.yaml": 0o600, "ca.key": 0o600,
-                                                      "admin.yaml": 0o600, "tokens.yaml": 0o600}
+                                                      "admin.yaml": 0o600, "tokens.yaml": 0o600, ".tokens.yaml.lock": 0o600}
     new = tmp_path / "new" / "cluster"
     assert farm("cluster", "init", "studio", "--dir", new).returncode == 0
     assert mode(new) == 0o700
