@@ -162,6 +162,9 @@ def dask_setup(worker: Any) -> None:
 
     from farm.node import NODE_TOPIC, node_report, runtime
 
+    # A worker started outside `farm node` (`dask worker --preload farm.nodeservice`) has
+    # not been told its scheduler's address: only the controller may answer there either.
+    farm.daskroles.expect_controller(worker.scheduler.address)
     runtime()
 
     def report() -> None:
