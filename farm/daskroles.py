@@ -141,6 +141,8 @@ class RoleTLS(TLS):
             msg = _decode_without_pickle(frames, keep_serialized=self.inbound, deserialize=self.deserialize)
         except RefusedPeer as exc:
             self._refuse(str(exc))
+        except Exception as exc:  # not a Dask message: nothing to answer
+            self._refuse(f"an undecodable message ({type(exc).__name__})")
         if self.inbound and self.allowed is not None:
             for op in _ops(msg):
                 if op not in self.allowed:
