@@ -31,6 +31,7 @@ ATTACK = """
     from distributed.protocol.serialize import ToPickle
 
     pem, scheduler, worker, markers = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    nannies = json.loads(sys.argv[5])
     security = Security(tls_ca_file=str(pem / "ca.pem"), tls_client_cert=str(pem / "cert.pem"),
                         tls_client_key=str(pem / "key.pem"), require_encryption=True)
 
@@ -71,6 +72,9 @@ ATTACK = """
     attempt("worker run", lambda: asyncio.run(straight(worker, op="run", function=pickle.dumps(fn), args=args[0],
                                                       kwargs=args[1])))
     attempt("worker pickle", lambda: asyncio.run(straight(worker, op="get_data", keys=[ToPickle(Boom())])))
+    for address in nannies:
+        attempt(f"nanny run {address}", lambda: asyncio.run(straight(address, op="run", function=pickle.dumps(fn),
+                                                                     args=args[0], kwargs=args[1])))
     attempt("scheduler pickle", lambda: asyncio.run(straight(scheduler, op="who_has", keys=[ToPickle(Boom())])))
     attempt("scheduler run_function", lambda: asyncio.run(straight(scheduler, op="run_function",
                                                                    function=pickle.dumps(fn))))
@@ -100,6 +104,15 @@ def keys_in(folder: Path) -> list[str]:
     return found
 
 
+def listening_in(pid: int) -> list[str]:
+    """host:port of the TCP sockets this very process listens on (not its children)."""
+    found = []
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+        if f"pid={pid}," in line:
+            found.append(line.split()[3])
+    return found
+
+
 @pytest.fixture
 def cluster(tmp_path):
     made = []
@@ -123,6 +136,8 @@ def test_a_node_certificate_cannot_run_code_on_the_cluster_but_the_controller_wo
     c.start_node("alpha", "--slots", "1")
     c.wait_for_nodes("alpha")
     worker = json.loads(c.farm("nodes", "--json").stdout)[0]["address"]
+    nannies = [f"tls://{address}" for address in listening_in(c.nodes["alpha"].pid)]  # `farm node` holds the nanny
+    assert nannies
 
     pem = extract_pems(c.bundles / "node.yaml", tmp_path / "stolen")
     markers = tmp_path / "markers"
@@ -130,12 +145,13 @@ def test_a_node_certificate_cannot_run_code_on_the_cluster_but_the_controller_wo
     script = tmp_path / "attack.py"
     script.write_text(textwrap.dedent(ATTACK))
     attack = subprocess.run([sys.executable, str(script), str(pem), f"tls://127.0.0.1:{c.scheduler_port}", worker,
-                             str(markers)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                             str(markers), json.dumps(nannies)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert attack.returncode == 0, attack.stderr
     report = json.loads(attack.stdout.strip().splitlines()[-1])
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1), sorted(p.name for p in markers.iterdir()))
     assert report["client"].startswith("refused"), report  # so run, run_on_scheduler, submit never got a client
-    for name in ("worker run", "worker pickle", "scheduler pickle", "scheduler run_function"):
+    for name in ("worker run", "worker pickle", "scheduler pickle", "scheduler run_function",
+                 *(f"nanny run {address}" for address in nannies)):
         assert report[name].startswith("refused"), (name, report)
     # fn never ran: not on the node, not in the controller (both on this machine, one folder)
     assert list(markers.iterdir()) == []
