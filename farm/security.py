@@ -2,8 +2,10 @@
 API token, and the one-file bundle a node or a client needs to join.
 
 Dask's comms run as mutual TLS with these certificates, so a worker without the
-bundle, or with another cluster's, is refused; the HTTP API is served over TLS with
-the controller's certificate and wants the token on every request.
+bundle, or with another cluster's, is refused; what each certificate may do over Dask is
+farm.daskroles's business. The HTTP API is served over TLS with the controller's
+certificate and wants the token on every request. Keys are loaded from memory, never
+from files in a temporary folder.
 """
 
 from __future__ import annotations
