@@ -27,7 +27,6 @@ and its worker through the ``farm.nodeservice`` preload); an outside scheduler n
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from ssl import SSLError
 from typing import Any
@@ -50,8 +49,6 @@ from tornado.iostream import StreamClosedError
 log = logging.getLogger("farm.daskroles")
 
 CONTROLLER, NODE = "controller", "node"
-#: The scheduler's address ("host:port") as a node's processes dial it; set by `farm node`.
-CONTROLLER_ENV = "FARM_DASK_CONTROLLER"
 
 #: What a node's worker and nanny send to the scheduler (requests and the worker's
 #: batched stream), from Dask's worker and nanny, and seen in real runs. None of them
@@ -90,13 +87,14 @@ _controllers: set[str] = set()
 
 
 def expect_controller(address: str) -> None:
-    """This process dials the scheduler at ``address``: only the controller may answer there."""
+    """This process dials the scheduler at ``address``: only the controller may answer there.
+    Called by `farm node` for its nanny, by the worker's preload (before the worker
+    registers) and by a controller using an outside scheduler."""
     _controllers.add(address.split("://", 1)[-1])
 
 
 def _is_controller_address(loc: str) -> bool:
-    from_env = os.environ.get(CONTROLLER_ENV, "")
-    return loc in _controllers or (bool(from_env) and loc == from_env.split("://", 1)[-1])
+    return loc in _controllers
 
 
 def _decode_without_pickle(frames: list, keep_serialized: bool, deserialize: bool) -> Any:
@@ -215,10 +213,11 @@ class RoleTLSConnector(TLSConnector):
     async def connect(self, address, deserialize=True, **connection_args):
         comm = await super().connect(address, deserialize, **connection_args)
         if comm.role is None or (_is_controller_address(address) and comm.role != CONTROLLER):
-            shown = comm.role or "an unknown"
+            why = (f"tls://{address} presented {comm.role or 'an unknown'} certificate, not the controller's: "
+                   "refusing to treat it as the scheduler")
+            log.warning("%s", why)
             comm.abort()
-            raise FatalCommClosedError(f"tls://{address} presented {shown} certificate, not the controller's: "
-                                       "refusing to treat it as the scheduler")
+            raise FatalCommClosedError(why)
         return comm
 
 

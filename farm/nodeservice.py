@@ -87,10 +87,9 @@ async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: 
 
     from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP
 
-    # Whoever answers at the scheduler's address must hold the controller's certificate,
-    # for the nanny here and for its worker process (told through the environment).
+    # Whoever answers at the scheduler's address must hold the controller's certificate
+    # (the worker process is told so by its preload, dask_setup below).
     farm.daskroles.expect_controller(address)
-    env = {**env, farm.daskroles.CONTROLLER_ENV: address}
     with dask.config.set({"distributed.worker.memory.pause": False,
                           "distributed.admin.low-level-log-length": 1000, **HEALTH_ONLY_HTTP}):
         async with Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
@@ -162,8 +161,7 @@ def dask_setup(worker: Any) -> None:
 
     from farm.node import NODE_TOPIC, node_report, runtime
 
-    # A worker started outside `farm node` (`dask worker --preload farm.nodeservice`) has
-    # not been told its scheduler's address: only the controller may answer there either.
+    # Before the worker registers: only the controller may answer at its scheduler's address.
     farm.daskroles.expect_controller(worker.scheduler.address)
     runtime()
 

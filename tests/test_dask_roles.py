@@ -178,6 +178,28 @@ def test_a_node_certificate_cannot_run_code_on_the_cluster_but_the_controller_wo
     assert keys_in(temp) == []
 
 
+# A node's Dask side told to join a scheduler at an address (argv: nanny|worker, address, bundle).
+JOIN = """
+    import asyncio, sys, threading, traceback
+    from distributed import Worker
+    from farm.nodeservice import _run_worker
+    from farm.security import Bundle
+
+    kind, address, bundle = sys.argv[1], sys.argv[2], Bundle.load(sys.argv[3])
+
+    async def bare_worker():
+        async with Worker(address, security=bundle.dask_security(), preload=["farm.nodeservice"], dashboard=False):
+            pass
+
+    join = _run_worker(address, bundle, "victim2", 1, {}, threading.Event()) if kind == "nanny" else bare_worker()
+    try:  # a refused worker keeps trying to register: give it time to try, then stop
+        asyncio.run(asyncio.wait_for(join, 30))
+        print("JOINED")
+    except BaseException:
+        print("REFUSED", traceback.format_exc())
+"""
+
+
 class FakeAPI(BaseHTTPRequestHandler):
     requests: list[str] = []
 
@@ -224,23 +246,15 @@ def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
         assert node.poll() is None  # still looking for its real controller
 
         # Told the fake scheduler's address some other way, the node's Dask side refuses it too.
-        join = textwrap.dedent(f"""
-            import asyncio, sys, traceback
-            from farm.security import Bundle
-            from farm.nodeservice import _run_worker
-            import threading
-            bundle = Bundle.load({str(c.bundles / 'node.yaml')!r})
-            try:
-                asyncio.run(asyncio.wait_for(_run_worker("tls://127.0.0.1:{scheduler_port}", bundle, "victim2", 1, {{}},
-                                                         threading.Event()), 60))
-                print("JOINED")
-            except BaseException as exc:
-                print("REFUSED", traceback.format_exc())
-        """)
-        joined = subprocess.run([sys.executable, "-c", join], capture_output=True, text=True, timeout=120,
-                                cwd=tmp_path, env=c.env)
-        assert "REFUSED" in joined.stdout and "JOINED" not in joined.stdout, joined.stdout + joined.stderr
-        assert "not the controller's" in joined.stdout + joined.stderr
+        # `farm node`'s nanny, and a bare worker with the farm preload (as on an outside
+        # Dask deployment), each in a fresh process.
+        for kind in ("nanny", "worker"):
+            joined = subprocess.run([sys.executable, "-c", textwrap.dedent(JOIN), kind, f"tls://127.0.0.1:{scheduler_port}",
+                                     str(c.bundles / "node.yaml")], capture_output=True, text=True, timeout=120,
+                                    cwd=tmp_path, env=c.env)
+            said = joined.stdout + joined.stderr
+            assert "REFUSED" in joined.stdout and "JOINED" not in joined.stdout, (kind, said)
+            assert "not the controller's" in said, (kind, said)
     finally:
         server.shutdown()
         fake.terminate()
