@@ -98,6 +98,11 @@ class Controller:
         security = self.bundle.dask_security()
         cluster = None
         if self.scheduler_address:
+            from farm.daskroles import expect_controller
+
+            # An outside scheduler runs with the controller's certificate (and
+            # `--preload farm.daskroles`); anything else answering there is refused.
+            expect_controller(self.scheduler_address)
             client = Client(self.scheduler_address, security=security, set_as_default=False)
         else:
             import dask
@@ -163,16 +168,16 @@ class Controller:
         from farm.api import create_app
 
         settings = self.config.controller
-        files = self.bundle.files()
-        config = uvicorn.Config(create_app(self), host=settings.host, port=settings.api_port,
-                                ssl_certfile=files["cert"], ssl_keyfile=files["key"], log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
-        thread = threading.Thread(target=self._server.run, name="farm-api", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        with self.bundle.pem_paths() as files:  # uvicorn loads them while starting
+            config = uvicorn.Config(create_app(self), host=settings.host, port=settings.api_port,
+                                    ssl_certfile=files["cert"], ssl_keyfile=files["key"], log_level="warning",
+                                    lifespan="off", timeout_graceful_shutdown=2)
+            self._server = uvicorn.Server(config)
+            thread = threading.Thread(target=self._server.run, name="farm-api", daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 15
+            while not self._server.started and thread.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
         if not self._server.started:
             raise UsageError(f"the API could not listen on {settings.host}:{settings.api_port} (port in use?)")
         port = self._server.servers[0].sockets[0].getsockname()[1]

@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+# Imported first so that this module, as a worker's preload (`--preload farm.nodeservice`),
+# puts the role checks in place before the worker listens or dials its scheduler.
+import farm.daskroles  # noqa: F401  (isort: skip)
 from farm.config import FarmConfig
 from farm.errors import UsageError
 from farm.security import Bundle
@@ -45,7 +48,7 @@ def find_scheduler(bundle: Bundle, controller_url: str | None, cluster: str | No
         try:
             return api_get(controller_url, bundle, "/api/cluster", timeout)["scheduler"]
         except Exception as exc:  # the controller may be down; the caller tries again
-            log.info("controller %s not reachable: %s", controller_url, exc)
+            _not_reachable(controller_url, exc)
             return None
     from farm.discovery import browse
 
@@ -53,8 +56,18 @@ def find_scheduler(bundle: Bundle, controller_url: str | None, cluster: str | No
         try:
             return api_get(found.api, bundle, "/api/cluster", timeout)["scheduler"]
         except Exception as exc:
-            log.info("controller advertised at %s not reachable: %s", found.api, exc)
+            _not_reachable(found.api, exc)
     return None
+
+
+def _not_reachable(url: str, exc: Exception) -> None:
+    if "CERTIFICATE" in str(exc).upper():
+        # Someone answers with a certificate that is not this cluster's controller's
+        # (another cluster's, or a node's posing as the controller): say so loudly.
+        log.warning("controller %s not reachable: its certificate is not the controller's of this cluster (%s)",
+                    url, exc)
+    else:
+        log.info("controller %s not reachable: %s", url, exc)
 
 
 def node_config_file(config: FarmConfig, name: str, slots: int) -> Path:
@@ -74,6 +87,9 @@ async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: 
 
     from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP
 
+    # Whoever answers at the scheduler's address must hold the controller's certificate
+    # (the worker process is told so by its preload, dask_setup below).
+    farm.daskroles.expect_controller(address)
     with dask.config.set({"distributed.worker.memory.pause": False,
                           "distributed.admin.low-level-log-length": 1000, **HEALTH_ONLY_HTTP}):
         async with Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
@@ -145,6 +161,8 @@ def dask_setup(worker: Any) -> None:
 
     from farm.node import NODE_TOPIC, node_report, runtime
 
+    # Before the worker registers: only the controller may answer at its scheduler's address.
+    farm.daskroles.expect_controller(worker.scheduler.address)
     runtime()
 
     def report() -> None:

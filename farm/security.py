@@ -2,18 +2,22 @@
 the one-file bundle a node (or the controller) holds.
 
 Dask's comms run as mutual TLS with these certificates, so a worker without the
-bundle, or with another cluster's, is refused; the HTTP API is served over TLS with
-the controller's certificate and wants a token on every request (tokens and their roles:
+bundle, or with another cluster's, is refused; what each certificate may do over Dask is
+farm.daskroles's business. The HTTP API is served over TLS with the controller's
+certificate and wants a token on every request (tokens and their roles:
 :mod:`farm.tokens`; what people hold instead of a bundle: :mod:`farm.credentials`).
+Keys are loaded from memory, never from files in a temporary folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
 import re
 import secrets
+import shutil
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -144,27 +148,24 @@ class Bundle:
         return cls(**{k: data[k] for k in ("cluster", "role", "token", "ca", "cert", "key")}, path=path,
                    controller_fingerprint=data.get("controller_fingerprint"))
 
-    def files(self) -> dict[str, str]:
-        """PEM files for libraries that want paths (Dask, uvicorn), in a private temp dir."""
-        folder = Path(tempfile.mkdtemp(prefix="farm-tls-"))
-        paths = {}
-        for name in ("ca", "cert", "key"):
-            paths[name] = str(folder / f"{name}.pem")
-            _write_private(folder / f"{name}.pem", getattr(self, name))
-        return paths
-
     def dask_security(self):
-        """Mutual TLS for every Dask connection this member makes or accepts."""
-        from distributed import Security
-
-        files = self.files()
-        return Security(
-            tls_ca_file=files["ca"],
-            tls_client_cert=files["cert"], tls_client_key=files["key"],
-            tls_scheduler_cert=files["cert"], tls_scheduler_key=files["key"],
-            tls_worker_cert=files["cert"], tls_worker_key=files["key"],
+        """Mutual TLS for every Dask connection this member makes or accepts, with the
+        keys kept in memory. Which role may do what is checked by farm.daskroles, which
+        this installs (also in a nanny's worker process, which unpickles this object)."""
+        return _memory_security_class()(
+            tls_ca_file=self.ca,
+            tls_client_cert=self.cert, tls_client_key=self.key,
+            tls_scheduler_cert=self.cert, tls_scheduler_key=self.key,
+            tls_worker_cert=self.cert, tls_worker_key=self.key,
             require_encryption=True,
         )
+
+    @contextlib.contextmanager
+    def pem_paths(self):
+        """Paths to this member's certificate and key for a library that loads only files
+        (uvicorn), valid inside the ``with`` and never on a disk."""
+        with memory_file(self.cert) as cert, memory_file(self.key) as key:
+            yield {"cert": cert, "key": key}
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """Trust this cluster's CA, and of its certificates only the controller's: by
@@ -175,6 +176,72 @@ class Bundle:
 
         pin = self.fingerprint if self.role == "controller" else self.controller_fingerprint
         return pinned_context(self.ca, name=controller_name(self.cluster), fingerprint=pin)
+
+
+@contextlib.contextmanager
+def memory_file(text: str):
+    """A path to ``text`` for OpenSSL's file-only loaders that never reaches a disk:
+    an anonymous memory file on Linux, else a private folder removed at once."""
+    data = text.encode()
+    if hasattr(os, "memfd_create"):
+        descriptor = os.memfd_create("farm-pem", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view):]
+            yield f"/proc/self/fd/{descriptor}"
+        finally:
+            os.close(descriptor)
+        return
+    folder = tempfile.mkdtemp(prefix="farm-tls-")
+    try:
+        _write_private(Path(folder) / "pem", data)
+        yield str(Path(folder) / "pem")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_cert_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
+    with memory_file(cert) as cert_path, memory_file(key) as key_path:
+        context.load_cert_chain(cert_path, key_path)
+
+
+def _memory_security_class():
+    if "MemorySecurity" in globals():
+        return globals()["MemorySecurity"]
+    from distributed import Security
+
+    import farm.daskroles  # noqa: F401  (a process that speaks Dask as a member checks roles)
+
+    class MemorySecurity(Security):
+        """Dask's Security with PEM text, loaded without the temporary files Dask writes."""
+
+        def _get_tls_context(self, tls, purpose):
+            if not (tls.get("ca_file") and tls.get("cert")):
+                return super()._get_tls_context(tls, purpose)
+            context = ssl.create_default_context(purpose=purpose, cadata=tls["ca_file"])
+            context.minimum_version = self.tls_min_version
+            if self.tls_max_version is not None:
+                context.maximum_version = self.tls_max_version
+            load_cert_chain(context, tls["cert"], tls["key"])
+            context.verify_mode = ssl.CERT_REQUIRED  # both ends prove membership
+            context.check_hostname = False  # peers are addresses; roles are checked by name in farm.daskroles
+            context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+            if tls.get("ciphers"):
+                context.set_ciphers(tls["ciphers"])
+            return context
+
+    MemorySecurity.__qualname__ = "MemorySecurity"
+    globals()["MemorySecurity"] = MemorySecurity
+    return MemorySecurity
+
+
+def __getattr__(name: str):
+    # Dask is imported only by the processes that use it; a nanny pickles the class into
+    # its worker process by this module's name.
+    if name == "MemorySecurity":
+        return _memory_security_class()
+    raise AttributeError(name)
 
 
 def init_cluster(name: str, folder: Path, days: int = 3650, urls: list[str] | None = None) -> dict[str, Path]:

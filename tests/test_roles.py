@@ -250,11 +250,11 @@ class Impostor:
     byte a client sends it after the handshake."""
 
     def __init__(self, bundle: Path, tmp: Path):
-        from farm.security import Bundle
+        from farm.security import Bundle, load_cert_chain
 
-        files = Bundle.load(bundle).files()
+        node = Bundle.load(bundle)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(files["cert"], files["key"])
+        load_cert_chain(context, node.cert, node.key)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.received = b""

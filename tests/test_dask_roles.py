@@ -1,0 +1,263 @@
+"""Dask is not a back door: the node bundle's certificate cannot act as a Dask client,
+send a worker code, or pose as the controller. Real controller and node processes, real
+Dask TLS; the attacker is plain Dask (no farm code) with the PEMs from node.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster_helpers import Cluster
+from tests.test_cluster import frames_in, work_profile
+
+pytestmark = pytest.mark.slow
+
+# Plain Dask with a node's certificate, doing what the issue's exploit did. Every call is
+# reported, never raised, so the test sees all of them; `fn` leaves a marker if it ever runs.
+ATTACK = """
+    import asyncio, json, os, sys, pathlib
+    from distributed import Client, Security
+    from distributed.core import rpc
+    from distributed.protocol import pickle
+    from distributed.protocol.serialize import ToPickle
+
+    pem, scheduler, worker, markers = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    nannies = json.loads(sys.argv[5])
+    security = Security(tls_ca_file=str(pem / "ca.pem"), tls_client_cert=str(pem / "cert.pem"),
+                        tls_client_key=str(pem / "key.pem"), require_encryption=True)
+
+    def fn(*_):
+        import os, pathlib
+        pathlib.Path(markers, f"ran-{os.getpid()}").touch()
+        return "ran"
+
+    class Boom:  # runs fn as it is unpickled
+        def __reduce__(self):
+            return (fn, ())
+
+    report = {}
+
+    def attempt(name, call):
+        try:
+            report[name] = f"done: {call()!r}"
+        except BaseException as exc:
+            report[name] = f"refused: {type(exc).__name__}: {exc}"
+
+    client = None
+    def open_client():
+        global client
+        client = Client(scheduler, security=security, timeout=15, set_as_default=False)
+        return "opened"
+    attempt("client", open_client)
+    if client is not None:
+        attempt("run", lambda: client.run(fn))
+        attempt("run_on_scheduler", lambda: client.run_on_scheduler(fn))
+        attempt("submit", lambda: client.submit(fn, pure=False).result(timeout=15))
+
+    async def straight(address, **msg):
+        async with rpc(address, connection_args=security.get_connection_args("client"), timeout=15) as remote:
+            op = msg.pop("op")
+            return await getattr(remote, op)(**msg)
+
+    args = pickle.dumps(()), pickle.dumps({})
+    attempt("worker run", lambda: asyncio.run(straight(worker, op="run", function=pickle.dumps(fn), args=args[0],
+                                                      kwargs=args[1])))
+    attempt("worker pickle", lambda: asyncio.run(straight(worker, op="get_data", keys=[ToPickle(Boom())])))
+    for address in nannies:
+        attempt(f"nanny run {address}", lambda: asyncio.run(straight(address, op="run", function=pickle.dumps(fn),
+                                                                     args=args[0], kwargs=args[1])))
+    attempt("scheduler pickle", lambda: asyncio.run(straight(scheduler, op="who_has", keys=[ToPickle(Boom())])))
+    attempt("scheduler run_function", lambda: asyncio.run(straight(scheduler, op="run_function",
+                                                                   function=pickle.dumps(fn))))
+    print(json.dumps(report))
+"""
+
+
+def extract_pems(bundle: Path, folder: Path) -> Path:
+    """What an attacker who copied node.yaml does: write its PEMs out for plain Dask."""
+    data = yaml.safe_load(bundle.read_text())
+    folder.mkdir(mode=0o700)
+    for name in ("ca", "cert", "key"):
+        (folder / f"{name}.pem").write_text(data[name])
+    return folder
+
+
+def keys_in(folder: Path) -> list[str]:
+    """Every file under ``folder`` that holds a private key (farm's old farm-tls-*/key.pem)."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                if b"PRIVATE KEY" in Path(root, name).read_bytes():
+                    found.append(os.path.join(root, name))
+            except OSError:
+                continue
+    return found
+
+
+def listening_in(pid: int) -> list[str]:
+    """host:port of the TCP sockets this very process listens on (not its children)."""
+    found = []
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+        if f"pid={pid}," in line:
+            found.append(line.split()[3])
+    return found
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(**kwargs) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def test_a_node_certificate_cannot_run_code_on_the_cluster_but_the_controller_works(cluster, tmp_path):
+    c = cluster()
+    temp = tmp_path / "temp"  # the farm processes' /tmp (TMPDIR), private to this test
+    temp.mkdir()
+    c.env["TMPDIR"] = str(temp)
+    c.start_controller()
+    c.start_node("alpha", "--slots", "1")
+    c.wait_for_nodes("alpha")
+    worker = json.loads(c.farm("nodes", "--json").stdout)[0]["address"]
+    nannies = [f"tls://{address}" for address in listening_in(c.nodes["alpha"].pid)]  # `farm node` holds the nanny
+    assert nannies
+
+    pem = extract_pems(c.bundles / "node.yaml", tmp_path / "stolen")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    script = tmp_path / "attack.py"
+    script.write_text(textwrap.dedent(ATTACK))
+    attack = subprocess.run([sys.executable, str(script), str(pem), f"tls://127.0.0.1:{c.scheduler_port}", worker,
+                             str(markers), json.dumps(nannies)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert attack.returncode == 0, attack.stderr
+    report = json.loads(attack.stdout.strip().splitlines()[-1])
+    print(json.dumps(report, indent=1), sorted(p.name for p in markers.iterdir()))
+    assert report["client"].startswith("refused"), report  # so run, run_on_scheduler, submit never got a client
+    for name in ("worker run", "worker pickle", "scheduler pickle", "scheduler run_function",
+                 *(f"nanny run {address}" for address in nannies)):
+        assert report[name].startswith("refused"), (name, report)
+    # fn never ran: not on the node, not in the controller (both on this machine, one folder)
+    assert list(markers.iterdir()) == []
+    logs = (c.root / "controller.log").read_text() + (c.root / "node-alpha.log").read_text()
+    assert "register-client" in logs and "refused" in logs  # the refusal is on record
+
+    # the cluster is unharmed and the controller's certificate still does everything
+    profile = work_profile(c, "1-4", 0.1)
+    result = c.farm("submit", profile, "-o", c.root / "out", "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["jobs"][0]["state"] == "done"
+    assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 5)]
+    assert c.node_names() == ["alpha"]
+
+    # no key was written to a temporary folder: not by a controller, a node or `farm run`
+    # stopped cleanly, nor by a controller killed outright
+    c.stop()
+    c.start_controller()
+    c.controller.kill()
+    c.controller.wait()
+    c.controller = None
+    alone = c.farm("run", profile, "-o", c.root / "alone", "--json")
+    assert alone.returncode == 0, alone.stderr
+    assert keys_in(temp) == []
+
+
+# A node's Dask side told to join a scheduler at an address (argv: nanny|worker, address, bundle).
+JOIN = """
+    import asyncio, sys, threading, traceback
+    from distributed import Worker
+    from farm.nodeservice import _run_worker
+    from farm.security import Bundle
+
+    kind, address, bundle = sys.argv[1], sys.argv[2], Bundle.load(sys.argv[3])
+
+    async def bare_worker():
+        async with Worker(address, security=bundle.dask_security(), preload=["farm.nodeservice"], dashboard=False):
+            pass
+
+    join = _run_worker(address, bundle, "victim2", 1, {}, threading.Event()) if kind == "nanny" else bare_worker()
+    try:  # a refused worker keeps trying to register: give it time to try, then stop
+        asyncio.run(asyncio.wait_for(join, 30))
+        print("JOINED")
+    except BaseException:
+        print("REFUSED", traceback.format_exc())
+"""
+
+
+class FakeAPI(BaseHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        FakeAPI.requests.append(self.path)
+        body = json.dumps({"scheduler": self.server.scheduler}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
+    import ssl
+
+    c = cluster()
+    pem = extract_pems(c.bundles / "node.yaml", tmp_path / "stolen")
+    # A fake controller's API with the node's certificate (from the same CA) ...
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pem / "cert.pem", pem / "key.pem")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.scheduler = "tls://127.0.0.1:1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # ... and its Dask scheduler, plain Dask with the node's certificate.
+    scheduler_port = c.scheduler_port
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
+         "--protocol", "tls", "--tls-ca-file", pem / "ca.pem", "--tls-cert", pem / "cert.pem",
+         "--tls-key", pem / "key.pem", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+        stdout=(tmp_path / "fake.log").open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        c.wait_until(lambda: "Scheduler at" in (tmp_path / "fake.log").read_text(), 60, "the fake scheduler")
+        c.url = f"https://127.0.0.1:{server.server_address[1]}"  # the node is told to use the fake
+        node = c.start_node("victim")
+        log = c.root / "node-victim.log"
+        c.wait_until(lambda: log.exists() and "not reachable" in log.read_text(), 60, "the node to refuse the API")
+        assert "certificate" in log.read_text()
+        assert FakeAPI.requests == []  # refused during the TLS handshake: not even the token was sent
+        assert node.poll() is None  # still looking for its real controller
+
+        # Told the fake scheduler's address some other way, the node's Dask side refuses it too.
+        # `farm node`'s nanny, and a bare worker with the farm preload (as on an outside
+        # Dask deployment), each in a fresh process.
+        for kind in ("nanny", "worker"):
+            joined = subprocess.run([sys.executable, "-c", textwrap.dedent(JOIN), kind, f"tls://127.0.0.1:{scheduler_port}",
+                                     str(c.bundles / "node.yaml")], capture_output=True, text=True, timeout=120,
+                                    cwd=tmp_path, env=c.env)
+            said = joined.stdout + joined.stderr
+            assert "REFUSED" in joined.stdout and "JOINED" not in joined.stdout, (kind, said)
+            assert "not the controller's" in said, (kind, said)
+    finally:
+        server.shutdown()
+        fake.terminate()
+        fake.wait(timeout=30)
+    output = (tmp_path / "fake.log").read_text()
+    assert "Register worker" not in output and "Register Nanny" not in output, output
