@@ -43,7 +43,9 @@ def frames_profile(tmp: Path, name: str, *, label: str = "a", frames: str = "1-2
     if expect:
         settings["expect"] = ["f_{frame:04d}.txt"]
     return write_profile(tmp, name, {"processor": "command", "frames": frames, "segment": {"frames": per_segment},
-                                     "retries": 0, "settings": settings})
+                                     "retries": 0, "settings": settings,
+                                     # the marks folder is how the test and the segments signal each other
+                                     "sandbox": {"write": [str(tmp / "marks")]}})
 
 
 def start_run(*args: object, env: dict[str, str] | None = None, cwd: Path) -> subprocess.Popen[str]:
