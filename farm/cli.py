@@ -69,13 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resume an interrupted job, or every interrupted job of a batch, on the embedded default and "
                     "wait for it: segments already done are kept, the others run, then assembly. A job is "
                     "interrupted when the process that ran it (its lease's owner) stopped before it ended. With "
-                    "--controller (or $FARM_CONTROLLER): hand out a paused job's segments again on that controller.")
+                    "--controller or a client file (or $FARM_CONTROLLER, $FARM_CLIENT): hand out a paused job's "
+                    "segments again on that controller.")
     resume.add_argument("target", metavar="JOB|BATCH", help="a job id or a batch id (see `farm status`)")
     resume.add_argument("--json", action="store_true", help="print one JSON document with the outcome on stdout")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
-    resume.add_argument("--controller", metavar="URL",
-                        help="resume a paused job on this controller instead (default: $FARM_CONTROLLER)")
-    resume.add_argument("--bundle", metavar="FILE", help="cluster bundle for --controller (default: $FARM_BUNDLE)")
+    _remote_arguments(resume)
 
     plan = commands.add_parser("plan", parents=[common], help="show the segments a batch would have",
                                description="Plan a batch and show its segments; nothing runs and nothing is stored.")

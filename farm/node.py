@@ -122,9 +122,15 @@ _ACTIVE_GROUPS: set[int] = set()  # process groups of running segments, not "oth
 _ACTIVE_GROUPS_LOCK = threading.Lock()
 
 
+def _proc_stat() -> Path:
+    """Where the machine's CPU counters are read: /proc/stat, or ``$FARM_PROC_STAT`` (a
+    container's own view, or a test that plays a user's load without burning the CPU)."""
+    return Path(os.environ.get("FARM_PROC_STAT") or "/proc/stat")
+
+
 def _cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    fields = [int(x) for x in _proc_stat().read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return sum(fields) - idle, sum(fields)
 
@@ -159,7 +165,7 @@ class Availability:
         self._other_busy = 0.0
         self._idle_since: float | None = time.monotonic()
         self._lock = threading.Lock()
-        if policy is not None and policy.idle_cpu_below is not None and Path("/proc/stat").exists():
+        if policy is not None and policy.idle_cpu_below is not None and _proc_stat().exists():
             threading.Thread(target=self._sample, name="farm-part-time", daemon=True).start()
 
     def _sample(self) -> None:

@@ -210,34 +210,58 @@ def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster
     assert retried.returncode == 0 and "1 segment(s) queued again" in retried.stdout
 
 
-def test_a_part_time_node_that_gets_busy_takes_nothing_new(cluster):
-    import subprocess
+class PlayedLoad:
+    """A /proc/stat whose counters a thread advances as an idle or a fully busy machine
+    would: the part-time node reads it (FARM_PROC_STAT), so the test decides what the
+    node's user is doing, whatever else runs on this machine."""
 
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self.busy, self.stopped = path, False, threading.Event()
+        self.counters = [0, 0]  # busy, idle jiffies
+        self.tick()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def tick(self) -> None:
+        self.counters[0 if self.busy else 1] += 100
+        busy, idle = self.counters
+        temporary = self.path.with_suffix(".new")
+        temporary.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\n")
+        os.replace(temporary, self.path)
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            self.tick()
+
+
+def test_a_part_time_node_that_gets_busy_takes_nothing_new(cluster):
     c = cluster()
     c.start_controller()
+    load = PlayedLoad(c.root / "stat")
     idle_only = c.root / "idle.yaml"
     data = yaml.safe_load(c.config.read_text())
     data["node"]["part_time"] = {"idle_cpu_below": 40, "idle_minutes": 0}
     idle_only.write_text(yaml.safe_dump(data))
-    c.start_node("desktop", config=idle_only)
-    c.wait_for_nodes("desktop")
-
-    def state():
-        return json.loads(c.farm("nodes", "--json").stdout)[0]
-
-    c.wait_until(lambda: state()["state"] == "idle", 20, "the idle desktop to take work")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
     try:
-        busy = c.wait_until(lambda: (s := state())["state"] == "part-time" and s, 30, "the desktop to notice its user")
+        c.start_node("desktop", config=idle_only, extra_env={"FARM_PROC_STAT": str(load.path)})
+        c.wait_for_nodes("desktop")
+
+        def state():
+            return json.loads(c.farm("nodes", "--json").stdout)[0]
+
+        c.wait_until(lambda: state()["state"] == "idle", 60, "the idle desktop to take work")
+        load.busy = True
+        busy = c.wait_until(lambda: (s := state())["state"] == "part-time" and s, 60, "the desktop to notice its user")
         assert "the machine is busy" in busy["reason"]
         profile = work_profile(c, "1", 0.1)
         job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-        time.sleep(2)
-        assert c.job(job_id)["state"] == "queued"
+        waiting = c.wait_until(lambda: (job := c.job(job_id))["waiting"] and job, 60, "the job to say why it waits")
+        assert waiting["state"] == "queued" and "part-time" in waiting["waiting"], waiting
+        load.busy = False
+        assert c.wait_until(lambda: c.job(job_id)["state"] == "done", 60, "the job once the desktop is idle again")
     finally:
-        for hog in hogs:
-            hog.kill()
-    assert c.wait_until(lambda: c.job(job_id)["state"] == "done", 60, "the job once the desktop is idle again")
+        load.stopped.set()
 
 
 def test_a_droplet_in_the_controller_turns_a_dropped_file_into_a_job_on_a_node(cluster):
