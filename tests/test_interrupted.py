@@ -43,6 +43,8 @@ def work_profile(tmp: Path, frames: str, first: int, processor: str = "command")
         "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}", str(tmp / "runs.log"),
                                  str(tmp / "gate"), str(first)],
                      "expect": ["frame_{frame:04d}.txt"]},
+        # the run log and the gate are how the test and the segments see each other
+        "sandbox": {"write": [str(tmp)]},
     })
 
 

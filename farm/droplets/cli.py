@@ -265,11 +265,7 @@ def _doc(key: str, name: str, source: str, report: Any, store: Any, recent: int,
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from farm.lease import pid_alive
+
+    return pid_alive(pid, None)
 

@@ -327,15 +327,9 @@ def _parse(content: bytes) -> dict[str, Any] | None:
 
 
 def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
+    from farm.lease import pid_alive
+
+    return isinstance(pid, int) and pid > 0 and pid != os.getpid() and pid_alive(pid, None)
 
 
 __all__ = ["LOCK_NAME", "FolderLock", "FolderLocked", "describe"]
