@@ -137,10 +137,13 @@ def test_a_killed_farm_run_is_interrupted_and_the_same_command_resumes_it(farm_e
     assert all(attempts[f"frames {i}"] == 1 for i in range(7, 11)), attempts
     started = runs(tmp)
     assert [started.count(i) for i in range(1, 5)] == [1, 1, 1, 1], started
-    # a third run of the same command is a new run (the last one ended): t15-outputs decides
-    # about outputs that exist; what matters here is that nothing is resumed from a done batch
-    third = farm("run", profile, "-o", out, "--json", "--quiet", "--overwrite")
-    assert "resuming" not in third.stderr
+    # a third run of the same command is a new run (the last one ended): refused before it
+    # runs, because its outputs exist; with --overwrite it runs anew, resuming nothing
+    third = farm("run", profile, "-o", out, "--json", "--quiet")
+    assert third.returncode == 2 and "already exist" in third.stderr, third.stderr
+    fourth = farm("run", profile, "-o", out, "--json", "--quiet", "--overwrite")
+    assert fourth.returncode == 0 and "resuming" not in fourth.stderr, fourth.stderr
+    assert fourth.json()["batch"] != job["batch"]
 
 
 def test_a_resume_reruns_a_done_segment_whose_output_folder_is_gone(farm_env, farm):
