@@ -165,7 +165,10 @@ def run_fingerprint(loaded: LoadedProfile, inputs: list[Path | None], destinatio
     def stamp(path: Path | None) -> list[Any] | None:
         if path is None:
             return None
-        info = path.stat()
+        try:
+            info = path.stat()
+        except OSError:  # gone since it was checked: the submission says so, for this job
+            return [str(path), None, None]
         return [str(path), info.st_size, info.st_mtime_ns]
 
     document = {

@@ -373,8 +373,9 @@ def test_the_page_draws_the_newest_fifty_batches_and_the_rest_on_request(browser
         profile = work_profile(c, "1", 0.0)
         with httpx.Client(base_url=c.url, verify=bundle.client_ssl_context(), timeout=60,
                           headers={"Authorization": f"Bearer {bundle.token}"}) as http:
-            made = [http.post("/api/batches", json={"profile": str(profile), "destination": str(c.root / "o")})
-                    .json()["batch"] for _ in range(55)]
+            # each into its own folder: two batches never claim one output
+            made = [http.post("/api/batches", json={"profile": str(profile), "destination": str(c.root / f"o{n}")})
+                    .json()["batch"] for n in range(55)]
         page = browser.new_context(ignore_https_errors=True).new_page()
         page.goto(f"{c.url}/#token={bundle.token}")
         page.wait_for_selector("#more-batches", timeout=20000)
