@@ -201,21 +201,34 @@ class Store:
         from farm import sandbox
 
         sandbox.hide(self.path.parent)  # the store and the work folders of every job
-        try:
-            _make_private(self.path)
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            _migrate(self._db)
-            self._db.execute("CREATE INDEX IF NOT EXISTS batches_by_fingerprint ON batches(fingerprint)")
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the state store at {self.path}: {exc}") from None
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                _make_private(self.path)
+                self._db = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+                )
+                self._db.row_factory = sqlite3.Row
+                self._prepare()
+                break
+            except sqlite3.OperationalError as exc:
+                # Two processes opening a new store at once: switching it to WAL takes an
+                # exclusive lock, and SQLite answers "locked" at once instead of waiting.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreError(f"cannot open the state store at {self.path}: {exc}") from None
+                self._db.close()
+                time.sleep(0.05)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreError(f"cannot open the state store at {self.path}: {exc}") from None
         self._lock = threading.RLock()
         self._depth = 0
+
+    def _prepare(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        _migrate(self._db)
+        self._db.execute("CREATE INDEX IF NOT EXISTS batches_by_fingerprint ON batches(fingerprint)")
 
     def close(self) -> None:
         self._db.close()

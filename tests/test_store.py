@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -122,3 +125,32 @@ def test_a_full_disk_is_a_store_error_and_the_store_works_once_there_is_room(tmp
         assert [row["id"] for row in store._rows("SELECT id FROM batches")] == ["after"]
     finally:
         store.close()
+
+
+OPEN_AT_ONCE = """
+import os, pathlib, sys, time
+from farm.store import Store
+store, ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+Store(store).close()
+"""
+
+
+def test_processes_opening_a_new_store_at_the_same_moment_all_open_it(tmp_path):
+    # two `farm run` started together on a new state dir: making the store WAL takes an
+    # exclusive lock that SQLite refuses at once ("database is locked") instead of waiting
+    failures = []
+    for round_ in range(15):
+        folder = tmp_path / f"r{round_}"
+        folder.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(folder / "farm.db"),
+                                   str(folder / f"ready-{n}"), str(folder / "go")],
+                                  stderr=subprocess.PIPE, text=True) for n in range(4)]
+        deadline = time.monotonic() + 60
+        while len(list(folder.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (folder / "go").touch()
+        failures += [proc.communicate()[1].strip().splitlines()[-1] for proc in procs if proc.wait(timeout=120)]
+    assert failures == []
