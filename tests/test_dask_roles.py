@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster_helpers import Cluster
-from tests.test_cluster import frames_in, work_profile
+from tests.test_cluster import cluster, frames_in, work_profile  # noqa: F401 (cluster: the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -111,20 +110,6 @@ def listening_in(pid: int) -> list[str]:
         if f"pid={pid}," in line:
             found.append(line.split()[3])
     return found
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(**kwargs) -> Cluster:
-        c = Cluster(tmp_path / f"cluster{len(made)}", **kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def test_a_node_certificate_cannot_run_code_on_the_cluster_but_the_controller_works(cluster, tmp_path):
