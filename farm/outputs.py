@@ -245,9 +245,8 @@ class Delivery:
         if not self.overwrite:
             existing = [target for target in targets if os.path.lexists(target)]
             if existing:
-                more = f" and {len(existing) - 1} more already exist" if len(existing) > 1 else " already exists"
-                raise ProcessorError(f"{existing[0]}{more}; set overwrite: true or pass --overwrite to replace; "
-                                     "nothing was delivered")
+                raise ProcessorError(f"{already_there(existing)}; set overwrite: true or pass --overwrite to "
+                                     "replace; nothing was delivered")
         if self.claim is not None:
             self.claim(targets)
         journal = None
@@ -342,6 +341,12 @@ def undo_staging(folder: Path, *, keep_delivered: bool = False) -> list[str]:
             log.warning("could not take back %s: %s", target, exc.strerror or exc)
     shutil.rmtree(folder, ignore_errors=True)
     return taken
+
+
+def already_there(existing: list[Path]) -> str:
+    """``X already exists`` or ``X and N more already exist``, for outputs found on disk."""
+    return f"{existing[0]} and {len(existing) - 1} more already exist" if len(existing) > 1 \
+        else f"{existing[0]} already exists"
 
 
 def real_paths(paths: list[Path]) -> list[Path]:

@@ -30,7 +30,7 @@ from farm.errors import FarmError, IllegalTransition, OutputConflict, ProfileErr
 from farm.frames import chunk_frames, format_frames
 from farm.model import AttemptState, Job, JobState, Segment, SegmentPlan, SegmentState, TERMINAL_JOB_STATES
 from farm.node import AttemptLog, CommandRunner, attempt_policy, check_source, input_stamp, runtime
-from farm.outputs import real_paths, staging_folder
+from farm.outputs import already_there, real_paths, staging_folder
 from farm.processor import Context, Processor
 from farm.profiles import LoadedProfile, load_profile
 from farm.requirements import unmet_requirements
@@ -242,8 +242,7 @@ class Scheduler:
         if not job.overwrite:
             existing = [path for path in paths if os.path.lexists(path)]
             if existing:
-                more = f" and {len(existing) - 1} more already exist" if len(existing) > 1 else " already exists"
-                raise OutputConflict(f"{existing[0]}{more} in the destination; pass --overwrite (or set "
+                raise OutputConflict(f"{already_there(existing)} in the destination; pass --overwrite (or set "
                                      "overwrite: true) to replace, or choose another destination")
         return [str(path) for path in paths]
 

@@ -59,13 +59,7 @@ def start_run(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def wait_until(check, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return Cluster.wait_until(check, timeout, what, every=every)
 
 
 def store_rows(state: Path, sql: str, params: tuple = ()) -> list[tuple]:
