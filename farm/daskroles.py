@@ -16,6 +16,12 @@ the TLS handshake, before a single Dask message is decoded, and
   parts while decoding it, before any handler sees it, so a message from a node is
   decoded without them (a pickled part closes the connection), and data it sends is
   kept serialized where the receiver only passes it on;
+- keeps what a node tells the scheduler free of anything that Dask would unpickle
+  further on, in the controller's client: a finished task's type and an erred task's
+  exception (replaced by their text), events on topics other than the farm's own
+  (Dask's clients unpickle ``warn`` events), serialized parts anywhere else, and the
+  pickled sort key ``retire_workers`` accepts. A segment's outcome travels as a farm
+  event (:mod:`farm.wire`), which the controller checks field by field;
 - makes a node that dials its scheduler accept only the controller's certificate, so a
   node's certificate cannot serve a fake controller to the other nodes.
 
@@ -45,6 +51,8 @@ from distributed.comm.tcp import (
 from distributed.protocol.serialize import Serialized, msgpack_decode_default
 from distributed.protocol.utils import msgpack_opts, unpack_frames
 from tornado.iostream import StreamClosedError
+
+from farm.wire import NODE_TOPICS
 
 log = logging.getLogger("farm.daskroles")
 
@@ -145,6 +153,11 @@ class RoleTLS(TLS):
             for op in _ops(msg):
                 if op not in self.allowed:
                     self._refuse(f"a node may not send {op!r} here")
+            if self.allowed is NODE_TO_SCHEDULER:
+                try:
+                    _defuse(msg)
+                except RefusedPeer as exc:
+                    self._refuse(str(exc))
         return msg
 
     def _refuse(self, why: str) -> None:
@@ -171,6 +184,50 @@ class RoleTLS(TLS):
             self.abort()
             raise
         return frames
+
+
+#: The arguments a worker gives ``retire_workers`` when it closes itself; Dask's others
+#: include a sort key that the scheduler unpickles.
+RETIRE_ARGUMENTS = frozenset({"op", "reply", "serializers", "workers", "close_workers", "remove", "stimulus_id"})
+WITHHELD_TOPIC = "farm-withheld"
+
+
+def _defuse(msg: Any) -> None:
+    """Make a node's message to the scheduler safe to pass on to the controller's client
+    (in place): see the module's docstring. Raises :class:`RefusedPeer` for what no
+    real node sends."""
+    for item in msg if isinstance(msg, (list, tuple)) else [msg]:
+        if not isinstance(item, dict):
+            continue
+        op = item.get("op")
+        if op == "task-finished":
+            item["type"] = None  # the client would unpickle it; it has the typename
+        elif op == "task-erred":
+            item["exception"] = str(item.get("exception_text") or "the task failed on the node")
+            item["traceback"] = None
+        elif op in ("log-event", "log_event"):
+            topics = item.get("topic")
+            topics = list(topics) if isinstance(topics, (list, tuple)) else [topics]
+            if not topics or not all(isinstance(topic, str) and topic in NODE_TOPICS for topic in topics):
+                # Dask's own worker events (and a client's "warn", which it unpickles):
+                # the controller wants none of them; they are kept aside, as text.
+                item["topic"], item["msg"] = WITHHELD_TOPIC, repr(topics)[:200]
+        elif op == "retire_workers":
+            extra = set(item) - RETIRE_ARGUMENTS
+            if extra or not isinstance(item.get("workers"), (list, tuple)):
+                raise RefusedPeer(f"a node may retire only named workers, without {sorted(extra)}")
+        if _holds_serialized(item):
+            raise RefusedPeer(f"a node sent a serialized object in {op!r}")
+
+
+def _holds_serialized(value: Any) -> bool:
+    if isinstance(value, Serialized):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_serialized(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_serialized(item) for item in value)
+    return False
 
 
 def _ops(msg: Any) -> list[Any]:

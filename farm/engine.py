@@ -3,6 +3,10 @@
 The controller's queue decides what runs where; this module only hands one attempt to
 one named worker, asks a worker to cancel an attempt, and reports outcomes and
 progress back through a single queue that the scheduler drains.
+
+Outcomes arrive as events (:mod:`farm.wire`), never as task results: a task's result
+or exception is a pickle made on the node, and the controller unpickles nothing a node
+made. The task's future only says that the attempt ended, or that it was lost.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +23,8 @@ import dask
 from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
-from farm.node import NODE_TOPIC, PROGRESS_TOPIC, cancel_attempt, run_segment
+from farm.node import cancel_attempt, run_segment
+from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, BadMessage, read_outcome
 
 log = logging.getLogger("farm.engine")
 NODE_SILENCE_SECONDS = 10.0
@@ -54,9 +60,12 @@ class Engine:
         self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._capabilities = capabilities or {}
         self._futures: dict[str, Any] = {}
+        self._arrived: dict[str, dict[str, Any]] = {}  # outcomes not yet collected
+        self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
         self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         client.subscribe_topic(NODE_TOPIC, self._on_report)
+        client.subscribe_topic(RESULT_TOPIC, self._on_outcome)
 
     @classmethod
     def embedded(cls, slots: int | None = None, capabilities: dict[str, str] | None = None) -> Engine:
@@ -102,9 +111,8 @@ class Engine:
 
     def forget(self, attempt_id: str) -> None:
         """Stop waiting for an attempt (its node left); Dask may drop the task."""
-        future = self._futures.pop(attempt_id, None)
-        if future is not None:
-            future.release()
+        self._drop(attempt_id)
+        self._arrived.pop(attempt_id, None)
 
     def submit(self, job: Job, segment: Segment, address: str) -> None:
         future = self.client.submit(
@@ -115,36 +123,69 @@ class Engine:
         attempt_id = segment.attempt_id
         future.add_done_callback(lambda _: self.outcomes.put(("finished", attempt_id, None)))
 
+    def _on_outcome(self, event: Any) -> None:
+        _, message = event
+        try:
+            attempt_id, outcome = read_outcome(message)
+        except BadMessage as exc:
+            log.warning("ignored an outcome a node sent: %s", exc)
+            return
+        self._arrived[attempt_id] = outcome
+        self.outcomes.put(("finished", attempt_id, None))
+
     def collect(self, attempt_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Outcomes of finished attempts, fetched in one round trip where possible."""
+        """Outcomes of the attempts among ``attempt_ids`` that have ended.
+
+        An attempt whose task ended but whose outcome has not come yet (the event and
+        the task's end travel separately) is asked about again shortly, and called lost
+        once it has been silent for ``RESULT_TIMEOUT_SECONDS``.
+        """
         outcomes: dict[str, dict[str, Any]] = {}
-        finished = []
-        for attempt_id in attempt_ids:
-            future = self._futures.pop(attempt_id, None)
-            if future is None:
+        for attempt_id in dict.fromkeys(attempt_ids):
+            outcome = self._arrived.pop(attempt_id, None)
+            future = self._futures.get(attempt_id)
+            if outcome is not None:
+                if future is not None:
+                    self._drop(attempt_id)
+                    outcomes[attempt_id] = outcome
+                continue  # not an attempt of this controller's (or already collected)
+            if future is None or not future.done():
                 continue
             if future.status == "finished":
-                finished.append((attempt_id, future))
+                silent = self._silent_since.setdefault(attempt_id, time.monotonic())
+                if time.monotonic() - silent < RESULT_TIMEOUT_SECONDS:
+                    self._ask_again(attempt_id)
+                    continue
+                reason = "the node ended the task without sending its outcome"
             else:
-                try:
-                    error = future.exception(timeout=5)
-                    reason = f"{type(error).__name__}: {error}"
-                except Exception as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-                if "KilledWorker" in reason:
-                    reason = f"the node running it died ({reason})"
-                outcomes[attempt_id] = {"ok": False, "reason": reason, "lost": True, "log": ""}
-        for attempt_id, future in finished:
-            # A result held only by a node that has just died would make Dask compute it
-            # again, which a pinned task never can: wait a little, then call it lost.
-            try:
-                outcomes[attempt_id] = future.result(timeout=RESULT_TIMEOUT_SECONDS)
-            except Exception as exc:
-                future.release()
-                outcomes[attempt_id] = {"ok": False, "lost": True, "log": "",
-                                        "reason": "its result was lost with the node that held it "
-                                                  f"({type(exc).__name__}: {exc or 'not fetched in time'})"}
+                reason = self._task_error(future)
+            self._drop(attempt_id)
+            outcomes[attempt_id] = {"ok": False, "reason": reason, "lost": True, "log": ""}
         return outcomes
+
+    def _ask_again(self, attempt_id: str) -> None:
+        timer = threading.Timer(0.5, self.outcomes.put, args=(("finished", attempt_id, None),))
+        timer.daemon = True
+        timer.start()
+
+    def _drop(self, attempt_id: str) -> None:
+        self._silent_since.pop(attempt_id, None)
+        future = self._futures.pop(attempt_id, None)
+        if future is not None:
+            future.release()
+
+    @staticmethod
+    def _task_error(future: Any) -> str:
+        """Why a task erred, from what Dask holds locally. A node's own exception reaches
+        the controller as text only (:mod:`farm.daskroles`), so reading it unpickles nothing."""
+        try:
+            error = future.exception(timeout=RESULT_TIMEOUT_SECONDS)
+            reason = f"{type(error).__name__}: {error}" if error is not None else f"the task was {future.status}"
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if "KilledWorker" in reason:
+            return f"the node running it died ({reason})"
+        return reason
 
     def cancel(self, attempt_id: str, address: str) -> None:
         """Ask the node to end the attempt; its future reports back as usual."""

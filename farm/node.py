@@ -33,10 +33,9 @@ from farm.config import NodeConfig, load_config
 from farm.errors import FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
 from farm.processor import Context, NodeInfo
+from farm.wire import PROGRESS_TOPIC, RESULT_TOPIC, outcome_message
 
 LOG_LINES_LIMIT = 2000
-PROGRESS_TOPIC = "farm-progress"
-NODE_TOPIC = "farm-node"  # each node's report: who it is, what it offers, whether it takes work
 
 
 class Cancelled(Exception):
@@ -534,7 +533,21 @@ def _source_changed(job: Job) -> str | None:
 
 
 def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
-    """Run one attempt; never raises: the outcome is a dict the controller stores."""
+    """Run one attempt; never raises. The outcome (a dict the controller stores) is sent
+    to the controller as an event (see :mod:`farm.wire`) and also returned, for callers
+    outside Dask; the controller never fetches the returned value."""
+    outcome = _run_attempt(job, segment)
+    message = outcome_message(segment.attempt_id, outcome)
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(RESULT_TOPIC, message)
+    except ValueError:  # not inside a Dask worker (a direct call): nobody to tell
+        pass
+    return message["outcome"]
+
+
+def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
     node = runtime()
     mapping = node.config.path_map
     if mapping:

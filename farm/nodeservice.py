@@ -159,7 +159,8 @@ def dask_setup(worker: Any) -> None:
     """Dask preload: build this node's runtime, then report to the controller every second."""
     from tornado.ioloop import PeriodicCallback
 
-    from farm.node import NODE_TOPIC, node_report, runtime
+    from farm.node import node_report, runtime
+    from farm.wire import NODE_TOPIC
 
     # Before the worker registers: only the controller may answer at its scheduler's address.
     farm.daskroles.expect_controller(worker.scheduler.address)

@@ -547,8 +547,8 @@ class Scheduler:
                 for kind, attempt_id, value in items:
                     if kind == "progress":
                         self._on_progress(attempt_id, value)
-                    elif kind == "finished":
-                        self._on_finished(attempt_id, outcomes.get(attempt_id) or {"ok": False, "reason": "no result came back"})
+                    elif kind == "finished" and attempt_id in outcomes:
+                        self._on_finished(attempt_id, outcomes.pop(attempt_id))
                     elif kind == "assembled":
                         self._on_assembled(attempt_id, value)
                 self._check_nodes()

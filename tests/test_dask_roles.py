@@ -246,3 +246,101 @@ def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
         fake.wait(timeout=30)
     output = (tmp_path / "fake.log").read_text()
     assert "Register worker" not in output and "Register Nanny" not in output, output
+
+
+# A Dask worker preload for plain `dask worker` with a node's stolen certificate: it
+# announces itself as a farm node, then answers every segment with something the
+# controller would unpickle if it read it the way Dask does (argv: markers, calls).
+MALLORY = r"""
+    import itertools, os, pathlib, sys
+    import distributed.worker_state_machine as wsm
+    from distributed.protocol import pickle
+    from tornado.ioloop import PeriodicCallback
+    import farm.node
+    from farm.wire import NODE_TOPIC, RESULT_TOPIC
+
+    MARKERS, CALLS = pathlib.Path(os.environ["MALLORY_MARKERS"]), pathlib.Path(os.environ["MALLORY_CALLS"])
+
+    # Code by value (a builtin and a string), so that it runs wherever it is unpickled;
+    # it leaves a marker unless that is mallory itself (Dask there unpickles its own
+    # exception once, to check it).
+    PAYLOAD = (f"import os, pathlib\nif os.getpid() != {os.getpid()}:\n"
+               f"    pathlib.Path({str(MARKERS)!r}, f'ran-{{os.getpid()}}').write_text(open('/proc/self/cmdline').read())")
+
+    class Boom:  # runs PAYLOAD as it is unpickled
+        def __reduce__(self):
+            return (exec, (PAYLOAD,))
+
+    class BoomError(Exception):
+        def __reduce__(self):
+            return (exec, (PAYLOAD,))
+
+    # Dask's own messages, forged: a finished task's "type" and an erred task's exception
+    # as plain pickled bytes (Dask's clients pickle.loads both).
+    if not hasattr(wsm, "mallory"):  # Dask may import a preload twice
+        wsm.mallory = True
+        def finished(self, to_dict=wsm.TaskFinishedMsg.to_dict):
+            return {**to_dict(self), "type": pickle.dumps(Boom())}
+        def erred(self, to_dict=wsm.TaskErredMsg.to_dict):
+            return {**to_dict(self), "exception": pickle.dumps(Boom()), "traceback": pickle.dumps(Boom())}
+        wsm.TaskFinishedMsg.to_dict, wsm.TaskErredMsg.to_dict = finished, erred
+    counter = itertools.count(1)
+
+    def evil_segment(job, segment):
+        from distributed import get_worker
+        worker, call = get_worker(), next(counter)
+        (CALLS / f"call-{call}").touch()
+        worker.log_event("warn", {"message": pickle.dumps(Boom()), "category": pickle.dumps(Boom())})
+        worker.log_event(RESULT_TOPIC, {"attempt": segment.attempt_id, "outcome": {"ok": "yes", "log": 1}})
+        if call % 2:
+            return Boom()  # the task's result
+        raise BoomError("no")  # the task's exception
+
+    farm.node.run_segment = evil_segment  # what the controller's pickled task resolves to here
+
+    def dask_setup(worker):
+        report = {"name": "mallory", "slots": 1, "capabilities": farm.node.node_report()["capabilities"],
+                  "accepting": True, "hand_back": False, "reason": "", "running": 0}
+        def tell():
+            worker.log_event(NODE_TOPIC, {**report, "address": worker.address})
+        worker._mallory = PeriodicCallback(tell, 500)
+        worker._mallory.start()
+"""
+
+
+def test_a_worker_with_a_stolen_node_certificate_cannot_run_code_in_the_controller(cluster, tmp_path):
+    c = cluster()
+    c.start_controller()
+    pem = extract_pems(c.bundles / "node.yaml", tmp_path / "stolen")
+    markers, calls = tmp_path / "markers", tmp_path / "calls"
+    markers.mkdir()
+    calls.mkdir()
+    preload = tmp_path / "mallory_preload.py"
+    preload.write_text(textwrap.dedent(MALLORY))
+    mallory = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", f"tls://127.0.0.1:{c.scheduler_port}", "--name", "mallory",
+         "--nthreads", "1", "--no-nanny", "--no-dashboard", "--preload", str(preload),
+         "--tls-ca-file", pem / "ca.pem", "--tls-cert", pem / "cert.pem", "--tls-key", pem / "key.pem"],
+        stdout=(tmp_path / "mallory.log").open("w"), stderr=subprocess.STDOUT, cwd=tmp_path,
+        env={**c.env, "MALLORY_MARKERS": str(markers), "MALLORY_CALLS": str(calls)})
+    try:
+        c.wait_for_nodes("mallory")
+        profile = work_profile(c, "1-4", 0.1, retries=50, max_node_failures=50)  # mallory is never kept off
+        submitted = c.farm("submit", profile, "-o", c.root / "out", "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.json()["jobs"][0]["id"]
+        # mallory answers segments: a forged result, then a forged exception; each is lost
+        c.wait_until(lambda: len(list(calls.iterdir())) >= 2, 120, "mallory to be handed segments")
+        assert c.job(job_id)["state"] == "running"
+        c.start_node("alpha", "--slots", "1")
+        c.wait_until(lambda: c.job(job_id)["state"] in ("done", "failed"), 180, "the job to end")
+        job = c.job(job_id)
+        assert job["state"] == "done", job
+        assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 5)]
+    finally:
+        mallory.kill()
+        mallory.wait()
+    assert list(markers.iterdir()) == []  # nothing mallory sent ever ran, in the controller or anywhere
+    log = (c.root / "controller.log").read_text()
+    assert "ignored an outcome a node sent" in log
+    assert c.controller.poll() is None  # and the controller is still up
