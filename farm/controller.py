@@ -114,7 +114,7 @@ class Controller:
                     scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
                 )
             client = Client(cluster, security=security, set_as_default=False)
-        self.engine = Engine(client, cluster)
+        self.engine = Engine(client, cluster, stamped=True)  # its scheduler runs farm.daskroles
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
         storage.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(self.store, storage, self.config.keep_work)

@@ -52,7 +52,7 @@ from distributed.protocol.serialize import Serialized, msgpack_decode_default
 from distributed.protocol.utils import msgpack_opts, unpack_frames
 from tornado.iostream import StreamClosedError
 
-from farm.wire import NODE_TOPICS
+from farm.wire import NODE_TOPICS, SENDER
 
 log = logging.getLogger("farm.daskroles")
 
@@ -134,6 +134,7 @@ class RoleTLS(TLS):
     role: str | None = None
     allowed: frozenset[str] | None = None  # ops a node may send here (inbound comms only)
     inbound = False
+    worker: str | None = None  # the address a node's worker registered on this connection
 
     def _read_extra(self) -> None:
         super()._read_extra()
@@ -155,7 +156,7 @@ class RoleTLS(TLS):
                     self._refuse(f"a node may not send {op!r} here")
             if self.allowed is NODE_TO_SCHEDULER:
                 try:
-                    _defuse(msg)
+                    self.worker = _defuse(msg, self.worker)
                 except RefusedPeer as exc:
                     self._refuse(str(exc))
         return msg
@@ -192,15 +193,23 @@ RETIRE_ARGUMENTS = frozenset({"op", "reply", "serializers", "workers", "close_wo
 WITHHELD_TOPIC = "farm-withheld"
 
 
-def _defuse(msg: Any) -> None:
+def _defuse(msg: Any, worker: str | None) -> str | None:
     """Make a node's message to the scheduler safe to pass on to the controller's client
     (in place): see the module's docstring. Raises :class:`RefusedPeer` for what no
-    real node sends."""
+    real node sends.
+
+    ``worker`` is the address the node's worker registered on this connection (its
+    batched stream follows the registration on the same connection); every farm event
+    is stamped with it, so the controller knows which worker really sent an outcome.
+    Returns the address, learnt from a ``register-worker``.
+    """
     for item in msg if isinstance(msg, (list, tuple)) else [msg]:
         if not isinstance(item, dict):
             continue
         op = item.get("op")
-        if op == "task-finished":
+        if op == "register-worker" and isinstance(item.get("address"), str):
+            worker = item["address"]
+        elif op == "task-finished":
             item["type"] = None  # the client would unpickle it; it has the typename
         elif op == "task-erred":
             item["exception"] = str(item.get("exception_text") or "the task failed on the node")
@@ -212,12 +221,15 @@ def _defuse(msg: Any) -> None:
                 # Dask's own worker events (and a client's "warn", which it unpickles):
                 # the controller wants none of them; they are kept aside, as text.
                 item["topic"], item["msg"] = WITHHELD_TOPIC, repr(topics)[:200]
+            elif isinstance(item.get("msg"), dict):
+                item["msg"][SENDER] = worker
         elif op == "retire_workers":
             extra = set(item) - RETIRE_ARGUMENTS
             if extra or not isinstance(item.get("workers"), (list, tuple)):
                 raise RefusedPeer(f"a node may retire only named workers, without {sorted(extra)}")
         if _holds_serialized(item):
             raise RefusedPeer(f"a node sent a serialized object in {op!r}")
+    return worker
 
 
 def _holds_serialized(value: Any) -> bool:

@@ -24,7 +24,7 @@ from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
 from farm.node import cancel_attempt, run_segment
-from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, BadMessage, read_outcome
+from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, SENDER, BadMessage, read_outcome
 
 log = logging.getLogger("farm.engine")
 NODE_SILENCE_SECONDS = 10.0
@@ -54,8 +54,13 @@ class Engine:
     """Runs attempts on Dask workers; ``outcomes`` receives ``(kind, attempt_id, value)``."""
 
     def __init__(self, client: Client, cluster: LocalCluster | None = None,
-                 capabilities: dict[str, str] | None = None):
+                 capabilities: dict[str, str] | None = None, stamped: bool = False):
+        """``stamped``: the scheduler stamps every farm event with its sender
+        (:mod:`farm.daskroles`, a TLS cluster); outcomes are then taken only from the
+        worker each attempt was handed to."""
         self.client = client
+        self._stamped = stamped
+        self._handed: dict[str, str] = {}  # attempt -> the worker it was handed to
         self.cluster = cluster
         self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._capabilities = capabilities or {}
@@ -98,16 +103,24 @@ class Engine:
         now = time.monotonic()
         views = []
         for address in workers:
-            heard, report = self._reports.get(address, (0.0, None))
-            if report is None or now - heard > NODE_SILENCE_SECONDS:
-                continue
-            views.append(NodeView(address, report["name"], report["slots"], report["capabilities"],
-                                  report["accepting"], report["hand_back"], report["reason"], report["running"]))
+            heard, view = self._reports.get(address, (0.0, None))
+            if view is not None and now - heard <= NODE_SILENCE_SECONDS:
+                views.append(view)
         return views
 
     def _on_report(self, event: Any) -> None:
         _, report = event
-        self._reports[report["address"]] = (time.monotonic(), report)
+        try:
+            # On a cluster a node speaks for its own worker only (the scheduler's stamp)
+            address = report[SENDER] if self._stamped else report["address"]
+            view = NodeView(str(address), str(report["name"]), int(report["slots"]),
+                            {str(key): str(value) for key, value in report["capabilities"].items()},
+                            bool(report["accepting"]), bool(report["hand_back"]), str(report["reason"]),
+                            int(report["running"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("ignored a node's report that is not what a farm node sends (%s: %s)", type(exc).__name__, exc)
+            return
+        self._reports[view.address] = (time.monotonic(), view)
 
     def forget(self, attempt_id: str) -> None:
         """Stop waiting for an attempt (its node left); Dask may drop the task."""
@@ -120,6 +133,7 @@ class Engine:
             key=f"farm-{segment.attempt_id}", workers=[address], allow_other_workers=False, pure=False,
         )
         self._futures[segment.attempt_id] = future
+        self._handed[segment.attempt_id] = address
         attempt_id = segment.attempt_id
         future.add_done_callback(lambda _: self.outcomes.put(("finished", attempt_id, None)))
 
@@ -129,6 +143,14 @@ class Engine:
             attempt_id, outcome = read_outcome(message)
         except BadMessage as exc:
             log.warning("ignored an outcome a node sent: %s", exc)
+            return
+        if self._stamped and message.get(SENDER) != self._handed.get(attempt_id):
+            if message.get(SENDER) is None:
+                log.warning("ignored an outcome of attempt %s that its scheduler did not stamp with its sender: "
+                            "run an outside scheduler with --preload farm.daskroles", attempt_id)
+            else:
+                log.warning("ignored an outcome of attempt %s sent by %s, a worker it was not handed to",
+                            attempt_id, message.get(SENDER))
             return
         self._arrived[attempt_id] = outcome
         self.outcomes.put(("finished", attempt_id, None))
@@ -170,6 +192,7 @@ class Engine:
 
     def _drop(self, attempt_id: str) -> None:
         self._silent_since.pop(attempt_id, None)
+        self._handed.pop(attempt_id, None)
         future = self._futures.pop(attempt_id, None)
         if future is not None:
             future.release()

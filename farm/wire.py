@@ -18,6 +18,9 @@ PROGRESS_TOPIC = "farm-progress"  # a running attempt's fraction and message
 NODE_TOPIC = "farm-node"  # each node's report: who it is, what it offers, whether it takes work
 RESULT_TOPIC = "farm-result"  # an attempt's outcome, sent once as it ends
 NODE_TOPICS = frozenset({PROGRESS_TOPIC, NODE_TOPIC, RESULT_TOPIC})
+#: The key under which a cluster's scheduler stamps each farm event with the address of
+#: the worker whose connection it came on (whatever the node wrote there is replaced).
+SENDER = "farm-sender"
 
 #: The keys of an outcome and the type each must have; anything else is dropped.
 OUTCOME_FIELDS: dict[str, type | tuple[type, ...]] = {

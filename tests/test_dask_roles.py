@@ -292,6 +292,12 @@ MALLORY = r"""
         (CALLS / f"call-{call}").touch()
         worker.log_event("warn", {"message": pickle.dumps(Boom()), "category": pickle.dumps(Boom())})
         worker.log_event(RESULT_TOPIC, {"attempt": segment.attempt_id, "outcome": {"ok": "yes", "log": 1}})
+        for other in range(4):  # "done", for the attempts of every other segment of the job
+            for number in range(1, 13):
+                attempt = f"{job.id}.s{other:05d}.a{number}"
+                if not attempt.startswith(segment.id):
+                    worker.log_event(RESULT_TOPIC, {"attempt": attempt, "outcome": {"ok": True, "result": {}},
+                                                    "farm-sender": "tls://127.0.0.1:1"})
         if call % 2:
             return Boom()  # the task's result
         raise BoomError("no")  # the task's exception
@@ -343,4 +349,5 @@ def test_a_worker_with_a_stolen_node_certificate_cannot_run_code_in_the_controll
     assert list(markers.iterdir()) == []  # nothing mallory sent ever ran, in the controller or anywhere
     log = (c.root / "controller.log").read_text()
     assert "ignored an outcome a node sent" in log
+    assert "a worker it was not handed to" in log
     assert c.controller.poll() is None  # and the controller is still up
