@@ -706,8 +706,9 @@ class Scheduler:
                 kept = ", ".join(f'"{name}"' for name in sorted(n.name for n in able))
                 count = f"the only node that can run it (node {kept})" if len(able) == 1 else \
                     f"all {len(able)} nodes that can run it (nodes {kept})"
-                self._fail_job(rt, f"{count} failed it "
-                                   f"{rt.job.profile.max_node_failures} times (max_node_failures) and "
+                limit = rt.job.profile.max_node_failures
+                self._fail_job(rt, f"{count} failed it {limit} time{'' if limit == 1 else 's'} "
+                                   f"(max_node_failures) and "
                                    f"{'was' if len(able) == 1 else 'were'} kept off the job; "
                                    f"last error: {rt.error or 'unknown'}")
                 continue

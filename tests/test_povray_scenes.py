@@ -232,3 +232,17 @@ def test_missing_and_empty_frames_are_named_by_number_and_rendered_once_more(far
     labels = [s["label"] for s in store.segments(job["id"])]
     store.close()
     assert labels == ["frames 1-5", "re-render frames 3-4"]  # rendered once more, not once per retry
+
+
+def test_a_job_every_node_was_kept_off_says_how_many_nodes_which_and_why(farm, farm_env):
+    pov = write_profile(farm_env["tmp"], "crash", {
+        "processor": "imageseq", "frames": "1-4", "segment": {"frames": 2}, "retries": 5, "max_node_failures": 1,
+        "settings": {"renderer": "template", "output": "f_####.png",
+                     "template": [sys.executable, "-c", "import sys; print('out of luck'); sys.exit(3)", "{start}"]},
+    })
+    result = farm("run", pov, "-o", farm_env["tmp"] / "out", "--json")
+    assert result.returncode == 1
+    error = result.json()["jobs"][0]["error"]
+    assert error.startswith("the only node that can run it (node \""), error
+    assert "failed it 1 time (max_node_failures) and was kept off the job; last error: " in error
+    assert "exit status 3" in error

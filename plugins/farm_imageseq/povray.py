@@ -296,11 +296,12 @@ def render(job: Any, frames: list[int], runs: list[list[int]], folder: Path, pat
         tail += [f"+SF{run[0]}", f"+EF{run[-1]}", "+O" + out, "+FN", "-D", "-V"]
         output: collections.deque[str] = collections.deque(maxlen=400)
 
-        def seen(line: str, total: int = len(frames), before: int = done) -> None:
+        def seen(line: str, total: int = len(frames), before: int = done, first: int = run[0]) -> None:
             output.append(line)
-            match = _PROGRESS.search(line)
+            match = _PROGRESS.search(line)  # "Rendering frame 2 of 5": the 2nd of this run
             if match:
-                context.progress((before + int(match.group(1)) - 1) / total, f"frame {run[0] + int(match.group(1)) - 1}")
+                nth = int(match.group(1))
+                context.progress((before + nth - 1) / total, f"frame {first + nth - 1}")
 
         result = context.run([*head, *tail], cwd=pov.folder, check=False, read=pov.read, on_line=seen)
         if result.exit_status != 0:
