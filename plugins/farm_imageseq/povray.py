@@ -137,6 +137,11 @@ class PovSetup:
                 f"+SF/+EF choose the frames to render"]
 
 
+def _within(path: Path, folder: Path) -> bool:
+    resolved, root = path.resolve(), folder.resolve()
+    return resolved == root or root in resolved.parents
+
+
 def _resolve_ini(job: Any) -> tuple[Path | None, Path | None]:
     """(ini, scene named by the job) for a job's input."""
     source: Path = job.input
@@ -187,8 +192,11 @@ def setup(job: Any) -> PovSetup:
         readable = scene_path.parent
     else:
         readable = scene.parent
-    read = sorted({folder, readable, *([ini.parent] if ini else []),
-                   *(folder / p for p in options.library_paths if (folder / p).is_dir())})
+    # The sandbox shows what the profile (an admin's) names and what lies in the scene's folder;
+    # a submitted INI cannot widen it to other folders: those go in the profile's sandbox.read.
+    read = sorted({folder, *([ini.parent] if ini and job.settings.ini not in ("auto", "none") else []),
+                   *(path for path in (readable, *(folder / p for p in options.library_paths))
+                     if _within(path, folder) and path.is_dir())})
 
     explicit = job.profile.settings if isinstance(job.profile.settings, dict) else {}
     dims, sources = [], []
