@@ -174,7 +174,7 @@ def test_farm_plan_shows_the_size_the_animation_and_which_one_wins(farm, farm_en
     from_ini = farm("plan", profile(farm_env["tmp"]), scene)
     assert from_ini.returncode == 0, from_ini.stderr
     assert "size 320x240 (from orbit.ini)" in from_ini.stdout
-    assert "animation frames 1-12 (Initial_Frame/Final_Frame of orbit.ini)" in from_ini.stdout
+    assert "animation frames 1-12 from Initial_Frame/Final_Frame of orbit.ini" in from_ini.stdout
     assert from_ini.stdout.count("frames ") >= 6  # 12 frames in segments of 2
     overridden = farm("plan", profile(farm_env["tmp"]), scene, "--set", "settings.width=64", "--set",
                       "settings.height=48", "--set", "frames=3-4")

@@ -133,8 +133,8 @@ class PovSetup:
         first, last = self.animation
         runs = f"POV-Ray runs in {self.folder}" + (f" with {self.ini.name}" if self.ini else " (no INI)")
         return [runs, f"size {self.width}x{self.height} ({self.size_from})",
-                f"animation frames {first}-{last} ({self.animation_from}): the clock runs over all of them, "
-                f"+SF/+EF choose the frames to render"]
+                f"animation frames {first}-{last} {self.animation_from}: the clock runs over all of them, "
+                "+SF/+EF choose the frames to render"]
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -224,7 +224,7 @@ def setup(job: Any) -> PovSetup:
     declared = "KFI" in options.values or "KFF" in options.values
     if declared:
         animation = (options.number("KFI") or 1, options.number("KFF") or 1)
-        animation_from = f"Initial_Frame/Final_Frame of {named}"
+        animation_from = f"from Initial_Frame/Final_Frame of {named}"
         if settings.animation is not None:
             own = parse_frames(settings.animation)
             if (own[0], own[-1]) != animation:
@@ -232,10 +232,10 @@ def setup(job: Any) -> PovSetup:
                                 f"({animation[0]}-{animation[1]}); remove one of them")
     elif settings.animation is not None:
         own = parse_frames(settings.animation)
-        animation, animation_from = (own[0], own[-1]), "settings.animation"
+        animation, animation_from = (own[0], own[-1]), "from settings.animation"
     elif job.frames:
         animation, animation_from = (job.frames[0], job.frames[-1]), \
-            "the profile's frames, as no INI declares the animation (set settings.animation to render part of a longer one)"
+            "from the profile's frames (no INI declares one; to render part of a longer animation, set settings.animation)"
     else:
         raise PlanError(f"no frames to render: the profile gives no frames and {job.input.name} has no INI that "
                         "declares an animation (Initial_Frame/Final_Frame); set frames, e.g. --set frames=1-48")
