@@ -479,6 +479,7 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
         try:
             outputs = processor.outputs(job)
             plans = list(processor.plan(job))
+            notes = list(processor.describe(job))
         except Exception as exc:
             if source is not None and not source.exists():  # deleted since check_inputs looked
                 raise UsageError(f"input {str(source)!r} was deleted while it was being planned") from None
@@ -492,6 +493,7 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
             "existing": [] if outputs is None else [str(path) for path in outputs if os.path.lexists(path)],
             "segments": [{"index": i, "label": p.label, "frames": p.frames, "params": p.params}
                          for i, p in enumerate(plans)],
+            "notes": notes,
         })
     if args.json:
         print(json.dumps({"profile": loaded.profile.name, "processor": processor.name, "jobs": planned}, indent=2),
@@ -501,6 +503,8 @@ def cmd_plan(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     for job in planned:
         outputs = "outputs known once it has run" if job["outputs"] is None else f"{len(job['outputs'])} output(s)"
         print(f"  {job['input'] or '(no input)'}: {len(job['segments'])} segment(s), {outputs}", file=stdout)
+        for note in job["notes"]:
+            print(f"    {note}", file=stdout)
         for seg in job["segments"]:
             print(f"    {seg['index']:>5}  {seg['label']}", file=stdout)
         if job["existing"]:

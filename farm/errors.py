@@ -50,7 +50,14 @@ class ProcessorError(FarmError):
     """A segment or an assemble step failed; the message is the job's reason."""
 
 
-class SourceChanged(ProcessorError):
+class DeterministicFailure(ProcessorError):
+    """A segment failure that would happen again on any node, on every try: a scene that
+    does not parse, a missing include or texture. A processor raises it (the message is
+    the renderer's own reason, with file and line); the job fails at once with that
+    reason instead of retrying the segment and keeping nodes off the job."""
+
+
+class SourceChanged(DeterministicFailure):
     """A job's input was deleted or changed after the job was accepted; retrying cannot help."""
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from farm import sandbox
 from farm.config import NodeConfig, load_config
-from farm.errors import FarmError, ProcessorError, SourceChanged, UsageError
+from farm.errors import DeterministicFailure, FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
 from farm.processor import Context, NodeInfo
 from farm.wire import PROGRESS_TOPIC, RESULT_TOPIC, outcome_message
@@ -590,7 +590,7 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}
     except Cancelled as exc:
         return {"ok": False, "cancelled": True, "reason": str(exc), "log": log.text(), "node": node.name}
-    except SourceChanged as exc:
+    except DeterministicFailure as exc:  # retrying cannot help: the job fails at once
         log.write(f"=== failed: {exc}")
         return {"ok": False, "fatal": True, "reason": str(exc), "log": log.text(), "node": node.name}
     except Exception as exc:

@@ -97,6 +97,12 @@ class Processor:
         """
         return None
 
+    def describe(self, job: Job) -> list[str]:
+        """Lines `farm plan` shows under a job: what the processor decided that a person
+        would want to check first (a renderer's size and where it came from, ...).
+        Cheap and pure, like :meth:`plan`."""
+        return []
+
     def plan(self, job: Job) -> Sequence[SegmentPlan]:
         """Cut a job into segments; cheap and pure (may probe, never writes outputs)."""
         return [SegmentPlan(label="whole job")]

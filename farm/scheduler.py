@@ -703,9 +703,14 @@ class Scheduler:
             if not nodes:
                 waiting = "no node is connected"
             elif able and all(n.name in rt.excluded for n in able) and not self._running_of(rt):
-                names = ", ".join(sorted(rt.excluded))
-                self._fail_job(rt, f"every node that can run it failed it {rt.job.profile.max_node_failures} "
-                                   f"times and was kept off the job ({names}); last error: {rt.error or 'unknown'}")
+                kept = ", ".join(f'"{name}"' for name in sorted(n.name for n in able))
+                count = f"the only node that can run it (node {kept})" if len(able) == 1 else \
+                    f"all {len(able)} nodes that can run it (nodes {kept})"
+                limit = rt.job.profile.max_node_failures
+                self._fail_job(rt, f"{count} failed it {limit} time{'' if limit == 1 else 's'} "
+                                   f"(max_node_failures) and "
+                                   f"{'was' if len(able) == 1 else 'were'} kept off the job; "
+                                   f"last error: {rt.error or 'unknown'}")
                 continue
             elif not able:
                 missing = sorted({need for n in nodes for need in unmet_requirements(rt.requires, n.capabilities)})
@@ -754,8 +759,10 @@ class Scheduler:
                 self._start_assembly(rt)
             return
         reason = outcome.get("reason") or "unknown failure"
-        if outcome.get("fatal"):  # retrying cannot help (the source changed)
+        if outcome.get("fatal"):  # retrying cannot help (a DeterministicFailure: a parse error, a changed source)
             self.store.end_attempt(attempt_id, AttemptState.FAILED, reason=reason, log=attempt_log)
+            self.store.move_segment(seg.id, seg.state, SegmentState.FAILED, error=reason)
+            seg.state = SegmentState.FAILED
             self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.FAILED,
                                 result=None, reason=reason)
             self._fail_job(rt, reason)

@@ -13,12 +13,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from farm import hookimpl
-from farm.errors import PlanError, ProcessorError
-from farm.frames import chunk_frames, format_frames
+from farm.errors import FarmError, PlanError, ProcessorError
+from farm.frames import chunk_frames, format_frames, parse_frames
 from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import deliver
 from farm.processor import Context, Processor
 
+from farm_imageseq import povray
 from farm_imageseq.patterns import FramePattern
 from farm_imageseq.renderers import RENDERERS, check_template
 
@@ -38,6 +39,11 @@ class ImageSeqSettings(BaseModel):
                                                                             description="blender only")
     samples: int = Field(default=16, ge=1, le=100000, description="blender Cycles samples")
     renderer_args: list[str] = Field(default_factory=list, description="extra arguments, each one argument")
+    ini: str = Field(default="auto", description="povray: the INI to read with a scene: auto (the one beside it, same "
+                                                 "stem, when there is one), none, or a path relative to the scene's folder")
+    animation: str | None = Field(default=None, description="povray: the whole animation the clock runs over "
+                                                            "(Initial_Frame-Final_Frame) when no INI declares it, "
+                                                            "e.g. 1-240; default: the profile's frames")
     template: list[str] = Field(default_factory=list,
                                 description="template renderer: argv with {scene} {start} {end} {output} {output_dir}")
 
@@ -53,8 +59,22 @@ class ImageSeqSettings(BaseModel):
         check_template(value)
         return value
 
+    @field_validator("animation")
+    @classmethod
+    def _animation(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                frames = parse_frames(value)
+            except FarmError as exc:
+                raise ValueError(str(exc)) from None
+            if frames != list(range(frames[0], frames[-1] + 1)):
+                raise ValueError(f"expected one range such as 1-240, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _renderer_needs(self) -> ImageSeqSettings:
+        if self.renderer != "povray" and (self.ini != "auto" or self.animation is not None):
+            raise ValueError("ini and animation are POV-Ray settings (renderer: povray)")
         if self.renderer == "template" and not self.template:
             raise ValueError("renderer template needs settings.template, e.g. [shake, -exec, '{scene}', -t, '{start}-{end}']")
         if self.renderer in ("povray", "blender") and FramePattern.parse(self.output).extension != "png":
@@ -74,7 +94,7 @@ def image_problem(path: Path, width: int, height: int, context: Any) -> str | No
     except FileNotFoundError:
         return "missing"
     if size == 0:
-        return "empty"
+        return "empty (0 bytes)"
     if path.suffix.lower() == ".png":
         with open(path, "rb") as handle:
             head = handle.read(24)
@@ -95,19 +115,38 @@ def image_problem(path: Path, width: int, height: int, context: Any) -> str | No
     return None
 
 
+def frame_list(frames: list[int], noun: str) -> str:
+    """[17, 18] -> "frames 17, 18"; [3] -> "frame 3"; long runs as ranges: "frames 1-40, 45"."""
+    runs: list[list[int]] = []
+    for frame in sorted(frames):
+        if runs and frame == runs[-1][-1] + 1:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return f"{noun}{'s' if len(frames) > 1 else ''} {', '.join(parts)}"
+
+
+def _by_problem(bad: dict[int, str]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for frame, problem in sorted(bad.items()):
+        grouped.setdefault(problem, []).append(frame)
+    return grouped
+
+
 class ImageSequence(Processor):
     name = "imageseq"
     description = "renders image sequences by frame ranges (POV-Ray, Blender, command templates)"
     settings_model = ImageSeqSettings
     frame_based = True
-    sensitive_settings = frozenset({"renderer", "renderer_args", "template"})
+    sensitive_settings = frozenset({"renderer", "renderer_args", "template", "ini"})
 
     def input_mode(self, settings: ImageSeqSettings) -> str:
         uses_scene = settings.renderer != "template" or any("{scene}" in item for item in settings.template)
         return "file" if uses_scene and settings.renderer != "blender" else "optional"
 
     def check(self, profile: Any, settings: ImageSeqSettings) -> None:
-        if profile.frames is None:
+        if profile.frames is None and settings.renderer != "povray":  # POV-Ray: the scene's INI may declare them
             raise ProcessorError("frames: an image sequence needs a frame range, such as frames: 1-240")
 
     def requires(self, job: Job) -> dict[str, str]:
@@ -119,18 +158,31 @@ class ImageSequence(Processor):
             needs.setdefault(renderer, "")
         return needs
 
+    def frames(self, job: Job) -> list[int]:
+        """The frames a job renders: the profile's, or (POV-Ray) those its scene's INI declares."""
+        if job.settings.renderer == "povray" and job.input is not None:
+            return povray.setup(job).frames
+        return list(job.frames or [])
+
+    def size(self, job: Job) -> tuple[int, int]:
+        if job.settings.renderer == "povray" and job.input is not None:
+            pov = povray.setup(job)
+            return pov.width, pov.height
+        return job.settings.width, job.settings.height
+
+    def describe(self, job: Job) -> list[str]:
+        if job.settings.renderer == "povray" and job.input is not None:
+            return povray.setup(job).notes()
+        return []
+
     def plan(self, job: Job) -> list[SegmentPlan]:
-        if not job.frames:
+        frames = self.frames(job)
+        if not frames:
             raise PlanError("the frame range is empty")
-        renderer = RENDERERS[job.settings.renderer]
-        declared = renderer.declared_range(job.input) if job.input and hasattr(renderer, "declared_range") else None
-        if declared and (job.frames[0] < declared[0] or job.frames[-1] > declared[1]):
-            raise PlanError(f"frames {format_frames(job.frames)} are outside the scene's declared range "
-                            f"{declared[0]}-{declared[1]} ({job.input.with_suffix('.ini').name})")
         segment = job.profile.segment
         size = segment.frames or (FIRST_SEGMENT_FRAMES if segment.target_seconds else 10)
         return [SegmentPlan(label=f"frames {format_frames(chunk)}", frames=chunk)
-                for chunk in chunk_frames(job.frames, size)]
+                for chunk in chunk_frames(frames, size)]
 
     def run(self, segment: Segment, context: Context) -> dict[str, Any]:
         settings: ImageSeqSettings = segment.job.settings
@@ -140,10 +192,12 @@ class ImageSequence(Processor):
         context.progress(1.0, f"rendered {len(frames)} frame(s)")
         written = {str(frame): pattern.name(frame) for frame in frames if (segment.output_dir / pattern.name(frame)).exists()}
         missing = [frame for frame in frames if str(frame) not in written]
-        if missing:
-            raise ProcessorError(f"the renderer did not write frames {format_frames(missing)} "
-                                 f"({pattern.name(missing[0])} ...)")
-        return {"dir": str(segment.output_dir), "frames": written}
+        if missing:  # verification names them and renders them once more
+            context.logger.warning("the renderer did not write %s", frame_list(missing, "frame"))
+        result: dict[str, Any] = {"dir": str(segment.output_dir), "frames": written}
+        if segment.params.get("again"):
+            result["again"] = frames  # what verification asked for: still bad after this, the job fails
+        return result
 
     def _frame_files(self, results: list[dict[str, Any]]) -> dict[int, Path]:
         files: dict[int, Path] = {}
@@ -153,27 +207,33 @@ class ImageSequence(Processor):
         return files
 
     def verify(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[SegmentPlan]:
-        settings: ImageSeqSettings = job.settings
+        """Every frame there, readable, of the expected size; bad frames are rendered once
+        more, and still bad after that, they fail the job by number."""
         files = self._frame_files(results)
+        width, height = self.size(job)
         bad: dict[int, str] = {}
-        for frame in job.frames or []:
+        for frame in self.frames(job):
             path = files.get(frame)
-            problem = "missing" if path is None else image_problem(path, settings.width, settings.height, context)
+            problem = "missing" if path is None else image_problem(path, width, height, context)
             if problem:
                 bad[frame] = problem
         if not bad:
             return []
-        context.logger.warning("frames to render again: %s", ", ".join(f"{f} ({why})" for f, why in bad.items()))
-        return [SegmentPlan(label=f"re-render frames {format_frames(chunk)}", frames=chunk)
+        said = "; ".join(f"{frame_list(frames, 'frame')} {problem}" for problem, frames in _by_problem(bad).items())
+        tried = {frame for result in results for frame in result.get("again", [])}
+        if any(frame in tried for frame in bad):
+            raise ProcessorError(f"{said}, after rendering them again")
+        context.logger.warning("%s; rendering them again", said)
+        return [SegmentPlan(label=f"re-render frames {format_frames(chunk)}", frames=chunk, params={"again": True})
                 for chunk in chunk_frames(sorted(bad), job.profile.segment.frames or 10)]
 
     def outputs(self, job: Job) -> list[Path]:
         pattern = job.settings.pattern
-        return [job.destination / pattern.name(frame) for frame in job.frames or []]
+        return [job.destination / pattern.name(frame) for frame in self.frames(job)]
 
     def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
         files = self._frame_files(results)
-        targets = dict(zip(job.frames or [], self.outputs(job), strict=True))
+        targets = dict(zip(self.frames(job), self.outputs(job), strict=True))
         return [str(path) for path in deliver({target: files[frame] for frame, target in targets.items()},
                                               job, context, noun="frames")]
 

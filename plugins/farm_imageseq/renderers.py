@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from farm.errors import ProcessorError
 from farm.security import allowed_executable
 
+from farm_imageseq import povray
 from farm_imageseq.patterns import FramePattern
 
 
@@ -63,8 +64,7 @@ def _version_of(executable: str, flag: str, regex: str) -> str | None:
 
 
 class PovRay(Renderer):
-    """POV-Ray renders a subset of an animation with +SF/+EF; ``clock`` runs over the
-    whole job (+KFI/+KFF), and its zero-padded names are renamed to the job's pattern."""
+    """POV-Ray as its users run it, with the scene's INI (see :mod:`farm_imageseq.povray`)."""
 
     name = "povray"
     executable = "povray"
@@ -72,38 +72,8 @@ class PovRay(Renderer):
     def version(self) -> str | None:
         return _version_of("povray", "--version", r"POV-Ray\s+(\d+(?:\.\d+)+)")
 
-    def declared_range(self, scene: Path) -> tuple[int, int] | None:
-        """Initial_Frame/Final_Frame from the scene's own INI (scene.ini beside scene.pov)."""
-        ini = scene.with_suffix(".ini")
-        if not ini.is_file():
-            return None
-        values = dict(re.findall(r"(?im)^\s*(Initial_Frame|Final_Frame)\s*=\s*(-?\d+)", ini.read_text(errors="replace")))
-        keys = {k.lower(): int(v) for k, v in values.items()}
-        if "initial_frame" in keys and "final_frame" in keys:
-            return keys["initial_frame"], keys["final_frame"]
-        return None
-
     def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
-        settings = job.settings
-        first, last = self.declared_range(job.input) or (job.frames[0], job.frames[-1])
-        for run in consecutive_runs(frames):
-            argv = ["povray", f"+I{job.input}", "+Oframe.png", "+FN", f"+W{settings.width}", f"+H{settings.height}",
-                    f"+KFI{first}", f"+KFF{last}", f"+SF{run[0]}", f"+EF{run[-1]}", "-D", "-V",
-                    *settings.renderer_args]
-            result = context.run(argv, cwd=folder, check=False, read=scene_folder(job))
-            if result.exit_status != 0:
-                lines = result.output.splitlines()
-                said = next((line.strip() for line in lines if "Parse Error" in line), None) or \
-                    next((line.strip() for line in lines if "error" in line.lower()), None) or \
-                    next((line.strip() for line in reversed(lines) if line.strip()), "")
-                ending = f"exit status {result.exit_status}" if result.signal is None else f"signal {result.signal}"
-                raise ProcessorError(f"povray failed with {ending}: {said}")
-            digits = len(str(last))
-            for frame in run:
-                produced = folder / f"frame{frame:0{digits}d}.png"
-                if not produced.exists():
-                    raise ProcessorError(f"povray exited 0 but did not write frame {frame} ({produced.name})")
-                produced.rename(folder / pattern.name(frame))
+        povray.render(job, frames, consecutive_runs(frames), folder, pattern, context)
 
 
 class Blender(Renderer):
