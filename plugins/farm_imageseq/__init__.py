@@ -32,11 +32,12 @@ class ImageSeqSettings(BaseModel):
 
     renderer: Literal["povray", "blender", "template"]
     output: str = Field(default="frame_####.png", description="file pattern: shot_####.png or shot_%04d.png")
-    width: int = Field(default=640, ge=1, le=16384)
-    height: int = Field(default=480, ge=1, le=16384)
-    engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] = Field(default="CYCLES",
-                                                                            description="blender only")
-    samples: int = Field(default=16, ge=1, le=100000, description="blender Cycles samples")
+    width: int = Field(default=640, ge=1, le=16384, description="blender with a .blend: the scene's own unless set")
+    height: int = Field(default=480, ge=1, le=16384, description="blender with a .blend: the scene's own unless set")
+    engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] = Field(
+        default="CYCLES", description="blender only; with a .blend: the scene's own unless set")
+    samples: int = Field(default=16, ge=1, le=100000,
+                         description="blender Cycles/Eevee samples; with a .blend: the scene's own unless set")
     renderer_args: list[str] = Field(default_factory=list, description="extra arguments, each one argument")
     template: list[str] = Field(default_factory=list,
                                 description="template renderer: argv with {scene} {start} {end} {output} {output_dir}")
@@ -136,14 +137,14 @@ class ImageSequence(Processor):
         settings: ImageSeqSettings = segment.job.settings
         pattern = settings.pattern
         frames = segment.frames or []
-        RENDERERS[settings.renderer].render(segment.job, frames, segment.output_dir, pattern, context)
+        made = RENDERERS[settings.renderer].render(segment.job, frames, segment.output_dir, pattern, context)
         context.progress(1.0, f"rendered {len(frames)} frame(s)")
         written = {str(frame): pattern.name(frame) for frame in frames if (segment.output_dir / pattern.name(frame)).exists()}
         missing = [frame for frame in frames if str(frame) not in written]
         if missing:
             raise ProcessorError(f"the renderer did not write frames {format_frames(missing)} "
                                  f"({pattern.name(missing[0])} ...)")
-        return {"dir": str(segment.output_dir), "frames": written}
+        return {"dir": str(segment.output_dir), "frames": written, **(made or {})}
 
     def _frame_files(self, results: list[dict[str, Any]]) -> dict[int, Path]:
         files: dict[int, Path] = {}
@@ -155,10 +156,14 @@ class ImageSequence(Processor):
     def verify(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[SegmentPlan]:
         settings: ImageSeqSettings = job.settings
         files = self._frame_files(results)
+        # a renderer that renders at the scene's own size (Blender) says which in "size"
+        sizes = {int(frame): tuple(result["size"]) for result in results if result.get("size")
+                 for frame in result.get("frames", {})}
         bad: dict[int, str] = {}
         for frame in job.frames or []:
             path = files.get(frame)
-            problem = "missing" if path is None else image_problem(path, settings.width, settings.height, context)
+            width, height = sizes.get(frame, (settings.width, settings.height))
+            problem = "missing" if path is None else image_problem(path, width, height, context)
             if problem:
                 bad[frame] = problem
         if not bad:
