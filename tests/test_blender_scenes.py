@@ -93,12 +93,14 @@ def build_scene(folder: Path, engine: str = "BLENDER_WORKBENCH", frames: int = 1
     return folder / "shot.blend"
 
 
-def by_hand(blend: Path, *args: str) -> Path:
-    """Blender as its user runs it; the frames land in the scene's own //byhand/."""
-    done = subprocess.run(["blender", "-b", str(blend), *args, "-a"], capture_output=True, text=True,
+def by_hand(blend: Path, *args: str, out: Path | None = None) -> Path:
+    """Blender as its user runs it; the frames land in the scene's own //byhand/ (or in
+    ``out``, for a scene whose own output path is somewhere else)."""
+    where = ["-o", str(out / "frame_####")] if out else []
+    done = subprocess.run(["blender", "-b", str(blend), *args, *where, "-a"], capture_output=True, text=True,
                           timeout=600, cwd=blend.parent)
     assert done.returncode == 0, done.stdout[-2000:]
-    return blend.parent / "byhand"
+    return out or blend.parent / "byhand"
 
 
 def pixels(path: Path) -> tuple[int, int, bytes]:
@@ -207,3 +209,24 @@ def test_a_library_outside_the_blend_folder_says_how_to_show_it(farm, farm_env):
     result = farm("run", profile, blend, "-o", out, "--json", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert pixels(out / "f_0001.png")[:2] == (64, 48)
+
+
+#: Debian's blender ships no demo files (blender.org's demo scenes are a separate
+#: download); the scenes it ships with a camera are the app templates' start-up files.
+SHIPPED = Path("/usr/share/blender/scripts/startup/bl_app_templates_system")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["2D_Animation"])  # VFX, Video_Editing: the same, see docs/blender.md
+def test_shipped_scenes_are_blenders_own_picture(farm, farm_env, template):
+    """Scenes nobody here wrote (Eevee, as saved; only made 64x48, since Eevee renders in
+    software here): Farm's frames 1-2, one a segment, are Blender's own pixels."""
+    blend = SHIPPED / template / "startup.blend"
+    if not blend.exists():
+        pytest.skip(f"{blend} is not installed")
+    result, out = farm_render(farm, farm_env, blend, "1-2", per_segment=1, width=64, height=48)
+    assert result.returncode == 0, result.stdout + result.stderr
+    hand = by_hand(blend, "--python-expr", "import bpy; r = bpy.context.scene.render; "
+                   "r.resolution_x, r.resolution_y, r.resolution_percentage = 64, 48, 100", "-s", "1", "-e", "2",
+                   out=farm_env["tmp"] / "byhand")
+    assert_same_pixels(out, hand, [1, 2], (64, 48))
