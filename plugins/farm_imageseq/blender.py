@@ -44,8 +44,8 @@ def check(kind, name, written, library=None):
     if not os.path.exists(full):
         report["missing"].append([kind, name, written, full])
 
-for lib in bpy.data.libraries:
-    check("library", lib.name, lib.filepath, getattr(lib, "parent", None))
+for lib in bpy.data.libraries:  # an indirect library's path too is relative to the main file
+    check("library", lib.name, lib.filepath)
 for image in bpy.data.images:
     if image.packed_file is not None or image.source not in ("FILE", "SEQUENCE", "MOVIE", "TILED"):
         continue
@@ -132,15 +132,20 @@ def missing_reason(missing: list[list[str]], blend: Path | None, visible: list[P
     node but outside what the sandbox shows, how to show it."""
     parts = []
     for kind, name, written, full in missing:
-        said = f"{kind} {written}" + (f" ({full})" if written != full else "")
+        details = [f"looked for at {full}"] if written != full else []
         if kind != "library":
-            said += f" used by {name!r}"
+            details.append(f"the {kind} called {name!r} in Blender")
+        said = f"{kind} {written}" + (f" ({'; '.join(details)})" if details else "")
         if Path(full).exists() and not any(Path(full).is_relative_to(root) for root in visible):
             said += (", which exists but outside the .blend's folder, all that a render may read: add "
                      f"{Path(full).parent} to the profile's sandbox: {{read: [...]}}")
         parts.append(said)
     where = f" in {blend.name}" if blend else ""
-    return f"missing files{where}: {'; '.join(parts)} (Blender would render missing images magenta)"
+    kinds = {kind for kind, *_ in missing}
+    why = ("Blender would render a missing image magenta" if "image" in kinds else
+           "Blender would leave out what a missing library holds" if "library" in kinds else
+           "Blender would render without it")
+    return f"missing files{where}: {'; '.join(parts)} ({why})"
 
 
 class Blender(Renderer):
