@@ -147,7 +147,7 @@ def test_sub_range_in_segments_is_blenders_own_picture_workbench(farm, farm_env)
     """Frames 3-10 of a 1-12 animation, three frames a segment, with the scene's own size
     (128x96 at 50 %) and engine: the same pixels as `blender -b shot.blend -s 3 -e 10 -a`,
     texture and linked cone included (Workbench is deterministic: no tolerance)."""
-    blend = build_scene(farm_env["tmp"] / "scene")
+    blend = build_scene(farm_env["tmp"] / "the shot – ü")  # any folder name
     result, out = farm_render(farm, farm_env, blend, "3-10")
     assert result.returncode == 0, result.stdout + result.stderr
     hand = by_hand(blend, "-s", "3", "-e", "10")
@@ -230,3 +230,13 @@ def test_shipped_scenes_are_blenders_own_picture(farm, farm_env, template):
                    "r.resolution_x, r.resolution_y, r.resolution_percentage = 64, 48, 100", "-s", "1", "-e", "2",
                    out=farm_env["tmp"] / "byhand")
     assert_same_pixels(out, hand, [1, 2], (64, 48))
+
+
+def test_a_file_blender_cannot_read_fails_with_blenders_own_words(farm, farm_env):
+    """Blender quits (status 1) on a .blend it cannot read; the job says why, naming it."""
+    broken = farm_env["tmp"] / "broken.blend"
+    broken.write_text("not a blend file\n")
+    result, _ = farm_render(farm, farm_env, broken, "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = result.json()["jobs"][0]["error"]
+    assert "blender failed with exit status 1: Error: File format is not supported" in error and str(broken) in error, error

@@ -103,6 +103,8 @@ if report["missing"]:
 
 #: What Blender reports for each frame it wrote.
 _SAVED = re.compile(r"^Saved: '(.*)'")
+#: The last line of a Python traceback (a script given in renderer_args, an add-on).
+_PYTHON_ERROR = re.compile(r"^\w*(Error|Exception)\b.*: ")
 
 
 def stepped_runs(frames: list[int]) -> list[tuple[int, int, int]]:
@@ -161,7 +163,9 @@ class Blender(Renderer):
 
     def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> dict[str, Any]:
         settings = job.settings
-        blend = job.input if job.input is not None and job.input.suffix.lower() == ".blend" else None
+        if job.input is not None and job.input.suffix.lower() != ".blend":
+            raise ProcessorError(f"blender renders a .blend file; {job.input.name} is not one")
+        blend = job.input
         # With a .blend, only what the profile says overrides the scene; the factory
         # scene (no .blend) gets the settings with their defaults.
         chosen = settings.model_fields_set if blend else {"width", "height", "engine", "samples"}
@@ -188,8 +192,8 @@ class Blender(Renderer):
                 raise ProcessorError(missing_reason(report["missing"], blend, scene_folder(job)))
             if result.exit_status != 0:
                 lines = result.output.splitlines()
-                said = next((line.strip() for line in lines if line.startswith(("Error", "Traceback"))
-                             or "Error:" in line), None) or \
+                said = next((line for line in lines if line.startswith("Error:")), None) or \
+                    next((line for line in reversed(lines) if _PYTHON_ERROR.match(line)), None) or \
                     next((line.strip() for line in reversed(lines) if line.strip()), "")
                 ending = f"exit status {result.exit_status}" if result.signal is None else f"signal {result.signal}"
                 raise ProcessorError(f"blender failed with {ending}: {said}")
