@@ -194,6 +194,7 @@ def test_a_missing_texture_or_library_fails_naming_it(farm, farm_env, remove, na
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_a_library_outside_the_blend_folder_says_how_to_show_it(farm, farm_env):
     """A library beside the scene's folder, not in it: the sandbox hides it, and the
     reason says so and how to show it; with the profile's sandbox.read it renders."""
@@ -232,6 +233,7 @@ def test_shipped_scenes_are_blenders_own_picture(farm, farm_env, template):
     assert_same_pixels(out, hand, [1, 2], (64, 48))
 
 
+@pytest.mark.slow
 def test_a_file_blender_cannot_read_fails_with_blenders_own_words(farm, farm_env):
     """Blender quits (status 1) on a .blend it cannot read; the job says why, naming it."""
     broken = farm_env["tmp"] / "broken.blend"
