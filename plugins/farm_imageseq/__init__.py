@@ -33,11 +33,12 @@ class ImageSeqSettings(BaseModel):
 
     renderer: Literal["povray", "blender", "template"]
     output: str = Field(default="frame_####.png", description="file pattern: shot_####.png or shot_%04d.png")
-    width: int = Field(default=640, ge=1, le=16384)
-    height: int = Field(default=480, ge=1, le=16384)
-    engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] = Field(default="CYCLES",
-                                                                            description="blender only")
-    samples: int = Field(default=16, ge=1, le=100000, description="blender Cycles samples")
+    width: int = Field(default=640, ge=1, le=16384, description="blender with a .blend: the scene's own unless set")
+    height: int = Field(default=480, ge=1, le=16384, description="blender with a .blend: the scene's own unless set")
+    engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] = Field(
+        default="CYCLES", description="blender only; with a .blend: the scene's own unless set")
+    samples: int = Field(default=16, ge=1, le=100000,
+                         description="blender Cycles/Eevee samples; with a .blend: the scene's own unless set")
     renderer_args: list[str] = Field(default_factory=list, description="extra arguments, each one argument")
     ini: str = Field(default="auto", description="povray: the INI to read with a scene: auto (the one beside it, same "
                                                  "stem, when there is one), none, or a path relative to the scene's folder")
@@ -188,13 +189,13 @@ class ImageSequence(Processor):
         settings: ImageSeqSettings = segment.job.settings
         pattern = settings.pattern
         frames = segment.frames or []
-        RENDERERS[settings.renderer].render(segment.job, frames, segment.output_dir, pattern, context)
+        made = RENDERERS[settings.renderer].render(segment.job, frames, segment.output_dir, pattern, context)
         context.progress(1.0, f"rendered {len(frames)} frame(s)")
         written = {str(frame): pattern.name(frame) for frame in frames if (segment.output_dir / pattern.name(frame)).exists()}
         missing = [frame for frame in frames if str(frame) not in written]
         if missing:  # verification names them and renders them once more
             context.logger.warning("the renderer did not write %s", frame_list(missing, "frame"))
-        result: dict[str, Any] = {"dir": str(segment.output_dir), "frames": written}
+        result: dict[str, Any] = {"dir": str(segment.output_dir), "frames": written, **(made or {})}
         if segment.params.get("again"):
             result["again"] = frames  # what verification asked for: still bad after this, the job fails
         return result
@@ -210,10 +211,14 @@ class ImageSequence(Processor):
         """Every frame there, readable, of the expected size; bad frames are rendered once
         more, and still bad after that, they fail the job by number."""
         files = self._frame_files(results)
-        width, height = self.size(job)
+        # a renderer that renders at the scene's own size (Blender) says which in "size"
+        sizes = {int(frame): tuple(result["size"]) for result in results if result.get("size")
+                 for frame in result.get("frames", {})}
+        default_size = self.size(job)
         bad: dict[int, str] = {}
         for frame in self.frames(job):
             path = files.get(frame)
+            width, height = sizes.get(frame, default_size)
             problem = "missing" if path is None else image_problem(path, width, height, context)
             if problem:
                 bad[frame] = problem

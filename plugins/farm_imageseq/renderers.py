@@ -47,7 +47,10 @@ class Renderer:
         """The installed version, or None when the program is not on PATH."""
         return None
 
-    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
+    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any
+               ) -> dict[str, Any] | None:
+        """Render ``frames`` into ``folder``, named by ``pattern``. May return what goes into
+        the segment's result, e.g. ``{"size": [w, h]}`` when the scene chose the size."""
         raise NotImplementedError
 
 
@@ -74,41 +77,6 @@ class PovRay(Renderer):
 
     def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
         povray.render(job, frames, consecutive_runs(frames), folder, pattern, context)
-
-
-class Blender(Renderer):
-    """Blender in the background: ``-o`` before ``-a``; script errors fail the render."""
-
-    name = "blender"
-    executable = "blender"
-
-    def version(self) -> str | None:
-        return _version_of("blender", "--version", r"Blender\s+(\d+(?:\.\d+)+)")
-
-    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> None:
-        settings = job.settings
-        setup = (
-            "import bpy\n"
-            "scene = bpy.context.scene\n"
-            f"scene.render.resolution_x = {int(settings.width)}\n"
-            f"scene.render.resolution_y = {int(settings.height)}\n"
-            "scene.render.resolution_percentage = 100\n"
-            f"scene.render.engine = {settings.engine!r}\n"
-            "if scene.render.engine == 'CYCLES':\n"
-            f"    scene.cycles.samples = {int(settings.samples)}\n"
-            "    scene.cycles.use_denoising = False\n"
-        )
-        scene = [str(job.input)] if job.input and job.input.suffix == ".blend" else []
-        for run in consecutive_runs(frames):
-            argv = ["blender", "-b", "-noaudio", "--factory-startup", *scene, "--python-exit-code", "2",
-                    "--python-expr", setup, *settings.renderer_args,
-                    "-o", str(folder / "bl_####"), "-F", "PNG", "-x", "1", "-s", str(run[0]), "-e", str(run[-1]), "-a"]
-            context.run(argv, cwd=folder, read=scene_folder(job))
-            for frame in run:
-                produced = folder / f"bl_{frame:04d}.png"
-                if not produced.exists():
-                    raise ProcessorError(f"blender exited 0 but did not write frame {frame}")
-                produced.rename(folder / pattern.name(frame))
 
 
 TEMPLATE_TOKENS = ("scene", "start", "end", "output", "output_dir")
@@ -143,5 +111,8 @@ def check_template(items: list[str]) -> None:
                 known = ", ".join("{" + token + "}" for token in TEMPLATE_TOKENS)
                 raise ValueError(f"unknown token {{{field}}} in {item!r}; expected one of {known}")
 
+
+# Blender has its own module, which uses the names above (hence imported here, last).
+from farm_imageseq.blender import Blender  # noqa: E402
 
 RENDERERS: dict[str, Renderer] = {r.name: r for r in (PovRay(), Blender(), Template())}

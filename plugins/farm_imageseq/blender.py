@@ -1,0 +1,214 @@
+"""Blender in the background, as its users run it.
+
+A ``.blend`` renders with what its author saved: resolution (and its percentage), engine,
+samples, the PNG options, and textures and linked libraries found by their relative
+paths (``//textures/wood.png``, resolved against the .blend's folder, which the sandbox
+shows read-only). The profile's ``width``, ``height``, ``engine`` and ``samples`` apply
+only when the profile sets them; without a .blend (Blender's factory scene) they apply
+with their defaults.
+
+Before rendering, a script inside Blender looks for every external file the scene
+refers to (images, libraries, movie clips, fonts, volumes, caches, sequencer strips):
+Blender renders a missing image as magenta and a missing library as nothing, so a
+missing file fails the segment with its name instead of a wrong picture.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from farm.errors import DeterministicFailure, ProcessorError
+
+from farm_imageseq.patterns import FramePattern
+from farm_imageseq.renderers import Renderer, _version_of, scene_folder
+
+#: Runs inside Blender (``--python-expr``) before the frames. Its one input is the JSON
+#: argument after ``--``, so no profile value ever becomes Python source; it writes what
+#: it found to ``report`` and raises when files are missing (``--python-exit-code``
+#: makes that a failed exit, which Blender otherwise reports as 0).
+SETUP = r'''
+import bpy, json, os, sys
+args = json.loads(sys.argv[sys.argv.index("--") + 1])
+scene = bpy.context.scene
+render = scene.render
+report = {"missing": [], "notes": []}
+
+def check(kind, name, written, library=None):
+    if not written or written.startswith("<"):  # <builtin> font
+        return
+    full = os.path.normpath(bpy.path.abspath(written, library=library))
+    if not os.path.exists(full):
+        report["missing"].append([kind, name, written, full])
+
+for lib in bpy.data.libraries:  # an indirect library's path too is relative to the main file
+    check("library", lib.name, lib.filepath)
+for image in bpy.data.images:
+    if image.packed_file is not None or image.source not in ("FILE", "SEQUENCE", "MOVIE", "TILED"):
+        continue
+    if image.source == "TILED":
+        for tile in image.tiles:
+            check("image", image.name, image.filepath.replace("<UDIM>", str(tile.number)), image.library)
+    else:
+        check("image", image.name, image.filepath, image.library)
+for kind, blocks in (("movie clip", bpy.data.movieclips), ("font", bpy.data.fonts),
+                     ("volume", bpy.data.volumes), ("cache file", bpy.data.cache_files)):
+    for block in blocks:
+        if getattr(block, "packed_file", None) is None:
+            check(kind, block.name, block.filepath, block.library)
+if scene.sequence_editor is not None:
+    for strip in scene.sequence_editor.sequences_all:
+        if strip.type == "IMAGE":
+            for element in strip.elements:
+                check("sequencer image", strip.name, os.path.join(strip.directory, element.filename))
+        elif strip.type == "MOVIE":
+            check("sequencer movie", strip.name, strip.filepath)
+
+given = args["overrides"]
+if "engine" in given:
+    render.engine = given["engine"]
+if "width" in given or "height" in given:
+    render.resolution_x = given.get("width", render.resolution_x)
+    render.resolution_y = given.get("height", render.resolution_y)
+    render.resolution_percentage = 100
+if "samples" in given:
+    scene.cycles.samples = given["samples"]
+    scene.eevee.taa_render_samples = given["samples"]
+if render.engine == "CYCLES" and scene.cycles.use_denoising and scene.cycles.denoiser != "OPTIX":
+    import _cycles
+    if not _cycles.with_openimagedenoise:
+        scene.cycles.use_denoising = False
+        report["notes"].append("this Blender is built without OpenImageDenoise: rendering without denoising")
+if render.image_settings.file_format != "PNG":
+    report["notes"].append(f"the scene saves {render.image_settings.file_format}; writing PNG")
+    render.image_settings.file_format = "PNG"
+render.use_file_extension = True
+render.use_placeholder = False
+render.use_overwrite = True
+
+cropped = render.use_border and render.use_crop_to_border
+report["size"] = None if cropped else [render.resolution_x * render.resolution_percentage // 100,
+                                       render.resolution_y * render.resolution_percentage // 100]
+report["engine"] = render.engine
+for note in report["notes"]:
+    print("farm: note:", note)
+with open(args["report"], "w") as handle:
+    json.dump(report, handle)
+if report["missing"]:
+    raise RuntimeError("farm: missing files: " + "; ".join(f"{kind} {written}" for kind, _, written, _ in report["missing"]))
+'''
+
+#: What Blender reports for each frame it wrote.
+_SAVED = re.compile(r"^Saved: '(.*)'")
+#: The last line of a Python traceback (a script given in renderer_args, an add-on).
+_PYTHON_ERROR = re.compile(r"^\w*(Error|Exception)\b.*: ")
+#: What Blender says of a file it cannot use (exit status 1): the same on every node, every try.
+DETERMINISTIC_ERRORS = ("Error: Cannot read file", "Error: File format is not supported", "Error: Cannot render, no camera")
+
+
+def stepped_runs(frames: list[int]) -> list[tuple[int, int, int]]:
+    """[1,3,5,7,8,9] -> [(1,7,2), (8,9,1)]: (first, last, step) for ``-s -e -j``, so
+    that frames 1-240x2 are one Blender process, not 120."""
+    runs: list[list[int]] = []
+    for frame in frames:
+        run = runs[-1] if runs else None
+        if run and frame > run[-1] and (len(run) == 1 or frame - run[-1] == run[1] - run[0]):
+            run.append(frame)
+        else:
+            runs.append([frame])
+    return [(run[0], run[-1], run[1] - run[0] if len(run) > 1 else 1) for run in runs]
+
+
+def png_size(path: Path) -> tuple[int, int] | None:
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
+
+
+def missing_reason(missing: list[list[str]], blend: Path | None, visible: list[Path]) -> str:
+    """One sentence naming every missing file, and, for a file that is there on the
+    node but outside what the sandbox shows, how to show it."""
+    parts = []
+    for kind, name, written, full in missing:
+        details = [f"looked for at {full}"] if written != full else []
+        if kind != "library":
+            details.append(f"the {kind} called {name!r} in Blender")
+        said = f"{kind} {written}" + (f" ({'; '.join(details)})" if details else "")
+        if Path(full).exists() and not any(Path(full).is_relative_to(root) for root in visible):
+            said += (", which exists but outside the .blend's folder, all that a render may read: add "
+                     f"{Path(full).parent} to the profile's sandbox: {{read: [...]}}")
+        parts.append(said)
+    where = f" in {blend.name}" if blend else ""
+    kinds = {kind for kind, *_ in missing}
+    why = ("Blender would render a missing image magenta" if "image" in kinds else
+           "Blender would leave out what a missing library holds" if "library" in kinds else
+           "Blender would render without it")
+    return f"missing files{where}: {'; '.join(parts)} ({why})"
+
+
+class Blender(Renderer):
+    """Blender in the background: ``-o`` before ``-a``; the frames chosen with
+    ``-s/-e/-j`` (always ``-j``: a scene saved with a frame step of 2 would otherwise
+    skip every other frame of a segment)."""
+
+    name = "blender"
+    executable = "blender"
+
+    def version(self) -> str | None:
+        return _version_of("blender", "--version", r"Blender\s+(\d+(?:\.\d+)+)")
+
+    def render(self, job: Any, frames: list[int], folder: Path, pattern: FramePattern, context: Any) -> dict[str, Any]:
+        settings = job.settings
+        if job.input is not None and job.input.suffix.lower() != ".blend":
+            raise DeterministicFailure(f"blender renders a .blend file; {job.input.name} is not one")
+        blend = job.input
+        # With a .blend, only what the profile says overrides the scene; the factory
+        # scene (no .blend) gets the settings with their defaults.
+        chosen = settings.model_fields_set if blend else {"width", "height", "engine", "samples"}
+        overrides = {key: getattr(settings, key) for key in ("width", "height", "engine", "samples") if key in chosen}
+        report_path = folder / "farm-blender-setup.json"
+        done = 0
+
+        def on_line(line: str) -> None:
+            nonlocal done
+            if _SAVED.match(line):
+                done += 1
+                context.progress(done / len(frames), f"rendered {done} of {len(frames)} frame(s)")
+
+        size: list[int] | None = None
+        for first, last, step in stepped_runs(frames):
+            report_path.unlink(missing_ok=True)
+            argv = ["blender", "-b", "-noaudio", "--factory-startup", *([str(blend)] if blend else []),
+                    "--python-exit-code", "2", "--python-expr", SETUP, *settings.renderer_args,
+                    "-o", str(folder / "bl_####"), "-s", str(first), "-e", str(last), "-j", str(step), "-a",
+                    "--", json.dumps({"overrides": overrides, "report": str(report_path)})]
+            result = context.run(argv, cwd=folder, check=False, read=scene_folder(job), on_line=on_line)
+            report = json.loads(report_path.read_text()) if report_path.exists() else None
+            if report and report["missing"]:
+                raise DeterministicFailure(missing_reason(report["missing"], blend, scene_folder(job)))
+            if result.exit_status != 0:
+                lines = result.output.splitlines()
+                said = next((line for line in lines if line.startswith("Error:")), None) or \
+                    next((line for line in reversed(lines) if _PYTHON_ERROR.match(line)), None) or \
+                    next((line.strip() for line in reversed(lines) if line.strip()), "")
+                ending = f"exit status {result.exit_status}" if result.signal is None else f"signal {result.signal}"
+                # Blender's own refusals of the file would come again on any node
+                failure = DeterministicFailure if said.startswith(DETERMINISTIC_ERRORS) else ProcessorError
+                raise failure(f"blender failed with {ending}: {said}")
+            if report is None:
+                raise ProcessorError("blender exited 0 but its setup script did not run (see the segment's log)")
+            for frame in range(first, last + 1, step):
+                produced = folder / f"bl_{frame:04d}.png"
+                if not produced.exists():
+                    raise ProcessorError(f"blender exited 0 but did not write frame {frame}")
+                produced.rename(folder / pattern.name(frame))
+                if size is None:
+                    size = report["size"] or list(png_size(folder / pattern.name(frame)) or [])
+        report_path.unlink(missing_ok=True)
+        return {"size": size} if size else {}
