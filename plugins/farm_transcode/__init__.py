@@ -163,7 +163,8 @@ class TranscodeProcessor(Processor):
         picture = decide(facts, settings, parse_rate(first["rate"]), first["mode"])
         for plan in plans:
             plan.params["picture"] = picture.to_params()
-        return [SegmentPlan(label=plan.label + ("; " + "; ".join(picture.notes) if not number else ""),
+        said = "".join(f"; {note}" for note in picture.notes)
+        return [SegmentPlan(label=plan.label + (said if not number else ""),
                             frames=plan.frames, params=plan.params) for number, plan in enumerate(plans)]
 
     def _audio_streams(self, facts: SourceFacts, settings: TranscodeSettings) -> list[int]:

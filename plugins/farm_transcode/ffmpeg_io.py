@@ -132,6 +132,7 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     picture = Picture.from_params(params["picture"]) if params.get("picture") else None
     if picture is not None and picture.deinterlace:  # before the frames are picked: bwdif looks at neighbours
         stream = stream.filter("bwdif", mode="send_frame", parity=picture.deinterlace, deint="all")
+        stream = stream.filter("settb", facts.video.time_base)  # bwdif halves it; trim counts in the source's
     if mode == "rate":  # a new constant rate: frames picked on the output's own grid
         if params.get("shift"):  # the container's start, as ffmpeg counts time without -copyts
             stream = stream.filter("setpts", f"PTS-{params['shift']:.6f}/TB")

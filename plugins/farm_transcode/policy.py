@@ -100,7 +100,7 @@ def choose_pix_fmt(video: VideoSettings, source: VideoFacts) -> tuple[str, list[
     if have[2] and not out[2]:
         changes.setdefault(why["alpha"], []).append("alpha dropped")
     lost = [f"{', '.join(what)}: {reason}" for reason, what in changes.items()]
-    if not lost:
+    if not lost and (out != have or have != (8, 420, False)):  # the common case goes without saying
         kept = "with alpha, " if out[2] else ""
         lost.append(f"picture: {chosen} ({kept}{_bits_words(*out[:2])}; the source {_bits_words(*have[:2])})")
     return chosen, lost
