@@ -255,3 +255,22 @@ def test_rotation_is_said_and_the_picture_shown_the_same_way(farm, farm_env):
     assert turned["rotation"] == 90
     shown = [d.get("rotation", 0) for d in stream.get("side_data_list", []) if d["side_data_type"] == "Display Matrix"]
     assert (stream["width"], stream["height"]) == (240, 320) and shown in ([], [0])
+
+
+def test_the_probe_learns_the_picture_and_keeps_it_through_the_summary(farm_env):
+    from farm_transcode.probe import SourceFacts, probe_source
+
+    source = make(farm_env["tmp"] / "facts.mov", "-c:v", "libx264", "-flags", "+ildct+ilme", "-preset", "ultrafast",
+                  "-pix_fmt", "yuv422p10le", "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace",
+                  "bt709", "-timecode", "10:00:00:00", "-c:a", "pcm_s16le", rate=50, seconds=1,
+                  vf="tinterlace=mode=interleave_top,setfield=bff")
+    facts = probe_source(source)
+    picture = facts.video
+    assert (picture.pix_fmt, picture.bit_depth, picture.alpha, picture.field_order) == \
+        ("yuv422p10le", 10, False, "bff")
+    assert (picture.color_primaries, picture.color_transfer, picture.color_space) == ("bt709", "bt709", "bt709")
+    assert picture.timecode == "10:00:00:00" and picture.rotation == 0 and picture.mastering is None
+    again = SourceFacts.from_summary(json.loads(json.dumps(facts.summary()))).video
+    for key in ("pix_fmt", "bit_depth", "alpha", "field_order", "color_primaries", "color_transfer", "color_space",
+                "color_range", "mastering", "light", "timecode", "rotation"):
+        assert getattr(again, key) == getattr(picture, key), key

@@ -17,7 +17,8 @@ import ffmpeg
 
 from farm_transcode.policy import Picture
 from farm_transcode.probe import SourceFacts
-from farm_transcode.settings import AudioSettings, Container, TranscodeSettings, VideoSettings, parse_rate
+from farm_transcode.settings import (AudioSettings, Container, TranscodeSettings, VideoSettings, describe_pix_fmt,
+                                     parse_rate)
 
 FFMPEG = "ffmpeg"
 _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-stats_period", "1",
@@ -67,7 +68,7 @@ def _picture_filters(stream: Any, picture: Picture, video: VideoSettings) -> Any
     if picture.tonemap:
         for name, args in _TONEMAP:
             stream = stream.filter(name, **args)
-    scale = _scale(video, subsampled=picture.pix_fmt.startswith(("yuv420", "yuv422", "yuva420", "yuva422")))
+    scale = _scale(video, subsampled=(describe_pix_fmt(picture.pix_fmt) or (8, 420))[1] != 444)
     if picture.fields:  # fields scaled and converted apart, never blended into each other
         stream = stream.filter("scale", **{**(scale or {}), "interl": 1})
         stream = stream.filter("format", pix_fmts=picture.pix_fmt)

@@ -79,7 +79,8 @@ def choose_pix_fmt(video: VideoSettings, source: VideoFacts) -> tuple[str, list[
             b, c, a = describe_pix_fmt(name) or (8, 420, False)
             return (want[2] and not a, c < want[1], b < want[0], a and not want[2], abs(c - want[1]), abs(b - want[0]))
 
-        chosen = min(carried, key=cost)
+        planar = [name for name in carried if re.match(r"^yuva?(420|422|444)p", name)]  # never yuvj, nv12, gray
+        chosen = min(planar, key=cost)
         most_bits = max((describe_pix_fmt(n) or (8,))[0] for n in carried)
         why = {
             "bits": f"the profile sets bit_depth: {video.bit_depth}" if video.bit_depth != "source"

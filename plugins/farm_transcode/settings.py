@@ -35,26 +35,33 @@ class VideoEncoder(BaseModel):
 
 _X26X_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
+# Formats an encoder also takes, named only when a profile pins them (never chosen from a source).
+_X264_MORE = ("yuvj420p", "yuvj422p", "yuvj444p", "nv12", "nv16", "nv21", "nv20le", "gray", "gray10le")
+_X265_MORE = ("yuvj420p", "yuvj422p", "yuvj444p", "gbrp", "gbrp10le", "gbrp12le", "gray", "gray10le", "gray12le")
+_VP9_MORE = ("yuv440p", "yuv440p10le", "yuv440p12le", "gbrp", "gbrp10le", "gbrp12le")
+_AOM_MORE = ("gbrp", "gbrp10le", "gbrp12le", "gray", "gray10le", "gray12le")
+
 VIDEO_ENCODERS: dict[str, VideoEncoder] = {
     "libx264": VideoEncoder(family="h264", crf=(0, 51), presets=_X26X_PRESETS,
                             profiles=("baseline", "main", "high", "high10", "high422", "high444"),
                             params_option="x264-params", two_pass=True,
-                            pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le"),
+                            pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
+                                      *_X264_MORE),
                             fields=True, hdr_params=("mastering-display", "cll")),
     "libx265": VideoEncoder(family="hevc", crf=(0, 51), presets=_X26X_PRESETS,
                             profiles=("main", "main10", "mainstillpicture", "main422-10", "main444-8"),
                             params_option="x265-params", two_pass=True,
                             pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
-                                      "yuv420p12le", "yuv422p12le", "yuv444p12le"),
+                                      "yuv420p12le", "yuv422p12le", "yuv444p12le", *_X265_MORE),
                             hdr_params=("master-display", "max-cll")),
     "libvpx-vp9": VideoEncoder(family="vp9", crf=(0, 63), speed_option="cpu-used", two_pass=True,
                                pix_fmts=("yuv420p", "yuva420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le",
-                                         "yuv444p10le", "yuv420p12le", "yuv422p12le", "yuv444p12le")),
+                                         "yuv444p10le", "yuv420p12le", "yuv422p12le", "yuv444p12le", *_VP9_MORE)),
     "libsvtav1": VideoEncoder(family="av1", crf=(0, 63), presets=tuple(str(n) for n in range(14)),
                               params_option="svtav1-params", pix_fmts=("yuv420p", "yuv420p10le")),
     "libaom-av1": VideoEncoder(family="av1", crf=(0, 63), speed_option="cpu-used", two_pass=True,
                                pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
-                                         "yuv420p12le", "yuv422p12le", "yuv444p12le")),
+                                         "yuv420p12le", "yuv422p12le", "yuv444p12le", *_AOM_MORE)),
     "prores_ks": VideoEncoder(family="prores", profiles=("proxy", "lt", "standard", "hq", "4444", "4444xq"),
                               pix_fmt="yuv422p10le", pix_fmts=("yuv422p10le", "yuv444p10le", "yuva444p10le"),
                               fields=True),
