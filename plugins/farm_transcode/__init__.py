@@ -9,7 +9,10 @@ Plan
     source shorter than two segments, ``segmented: false`` (two-pass encodes) or a
     variable-frame-rate source (unless ``vfr: convert``) is one segment. The audio is one
     more segment, encoded once over the whole duration, so nothing clicks or drifts at
-    the joins.
+    the joins. What the encode changes in the picture (bit depth, chroma, alpha,
+    fields, colour and HDR metadata, timecode) is decided once for the job from the
+    profile's policies (see ``policy``); every video segment carries that decision and
+    the first one's label says it, so ``farm plan`` shows it.
 
 Run (per video segment)
     Exactly the segment's frames: the node seeks to just before the segment, keeps the

@@ -23,6 +23,8 @@ HDR_TRANSFERS = {"smpte2084": "PQ", "arib-std-b67": "HLG"}
 _FIELDS = {"tff": "top field first", "bff": "bottom field first"}
 _COLOUR_OPTIONS = (("color_primaries", "color_primaries"), ("color_transfer", "color_trc"),
                    ("color_space", "colorspace"))
+#: Names ffprobe prints that ffmpeg's options spell otherwise.
+_OPTION_NAMES = {("color_trc", "bt470m"): "gamma22", ("color_trc", "bt470bg"): "gamma28", ("colorspace", "gbr"): "rgb"}
 
 
 @dataclass
@@ -158,8 +160,8 @@ def decide(facts: SourceFacts, settings: TranscodeSettings, rate: Fraction, mode
         picture.colour = {"color_primaries": "bt709", "color_trc": "bt709", "colorspace": "bt709"}
         picture.notes.append(f"HDR ({hdr}) → SDR BT.709: tone-mapped (hdr: tonemap)")
     else:
-        picture.colour = {option: str(getattr(source, key)) for key, option in _COLOUR_OPTIONS
-                          if getattr(source, key)}
+        picture.colour = {option: _OPTION_NAMES.get((option, value), value) for key, option in _COLOUR_OPTIONS
+                          if (value := getattr(source, key))}
         kept = [f"{source.color_primaries or '?'}/{source.color_transfer or '?'}/{source.color_space or '?'}"]
         dropped = []
         hdr_params = video.encoder.hdr_params

@@ -166,7 +166,7 @@ def _check_bitrate(value: str | None) -> str | None:
 
 
 class VideoSettings(BaseModel):
-    """How the video is encoded."""
+    """How the video is encoded; `farm plan` says what it changes in each job's picture."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -179,9 +179,9 @@ class VideoSettings(BaseModel):
     speed: int | None = Field(default=None, ge=0, le=8, description="-cpu-used for VP9 and libaom AV1")
     profile: str | None = Field(default=None, description="codec profile: high, main10, proxy, hq, ...")
     tune: str | None = Field(default=None, description="encoder tune, e.g. film, animation")
-    pix_fmt: str | None = Field(default=None, description="pins the pixel format (yuv420p, yuv422p10le, ...); unset: "
-                                                          "the source's, within bit_depth, chroma and alpha, as near as "
-                                                          "the encoder can carry it")
+    pix_fmt: str | None = Field(
+        default=None, description="pins the pixel format (yuv420p, yuv422p10le, ...); unset: the source's, within "
+                                  "bit_depth, chroma and alpha, as near as the encoder can carry it")
     bit_depth: Literal["source", 8, 10, 12] = Field(
         default="source", description="bits per sample: source keeps 10 and 12 bits where the encoder carries them")
     chroma: Literal["source", 420, 422, 444] = Field(
