@@ -9,7 +9,10 @@ Plan
     source shorter than two segments, ``segmented: false`` (two-pass encodes) or a
     variable-frame-rate source (unless ``vfr: convert``) is one segment. The audio is one
     more segment, encoded once over the whole duration, so nothing clicks or drifts at
-    the joins.
+    the joins. What the encode changes in the picture (bit depth, chroma, alpha,
+    fields, colour and HDR metadata, timecode) is decided once for the job from the
+    profile's policies (see ``policy``); every video segment carries that decision and
+    the first one's label says it, so ``farm plan`` shows it.
 
 Run (per video segment)
     Exactly the segment's frames: the node seeks to just before the segment, keeps the
@@ -49,6 +52,7 @@ from farm.processor import Context, Processor
 
 from farm_transcode import ffmpeg_io
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
+from farm_transcode.policy import decide
 from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output, probe_source
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
 from farm_transcode.verify import Expected, problems
@@ -151,7 +155,20 @@ class TranscodeProcessor(Processor):
         if facts.video is None:
             raise PlanError(f"{job.input.name} has no video stream, and profile {job.profile.name!r} makes video; "
                             "use an audio-only profile for it")
-        return plans + self._video_plans(job, facts, summary)
+        return plans + self._with_picture(facts, settings, self._video_plans(job, facts, summary))
+
+    @staticmethod
+    def _with_picture(facts: SourceFacts, settings: TranscodeSettings, plans: list[SegmentPlan]) -> list[SegmentPlan]:
+        """Every video segment carries the job's picture decision; the first one's label says it."""
+        if not plans:
+            return plans
+        first = plans[0].params
+        picture = decide(facts, settings, parse_rate(first["rate"]), first["mode"])
+        for plan in plans:
+            plan.params["picture"] = picture.to_params()
+        said = "".join(f"; {note}" for note in picture.notes)
+        return [SegmentPlan(label=plan.label + (said if not number else ""),
+                            frames=plan.frames, params=plan.params) for number, plan in enumerate(plans)]
 
     def _audio_streams(self, facts: SourceFacts, settings: TranscodeSettings) -> list[int]:
         assert settings.audio is not None
@@ -330,7 +347,9 @@ class TranscodeProcessor(Processor):
             run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
                                               audio_file=Path(audio["file"]) if audio else None,
                                               audio_streams=audio["params"]["streams"] if audio else [],
-                                              audio_offset=offset),
+                                              audio_offset=offset,
+                                              timecode=(videos[0]["params"].get("picture") or {}).get("timecode")
+                                              if videos else None),
                        cwd=context.scratch)
             found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
             wrong = problems(found, expected)

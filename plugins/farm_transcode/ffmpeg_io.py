@@ -15,8 +15,10 @@ from typing import Any
 
 import ffmpeg
 
+from farm_transcode.policy import Picture
 from farm_transcode.probe import SourceFacts
-from farm_transcode.settings import AudioSettings, Container, TranscodeSettings, VideoSettings, parse_rate
+from farm_transcode.settings import (AudioSettings, Container, TranscodeSettings, VideoSettings, describe_pix_fmt,
+                                     parse_rate)
 
 FFMPEG = "ffmpeg"
 _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-stats_period", "1",
@@ -56,9 +58,34 @@ def pix_fmt(video: VideoSettings) -> str:
     return video.pix_fmt or video.encoder.pix_fmt
 
 
-def _encoder_options(video: VideoSettings, threads: int) -> dict[str, Any]:
+#: PQ or HLG to SDR BT.709: linear light, BT.709 primaries, a tone curve, BT.709 transfer.
+_TONEMAP = (("zscale", {"t": "linear", "npl": 100}), ("format", {"pix_fmts": "gbrpf32le"}), ("zscale", {"p": "bt709"}),
+            ("tonemap", {"tonemap": "hable", "desat": 0}), ("zscale", {"t": "bt709", "m": "bt709", "r": "tv"}))
+
+
+def _picture_filters(stream: Any, picture: Picture, video: VideoSettings) -> Any:
+    """Tone-mapping, scaling and the pixel format, after the segment's frames are picked."""
+    if picture.tonemap:
+        for name, args in _TONEMAP:
+            stream = stream.filter(name, **args)
+    scale = _scale(video, subsampled=(describe_pix_fmt(picture.pix_fmt) or (8, 420))[1] != 444)
+    if picture.fields:  # fields scaled and converted apart, never blended into each other
+        stream = stream.filter("scale", **{**(scale or {}), "interl": 1})
+        stream = stream.filter("format", pix_fmts=picture.pix_fmt)
+        return stream.filter("setfield", picture.fields)
+    if scale is not None:
+        stream = stream.filter("scale", **scale)
+    return stream
+
+
+def _encoder_options(video: VideoSettings, threads: int, picture: Picture | None = None) -> dict[str, Any]:
     encoder = video.encoder
-    options: dict[str, Any] = {"c:v": video.codec, "pix_fmt": pix_fmt(video)}
+    options: dict[str, Any] = {"c:v": video.codec, "pix_fmt": picture.pix_fmt if picture else pix_fmt(video)}
+    if picture is not None:
+        options.update(picture.colour)
+        if picture.fields:  # libx264: PAFF/MBAFF; ProRes: interlaced frames; the container says which field leads
+            options.update({"flags": "+ildct+ilme" if video.codec == "libx264" else "+ildct",
+                            "field_order": "tt" if picture.fields == "tff" else "bb"})
     if video.crf is not None:
         options["crf"] = f"{video.crf:g}"
         if video.codec == "libvpx-vp9":
@@ -75,7 +102,7 @@ def _encoder_options(video: VideoSettings, threads: int) -> dict[str, Any]:
         options["profile:v"] = video.profile
     if video.tune is not None:
         options["tune"] = video.tune
-    params = {key: str(value) for key, value in video.params.items()}
+    params = {**(picture.params if picture else {}), **{key: str(value) for key, value in video.params.items()}}
     if video.codec == "libx265":
         params.setdefault("pools", str(threads))
         params.setdefault("log-level", "warning")
@@ -103,6 +130,10 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if params.get("seek"):
         input_options.update(ss=f"{params['seek']:.6f}", noaccurate_seek=None)
     stream = _source(facts, **input_options)[str(facts.video.index)]
+    picture = Picture.from_params(params["picture"]) if params.get("picture") else None
+    if picture is not None and picture.deinterlace:  # before the frames are picked: bwdif looks at neighbours
+        stream = stream.filter("bwdif", mode="send_frame", parity=picture.deinterlace, deint="all")
+        stream = stream.filter("settb", facts.video.time_base)  # bwdif halves it; trim counts in the source's
     if mode == "rate":  # a new constant rate: frames picked on the output's own grid
         if params.get("shift"):  # the container's start, as ffmpeg counts time without -copyts
             stream = stream.filter("setpts", f"PTS-{params['shift']:.6f}/TB")
@@ -112,10 +143,13 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if trim:
         stream = stream.filter("trim", **trim)
     stream = stream.filter("setpts", "PTS-STARTPTS")
-    scale = _scale(video, subsampled=pix_fmt(video).startswith(("yuv420", "yuv422", "nv12", "yuvj420", "yuvj422")))
-    if scale is not None:
-        stream = stream.filter("scale", **scale)
-    options = _encoder_options(video, threads)
+    if picture is not None:
+        stream = _picture_filters(stream, picture, video)
+    else:  # planned before the picture was decided
+        scale = _scale(video, subsampled=pix_fmt(video).startswith(("yuv420", "yuv422", "nv12", "yuvj420", "yuvj422")))
+        if scale is not None:
+            stream = stream.filter("scale", **scale)
+    options = _encoder_options(video, threads, picture)
     gop = video.gop_frames(rate)
     if gop:
         options["g"] = gop
@@ -165,12 +199,14 @@ def concat_list(files: list[tuple[Path, Fraction | None]]) -> str:
 
 
 def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_list: Path | None,
-        audio_file: Path | None, audio_streams: list[int] | None = None, audio_offset: float = 0.0) -> list[str]:
+        audio_file: Path | None, audio_streams: list[int] | None = None, audio_offset: float = 0.0,
+        timecode: str | None = None) -> list[str]:
     """Join the video segments (no re-encoding), add the audio, keep subtitles and metadata.
 
     Written out by hand: ffmpeg-python cannot open an input only for its metadata.
     ``audio_streams`` are the source streams the audio file's tracks were made from;
-    ``audio_offset`` is how much later the audio starts than the video in the source.
+    ``audio_offset`` is how much later the audio starts than the video in the source;
+    ``timecode`` the output's start timecode (mp4 and mov write it as a timecode track).
     """
     box = settings.box
     argv = [FFMPEG, *_GLOBAL]
@@ -209,6 +245,11 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
                 options += [f"-map_metadata:s:s:{position}", f"{source}:s:{sub.index}"]
     else:
         options += ["-map_metadata", "-1", "-map_chapters", "-1"]
+    if video_list is not None and settings.video is not None:
+        if timecode is not None:
+            options += ["-timecode", timecode]
+        elif settings.metadata:  # a timecode tag copied from the source would make a timecode track
+            options += ["-metadata", "timecode=", "-metadata:s:v:0", "timecode="]
     if box.mp4_like:
         options += ["-movflags", "+faststart"]
         if video_list is not None and settings.video is not None and settings.video.encoder.family == "hevc":

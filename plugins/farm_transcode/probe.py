@@ -21,7 +21,7 @@ from typing import Any
 
 from farm.errors import PlanError, ProcessorError
 
-from farm_transcode.settings import parse_rate
+from farm_transcode.settings import describe_pix_fmt, parse_rate
 
 FFPROBE = "ffprobe"
 PROBE_TIMEOUT = 600.0
@@ -54,6 +54,19 @@ class VideoFacts:
     duration: float  # seconds from the first frame's start to the last frame's end
     pts: list[int] = field(default_factory=list, repr=False)  # every frame's pts, in presentation order
     keyframes: list[int] = field(default_factory=list, repr=False)  # frame numbers (from 0) of keyframes
+    # The picture, as the decoder delivers it (see _picture_facts); None: not known.
+    pix_fmt: str | None = None  # yuv422p10le
+    bit_depth: int | None = None
+    alpha: bool = False
+    field_order: str = "progressive"  # or "tff", "bff": the field shown first
+    color_primaries: str | None = None  # bt2020
+    color_transfer: str | None = None  # smpte2084 (PQ), arib-std-b67 (HLG)
+    color_space: str | None = None  # the matrix: bt2020nc
+    color_range: str | None = None  # tv, pc
+    mastering: dict[str, str] | None = None  # HDR10 mastering display, as ffprobe gives it (red_x: "34000/50000")
+    light: dict[str, int] | None = None  # max_content, max_average (cd/m²)
+    timecode: str | None = None  # the start timecode, 01:00:00:00 (01:00:00;00 drop-frame)
+    rotation: int = 0  # degrees, as ffprobe reports the display matrix (-90: shown turned)
 
     @property
     def fps(self) -> Fraction:
@@ -205,6 +218,7 @@ def probe_source(path: Path) -> SourceFacts:
     for stream in streams:
         if stream.get("codec_type") == "video" and not (stream.get("disposition") or {}).get("attached_pic"):
             video = _video_facts(path, stream, container)
+            _picture_facts(path, video, stream, data)
             break
     audio = [
         AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name", "?")), channels=int(s.get("channels") or 0),
@@ -294,6 +308,63 @@ def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) 
                       height=height, time_base=f"{tb.numerator}/{tb.denominator}",
                       rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=len(pts), start_pts=pts[0], last_pts=pts[-1], end_pts=end_pts,
                       duration=duration, pts=pts, keyframes=keyframes)
+
+
+_UNKNOWN = {None, "", "unknown", "unspecified", "reserved", "N/A"}
+_MASTERING = ("red_x", "red_y", "green_x", "green_y", "blue_x", "blue_y", "white_point_x", "white_point_y",
+              "min_luminance", "max_luminance")
+
+
+def _side_data(entries: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((entry for entry in entries if entry.get("side_data_type") == kind), None)
+
+
+def _picture_facts(path: Path, video: VideoFacts, stream: dict[str, Any], data: dict[str, Any]) -> None:
+    """What the decoder delivers: pixel format, fields, colour, HDR metadata, timecode, rotation.
+
+    The first frame is decoded too: an interlaced picture, its colour and HDR10
+    metadata are often told only in the bitstream (the container says nothing).
+    """
+    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(video.index),
+                     "-read_intervals", "%+#1", "-show_frames", "-show_entries",
+                     "frame=pix_fmt,interlaced_frame,top_field_first,color_range,color_space,color_primaries,"
+                     "color_transfer,side_data_list", "-of", "json", str(path)], timeout=60)
+    try:
+        frames = json.loads(proc.stdout).get("frames") or [] if proc.returncode == 0 else []
+    except json.JSONDecodeError:
+        frames = []
+    frame = frames[0] if frames else {}
+    video.pix_fmt = str(frame.get("pix_fmt") or stream.get("pix_fmt") or "") or None
+    described = describe_pix_fmt(video.pix_fmt)
+    raw_bits = stream.get("bits_per_raw_sample")
+    video.bit_depth = described[0] if described else (int(raw_bits) if str(raw_bits).isdigit() else None)
+    video.alpha = bool(described and described[2]) or str((stream.get("tags") or {}).get("alpha_mode")) == "1"
+    order = stream.get("field_order")
+    if frame.get("interlaced_frame"):
+        video.field_order = "tff" if frame.get("top_field_first") else "bff"
+    elif order in ("tt", "tb", "bb", "bt"):
+        video.field_order = "tff" if order in ("tt", "tb") else "bff"
+    for key in ("color_primaries", "color_transfer", "color_space", "color_range"):
+        value = stream.get(key) if stream.get(key) not in _UNKNOWN else frame.get(key)
+        setattr(video, key, None if value in _UNKNOWN else str(value))
+    side = [*(stream.get("side_data_list") or []), *(frame.get("side_data_list") or [])]
+    mastering = _side_data(side, "Mastering display metadata")
+    if mastering and all(mastering.get(key) for key in _MASTERING):
+        video.mastering = {key: str(mastering[key]) for key in _MASTERING}
+    light = _side_data(side, "Content light level metadata")
+    if light and light.get("max_content") is not None:
+        video.light = {"max_content": int(light["max_content"]), "max_average": int(light.get("max_average") or 0)}
+    matrix = _side_data(side, "Display Matrix")
+    rotation = matrix.get("rotation") if matrix else (stream.get("tags") or {}).get("rotate")
+    video.rotation = int(round(float(rotation))) % 360 if _seconds(rotation) is not None else 0
+    if video.rotation > 180:
+        video.rotation -= 360
+    tags = [stream.get("tags") or {}, (data.get("format") or {}).get("tags") or {},
+            *((s.get("tags") or {}) for s in data.get("streams") or [] if s.get("codec_type") == "data")]
+    video.timecode = next((str(t["timecode"]) for t in tags if _TIMECODE.match(str(t.get("timecode", "")))), None)
+
+
+_TIMECODE = re.compile(r"^\d{2}:\d{2}:\d{2}[:;.]\d{2,3}$")
 
 
 def _rate(text: Any) -> Fraction | None:

@@ -25,23 +25,46 @@ class VideoEncoder(BaseModel):
     speed_option: str | None = None  # ``speed`` becomes this option (e.g. -cpu-used)
     two_pass: bool = False
     pix_fmt: str = "yuv420p"
+    #: What it can carry (ffmpeg -h encoder=NAME), in ffmpeg 5.1; the pixel format is
+    #: chosen from these at plan time, so every segment of a job is encoded alike.
+    pix_fmts: tuple[str, ...] = ("yuv420p",)
+    fields: bool = False  # codes interlaced pictures as fields (interlace: keep)
+    #: The params keys that write HDR10 mastering-display and content-light SEI.
+    hdr_params: tuple[str, str] | None = None
 
 
 _X26X_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
+# Formats an encoder also takes, named only when a profile pins them (never chosen from a source).
+_X264_MORE = ("yuvj420p", "yuvj422p", "yuvj444p", "nv12", "nv16", "nv21", "nv20le", "gray", "gray10le")
+_X265_MORE = ("yuvj420p", "yuvj422p", "yuvj444p", "gbrp", "gbrp10le", "gbrp12le", "gray", "gray10le", "gray12le")
+_VP9_MORE = ("yuv440p", "yuv440p10le", "yuv440p12le", "gbrp", "gbrp10le", "gbrp12le")
+_AOM_MORE = ("gbrp", "gbrp10le", "gbrp12le", "gray", "gray10le", "gray12le")
+
 VIDEO_ENCODERS: dict[str, VideoEncoder] = {
     "libx264": VideoEncoder(family="h264", crf=(0, 51), presets=_X26X_PRESETS,
                             profiles=("baseline", "main", "high", "high10", "high422", "high444"),
-                            params_option="x264-params", two_pass=True),
+                            params_option="x264-params", two_pass=True,
+                            pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
+                                      *_X264_MORE),
+                            fields=True, hdr_params=("mastering-display", "cll")),
     "libx265": VideoEncoder(family="hevc", crf=(0, 51), presets=_X26X_PRESETS,
                             profiles=("main", "main10", "mainstillpicture", "main422-10", "main444-8"),
-                            params_option="x265-params", two_pass=True),
-    "libvpx-vp9": VideoEncoder(family="vp9", crf=(0, 63), speed_option="cpu-used", two_pass=True),
+                            params_option="x265-params", two_pass=True,
+                            pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
+                                      "yuv420p12le", "yuv422p12le", "yuv444p12le", *_X265_MORE),
+                            hdr_params=("master-display", "max-cll")),
+    "libvpx-vp9": VideoEncoder(family="vp9", crf=(0, 63), speed_option="cpu-used", two_pass=True,
+                               pix_fmts=("yuv420p", "yuva420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le",
+                                         "yuv444p10le", "yuv420p12le", "yuv422p12le", "yuv444p12le", *_VP9_MORE)),
     "libsvtav1": VideoEncoder(family="av1", crf=(0, 63), presets=tuple(str(n) for n in range(14)),
-                              params_option="svtav1-params"),
-    "libaom-av1": VideoEncoder(family="av1", crf=(0, 63), speed_option="cpu-used", two_pass=True),
+                              params_option="svtav1-params", pix_fmts=("yuv420p", "yuv420p10le")),
+    "libaom-av1": VideoEncoder(family="av1", crf=(0, 63), speed_option="cpu-used", two_pass=True,
+                               pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
+                                         "yuv420p12le", "yuv422p12le", "yuv444p12le", *_AOM_MORE)),
     "prores_ks": VideoEncoder(family="prores", profiles=("proxy", "lt", "standard", "hq", "4444", "4444xq"),
-                              pix_fmt="yuv422p10le"),
+                              pix_fmt="yuv422p10le", pix_fmts=("yuv422p10le", "yuv444p10le", "yuva444p10le"),
+                              fields=True),
 }
 
 AUDIO_ENCODERS: dict[str, str] = {  # encoder -> codec ffprobe reports ("copy": the source's)
@@ -97,6 +120,42 @@ def parse_rate(value: str | float | int) -> Fraction:
     return rate.limit_denominator(1001)
 
 
+def _depth_of(pix_fmt: str) -> int:
+    match = re.search(r"p(\d+)(le|be)$", pix_fmt)
+    return int(match.group(1)) if match else 8
+
+
+_PLANAR_YUV = re.compile(r"^yuv(a?)j?(4\d\d)p(\d+)?(le|be)?$")
+_SEMI_PLANAR = {"nv12": (8, 420), "nv21": (8, 420), "nv16": (8, 422), "nv24": (8, 444), "nv20le": (10, 422),
+                "p010le": (10, 420), "p016le": (16, 420), "p210le": (10, 422), "p410le": (10, 444)}
+
+
+def describe_pix_fmt(pix_fmt: str | None) -> tuple[int, int, bool] | None:
+    """``(bits, chroma, alpha)`` of a pixel format: ``yuv422p10le`` -> (10, 422, False);
+    RGB counts as 4:4:4 and grey as 4:2:0 (what a YUV encoder makes of them). None: not known."""
+    if not pix_fmt:
+        return None
+    match = _PLANAR_YUV.match(pix_fmt)
+    if match:
+        chroma = int(match.group(2))
+        return (int(match.group(3) or 8), chroma if chroma in (420, 422, 444) else 420, bool(match.group(1)))
+    if pix_fmt in _SEMI_PLANAR:
+        bits, chroma = _SEMI_PLANAR[pix_fmt]
+        return bits, chroma, False
+    rgb = re.match(r"^(gbra?p|rgba|bgra|argb|abgr|0rgb|rgb0|bgr0|0bgr|rgb|bgr)(\d*)(le|be)?$", pix_fmt)
+    if rgb:
+        alpha = "a" in rgb.group(1).replace("gbrap", "gbra")
+        bits = int(rgb.group(2)) if rgb.group(2) else 8
+        if rgb.group(1) in ("rgb", "bgr", "rgba", "bgra") and bits in (24, 32, 48, 64):  # rgb24, rgba64: per pixel
+            bits = bits // (4 if rgb.group(1) in ("rgba", "bgra") else 3)
+        return bits, 444, alpha
+    grey = re.match(r"^(ya|gray)(\d*)(le|be)?$", pix_fmt)
+    if grey:
+        bits = int(grey.group(2)) if grey.group(2) else 8
+        return bits, 420, grey.group(1) == "ya"
+    return None
+
+
 def _check_bitrate(value: str | None) -> str | None:
     if value is not None and not _BITRATE.match(value):
         raise ValueError(f"expected a bitrate such as 5M, 800k or 128000, got {value!r}")
@@ -107,7 +166,7 @@ def _check_bitrate(value: str | None) -> str | None:
 
 
 class VideoSettings(BaseModel):
-    """How the video is encoded."""
+    """How the video is encoded; `farm plan` says what it changes in each job's picture."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -120,7 +179,23 @@ class VideoSettings(BaseModel):
     speed: int | None = Field(default=None, ge=0, le=8, description="-cpu-used for VP9 and libaom AV1")
     profile: str | None = Field(default=None, description="codec profile: high, main10, proxy, hq, ...")
     tune: str | None = Field(default=None, description="encoder tune, e.g. film, animation")
-    pix_fmt: str | None = Field(default=None, description="pixel format (default per encoder, e.g. yuv420p)")
+    pix_fmt: str | None = Field(
+        default=None, description="pins the pixel format (yuv420p, yuv422p10le, ...); unset: the source's, within "
+                                  "bit_depth, chroma and alpha, as near as the encoder can carry it")
+    bit_depth: Literal["source", 8, 10, 12] = Field(
+        default="source", description="bits per sample: source keeps 10 and 12 bits where the encoder carries them")
+    chroma: Literal["source", 420, 422, 444] = Field(
+        default="source", description="chroma subsampling: source keeps 4:2:2 and 4:4:4 where the encoder carries them")
+    alpha: Literal["keep", "drop"] = Field(
+        default="keep", description="a source's alpha channel: kept where the encoder carries it (ProRes 4444, VP9)")
+    interlace: Literal["deinterlace", "keep"] = Field(
+        default="deinterlace", description="an interlaced source: deinterlace it field-aware (bwdif, same frame rate), "
+                                           "or keep its fields, field order and flags (libx264, prores_ks)")
+    hdr: Literal["keep", "tonemap"] = Field(
+        default="keep", description="colour primaries, transfer, matrix, HDR10 mastering display and light levels: "
+                                    "keep them, or tone-map a PQ/HLG source to SDR BT.709")
+    timecode: Literal["keep", "drop"] = Field(
+        default="keep", description="the source's start timecode, kept in mp4 and mov outputs")
     width: int | None = Field(default=None, ge=16, le=16384, description="scale to this width (aspect kept)")
     height: int | None = Field(default=None, ge=16, le=16384, description="scale to this height (aspect kept)")
     fps: str | None = Field(default=None, description="constant output frame rate: 25, 29.97, 30000/1001")
@@ -194,6 +269,11 @@ class VideoSettings(BaseModel):
             raise ValueError(f"unknown profile {value!r} for {info.data['codec']}; expected one of {known}")
         return value
 
+    @field_validator("bit_depth", "chroma", mode="before")
+    @classmethod
+    def _number_text(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, str) and value.isdigit() else value
+
     @field_validator("tune", "pix_fmt")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
@@ -244,7 +324,31 @@ class VideoSettings(BaseModel):
                 raise ValueError(f"{self.codec} is not used two-pass here")
         if (self.maxrate is None) != (self.bufsize is None):
             raise ValueError("maxrate and bufsize go together")
+        carried = self.pix_fmts
+        if self.pix_fmt is not None:
+            if self.bit_depth != "source" or self.chroma != "source":
+                raise ValueError("pix_fmt pins the bit depth and the chroma; give pix_fmt, or bit_depth and chroma")
+            if self.pix_fmt not in carried:
+                raise ValueError(f"{self.codec}{self._profile_words()} cannot encode pix_fmt {self.pix_fmt}; "
+                                 f"expected one of {', '.join(carried)}")
+        if self.chroma != "source" and not any(f"{self.chroma}p" in name for name in carried):
+            raise ValueError(f"{self.codec}{self._profile_words()} cannot encode chroma {self.chroma}")
+        if self.bit_depth != "source" and not any(_depth_of(name) == self.bit_depth for name in carried):
+            raise ValueError(f"{self.codec}{self._profile_words()} cannot encode {self.bit_depth}-bit video")
+        if self.interlace == "keep" and not self.encoder.fields:
+            fields = ", ".join(name for name, e in VIDEO_ENCODERS.items() if e.fields)
+            raise ValueError(f"interlace: keep needs an encoder that codes fields ({fields}); {self.codec} does not")
         return self
+
+    def _profile_words(self) -> str:
+        return f" with profile {self.profile}" if self.profile and self.codec == "prores_ks" else ""
+
+    @property
+    def pix_fmts(self) -> tuple[str, ...]:
+        """The pixel formats this encoder, with this codec profile, can encode."""
+        if self.codec == "prores_ks" and self.profile is not None:  # 4:2:2 profiles, and 4:4:4(:4) ones
+            return ("yuv444p10le", "yuva444p10le") if self.profile.startswith("4444") else ("yuv422p10le",)
+        return self.encoder.pix_fmts
 
     @property
     def encoder(self) -> VideoEncoder:
