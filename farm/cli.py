@@ -134,11 +134,12 @@ def _remote_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _remote(args: argparse.Namespace) -> Any:
-    """A controller client when a controller or a client file is named, else None (the
-    local store is used)."""
-    import os
+    """A controller client when a controller or a client file is named, or a quickcluster
+    runs on this machine; else None (the local store is used)."""
+    from farm.credentials import running_quickcluster
 
-    if not (args.controller or args.client or os.environ.get("FARM_CONTROLLER") or os.environ.get("FARM_CLIENT")):
+    named = args.controller or args.client or os.environ.get("FARM_CONTROLLER") or os.environ.get("FARM_CLIENT")
+    if not named and running_quickcluster() is None:
         return None
     from farm.client import ControllerClient, find_credentials
 

@@ -93,10 +93,15 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
                       help="take work only when idle (and within HOURS such as 18:00-08:00 if given)")
 
     quick = commands.add_parser("quickcluster", parents=[common], help="a controller and a node on this machine",
-                                description="Start a controller and one node on this machine (QuickCluster).")
-    quick.add_argument("--slots", type=int, help="the node's slots")
-    quick.add_argument("--api-port", type=int, default=8780)
-    quick.add_argument("--port", type=int, default=8786)
+                                description="Start a controller and one node on this machine (QuickCluster), under a cluster identity "
+                                            "of its own kept in the state directory. While it runs, `farm submit`, "
+                                            "`farm status`, `farm nodes`, `farm monitor` and farm.submit() on this "
+                                            "machine reach it with no options; its node stops with it.")
+    quick.add_argument("--slots", type=int, help="the node's slots (default: node.slots or the CPU count)")
+    quick.add_argument("--host", help="address to listen on (default from farm.yaml: 0.0.0.0, so that other "
+                                      "machines can submit and add nodes; 127.0.0.1 keeps it to this machine)")
+    quick.add_argument("--api-port", type=int, default=8780, help="HTTPS API port (default 8780)")
+    quick.add_argument("--port", type=int, default=8786, help="Dask scheduler port (default 8786)")
 
     submit = commands.add_parser("submit", parents=[common, remote], help="submit a batch to the controller",
                                  description="Submit a batch to a controller; --wait exits like `farm run`.")
@@ -264,47 +269,105 @@ def cmd_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     name = args.name or config.node.name or socket.gethostname()
     slots = args.slots or config.node.slots or os.cpu_count() or 1
     print(f"node {name} ({slots} slot(s)) looking for cluster {bundle.cluster}", file=stdout, flush=True)
-    serve_node(config, bundle, controller_url=args.controller, cluster=args.cluster, name=name, slots=slots)
+    parent = os.environ.get(NODE_PARENT_ENV)  # set by `farm quickcluster`: its node dies with it
+    serve_node(config, bundle, controller_url=args.controller, cluster=args.cluster, name=name, slots=slots,
+               announce=lambda line: print(line, file=stdout, flush=True),
+               parent=int(parent) if parent and parent.isdigit() else None)
     return ExitStatus.OK
+
+
+NODE_PARENT_ENV = "FARM_NODE_PARENT"
+QUICK_PREFIX = "quickcluster"
+
+
+def _quickcluster_identity(folder: Path) -> Any:
+    """The quickcluster's cluster files, made once per state directory under a name of its
+    own (host and a short id), so that two on one network never meet."""
+    import secrets
+    import shutil
+
+    from farm.security import Bundle, init_cluster
+
+    if (folder / "controller.yaml").exists():
+        bundle = Bundle.load(folder / "controller.yaml")
+        if bundle.cluster != QUICK_PREFIX:
+            return bundle
+        shutil.rmtree(folder)  # made by an older Farm under the name every quickcluster shared
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname().split(".")[0]) or "host"
+    init_cluster(f"{QUICK_PREFIX}-{host}-{secrets.token_hex(3)}", folder)
+    return Bundle.load(folder / "controller.yaml")
 
 
 def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.config import make_state_dir, state_dir
     from farm.controller import Controller
-    from farm.security import Bundle, init_cluster
+    from farm.credentials import ClientFile, QuickclusterClientFile
 
     config = _config(args)
-    folder = make_state_dir(state_dir(getattr(args, "state", None))) / "quickcluster"
-    if not (folder / "controller.yaml").exists():
-        init_cluster("quickcluster", folder)
-    config.controller.host = "127.0.0.1"
-    config.controller.api_port = args.api_port
-    config.controller.scheduler_port = args.port
-    controller = Controller(config, Bundle.load(folder / "controller.yaml"), getattr(args, "state", None),
-                            advertise=False)
+    client_file = QuickclusterClientFile()  # refuses a second quickcluster on this machine
     node = None
+    controller = None
     try:
+        folder = make_state_dir(state_dir(getattr(args, "state", None))) / "quickcluster"
+        bundle = _quickcluster_identity(folder)
+        if args.host is not None:
+            config.controller.host = args.host
+        config.controller.api_port = args.api_port
+        config.controller.scheduler_port = args.port
+        controller = Controller(config, bundle, getattr(args, "state", None),
+                                advertise=config.controller.advertise and not _loopback(config.controller.host))
         controller.start()
+        port = controller.api_url.rsplit(":", 1)[1]
+        local_url = f"https://127.0.0.1:{port}" if not _loopback(config.controller.host) else controller.api_url
+        admin = ClientFile.load(folder / "admin.yaml")
+        admin.urls = [local_url]
+        client_file.write(admin)
         command = [sys.executable, "-m", "farm.cli", "node", "--bundle", str(folder / "node.yaml"),
-                   "--controller", controller.api_url, "--name", f"{socket.gethostname()}-quick"]
+                   "--controller", local_url, "--name", f"{socket.gethostname()}-quick"]
         if args.slots:
             command += ["--slots", str(args.slots)]
         if getattr(args, "config", None):
             command += ["--config", args.config]
-        node = subprocess.Popen(command)
-        client_file = folder / "admin.yaml" if (folder / "admin.yaml").exists() else folder / "node.yaml"  # older
-        print(f"quickcluster: API {controller.api_url} (client file {client_file}); Ctrl-C stops it",
-              file=stdout, flush=True)
+        if getattr(args, "debug", False):
+            command.append("--debug")
+        # Its own session: Ctrl-C in this terminal reaches this process only, which stops
+        # the node; and the node stops by itself once this process is gone, however it ended.
+        node = subprocess.Popen(command, env={**os.environ, NODE_PARENT_ENV: str(os.getpid())},
+                                start_new_session=True)
+        _banner(stdout, bundle.cluster, controller.api_url, client_file.path, folder, config.controller.host)
         controller.serve_forever()
     finally:
-        if node is not None:
-            node.terminate()
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                node.kill()
-        controller.close()
+        try:
+            if node is not None:
+                node.terminate()
+                try:
+                    node.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+            if controller is not None:
+                controller.close()
+        finally:
+            client_file.close()
     return ExitStatus.OK
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _banner(stdout: TextIO, cluster: str, url: str, client_file: Path, folder: Path, host: str) -> None:
+    lines = [f"quickcluster {cluster}: API {url}; Ctrl-C stops it (and its node)",
+             "on this machine, farm submit, status, nodes, monitor and farm.submit() find it by themselves while "
+             f"it runs (through {client_file})"]
+    if _loopback(host):
+        lines.append(f"it listens on {host} only: other machines cannot reach it (--host 0.0.0.0 lets them)")
+    else:
+        lines += [f"from another machine, with {folder / 'admin.yaml'} copied there (it holds the admin token):",
+                  f"  farm submit PROFILE INPUT... -o DEST --wait --client admin.yaml --controller {url}",
+                  f"  farm monitor --client admin.yaml --controller {url}",
+                  f"to add a node, with {folder / 'node.yaml'} copied to it (inputs and outputs at the same paths):",
+                  f"  farm node --bundle node.yaml --controller {url}"]
+    print("\n".join(lines), file=stdout, flush=True)
 
 
 def _client(args: argparse.Namespace) -> Any:
