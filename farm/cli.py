@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     run = commands.add_parser("run", parents=[common], help="run a batch to completion on this machine",
-                              description="Run a batch (one job per input) on the embedded default and wait for it.")
+                              description="Run a batch (one job per input) on this machine, on an in-process Dask cluster (the embedded "
+                                          "default engine), and wait for it.")
     _submission_arguments(run)
     run.add_argument("-o", "--output", metavar="DEST", help="destination folder (default: the profile's, else ./out)")
     run.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser(
         "resume", parents=[common], help="resume interrupted jobs on this machine",
-        description="Resume an interrupted job, or every interrupted job of a batch, on the embedded default and "
+        description="Resume an interrupted job, or every interrupted job of a batch, on this machine (the embedded default "
+                    "engine, as `farm run`) and "
                     "wait for it: segments already done are kept, the others run, then assembly. A job is "
                     "interrupted when the process that ran it (its lease's owner) stopped before it ended. With "
                     "--controller or a client file (or $FARM_CONTROLLER, $FARM_CLIENT): hand out a paused job's "
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a key by its dotted path")
     validate = profile_commands.add_parser("validate", parents=[common], help="check profile files",
                                            description="Check profile files; exits 2 when any is invalid.")
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="profile files to check")
 
     status = commands.add_parser("status", parents=[common], help="show jobs in the store",
                                  description="Show jobs (or one job with its segments) from the store.")

@@ -51,7 +51,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
                     "they expose, into controller.destinations, and steers its own jobs; admin does everything. "
                     "--role node writes a node bundle instead (for nodes, when replacing the nodes' token).")
     add.add_argument("name", help="who gets it: a person, a script, a droplet machine (letters, digits, . _ @ -)")
-    add.add_argument("--role", required=True, choices=("admin", "submit", "view", "node"))
+    add.add_argument("--role", required=True, choices=("admin", "submit", "view", "node"),
+                     help="what the token may do: view reads, submit submits and steers its own jobs, admin does "
+                          "everything, node is for nodes")
     add.add_argument("--url", action="append", default=[], metavar="URL",
                      help="the controller's API URL (repeatable; default: the admin client file's)")
     add.add_argument("--out", metavar="FILE", help="where to write the client file (default: clients/NAME.yaml in "
@@ -60,11 +62,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     listing = token_commands.add_parser("list", parents=[common], help="list tokens (names and roles, never the tokens)",
                                         description="List the cluster's tokens: name, role, when made.")
     listing.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = token_commands.add_parser("revoke", parents=[common], help="revoke a token (at once)",
                                        description="Revoke a token: a running controller refuses it from the next "
                                                    "request on. Jobs it submitted go on.")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the token's name (see `farm cluster token list`)")
     revoke.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
 
     controller = commands.add_parser(
@@ -105,37 +107,40 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
 
     submit = commands.add_parser("submit", parents=[common, remote], help="submit a batch to the controller",
                                  description="Submit a batch to a controller; --wait exits like `farm run`.")
-    submit.add_argument("profile")
+    submit.add_argument("profile", help="a profile the controller knows by name (a path: admin tokens only)")
     submit.add_argument("inputs", nargs="*", metavar="INPUT", help="input paths as the controller sees them")
-    submit.add_argument("-o", "--output", metavar="DEST")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("-o", "--output", metavar="DEST", help="destination folder, as the controller sees it")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile key by its dotted path (submit tokens: the keys it exposes)")
     submit.add_argument("--priority", help="high, normal, low or a number")
-    submit.add_argument("--overwrite", action="store_true")
+    submit.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     submit.add_argument("--wait", action="store_true", help="wait for every job to end")
-    submit.add_argument("--json", action="store_true")
+    submit.add_argument("--json", action="store_true", help="print one JSON document with the outcome")
 
     nodes = commands.add_parser("nodes", parents=[common, remote], help="list the cluster's nodes",
                                 description="List the nodes connected to the controller.")
-    nodes.add_argument("--json", action="store_true")
+    nodes.add_argument("--json", action="store_true", help="print JSON")
 
     retry = commands.add_parser("retry", parents=[common, remote], help="retry a failed or cancelled job",
                                 description="Queue a failed or cancelled job's unfinished segments again.")
-    retry.add_argument("job")
+    retry.add_argument("job", help="a job id (see `farm status`)")
     retry.add_argument("--all", action="store_true", help="run every segment again, done ones too")
 
     # `farm resume JOB` is in farm.cli: a paused job on a controller, or an interrupted one here
     pause = commands.add_parser("pause", parents=[common, remote], help="pause a job",
                                 description="hand out no more of a job's segments (running ones finish).")
-    pause.add_argument("job")
+    pause.add_argument("job", help="a job id (see `farm status`)")
     priority = commands.add_parser("priority", parents=[common, remote], help="move a job up or down the queue",
                                    description="Set a job's priority: high, normal, low or a whole number.")
-    priority.add_argument("job")
+    priority.add_argument("job", help="a job id (see `farm status`)")
     priority.add_argument("priority", help="high, normal, low or a whole number (higher runs first)")
 
-    for verb in ("pause", "resume"):
+    for verb, description in (
+            ("pause", "Pause a node: it gets no new segments; the ones it runs finish."),
+            ("resume", "Resume a paused node: it gets segments again.")):
         parser = commands.add_parser(f"{verb}-node", parents=[common, remote], help=f"{verb} a node",
-                                     description=f"{verb.capitalize()} a node: a paused node gets no new segments.")
-        parser.add_argument("node")
+                                     description=description)
+        parser.add_argument("node", help="the node's name (see `farm nodes`)")
     return {"cluster": cmd_cluster, "controller": cmd_controller, "node": cmd_node, "quickcluster": cmd_quickcluster,
             "submit": cmd_submit, "nodes": cmd_nodes, "retry": cmd_retry, "pause": cmd_pause_job,
             "priority": cmd_priority,

@@ -22,12 +22,12 @@ from farm.errors import ExitStatus, FarmError
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, Any]:
     plugins = commands.add_parser("plugins", parents=[common], help="list loaded plugins and failures",
                                   description="Plugins, their versions, processors and hooks; failures with reasons.")
-    plugins.add_argument("--json", action="store_true")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
     doctor = commands.add_parser("doctor", parents=[common], help="check this machine",
                                  description="Check ffmpeg, renderers, the state dir, the configuration, the "
                                              "sandbox, plugins and the client file (or cluster bundle); say what "
                                              "to do about each problem.")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
     return {"plugins": cmd_plugins, "doctor": cmd_doctor}
 
 

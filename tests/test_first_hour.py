@@ -136,3 +136,10 @@ def test_a_node_without_its_controller_stops_on_sigterm(tmp_path):
         node.wait(timeout=5)
     finally:
         cluster.stop()
+
+
+def test_a_wrong_set_is_blamed_not_the_profile(farm):
+    wrong = farm("plan", "h264-web-720p", "--set", "video.crf=18")
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("farm: error: --set video.crf=18: video: unknown key 'video'"), wrong.stderr
+    assert "settings.video.crf=18" in wrong.stderr and ".yaml" not in wrong.stderr
