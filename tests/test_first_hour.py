@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from tests.cluster_helpers import Cluster, free_port
 from tests.conftest import FARM, ROOT, Result
@@ -104,6 +105,9 @@ def test_a_quickcluster_is_reached_with_no_options_and_its_file_goes_with_it(qui
 
     client_file = quick.home / ".config" / "farm" / "quickcluster.yaml"
     assert client_file.exists()
+    https = yaml.safe_load(client_file.read_text())["urls"][0]
+    plain = quick.farm("nodes", "--controller", https.replace("https://", "http://"))
+    assert plain.returncode == 2 and f"use {https}" in plain.stderr, plain.stderr
     quick.stop()
     assert quick.proc.returncode == 0, quick.log.read_text()
     assert not client_file.exists()
