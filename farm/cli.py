@@ -102,9 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE", help="profile files to check")
 
     status = commands.add_parser("status", parents=[common], help="show jobs in the store",
-                                 description="Show jobs (or one job with its segments) from the store.")
+                                 description="Show the most recent jobs (or one job with its segments) from the "
+                                             "store, or from the controller when one is named or a quickcluster "
+                                             "runs here. `farm purge` removes old finished ones.")
     status.add_argument("job", nargs="?", help="a job id")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON (every job, unless --limit is given)")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true", help="list every job, not only the most recent")
+    shown.add_argument("--limit", type=_positive, metavar="N",
+                       help=f"list the N most recent jobs (default {STATUS_LIMIT})")
     status.add_argument("--watch", action="store_true",
                         help="show the jobs live until Ctrl-C (with a job id: until that job ends; exit status 1 "
                              "unless it is done)")
@@ -124,7 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
 COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli", "farm.scaffold",
-                                     "farm.monitor_cli")
+                                     "farm.monitor_cli", "farm.logs_cli")
+
+
+STATUS_LIMIT = 20  # jobs `farm status` lists unless --all or --limit
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def _status_limit(args: argparse.Namespace) -> int | None:
+    """How many of the most recent jobs to list; None: all."""
+    if args.job or args.all:
+        return None
+    if args.limit:
+        return args.limit
+    return None if args.json else STATUS_LIMIT
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -572,14 +597,22 @@ def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
 
         if args.json:
             raise UsageError("--watch shows a live table; it does not print JSON")
-        return watch_status(args.job, remote, lambda: _local_docs(args), stdout)
+        return watch_status(args.job, remote, lambda: _local_docs(args)[0], stdout)
+    limit = _status_limit(args)
     if remote is not None:
         docs = [remote.job(args.job)] if args.job else remote.jobs()
-        return _print_status(args, docs, stdout)
-    return _print_status(args, _local_docs(args), stdout)
+        total = len(docs)
+        docs = docs[-limit:] if limit else docs
+    else:
+        docs, total = _local_docs(args, limit)
+    status = _print_status(args, docs, stdout)
+    if not args.json and total > len(docs):
+        print(f"({total - len(docs)} older job(s) not shown: --all, or --limit N)", file=stdout)
+    return status
 
 
-def _local_docs(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _local_docs(args: argparse.Namespace, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The jobs (the ``limit`` most recent, or all) and how many there are in all."""
     from farm.lease import sweep
 
     store = _open_store(args)
@@ -596,12 +629,12 @@ def _local_docs(args: argparse.Namespace) -> list[dict[str, Any]]:
             doc = {**_job_doc(row, segments), "segment_list": [
                 {"id": s["id"], "label": s["label"], "state": s["state"], "attempts": s["attempts"], "error": s["error"]}
                 for s in segments]}
-            docs = [doc]
-        else:
-            docs = [_job_doc(row, store.segments(row["id"])) for row in store.jobs()]
+            return [doc], 1
+        rows = store.recent_jobs(limit) if limit else store.jobs()
+        total = store.job_count() if limit else len(rows)
+        return [_job_doc(row, store.segments(row["id"])) for row in rows], total
     finally:
         store.close()
-    return docs
 
 
 def _print_status(args: argparse.Namespace, docs: list[dict[str, Any]], stdout: TextIO) -> ExitStatus:

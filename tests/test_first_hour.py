@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from tests.cluster_helpers import Cluster, free_port
-from tests.conftest import FARM, ROOT, Result
+from tests.conftest import FARM, ROOT, Result, write_profile
 
 EXAMPLE = ROOT / "examples" / "testsrc-frames.yaml"
 SMALL = ["--set", "frames=1-4", "--set", "segment.frames=2"]
@@ -147,3 +148,106 @@ def test_a_wrong_set_is_blamed_not_the_profile(farm):
     assert wrong.returncode == 2
     assert wrong.stderr.startswith("farm: error: --set video.crf=18: video: unknown key 'video'"), wrong.stderr
     assert "settings.video.crf=18" in wrong.stderr and ".yaml" not in wrong.stderr
+
+
+# -- farm logs, farm status --limit, farm purge ------------------------------------------
+
+# (no braces: the command processor reads {NAME} in its arguments as placeholders)
+TALK = ("import pathlib, sys\n"
+        "out, start, count = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])\n"
+        "print('said %d-%d' % (start, start + count - 1), flush=True)\n"
+        "if start >= int(sys.argv[4]):\n"
+        "    import time; time.sleep(600)\n"
+        "if start >= int(sys.argv[5]):\n"
+        "    sys.exit('frame %d cannot be made' % start)\n"
+        "for frame in range(start, start + count):\n"
+        "    (out / ('f_%04d.txt' % frame)).write_text(str(frame))\n")
+
+
+def talk_profile(tmp: Path, name: str, frames: str, *, hang_from: int = 10**6, fail_from: int = 10**6) -> Path:
+    return write_profile(tmp, name, {
+        "processor": "command", "frames": frames, "segment": {"frames": 2}, "retries": 0,
+        "settings": {"command": [sys.executable, "-c", TALK, "{output_dir}", "{start}", "{count}", str(hang_from),
+                                 str(fail_from)],
+                     "expect": ["f_{frame:04d}.txt"]},
+    })
+
+
+def test_farm_logs_shows_the_segments_logs_of_a_farm_run_job(farm, farm_env):
+    tmp = farm_env["tmp"]
+    ran = farm("run", talk_profile(tmp, "talk", "1-4"), "-o", tmp / "out", "--json", "--quiet")
+    assert ran.returncode == 0, ran.stderr
+    job = ran.json()["jobs"][0]["id"]
+
+    every = farm("logs", job)
+    assert every.returncode == 0, every.stderr
+    assert f"==> segment 0 (frames 1-2), attempt {job}.s00000.a1" in every.stdout
+    assert "said 1-2" in every.stdout and "said 3-4" in every.stdout
+    assert every.stdout.count("exit status 0") >= 2  # the header of each, and the log's own footer
+
+    second = farm("logs", job, "1")
+    assert "said 3-4" in second.stdout and "said 1-2" not in second.stdout
+    attempt = farm("logs", job, f"{job}.s00000.a1")
+    assert "said 1-2" in attempt.stdout and "said 3-4" not in attempt.stdout
+    followed = farm("logs", job, "--follow")  # an ended job: everything, then the exit status of the job
+    assert followed.returncode == 0 and "said 3-4" in followed.stdout
+    missing = farm("logs", job, "7")
+    assert missing.returncode == 2 and f"job {job} has no segment or attempt '7'" in missing.stderr
+
+
+def store_rows(state: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    db = sqlite3.connect(state / "farm.db", timeout=30)
+    try:
+        with db:
+            return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def test_purge_removes_old_finished_jobs_and_nothing_of_unfinished_ones(farm, farm_env):
+    tmp, state = farm_env["tmp"], farm_env["state"]
+    done = farm("run", talk_profile(tmp, "fine", "1-2"), "-o", tmp / "a", "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    failed = farm("run", talk_profile(tmp, "broken", "1-4", fail_from=3), "-o", tmp / "b", "--json", "--quiet")
+    assert failed.returncode == 1, failed.stderr
+    done_id, failed_id = done.json()["jobs"][0]["id"], failed.json()["jobs"][0]["id"]
+    assert (state / "work" / failed_id).is_dir()  # a failed job keeps its work folder (for `farm retry`)
+
+    hung = subprocess.Popen([*FARM, "run", str(talk_profile(tmp, "hung", "1-4", hang_from=3)), "-o", str(tmp / "c"),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    Cluster.wait_until(lambda: store_rows(state, "SELECT s.state, COUNT(*) FROM segments s JOIN jobs j ON s.job_id = "
+                                                 "j.id WHERE j.profile_name = 'hung' GROUP BY s.state")
+                       in ([("done", 1), ("running", 1)],), 120, "the third run's first segment done, second running")
+    hung.kill()
+    hung.wait()
+    [(hung_id,)] = store_rows(state, "SELECT id FROM jobs WHERE profile_name = 'hung'")
+    assert farm("status", hung_id, "--json").json()["state"] == "interrupted"
+    assert (state / "work" / hung_id).is_dir()
+
+    listed = farm("status", "--limit", "1")
+    assert listed.stdout.splitlines()[0].startswith(hung_id) and "2 older job(s) not shown" in listed.stdout
+    assert len(farm("status", "--all", "--json").json()) == 3
+
+    # forty days pass
+    store_rows(state, "UPDATE jobs SET updated = updated - 40 * 86400")
+    assert farm("purge", "--older-than", "60d", "--dry-run", "--json").json()["jobs"] == []
+    dry = farm("purge", "--older-than", "30d", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert done_id in dry.stdout and failed_id in dry.stdout and hung_id not in dry.stdout
+    assert "would remove 2 job(s)" in dry.stdout
+    assert len(farm("status", "--all", "--json").json()) == 3 and (state / "work" / failed_id).is_dir()
+
+    real = farm("purge", "--older-than", "30d", "--json")
+    assert real.returncode == 0, real.stderr
+    assert sorted(job["id"] for job in real.json()["jobs"]) == sorted([done_id, failed_id])
+    assert [job["id"] for job in farm("status", "--all", "--json").json()] == [hung_id]
+    assert not (state / "work" / failed_id).exists()
+    for table in ("segments", "attempts", "events"):
+        assert store_rows(state, f"SELECT COUNT(*) FROM {table} WHERE job_id IN (?, ?)", (done_id, failed_id)) \
+            == [(0,)], table
+    # the unfinished job is whole: its row, segments, attempts and logs, and its work folder
+    detail = farm("status", hung_id, "--json").json()
+    assert detail["state"] == "interrupted" and [s["state"] for s in detail["segment_list"]][0] == "done"
+    assert "said 1-2" in farm("logs", hung_id, "0").stdout
+    assert (state / "work" / hung_id).is_dir()
+    assert sorted(p.name for p in (tmp / "a").iterdir()) == ["f_0001.txt", "f_0002.txt"]  # outputs stay
