@@ -193,4 +193,4 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> FarmConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"{path}: {key}: {first['msg']}") from None
+        raise UsageError(f"{path}: {key}: {first['msg'].removeprefix('Value error, ')}") from None

@@ -251,3 +251,33 @@ def test_purge_removes_old_finished_jobs_and_nothing_of_unfinished_ones(farm, fa
     assert "said 1-2" in farm("logs", hung_id, "0").stdout
     assert (state / "work" / hung_id).is_dir()
     assert sorted(p.name for p in (tmp / "a").iterdir()) == ["f_0001.txt", "f_0002.txt"]  # outputs stay
+
+
+def test_a_controller_serves_logs_and_applies_its_retention(tmp_path):
+    c = Cluster(tmp_path / "c")
+    try:
+        ran = c.farm("run", talk_profile(tmp_path, "talk", "1-4"), "-o", tmp_path / "out", "--json", "--quiet",
+                     env={"FARM_CONTROLLER": "", "FARM_CLIENT": ""})  # this machine, the controller's store
+        assert ran.returncode == 0, ran.stderr
+        job = ran.json()["jobs"][0]["id"]
+        c.start_controller()
+        logs = c.farm("logs", job, "1")  # through the controller's API
+        assert logs.returncode == 0, logs.stderr
+        assert "said 3-4" in logs.stdout and "said 1-2" not in logs.stdout
+        c.stop()
+
+        config = yaml.safe_load(c.config.read_text())
+        config["controller"]["retention"] = "30d"
+        c.config.write_text(yaml.safe_dump(config))
+        store_rows(c.root / "state", "UPDATE jobs SET updated = updated - 40 * 86400")  # forty days pass
+        c.start_controller()
+        Cluster.wait_until(lambda: c.farm("status", "--all", "--json").json() == [], 60,
+                           "the controller to remove the job that ended forty days ago")
+    finally:
+        c.stop()
+
+
+def test_a_wrong_retention_is_refused_with_the_key(farm, farm_env):
+    farm_env["config"].write_text(yaml.safe_dump({"controller": {"retention": "a month"}}))
+    result = farm("doctor")
+    assert "farm.yaml: controller.retention: expected an age such as 30d" in result.stdout + result.stderr
