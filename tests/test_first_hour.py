@@ -281,3 +281,64 @@ def test_a_wrong_retention_is_refused_with_the_key(farm, farm_env):
     farm_env["config"].write_text(yaml.safe_dump({"controller": {"retention": "a month"}}))
     result = farm("doctor")
     assert "farm.yaml: controller.retention: expected an age such as 30d" in result.stdout + result.stderr
+
+
+class SilentScheduler:
+    """The controller's API (its real certificate) naming a scheduler that takes the TCP
+    connection and then says nothing: a node joining it waits on the TLS handshake, the
+    way a node waits on a controller that went away mid-join."""
+
+    def __init__(self, bundle_path: Path):
+        import http.server
+        import ssl
+        import socket
+        import threading
+
+        from farm.security import Bundle
+
+        self.silent = socket.socket()
+        self.silent.bind(("127.0.0.1", 0))
+        self.silent.listen(16)  # never accepted: connections wait in the backlog
+        scheduler = f"tls://127.0.0.1:{self.silent.getsockname()[1]}"
+
+        class Api(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({"scheduler": scheduler}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        with Bundle.load(bundle_path).pem_paths() as files:
+            context.load_cert_chain(files["cert"], files["key"])
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.silent.close()
+
+
+def test_a_node_stuck_joining_stops_within_5_s_of_sigterm(tmp_path):
+    cluster = Cluster(tmp_path / "c")
+    api = SilentScheduler(cluster.bundles / "controller.yaml")
+    cluster.url = api.url
+    node = cluster.start_node("stuck")
+    try:
+        # it has asked the API and is now dialling the scheduler that never answers
+        Cluster.wait_until(lambda: any(c.raddr and c.raddr[1] == api.silent.getsockname()[1]
+                                       for p in [psutil.Process(node.pid), *psutil.Process(node.pid).children(True)]
+                                       for c in p.net_connections(kind="tcp")), 60,
+                           "the node to dial the silent scheduler")
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=5)
+    finally:
+        cluster.stop()
+        api.close()
