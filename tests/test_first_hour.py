@@ -342,3 +342,73 @@ def test_a_node_stuck_joining_stops_within_5_s_of_sigterm(tmp_path):
     finally:
         cluster.stop()
         api.close()
+
+
+# -- the Batch Monitor names what a batch is, and finds it -------------------------------------
+
+
+def test_the_monitor_names_each_batch_and_filters_by_words_and_state(tmp_path):
+    from tests.test_monitor import CHROMIUM
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM}")
+    c = Cluster(tmp_path / "names")  # no node: the batches wait, which is all this needs
+    try:
+        c.start_controller()
+        client = yaml.safe_load((c.bundles / "admin.yaml").read_text())
+        inputs = []
+        for name in ("shot01.mov", "shot02.mov"):
+            (tmp_path / name).write_text("not really a movie")
+            inputs.append(str(tmp_path / name))
+        plain = talk_profile(tmp_path, "proofs", "1-2")
+        shots = write_profile(tmp_path, "shots-review", {
+            "processor": "command", "frames": "1", "segment": {"frames": 1},
+            "settings": {"command": [sys.executable, "-c", "print(1)", "{input}", "{output_dir}"]}})
+        batches = []
+        for submitted in (c.farm("submit", plain, "-o", tmp_path / "o1", "--json"),
+                          c.farm("submit", shots, *inputs, "-o", tmp_path / "o2", "--json")):
+            assert submitted.returncode == 0, submitted.stderr
+            batches.append(submitted.json()["batch"])
+        first, second = batches
+        for job in json.loads(c.farm("status", "--json").stdout):
+            if job["batch"] == second:
+                assert c.farm("cancel", job["id"]).returncode == 0
+
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800}).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{c.url}/#token={client['token']}")
+            page.wait_for_selector(f"#batch-{second} .head .pill[data-state=cancelled]", timeout=30000)
+            one, two = page.locator(f"#batch-{first} .head"), page.locator(f"#batch-{second} .head")
+            assert one.locator("strong").inner_text().endswith("proofs")
+            assert two.locator("strong").inner_text().endswith("shots-review")
+            assert "shot01.mov, shot02.mov" in two.inner_text() and "submitted by admin" in two.inner_text()
+            assert "no input" in one.inner_text() and f"batch {first}" in one.inner_text()
+
+            def shown() -> list[str]:
+                return sorted(page.eval_on_selector_all(".batch", "boxes => boxes.map((b) => b.id.slice(6))"))
+
+            page.fill("#batch-search", "shot02")
+            page.wait_for_function("document.querySelectorAll('.batch').length === 1")
+            assert shown() == [second]
+            page.fill("#batch-search", "PROOFS")
+            page.wait_for_function(f"document.querySelector('.batch') && document.querySelector('.batch').id === "
+                                   f"'batch-{first}' && document.querySelectorAll('.batch').length === 1")
+            page.fill("#batch-search", "")
+            page.select_option("#batch-state", "cancelled")
+            page.wait_for_function("document.querySelectorAll('.batch').length === 1")
+            assert shown() == [second]
+            page.select_option("#batch-state", "queued")
+            page.wait_for_function(f"document.querySelector('.batch') && document.querySelector('.batch').id === "
+                                   f"'batch-{first}'")
+            page.fill("#batch-search", "shot")
+            page.wait_for_selector("#no-match:not([hidden])")
+            assert shown() == []
+            browser.close()
+            assert not errors, errors
+    finally:
+        c.stop()
