@@ -160,13 +160,15 @@ def _remote_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "$FARM_BUNDLE)")
 
 
-def _remote(args: argparse.Namespace) -> Any:
-    """A controller client when a controller or a client file is named, or a quickcluster
-    runs on this machine; else None (the local store is used)."""
+def _remote(args: argparse.Namespace, quickcluster: bool = False) -> Any:
+    """A controller client when a controller or a client file is named (or, with
+    ``quickcluster``, when one runs on this machine); else None: the local store is used.
+    Steering commands (cancel, resume) keep to the store unless told: a `farm run` job
+    there belongs to its own process, not to the quickcluster."""
     from farm.credentials import running_quickcluster
 
     named = args.controller or args.client or os.environ.get("FARM_CONTROLLER") or os.environ.get("FARM_CLIENT")
-    if not named and running_quickcluster() is None:
+    if not named and not (quickcluster and running_quickcluster() is not None):
         return None
     from farm.client import ControllerClient, find_credentials
 
@@ -591,7 +593,7 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    remote = _remote(args)
+    remote = _remote(args, quickcluster=True)
     if args.watch:
         from farm.monitor_cli import watch_status
 

@@ -125,7 +125,7 @@ def _header(attempt: Attempt) -> str:
 def cmd_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.cli import _remote
 
-    remote = _remote(args)
+    remote = _remote(args, quickcluster=True)
     source: LocalLogs | RemoteLogs = RemoteLogs(remote) if remote is not None else LocalLogs(args)
     chosen = _chooser(args.job, args.target)
     shown: set[str] = set()
