@@ -1,5 +1,6 @@
 """Writes the generated reference pages: docs/profiles.md (from the pydantic schemas of
-profiles and of every installed processor's settings) and docs/cli.md (from `--help`).
+profiles and of the settings of every processor shipped with Farm) and docs/cli.md (from
+`--help`).
 
     .venv/bin/python docs/generate.py          # rewrite both
     .venv/bin/python docs/generate.py --check  # exit 1 when a page is out of date
@@ -68,6 +69,17 @@ def model_table(model: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
+def _not_shipped() -> list[str]:
+    """Plugins installed from other distributions: the pages document what ships with
+    Farm, whatever else is installed next to it."""
+    import importlib.metadata
+
+    from farm.plugins import ENTRY_POINT_GROUP
+
+    return [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+            if ep.dist is None or ep.dist.name != "farm"]
+
+
 def profiles_page() -> str:
     from farm.plugins import load_plugins
     from farm.profiles import Profile
@@ -84,7 +96,7 @@ def profiles_page() -> str:
              "the API). Each `--set` value is held to the same nesting and values limits. A priority is a whole number "
              "from -1,000,000 to 1,000,000 (not a setting).", "",
              *model_table(ProfileLimits, "limits."), ""]
-    plugins = load_plugins()
+    plugins = load_plugins(blocked=_not_shipped())
     for name in sorted(plugins.processors):
         processor = plugins.processors[name]
         lines += [f"## `settings` of the `{name}` processor", "", processor.description or "", "",

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     run = commands.add_parser("run", parents=[common], help="run a batch to completion on this machine",
-                              description="Run a batch (one job per input) on the embedded default and wait for it.")
+                              description="Run a batch (one job per input) on this machine, on an in-process Dask cluster (the embedded "
+                                          "default engine), and wait for it.")
     _submission_arguments(run)
     run.add_argument("-o", "--output", metavar="DEST", help="destination folder (default: the profile's, else ./out)")
     run.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser(
         "resume", parents=[common], help="resume interrupted jobs on this machine",
-        description="Resume an interrupted job, or every interrupted job of a batch, on the embedded default and "
+        description="Resume an interrupted job, or every interrupted job of a batch, on this machine (the embedded default "
+                    "engine, as `farm run`) and "
                     "wait for it: segments already done are kept, the others run, then assembly. A job is "
                     "interrupted when the process that ran it (its lease's owner) stopped before it ended. With "
                     "--controller or a client file (or $FARM_CONTROLLER, $FARM_CLIENT): hand out a paused job's "
@@ -97,12 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a key by its dotted path")
     validate = profile_commands.add_parser("validate", parents=[common], help="check profile files",
                                            description="Check profile files; exits 2 when any is invalid.")
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="profile files to check")
 
     status = commands.add_parser("status", parents=[common], help="show jobs in the store",
-                                 description="Show jobs (or one job with its segments) from the store.")
+                                 description="Show the most recent jobs (or one job with its segments) from the "
+                                             "store, or from the controller when one is named or a quickcluster "
+                                             "runs here. `farm purge` removes old finished ones.")
     status.add_argument("job", nargs="?", help="a job id")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON (every job, unless --limit is given)")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true", help="list every job, not only the most recent")
+    shown.add_argument("--limit", type=_positive, metavar="N",
+                       help=f"list the N most recent jobs (default {STATUS_LIMIT})")
     status.add_argument("--watch", action="store_true",
                         help="show the jobs live until Ctrl-C (with a job id: until that job ends; exit status 1 "
                              "unless it is done)")
@@ -122,7 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
 COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli", "farm.scaffold",
-                                     "farm.monitor_cli")
+                                     "farm.monitor_cli", "farm.logs_cli")
+
+
+STATUS_LIMIT = 20  # jobs `farm status` lists unless --all or --limit
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def _status_limit(args: argparse.Namespace) -> int | None:
+    """How many of the most recent jobs to list; None: all."""
+    if args.job or args.all:
+        return None
+    if args.limit:
+        return args.limit
+    return None if args.json else STATUS_LIMIT
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,12 +160,15 @@ def _remote_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "$FARM_BUNDLE)")
 
 
-def _remote(args: argparse.Namespace) -> Any:
-    """A controller client when a controller or a client file is named, else None (the
-    local store is used)."""
-    import os
+def _remote(args: argparse.Namespace, quickcluster: bool = False) -> Any:
+    """A controller client when a controller or a client file is named (or, with
+    ``quickcluster``, when one runs on this machine); else None: the local store is used.
+    Steering commands (cancel, resume) keep to the store unless told: a `farm run` job
+    there belongs to its own process, not to the quickcluster."""
+    from farm.credentials import running_quickcluster
 
-    if not (args.controller or args.client or os.environ.get("FARM_CONTROLLER") or os.environ.get("FARM_CLIENT")):
+    named = args.controller or args.client or os.environ.get("FARM_CONTROLLER") or os.environ.get("FARM_CLIENT")
+    if not named and not (quickcluster and running_quickcluster() is not None):
         return None
     from farm.client import ControllerClient, find_credentials
 
@@ -567,20 +597,28 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    remote = _remote(args)
+    remote = _remote(args, quickcluster=True)
     if args.watch:
         from farm.monitor_cli import watch_status
 
         if args.json:
             raise UsageError("--watch shows a live table; it does not print JSON")
-        return watch_status(args.job, remote, lambda: _local_docs(args), stdout)
+        return watch_status(args.job, remote, lambda: _local_docs(args)[0], stdout)
+    limit = _status_limit(args)
     if remote is not None:
         docs = [remote.job(args.job)] if args.job else remote.jobs()
-        return _print_status(args, docs, stdout)
-    return _print_status(args, _local_docs(args), stdout)
+        total = len(docs)
+        docs = docs[-limit:] if limit else docs
+    else:
+        docs, total = _local_docs(args, limit)
+    status = _print_status(args, docs, stdout)
+    if not args.json and total > len(docs):
+        print(f"({total - len(docs)} older job(s) not shown: --all, or --limit N)", file=stdout)
+    return status
 
 
-def _local_docs(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _local_docs(args: argparse.Namespace, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The jobs (the ``limit`` most recent, or all) and how many there are in all."""
     from farm.lease import sweep
 
     store = _open_store(args)
@@ -597,12 +635,12 @@ def _local_docs(args: argparse.Namespace) -> list[dict[str, Any]]:
             doc = {**_job_doc(row, segments), "segment_list": [
                 {"id": s["id"], "label": s["label"], "state": s["state"], "attempts": s["attempts"], "error": s["error"]}
                 for s in segments]}
-            docs = [doc]
-        else:
-            docs = [_job_doc(row, store.segments(row["id"])) for row in store.jobs()]
+            return [doc], 1
+        rows = store.recent_jobs(limit) if limit else store.jobs()
+        total = store.job_count() if limit else len(rows)
+        return [_job_doc(row, store.segments(row["id"])) for row in rows], total
     finally:
         store.close()
-    return docs
 
 
 def _print_status(args: argparse.Namespace, docs: list[dict[str, Any]], stdout: TextIO) -> ExitStatus:

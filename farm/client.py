@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.config import config_dir
-from farm.credentials import ClientFile, PinMismatch, is_client_file
+from farm.credentials import ClientFile, PinMismatch, is_client_file, running_quickcluster
 from farm.errors import FarmError, UsageError
 from farm.security import Bundle
 
@@ -37,8 +37,9 @@ def find_bundle(explicit: str | None, role: str = "node") -> Bundle:
     default = default_bundle_path(role)
     if default.exists():
         return Bundle.load(default)
-    raise UsageError(f"no cluster bundle: pass --bundle FILE, set FARM_BUNDLE, or put it at {default} "
-                     "(`farm cluster init NAME` makes one)")
+    raise UsageError(f"no {role} bundle: pass --bundle FILE, set FARM_BUNDLE, or put it at {default} "
+                     f"(copy the cluster's {role}.yaml there: `farm cluster init NAME` writes it on the controller's "
+                     "machine; `farm quickcluster` starts its own node)")
 
 
 def load_credentials(path: str | os.PathLike[str]) -> Credentials:
@@ -50,17 +51,22 @@ def load_credentials(path: str | os.PathLike[str]) -> Credentials:
 
 def find_credentials(client: str | None = None, bundle: str | None = None) -> Credentials:
     """What a person's command talks to the controller with: ``--client``, ``--bundle``,
-    ``$FARM_CLIENT``, ``$FARM_BUNDLE``, then the config dir's ``client.yaml``, the admin's
-    ``cluster/admin.yaml`` (on the controller's machine) and, for older set-ups, ``cluster/node.yaml``."""
+    ``$FARM_CLIENT``, ``$FARM_BUNDLE``, then the client file of the quickcluster running on this
+    machine, the config dir's ``client.yaml``, the admin's ``cluster/admin.yaml`` (on the
+    controller's machine) and, for older set-ups, ``cluster/node.yaml``."""
     for chosen in (client, bundle, os.environ.get("FARM_CLIENT"), os.environ.get("FARM_BUNDLE")):
         if chosen:
             return load_credentials(chosen)
+    quick = running_quickcluster()
+    if quick is not None:
+        return quick
     defaults = [config_dir() / CLIENT_FILE_NAME, default_bundle_path("admin"), default_bundle_path("node")]
     for default in defaults:
         if default.exists():
             return load_credentials(default)
     raise NoCredentials(f"no client file: pass --client FILE, set FARM_CLIENT, or put it at {defaults[0]} "
-                     "(an admin makes one with `farm cluster token add NAME --role view|submit|admin`)")
+                        "(an admin makes one with `farm cluster token add NAME --role view|submit|admin`); "
+                        "a `farm quickcluster` running on this machine is found without one")
 
 
 def _why(exc: BaseException) -> str:
@@ -135,7 +141,7 @@ class ControllerClient:
                 response = client.request(method, self.url + path, json=body,
                                           headers={"Authorization": f"Bearer {self.credentials.token}"})
         except httpx.HTTPError as exc:
-            raise UsageError(f"cannot reach the controller at {self.url}: {_why(exc)}") from None
+            raise UsageError(f"cannot reach the controller at {self.url}: {_why(exc)}{self._scheme_hint()}") from None
         # the live event id when a list was read: following the stream from it misses nothing
         self.events_mark = int(response.headers.get("X-Farm-Events", "0") or 0)
         return _answer(response)
@@ -155,7 +161,13 @@ class ControllerClient:
                         if line.startswith("data: "):
                             yield json.loads(line[6:])
         except httpx.HTTPError as exc:
-            raise UsageError(f"lost the controller's event stream at {self.url}: {_why(exc)}") from None
+            raise UsageError(f"lost the controller's event stream at {self.url}: {_why(exc)}"
+                             f"{self._scheme_hint()}") from None
+
+    def _scheme_hint(self) -> str:
+        if self.url.lower().startswith("http://"):
+            return f" (the controller's API speaks HTTPS only: use https://{self.url[len('http://'):]})"
+        return ""
 
     def submit(self, **body: Any) -> dict[str, Any]:
         return self.request("POST", "/api/batches", body)

@@ -51,7 +51,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
                     "they expose, into controller.destinations, and steers its own jobs; admin does everything. "
                     "--role node writes a node bundle instead (for nodes, when replacing the nodes' token).")
     add.add_argument("name", help="who gets it: a person, a script, a droplet machine (letters, digits, . _ @ -)")
-    add.add_argument("--role", required=True, choices=("admin", "submit", "view", "node"))
+    add.add_argument("--role", required=True, choices=("admin", "submit", "view", "node"),
+                     help="what the token may do: view reads, submit submits and steers its own jobs, admin does "
+                          "everything, node is for nodes")
     add.add_argument("--url", action="append", default=[], metavar="URL",
                      help="the controller's API URL (repeatable; default: the admin client file's)")
     add.add_argument("--out", metavar="FILE", help="where to write the client file (default: clients/NAME.yaml in "
@@ -60,11 +62,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     listing = token_commands.add_parser("list", parents=[common], help="list tokens (names and roles, never the tokens)",
                                         description="List the cluster's tokens: name, role, when made.")
     listing.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = token_commands.add_parser("revoke", parents=[common], help="revoke a token (at once)",
                                        description="Revoke a token: a running controller refuses it from the next "
                                                    "request on. Jobs it submitted go on.")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the token's name (see `farm cluster token list`)")
     revoke.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
 
     controller = commands.add_parser(
@@ -93,44 +95,52 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
                       help="take work only when idle (and within HOURS such as 18:00-08:00 if given)")
 
     quick = commands.add_parser("quickcluster", parents=[common], help="a controller and a node on this machine",
-                                description="Start a controller and one node on this machine (QuickCluster).")
-    quick.add_argument("--slots", type=int, help="the node's slots")
-    quick.add_argument("--api-port", type=int, default=8780)
-    quick.add_argument("--port", type=int, default=8786)
+                                description="Start a controller and one node on this machine (QuickCluster), under a cluster identity "
+                                            "of its own kept in the state directory. While it runs, `farm submit`, "
+                                            "`farm status`, `farm nodes`, `farm monitor` and farm.submit() on this "
+                                            "machine reach it with no options; its node stops with it.")
+    quick.add_argument("--slots", type=int, help="the node's slots (default: node.slots or the CPU count)")
+    quick.add_argument("--host", help="address to listen on (default from farm.yaml: 0.0.0.0, so that other "
+                                      "machines can submit and add nodes; 127.0.0.1 keeps it to this machine)")
+    quick.add_argument("--api-port", type=int, default=8780, help="HTTPS API port (default 8780)")
+    quick.add_argument("--port", type=int, default=8786, help="Dask scheduler port (default 8786)")
 
     submit = commands.add_parser("submit", parents=[common, remote], help="submit a batch to the controller",
                                  description="Submit a batch to a controller; --wait exits like `farm run`.")
-    submit.add_argument("profile")
+    submit.add_argument("profile", help="a profile the controller knows by name (a path: admin tokens only)")
     submit.add_argument("inputs", nargs="*", metavar="INPUT", help="input paths as the controller sees them")
-    submit.add_argument("-o", "--output", metavar="DEST")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("-o", "--output", metavar="DEST", help="destination folder, as the controller sees it")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile key by its dotted path (submit tokens: the keys it exposes)")
     submit.add_argument("--priority", help="high, normal, low or a number")
-    submit.add_argument("--overwrite", action="store_true")
+    submit.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     submit.add_argument("--wait", action="store_true", help="wait for every job to end")
-    submit.add_argument("--json", action="store_true")
+    submit.add_argument("--json", action="store_true", help="print one JSON document with the outcome")
 
     nodes = commands.add_parser("nodes", parents=[common, remote], help="list the cluster's nodes",
                                 description="List the nodes connected to the controller.")
-    nodes.add_argument("--json", action="store_true")
+    nodes.add_argument("--json", action="store_true", help="print JSON")
 
     retry = commands.add_parser("retry", parents=[common, remote], help="retry a failed or cancelled job",
                                 description="Queue a failed or cancelled job's unfinished segments again.")
-    retry.add_argument("job")
+    retry.add_argument("job", help="a job id (see `farm status`)")
     retry.add_argument("--all", action="store_true", help="run every segment again, done ones too")
 
     # `farm resume JOB` is in farm.cli: a paused job on a controller, or an interrupted one here
     pause = commands.add_parser("pause", parents=[common, remote], help="pause a job",
                                 description="hand out no more of a job's segments (running ones finish).")
-    pause.add_argument("job")
+    pause.add_argument("job", help="a job id (see `farm status`)")
     priority = commands.add_parser("priority", parents=[common, remote], help="move a job up or down the queue",
                                    description="Set a job's priority: high, normal, low or a whole number.")
-    priority.add_argument("job")
+    priority.add_argument("job", help="a job id (see `farm status`)")
     priority.add_argument("priority", help="high, normal, low or a whole number (higher runs first)")
 
-    for verb in ("pause", "resume"):
+    for verb, description in (
+            ("pause", "Pause a node: it gets no new segments; the ones it runs finish."),
+            ("resume", "Resume a paused node: it gets segments again.")):
         parser = commands.add_parser(f"{verb}-node", parents=[common, remote], help=f"{verb} a node",
-                                     description=f"{verb.capitalize()} a node: a paused node gets no new segments.")
-        parser.add_argument("node")
+                                     description=description)
+        parser.add_argument("node", help="the node's name (see `farm nodes`)")
     return {"cluster": cmd_cluster, "controller": cmd_controller, "node": cmd_node, "quickcluster": cmd_quickcluster,
             "submit": cmd_submit, "nodes": cmd_nodes, "retry": cmd_retry, "pause": cmd_pause_job,
             "priority": cmd_priority,
@@ -264,47 +274,105 @@ def cmd_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
     name = args.name or config.node.name or socket.gethostname()
     slots = args.slots or config.node.slots or os.cpu_count() or 1
     print(f"node {name} ({slots} slot(s)) looking for cluster {bundle.cluster}", file=stdout, flush=True)
-    serve_node(config, bundle, controller_url=args.controller, cluster=args.cluster, name=name, slots=slots)
+    parent = os.environ.get(NODE_PARENT_ENV)  # set by `farm quickcluster`: its node dies with it
+    serve_node(config, bundle, controller_url=args.controller, cluster=args.cluster, name=name, slots=slots,
+               announce=lambda line: print(line, file=stdout, flush=True),
+               parent=int(parent) if parent and parent.isdigit() else None)
     return ExitStatus.OK
+
+
+NODE_PARENT_ENV = "FARM_NODE_PARENT"
+QUICK_PREFIX = "quickcluster"
+
+
+def _quickcluster_identity(folder: Path) -> Any:
+    """The quickcluster's cluster files, made once per state directory under a name of its
+    own (host and a short id), so that two on one network never meet."""
+    import secrets
+    import shutil
+
+    from farm.security import Bundle, init_cluster
+
+    if (folder / "controller.yaml").exists():
+        bundle = Bundle.load(folder / "controller.yaml")
+        if bundle.cluster != QUICK_PREFIX:
+            return bundle
+        shutil.rmtree(folder)  # made by an older Farm under the name every quickcluster shared
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname().split(".")[0]) or "host"
+    init_cluster(f"{QUICK_PREFIX}-{host}-{secrets.token_hex(3)}", folder)
+    return Bundle.load(folder / "controller.yaml")
 
 
 def cmd_quickcluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.config import make_state_dir, state_dir
     from farm.controller import Controller
-    from farm.security import Bundle, init_cluster
+    from farm.credentials import ClientFile, QuickclusterClientFile
 
     config = _config(args)
-    folder = make_state_dir(state_dir(getattr(args, "state", None))) / "quickcluster"
-    if not (folder / "controller.yaml").exists():
-        init_cluster("quickcluster", folder)
-    config.controller.host = "127.0.0.1"
-    config.controller.api_port = args.api_port
-    config.controller.scheduler_port = args.port
-    controller = Controller(config, Bundle.load(folder / "controller.yaml"), getattr(args, "state", None),
-                            advertise=False)
+    client_file = QuickclusterClientFile()  # refuses a second quickcluster on this machine
     node = None
+    controller = None
     try:
+        folder = make_state_dir(state_dir(getattr(args, "state", None))) / "quickcluster"
+        bundle = _quickcluster_identity(folder)
+        if args.host is not None:
+            config.controller.host = args.host
+        config.controller.api_port = args.api_port
+        config.controller.scheduler_port = args.port
+        controller = Controller(config, bundle, getattr(args, "state", None),
+                                advertise=config.controller.advertise and not _loopback(config.controller.host))
         controller.start()
+        port = controller.api_url.rsplit(":", 1)[1]
+        local_url = f"https://127.0.0.1:{port}" if not _loopback(config.controller.host) else controller.api_url
+        admin = ClientFile.load(folder / "admin.yaml")
+        admin.urls = [local_url]
+        client_file.write(admin)
         command = [sys.executable, "-m", "farm.cli", "node", "--bundle", str(folder / "node.yaml"),
-                   "--controller", controller.api_url, "--name", f"{socket.gethostname()}-quick"]
+                   "--controller", local_url, "--name", f"{socket.gethostname()}-quick"]
         if args.slots:
             command += ["--slots", str(args.slots)]
         if getattr(args, "config", None):
             command += ["--config", args.config]
-        node = subprocess.Popen(command)
-        client_file = folder / "admin.yaml" if (folder / "admin.yaml").exists() else folder / "node.yaml"  # older
-        print(f"quickcluster: API {controller.api_url} (client file {client_file}); Ctrl-C stops it",
-              file=stdout, flush=True)
+        if getattr(args, "debug", False):
+            command.append("--debug")
+        # Its own session: Ctrl-C in this terminal reaches this process only, which stops
+        # the node; and the node stops by itself once this process is gone, however it ended.
+        node = subprocess.Popen(command, env={**os.environ, NODE_PARENT_ENV: str(os.getpid())},
+                                start_new_session=True)
+        _banner(stdout, bundle.cluster, controller.api_url, client_file.path, folder, config.controller.host)
         controller.serve_forever()
     finally:
-        if node is not None:
-            node.terminate()
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                node.kill()
-        controller.close()
+        try:
+            if node is not None:
+                node.terminate()
+                try:
+                    node.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+            if controller is not None:
+                controller.close()
+        finally:
+            client_file.close()
     return ExitStatus.OK
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _banner(stdout: TextIO, cluster: str, url: str, client_file: Path, folder: Path, host: str) -> None:
+    lines = [f"quickcluster {cluster}: API {url}; Ctrl-C stops it (and its node)",
+             "on this machine, farm submit, status, nodes, monitor and farm.submit() find it by themselves while "
+             f"it runs (through {client_file})"]
+    if _loopback(host):
+        lines.append(f"it listens on {host} only: other machines cannot reach it (--host 0.0.0.0 lets them)")
+    else:
+        lines += [f"from another machine, with {folder / 'admin.yaml'} copied there (it holds the admin token):",
+                  f"  farm submit PROFILE INPUT... -o DEST --wait --client admin.yaml --controller {url}",
+                  f"  farm monitor --client admin.yaml --controller {url}",
+                  f"to add a node, with {folder / 'node.yaml'} copied to it (inputs and outputs at the same paths):",
+                  f"  farm node --bundle node.yaml --controller {url}"]
+    print("\n".join(lines), file=stdout, flush=True)
 
 
 def _client(args: argparse.Namespace) -> Any:

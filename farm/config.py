@@ -126,6 +126,19 @@ class ControllerConfig(BaseModel):
     #: The token table (hashed API tokens with roles). Default: ``tokens.yaml`` next to
     #: the controller's bundle, where `farm cluster token` writes it.
     tokens: str | None = None
+    #: Remove jobs that ended (done, failed, cancelled) longer ago than this, with their
+    #: logs and work folders, e.g. ``30d`` (checked at start and every hour; see `farm
+    #: purge`). Default: keep every job.
+    retention: str | None = None
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str | None) -> str | None:
+        if value is not None:
+            from farm.purge import parse_age
+
+            parse_age(value)  # its ValueError is the message
+        return value
 
 
 class ProfileLimits(BaseModel):
@@ -180,4 +193,4 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> FarmConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"{path}: {key}: {first['msg']}") from None
+        raise UsageError(f"{path}: {key}: {first['msg'].removeprefix('Value error, ')}") from None

@@ -40,6 +40,7 @@ from farm.tokens import TOKENS_NAME, Principal, TokenTable
 log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
 TAKEOVER_SECONDS = 5.0  # how often the store is looked at for jobs whose owner is gone
+RETENTION_SECONDS = 3600.0  # how often controller.retention is applied (and once at start)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Controller:
         # Changes are published once the round that made them is committed, so that a list
         # read at event N holds every change up to N.
         self._unpublished: list[tuple[str, dict[str, Any]]] = []
+        self._retain_at = 0.0  # controller.retention: first applied in the first round
 
     # -- starting and stopping -----------------------------------------------------------
 
@@ -201,6 +203,8 @@ class Controller:
                     self._renew_lease()
                 elif time.monotonic() - self._taken_over_at > TAKEOVER_SECONDS:
                     self._take_over()
+                if self.config.controller.retention and time.monotonic() >= self._retain_at:
+                    self._retain()
                 self.scheduler.step(wait=0.2)
             except StoreError as exc:
                 self._unpublished.clear()  # those changes were never stored
@@ -211,6 +215,20 @@ class Controller:
                 self._unpublished.clear()  # the next round takes a new lease
             self._publish_committed()
             self._publish_nodes()
+
+    def _retain(self) -> None:
+        """controller.retention: old finished jobs leave the store (here, in the scheduler's
+        thread, which then forgets them too) and their work folders the disk (in the background)."""
+        from farm.purge import parse_age, purge, remove_work_folders
+
+        self._retain_at = time.monotonic() + RETENTION_SECONDS
+        purged = purge(self.store, parse_age(self.config.controller.retention), remove_folders=False)
+        for job in purged:
+            self.scheduler.jobs.pop(job.id, None)
+        if purged:
+            log.info("retention %s: removed %d finished job(s) and their logs", self.config.controller.retention,
+                        len(purged))
+            threading.Thread(target=remove_work_folders, args=(purged,), name="farm-retention", daemon=True).start()
 
     def _survive(self, exc: StoreError) -> None:
         """The store refused a write (disk full, locked): take no new work, keep what was

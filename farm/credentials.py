@@ -16,6 +16,7 @@ bundle still works as a client credential (older set-ups).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import ssl
@@ -87,12 +88,14 @@ class ClientFile:
     urls: list[str] = field(default_factory=list)
     path: Path | None = None
 
+    def text(self) -> str:
+        return "# A Farm client file: keep it like a password (it holds an API token).\n" + yaml.safe_dump(
+            {"kind": CLIENT_KIND, "cluster": self.cluster, "name": self.name, "role": self.role, "urls": self.urls,
+             "fingerprint": self.fingerprint, "token": self.token, "ca": self.ca}, sort_keys=False)
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(path, "# A Farm client file: keep it like a password (it holds an API token).\n" +
-                       yaml.safe_dump({"kind": CLIENT_KIND, "cluster": self.cluster, "name": self.name,
-                                       "role": self.role, "urls": self.urls, "fingerprint": self.fingerprint,
-                                       "token": self.token, "ca": self.ca}, sort_keys=False))
+        _write_private(path, self.text())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ClientFile:
@@ -128,4 +131,75 @@ def is_client_file(path: str | os.PathLike[str]) -> bool:
     return isinstance(data, dict) and data.get("kind") == CLIENT_KIND
 
 
-__all__ = ["ClientFile", "PinMismatch", "controller_name", "is_client_file", "pinned_context"]
+# -- the running quickcluster's client file ------------------------------------------------
+#
+# `farm quickcluster` writes an admin client file into the config dir and holds an
+# exclusive lock on it while it runs; clients on the machine look there first. A file
+# whose lock nobody holds was left by a quickcluster that was killed: it is ignored.
+# The kernel drops the lock when its holder dies, whatever signal ended it, so a
+# recycled process id can never make a dead quickcluster look alive.
+
+QUICKCLUSTER_FILE = "quickcluster.yaml"
+
+
+def quickcluster_client_path() -> Path:
+    from farm.config import config_dir
+
+    return config_dir() / QUICKCLUSTER_FILE
+
+
+class QuickclusterClientFile:
+    """The running quickcluster's side: the locked client file, removed by :meth:`close`."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or quickcluster_client_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            running = running_quickcluster(self.path)
+            where = f" (API {running.urls[0]})" if running and running.urls else ""
+            raise UsageError(f"a quickcluster is running on this machine already{where}: use it, or stop it "
+                             "first (Ctrl-C in its terminal)") from None
+
+    def write(self, client: ClientFile) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, client.text().encode(), 0)
+
+    def close(self) -> None:
+        """Remove the file (if it is still this one), then let go of the lock."""
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self._fd)
+
+
+def running_quickcluster(path: Path | None = None) -> ClientFile | None:
+    """The client file of the quickcluster running on this machine, or None."""
+    path = path or quickcluster_client_path()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the quickcluster runs
+            pass
+        else:
+            return None  # left by a quickcluster that was killed
+        try:
+            return ClientFile.load(path)
+        except UsageError:  # being written as we look (it is starting)
+            return None
+    finally:
+        os.close(fd)
+
+
+__all__ = ["ClientFile", "PinMismatch", "QuickclusterClientFile", "controller_name", "is_client_file",
+           "pinned_context", "quickcluster_client_path", "running_quickcluster"]

@@ -9,6 +9,7 @@ node killed outright takes its segments' processes with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from farm.security import Bundle
 
 log = logging.getLogger("farm.node")
 RETRY_SECONDS = (1, 2, 3, 5)
+STOP_SECONDS = 4  # a node asked to stop is gone by then (promised: within 5 s)
 
 
 def api_get(url: str, bundle: Bundle, path: str, timeout: float = 5.0) -> Any:
@@ -81,7 +84,7 @@ def node_config_file(config: FarmConfig, name: str, slots: int) -> Path:
 
 
 async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: dict[str, str],
-                      stopping: threading.Event) -> str:
+                      stopping: threading.Event, announce: Callable[[str], None]) -> str:
     import dask
     from distributed import Nanny
 
@@ -90,28 +93,70 @@ async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: 
     # Whoever answers at the scheduler's address must hold the controller's certificate
     # (the worker process is told so by its preload, dask_setup below).
     farm.daskroles.expect_controller(address)
+    quiet = None if log.isEnabledFor(logging.DEBUG) else logging.WARNING  # Dask's INFO lines drown ours
     with dask.config.set({"distributed.worker.memory.pause": False,
                           "distributed.admin.low-level-log-length": 1000, **HEALTH_ONLY_HTTP}):
-        async with Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
-                         preload=["farm.nodeservice"], dashboard=False, dashboard_address=LOOPBACK_HTTP,
-                         memory_limit=0) as nanny:
-            log.warning("node %s joined %s with %d slot(s)", name, address, slots)
+        nanny = Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
+                      preload=["farm.nodeservice"], dashboard=False, dashboard_address=LOOPBACK_HTTP,
+                      memory_limit=0, silence_logs=quiet)
+        # Joining may wait long for a scheduler that does not answer (or refuses our
+        # certificate): a stop request must not wait for it.
+        starting = asyncio.ensure_future(nanny.start())
+        try:
+            while not starting.done():
+                if stopping.is_set():
+                    starting.cancel()
+                    await asyncio.wait({starting}, timeout=1)
+                    return "stopping"
+                await asyncio.wait({starting}, timeout=0.2)
+            starting.result()
+            announce(f"node {name} joined {address} with {slots} slot(s)")
             while nanny.status.name in ("running", "starting") and not stopping.is_set():
                 if nanny.process is None or nanny.process.status.name not in ("running", "starting"):
                     break
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.2)
             return "stopping" if stopping.is_set() else "the controller went away"
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nanny.close(timeout=2, reason="farm-node-stopping"), STOP_SECONDS - 1)
+
+
+def _watch_parent_then(parent: int, stopping: threading.Event) -> None:
+    """Stop the node once ``parent`` is gone (killed, even with SIGKILL: we are re-parented)."""
+    while not stopping.is_set():
+        if os.getppid() != parent:
+            log.warning("the process that started this node (%d) has gone; stopping", parent)
+            stopping.set()
+            return
+        time.sleep(0.25)
+
+
+def _exit_if_stuck(stopping: threading.Event, config_path: Path) -> None:
+    """Once asked to stop, the node is gone within STOP_SECONDS whatever Dask is doing (its
+    worker process watches this one and follows it)."""
+    stopping.wait()
+    time.sleep(STOP_SECONDS)
+    log.warning("the node did not stop within %d s; leaving now", STOP_SECONDS)
+    config_path.unlink(missing_ok=True)
+    os._exit(0)
 
 
 def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None, cluster: str | None,
-               name: str, slots: int) -> None:
+               name: str, slots: int, announce: Callable[[str], None] | None = None,
+               parent: int | None = None) -> None:
+    """Run the node until SIGTERM or SIGINT (or, with ``parent``, until that process is gone)."""
     if bundle.cluster != (cluster or bundle.cluster):
         raise UsageError(f"the bundle is for cluster {bundle.cluster!r}, not {cluster!r}")
+    announce = announce or log.info
     stopping = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
     config_path = node_config_file(config, name, slots)
+    threading.Thread(target=_exit_if_stuck, args=(stopping, config_path), name="farm-node-stop", daemon=True).start()
+    if parent is not None:
+        threading.Thread(target=_watch_parent_then, args=(parent, stopping), name="farm-node-parent",
+                         daemon=True).start()
     env = {"FARM_CONFIG": str(config_path), "FARM_NODE_SUPERVISED": "1"}
     if not log.isEnabledFor(logging.DEBUG):
         # Dask's per-task INFO lines would drown the node's own messages.
@@ -121,6 +166,8 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
     try:
         while not stopping.is_set():
             address = find_scheduler(bundle, controller_url, cluster)
+            if stopping.is_set():
+                break
             if address is None:
                 wait = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
                 log.warning("no controller for cluster %s yet; looking again in %d s", bundle.cluster, wait)
@@ -129,7 +176,7 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
                 continue
             attempt = 0
             try:
-                why = asyncio.run(_run_worker(address, bundle, name, slots, env, stopping))
+                why = asyncio.run(_run_worker(address, bundle, name, slots, env, stopping, announce))
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 why = f"could not join {address}: {exc}"
             except Exception as exc:  # Dask refusing us (TLS, name taken) must not end the node

@@ -545,11 +545,16 @@ def describe_validation_error(
             where = origins.get(key_path[:depth])
             if where:
                 break
+        if not where:  # a key that only a --set below it brought in (--set video.crf=18)
+            where = next((origin for deeper, origin in origins.items()
+                          if deeper[:len(key_path)] == key_path and origin.startswith("--set")), None)
         where = where or (str(source) if source else "profile")
         key = clip(".".join(key_path))[1:-1]
         if error["type"] == "extra_forbidden":
             known = _known_keys(model, tuple(error["loc"][:-1]))
             hint = f"; expected one of: {', '.join(known)}" if known else ""
+            if where.startswith("--set") and not prefix and len(key_path) == 1 and "settings" in (known or []):
+                hint += f" (a processor's settings are under settings., e.g. settings.{where[6:]})"
             message = f"unknown key {loc[-1]!r}{hint}"
         elif error["type"] == "missing":
             message = "required key is missing"

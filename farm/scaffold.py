@@ -118,6 +118,7 @@ def test_farm_run_writes_every_frame(tmp_path):
         [sys.executable, "-m", "farm.cli", "--state", str(tmp_path / "state"), "run",
          str(HERE / "profiles" / "{name}-example.yaml"), "-o", str(tmp_path / "out"), "--json"],
         capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,  # `-m` imports from the current folder first: a farm/ checkout there would shadow Farm
     )
     assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout)["jobs"][0]

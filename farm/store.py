@@ -686,3 +686,49 @@ class Store:
 
     def droplet_states(self) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM droplets ORDER BY name")
+
+    # -- history: recent jobs, and purging finished ones (farm.purge) -----------------------
+
+    def recent_jobs(self, limit: int) -> list[sqlite3.Row]:
+        """The ``limit`` most recently submitted jobs, oldest first."""
+        return self._rows("SELECT * FROM (SELECT * FROM jobs ORDER BY created DESC, seq DESC LIMIT ?)"
+                          " ORDER BY created, seq", (limit,))
+
+    def job_count(self) -> int:
+        return self._rows("SELECT COUNT(*) FROM jobs")[0][0]
+
+    def finished_jobs_before(self, before: float) -> list[sqlite3.Row]:
+        """Jobs that ended (done, failed, cancelled) before ``before``, oldest first; a job
+        whose end a droplet has not recorded yet (its ledger row still ``submitted``) stays."""
+        terminal = ",".join(f"'{state}'" for state in sorted(TERMINAL_JOB_STATES))
+        return self._rows(
+            "SELECT id, batch_id, state, updated, input, profile_name, work_dir FROM jobs"
+            f" WHERE state IN ({terminal}) AND updated < ? AND NOT EXISTS"
+            " (SELECT 1 FROM droplet_files d WHERE d.job_id = jobs.id AND d.state = 'submitted')"
+            " ORDER BY updated", (before,))
+
+    def purge_jobs(self, job_ids: list[str], before: float) -> list[str]:
+        """Delete these jobs, if they are still finished, with their segments, attempts
+        (their logs), events and claims; then the batches left without jobs and the events
+        of no job older than ``before``. Returns the ids deleted."""
+        terminal = ",".join(f"'{state}'" for state in sorted(TERMINAL_JOB_STATES))
+        gone: list[str] = []
+        with self.transaction():
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._rows(f"SELECT id, batch_id FROM jobs WHERE id IN ({marks}) AND state IN ({terminal})",
+                                  chunk)
+                ids = [row["id"] for row in rows]
+                if not ids:
+                    continue
+                marks = ",".join("?" * len(ids))
+                for table in ("attempts", "segments", "events", "claims"):
+                    self._execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", ids)
+                self._execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+                batches = sorted({row["batch_id"] for row in rows})
+                self._execute(f"DELETE FROM batches WHERE id IN ({','.join('?' * len(batches))})"
+                              " AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = batches.id)", batches)
+                gone += ids
+            self._execute("DELETE FROM events WHERE job_id IS NULL AND ts < ?", (before,))
+        return gone

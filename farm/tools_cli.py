@@ -1,4 +1,5 @@
-"""`farm plugins` and `farm doctor`: what is installed, and what is wrong with this machine.
+"""`farm plugins` and `farm doctor`: what is installed, and what is wrong with this machine;
+`farm purge`: old finished jobs out of the store.
 
 Doctor is a list of small checks; each says what it found and, for a problem, what to do.
 """
@@ -22,13 +23,57 @@ from farm.errors import ExitStatus, FarmError
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, Any]:
     plugins = commands.add_parser("plugins", parents=[common], help="list loaded plugins and failures",
                                   description="Plugins, their versions, processors and hooks; failures with reasons.")
-    plugins.add_argument("--json", action="store_true")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
     doctor = commands.add_parser("doctor", parents=[common], help="check this machine",
                                  description="Check ffmpeg, renderers, the state dir, the configuration, the "
                                              "sandbox, plugins and the client file (or cluster bundle); say what "
                                              "to do about each problem.")
-    doctor.add_argument("--json", action="store_true")
-    return {"plugins": cmd_plugins, "doctor": cmd_doctor}
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    purge = commands.add_parser(
+        "purge", parents=[common], help="remove old finished jobs, their logs and work folders",
+        description="Remove the jobs that ended (done, failed, cancelled) longer ago than --older-than from the "
+                    "store of this state directory, with their segments, attempt logs and events, and their work "
+                    "folders. Unfinished jobs are never touched, nor outputs in destinations. A controller does "
+                    "this by itself with controller.retention in farm.yaml.")
+    purge.add_argument("--older-than", required=True, metavar="AGE",
+                       help="how long ago a job must have ended: 30d, 2w, 12h, 90m")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    purge.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    return {"plugins": cmd_plugins, "doctor": cmd_doctor, "purge": cmd_purge}
+
+
+def cmd_purge(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    import datetime
+
+    from farm.config import state_dir
+    from farm.errors import UsageError
+    from farm.local import STORE_NAME
+    from farm.purge import as_json, parse_age, purge
+    from farm.store import Store
+
+    try:
+        age = parse_age(args.older_than)
+    except ValueError as exc:
+        raise UsageError(f"--older-than: {exc}") from None
+    path = state_dir(getattr(args, "state", None)) / STORE_NAME
+    if not path.exists():
+        raise UsageError(f"no store at {path}: nothing has run with this state directory yet")
+    store = Store(path)
+    try:
+        jobs = purge(store, age, dry_run=args.dry_run)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "jobs": as_json(jobs)}, indent=2), file=stdout)
+        return ExitStatus.OK
+    verb = "would remove" if args.dry_run else "removed"
+    folders = sum(1 for job in jobs if job.work_folder)
+    print(f"{verb} {len(jobs)} job(s) that ended more than {args.older_than} ago, with their logs, and "
+          f"{folders} work folder(s)" + (" (--dry-run: nothing was removed)" if args.dry_run else ""), file=stdout)
+    for job in jobs:
+        ended = datetime.datetime.fromtimestamp(job.ended).strftime("%Y-%m-%d %H:%M")
+        print(f"  {job.id}  {job.state:<9}  ended {ended}  {job.profile}  {job.input or '(no input)'}", file=stdout)
+    return ExitStatus.OK
 
 
 def cmd_plugins(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:

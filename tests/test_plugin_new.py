@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import ROOT
+
 
 @pytest.mark.slow
 def test_a_scaffolded_plugin_installs_and_passes_its_tests(farm, farm_env):
@@ -21,8 +23,17 @@ def test_a_scaffolded_plugin_installs_and_passes_its_tests(farm, farm_env):
     listed = subprocess.run([sys.executable, "-m", "farm.cli", "plugins", "--json"], capture_output=True, text=True,
                             env=env)
     assert "contact-sheet" in listed.stdout
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", str(farm_env["tmp"] / "gen" / "tests")],
-                           capture_output=True, text=True, env=env, timeout=300)
+    # the generated references document what ships with Farm, whatever else is installed
+    docs = subprocess.run([sys.executable, str(ROOT / "docs" / "generate.py"), "--check"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert docs.returncode == 0, docs.stderr
+    # run from a folder holding a `farm/` checkout, as a plugin author next to Farm's clone would
+    shadow = farm_env["tmp"] / "beside-a-checkout"
+    (shadow / "farm").mkdir(parents=True)
+    (shadow / "farm" / "__init__.py").write_text("raise ImportError('the checkout, not the installed farm')\n")
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            str(farm_env["tmp"] / "gen" / "tests")],
+                           capture_output=True, text=True, env=env, timeout=300, cwd=shadow)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "1 passed" in tests.stdout
 

@@ -19,7 +19,7 @@ from farm.errors import ExitStatus, UsageError
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, Any]:
     watch = commands.add_parser(
         "watch", parents=[common], help="watch a folder and run a profile on every file dropped into it",
-        description="Watch a folder (a droplet) on the embedded default: every file dropped into it becomes a job, "
+        description="Watch a folder (a droplet) on this machine (the embedded default engine, as `farm run`): every file dropped into it becomes a job, "
                     "exactly once. Runs until Ctrl-C or SIGTERM (the first lets jobs in flight finish, the second "
                     "cancels them); --once takes the files present now and exits. A folder has one watcher: a "
                     "second one, whatever its state directory, is refused with a message naming the first.")

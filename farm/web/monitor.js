@@ -11,6 +11,7 @@ const view = {
   token: "", batches: new Map(), jobs: new Map(), nodes: [], expanded: new Set(),
   selected: null, detail: null, lastEvent: 0, renderQueued: false, detailTimer: null,
   shown: 50, // newest batches drawn; a busy controller holds thousands
+  search: "", stateFilter: "", // what the batch list is narrowed to (words, one state)
   fetching: new Map(), // batch id -> whether events came while it was being read
 };
 
@@ -201,23 +202,52 @@ function render() {
   });
 }
 
+// What a batch is, in words: its profiles, its inputs, where it came from (a droplet, a
+// chained job, a person's token), so that a row says more than its id.
+function batchNames(batch) {
+  const members = [...view.jobs.values()].filter((j) => j.batch === batch.id).sort((a, b) => a.created - b.created);
+  const profiles = [...new Set(members.map((j) => j.profile))];
+  const inputs = members.map((j) => (j.input ? j.input.split("/").pop() : null)).filter(Boolean);
+  const origin = batch.origin || "";
+  const source = origin.startsWith("droplet:") ? `droplet ${origin.slice(8)}`
+    : origin.startsWith("then:") ? `after job ${origin.slice(5)}`
+    : origin.startsWith("api:") ? `submitted by ${origin.split(":")[1]}` : `from ${origin}`;
+  const shownInputs = inputs.length === 0 ? "no input"
+    : inputs.slice(0, 3).join(", ") + (inputs.length > 3 ? ` and ${inputs.length - 3} more` : "");
+  return { title: profiles.join(", ") || batch.id, inputs: shownInputs, source,
+           states: new Set(members.map((j) => j.state)),
+           text: [batch.id, origin, source, ...profiles, ...members.map((j) => `${j.id} ${j.input || ""}`)].join(" ").toLowerCase() };
+}
+
+function batchShown(batch, names) {
+  const wanted = view.stateFilter;
+  if (wanted && batch.state !== wanted && !names.states.has(wanted)) return false;
+  const words = view.search.toLowerCase().split(/\s+/).filter(Boolean);
+  return words.every((word) => names.text.includes(word));
+}
+
 function renderBatches() {
-  const all = [...view.batches.values()].sort((a, b) => b.created - a.created);
+  const everything = [...view.batches.values()].sort((a, b) => b.created - a.created);
+  const names = new Map(everything.map((batch) => [batch.id, batchNames(batch)]));
+  const all = everything.filter((batch) => batchShown(batch, names.get(batch.id)));
   const batches = all.slice(0, view.shown);
-  $("no-batches").hidden = all.length > 0;
+  $("no-batches").hidden = everything.length > 0;
+  $("no-match").hidden = !everything.length || all.length > 0;
   const older = all.length - batches.length;
   const more = older > 0 ? el("button", { id: "more-batches", onclick: () => { view.shown += 50; render(); } },
     `Show older batches (${older} more)`) : "";
   $("batches").replaceChildren(...batches.map((batch) => {
     const open = view.expanded.has(batch.id);
     const toggle = () => { open ? view.expanded.delete(batch.id) : view.expanded.add(batch.id); render(); };
+    const named = names.get(batch.id);
     const head = el("div", { class: "head", onclick: toggle, "data-batch": batch.id },
-      el("strong", {}, `${open ? "▾" : "▸"} ${batch.id}`),
+      el("strong", { class: "name" }, `${open ? "▾" : "▸"} ${named.title}`),
       bar(batch.progress, batch.state, `batch ${batch.id} progress`),
       pill(batch.state),
+      el("div", { class: "inputs name" }, named.inputs, el("span", { class: "muted" }, ` · ${named.source}`)),
       el("div", { class: "facts muted" },
         `${batch.segments_done}/${batch.segments} segments · ${batch.jobs} job${batch.jobs === 1 ? "" : "s"} · `
-        + `${batch.origin} · ${new Date(batch.created * 1000).toLocaleString()} `,
+        + `batch ${batch.id} · ${new Date(batch.created * 1000).toLocaleString()} `,
         el("span", { class: "eta" }, eta(batch)), " ",
         TERMINAL.has(batch.state) ? null : el("button", {
           class: "cancel-batch", onclick: (e) => { e.stopPropagation(); act(`cancel batch ${batch.id} and every unfinished job in it?`, "POST", `/api/batches/${batch.id}/cancel`); },
@@ -423,6 +453,9 @@ async function start() {
   follow();
   setInterval(render, 5000); // ETAs and running bars move with the clock
 }
+
+$("batch-search").addEventListener("input", (event) => { view.search = event.target.value; render(); });
+$("batch-state").addEventListener("change", (event) => { view.stateFilter = event.target.value; render(); });
 
 $("login").addEventListener("submit", (event) => {
   event.preventDefault();
