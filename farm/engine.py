@@ -28,7 +28,7 @@ from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, SENDER, BadMessa
 
 log = logging.getLogger("farm.engine")
 NODE_SILENCE_SECONDS = 10.0
-RESULT_TIMEOUT_SECONDS = 5.0
+RESULT_TIMEOUT_SECONDS = 30.0  # an ended task whose outcome never came: a bug, or a lying node
 
 
 @dataclass
