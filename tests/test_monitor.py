@@ -78,7 +78,9 @@ def test_a_batch_its_jobs_segments_attempts_logs_and_events(farm_cluster):
     c = farm_cluster
     submitted = submit(c, work_profile(c, "1-6", 0.1), dest="out-basic")
     job_id = submitted["jobs"][0]["id"]
-    assert submitted["jobs"][0]["segments"] == 6 and submitted["jobs"][0]["state"] == "queued"
+    # the node may have taken it (or even finished it) before the answer was written
+    assert submitted["jobs"][0]["segments"] == 6
+    assert submitted["jobs"][0]["state"] in ("queued", "running", "assembling", "done")
     job = wait_for(c, job_id, "done")
     assert job["segments_done"] == 6 and len(job["outputs"]) == 6
     attempts = [a for seg in job["segment_list"] for a in seg["attempts"]]
