@@ -93,12 +93,14 @@ def test_progress_bars_into_head_stop_drawing_and_the_batch_finishes(farm_env, r
         inputs.append(tmp / f"in{i}.bin")
         inputs[-1].write_bytes(bytes([i]) * 10)
     names = " ".join(f"'{p}'" for p in inputs)
-    for redirect, expected in (("2>&1 >/dev/null", "farm exit 0"), ("2>&1", "farm exit 141")):
+    # with the bars in the pipe, 141 once a write failed; a busy machine may draw so few
+    # frames that they fit in the pipe before `head` leaves, and no write fails: then 0
+    for redirect, expected in (("2>&1 >/dev/null", {"farm exit 0"}), ("2>&1", {"farm exit 0", "farm exit 141"})):
         script = (f"set -o pipefail; {SHELL_FARM} run '{reader}' {names} -o out --overwrite {redirect} | head -1; "
                   "echo \"farm exit ${PIPESTATUS[0]}\"")
         done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp, timeout=300)
         first, status = done.stdout.splitlines()
-        assert status == expected and "Traceback" not in first, done.stdout
+        assert status in expected and "Traceback" not in first, done.stdout
     store = Store(farm_env["state"] / "farm.db")
     try:
         assert [job["state"] for job in store.jobs()] == ["done"] * 6
@@ -270,6 +272,7 @@ def test_files_deleted_while_a_droplet_takes_them_end_with_a_reason(farm_env, re
               f"{sum(r['state'] == 'failed' for r in rows)} failed with the reason")
 
 
+@pytest.mark.slow
 def test_an_input_deleted_while_farm_plan_runs_is_a_one_line_error(farm_env):
     """`farm plan` with a transcode profile (it probes the source with ffprobe twice); the
     input deleted after d seconds, for delays spread over a whole run measured first."""

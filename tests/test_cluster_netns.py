@@ -173,7 +173,12 @@ def test_a_node_cut_off_from_the_network_loses_its_work_to_others_and_rejoins(ho
         "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}"]},
     })
     job_id = json.loads(farm_in_ctl("submit", str(profile), "-o", str(tmp_path / "out"), "--json").stdout)["jobs"][0]["id"]
-    time.sleep(3)
+
+    def running_on_n2():
+        detail = json.loads(farm_in_ctl("status", job_id, "--json").stdout)
+        return any(a["node"] == "n2" and a["state"] == "running" for s in detail["segment_list"] for a in s["attempts"])
+
+    wait(running_on_n2, 60, "a segment running on n2")
     _run("ip", "-n", names["n2"], "link", "set", "eth0", "down")  # n2 is cut off mid-batch
     wait(lambda: node_names() == ["n1"], 60, "the controller to give up on n2")
     time.sleep(3)

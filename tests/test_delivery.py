@@ -262,6 +262,7 @@ def test_a_command_without_expect_is_claimed_at_delivery_and_refused_on_existing
     assert sorted(p.name for p in dest.iterdir()) == ["f_0003.txt"] and (dest / "f_0003.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
     c = Cluster(tmp_path / "cluster")
     try:
@@ -298,6 +299,7 @@ def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
         c.stop()
 
 
+@pytest.mark.slow
 def test_a_controller_killed_while_it_delivers_leaves_nothing_half_done(tmp_path):
     c = Cluster(tmp_path / "cluster")
     try:
