@@ -84,6 +84,7 @@ def test_farm_piped_into_head_ends_quietly(farm_env, reader, many_jobs, command)
     assert first.startswith(expected) and first.strip(), first
 
 
+@pytest.mark.slow
 def test_progress_bars_into_head_stop_drawing_and_the_batch_finishes(farm_env, reader):
     """Progress bars on stderr whose reader left: rich would end the process with status 1
     (read as "a job failed"); the bars stop, the batch finishes, the status is the batch's."""
@@ -127,6 +128,7 @@ def test_farm_status_watch_into_head_ends_without_waiting_for_a_change(farm_env)
     assert (farm_env["tmp"] / "err").read_text() == ""
 
 
+@pytest.mark.slow
 def test_farm_watch_piped_into_head_stops_as_after_ctrl_c(farm_env, reader):
     tmp = farm_env["tmp"]
     folder = tmp / "in"

@@ -165,6 +165,7 @@ def test_a_dropped_file_becomes_one_job_and_moves_to_done(farm_env, folders, cli
         assert batch["origin"] == f"droplet:{folder}"
 
 
+@pytest.mark.slow
 def test_a_slow_chunked_copy_is_taken_only_once_settled(farm_env, folders, clips, check_profile):
     folder, _ = folders
     settle = 2.0
@@ -205,6 +206,7 @@ def test_partial_names():
     assert not any(is_partial_name(n) for n in ("a.mov", "part.mov", "a.partition", "tmp.mp4"))
 
 
+@pytest.mark.slow
 def test_files_dropped_while_down_are_submitted_once_at_start(farm_env, folders, clips, check_profile):
     folder, _ = folders
     with Running(farm_env, check_profile, after="leave") as run:
@@ -233,6 +235,7 @@ def slow_profile(farm_env):
     })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resumed", [True, False], ids=["controller-resumed-it", "droplet-resumes-it"])
 def test_an_accepted_job_is_not_submitted_again_after_a_restart(farm_env, folders, clips, resumed):
     folder, _ = folders
@@ -283,6 +286,7 @@ def test_touching_or_renaming_a_processed_file_does_not_submit_it_again(farm_env
         assert (folder / "renamed.mp4").exists()
 
 
+@pytest.mark.slow
 def test_two_hundred_files_at_once_are_all_submitted_once(farm_env, folders, python_profile):
     folder, _ = folders
     staging = farm_env["tmp"] / "staging"
@@ -306,6 +310,7 @@ def test_two_hundred_files_at_once_are_all_submitted_once(farm_env, folders, pyt
         assert batches < 200  # files that settle together go in one batch
 
 
+@pytest.mark.slow
 def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check_profile):
     folder, _ = folders
     with Running(farm_env, check_profile) as run:
@@ -382,6 +387,7 @@ def test_a_non_media_file_goes_to_failed_with_the_reason(farm_env, folders, chec
         assert (folder / "failed" / "notes (2).mov.error.txt").exists()
 
 
+@pytest.mark.slow
 def test_the_polling_observer(farm_env, folders, clips, check_profile):
     folder, _ = folders
     # settle longer than the pause between the two writes below, as a user would set it
@@ -413,6 +419,7 @@ def test_after_delete_and_recursive_folders(farm_env, folders, clips, check_prof
         assert len(run.store.jobs()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("observer", ["native", "polling"])
 def test_links_out_of_the_folder_are_never_followed(farm_env, folders, clips, check_profile, observer):
     folder, _ = folders
@@ -531,6 +538,7 @@ def start_watch(farm_env, *args):
                             text=True, cwd=farm_env["tmp"], env=os.environ.copy())
 
 
+@pytest.mark.slow
 def test_farm_watch_runs_until_sigterm_and_farm_droplets_lists_it(farm, farm_env, folders, clips, check_profile):
     folder, dest = folders
     proc = start_watch(farm_env, folder, "--profile", check_profile, "-o", dest, "--settle", SETTLE)

@@ -189,6 +189,7 @@ def test_segmented_encode_is_frame_exact_and_as_good_as_one_process(farm, farm_e
     assert worst <= 1.0, f"a frame is {worst:.2f} dB below the single-process encode"
 
 
+@pytest.mark.slow
 def test_default_x264_joins_show_only_encoder_noise(farm, farm_env):
     """With x264's defaults, the frames next to a join differ from a single encode by the
     rate control's choices (measured up to ~2.7 dB); a dropped or doubled frame costs far
@@ -205,6 +206,7 @@ def test_default_x264_joins_show_only_encoder_noise(farm, farm_env):
     assert min(ours) > 35
 
 
+@pytest.mark.slow
 def test_odd_size_2997_source_comes_out_even_and_whole(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "odd.mp4", seconds=5, size="853x481", rate="30000/1001",
@@ -217,6 +219,7 @@ def test_odd_size_2997_source_comes_out_even_and_whole(farm, farm_env):
     assert abs(duration(v) - 150 * 1001 / 30000) < 1001 / 30000
 
 
+@pytest.mark.slow
 def test_23976_mov_to_shipped_prores_proxy_with_pcm(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "film.mov", seconds=5, rate="24000/1001")
@@ -231,6 +234,7 @@ def test_23976_mov_to_shipped_prores_proxy_with_pcm(farm, farm_env):
     assert min(psnr(out, source)) > 30  # all-intra: every frame, joins included, is close to the source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, vcodec, acodec, ext", [
     ("h264-web-720p", "h264", "aac", "mp4"),
     ("hevc", "hevc", "aac", "mp4"),
@@ -257,6 +261,7 @@ def test_shipped_profiles_make_what_they_promise(farm, farm_env, name, vcodec, a
 # -- audio, subtitles, metadata -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mkv_with_two_audio_tracks_subtitles_and_metadata(farm, farm_env):
     tmp = farm_env["tmp"]
     (tmp / "subs.srt").write_text("1\n00:00:01,000 --> 00:00:02,000\nHello\n\n2\n00:00:03,000 --> 00:00:04,000\nWorld\n")
@@ -286,6 +291,7 @@ def test_mkv_with_two_audio_tracks_subtitles_and_metadata(farm, farm_env):
     assert code == 1 and "has 2 audio track(s)" in report["jobs"][0]["error"]
 
 
+@pytest.mark.slow
 def test_source_without_audio(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "silent.mp4", seconds=3, audio=0)
@@ -296,6 +302,7 @@ def test_source_without_audio(farm, farm_env):
     assert int(info["streams"][0]["nb_read_packets"]) == 75
 
 
+@pytest.mark.slow
 def test_audio_only_profile_and_a_source_without_audio(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "song.mkv", seconds=3, audio=2)
@@ -323,6 +330,7 @@ def vfr_movie(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_variable_frame_rate_is_one_segment_with_its_timing_or_converted(farm, farm_env):
     tmp = farm_env["tmp"]
     source = vfr_movie(tmp / "phone.mkv")
@@ -349,6 +357,7 @@ def test_variable_frame_rate_is_one_segment_with_its_timing_or_converted(farm, f
     assert int(v["nb_read_packets"]) == made and v["r_frame_rate"] == "25/1"
 
 
+@pytest.mark.slow
 def test_frame_rate_change_matches_ffmpegs_fps_filter(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "ntsc.mp4", seconds=4, rate="30000/1001", audio=0)
@@ -363,6 +372,7 @@ def test_frame_rate_change_matches_ffmpegs_fps_filter(farm, farm_env):
 # -- sources that must fail cleanly ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_sources_fail_with_reasons_while_the_rest_of_the_batch_is_done(farm, farm_env):
     tmp = farm_env["tmp"]
     good = movie(tmp / "good.mp4", seconds=2)
@@ -398,6 +408,7 @@ def test_bad_sources_fail_with_reasons_while_the_rest_of_the_batch_is_done(farm,
     assert sorted(p.name for p in (tmp / "out").iterdir()) == ["good-t.mp4"]
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_overwrite_is_asked(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "clip.mp4", seconds=1)
@@ -424,6 +435,7 @@ def test_output_never_replaces_its_source(farm, farm_env):
     assert code == 1 and "would replace the source" in report["jobs"][0]["error"]
 
 
+@pytest.mark.slow
 def test_names_with_spaces_and_non_ascii_letters(farm, farm_env):
     tmp = farm_env["tmp"]
     folder = tmp / "Ünïcode fólder"
@@ -454,6 +466,7 @@ def test_a_missing_encoder_is_named(farm, farm_env, monkeypatch):
 # -- pieces, called directly ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tmp_path):
     """A segment whose file holds fewer frames than planned: assembly refuses to deliver."""
     import logging
