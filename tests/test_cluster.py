@@ -179,12 +179,12 @@ def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster
 
     profile = work_profile(c, "1-2", 0.1)
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-    waiting = c.wait_until(lambda: c.job(job_id)["waiting"], 20, "a waiting reason")
+    waiting = c.wait_until(lambda: c.job(job_id)["waiting"], 60, "a waiting reason")
     assert "paused or busy (part-time)" in waiting and c.job(job_id)["state"] == "queued"
 
     renderer = work_profile(c, "1", 0.1, requires={"blender": ">=99"})
     other = json.loads(c.farm("submit", renderer, "-o", c.root / "out2", "--json").stdout)["jobs"][0]["id"]
-    assert "no node offers blender >=99" in c.wait_until(lambda: c.job(other)["waiting"], 20, "a reason")
+    assert "no node offers blender >=99" in c.wait_until(lambda: c.job(other)["waiting"], 60, "a reason")
 
     assert c.farm("pause-node", "farmbox").returncode == 0  # paused before it even joins
     c.start_node("farmbox")
@@ -198,7 +198,7 @@ def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster
     assert c.job(other)["state"] == "queued"
     cancelled = c.farm("cancel", other)
     assert cancelled.returncode == 0
-    assert c.wait_until(lambda: c.job(other)["state"] == "cancelled", 20, "the cancel")
+    assert c.wait_until(lambda: c.job(other)["state"] == "cancelled", 60, "the cancel")
     retried = c.farm("retry", other)
     assert retried.returncode == 0 and "1 segment(s) queued again" in retried.stdout
 

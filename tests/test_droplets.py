@@ -319,13 +319,13 @@ def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check
         away = folder.with_name("in-away")
         os.rename(folder, away)  # the share goes away
         watch = run.service.droplets[0].watch
-        wait_for(lambda: watch.state == "unavailable", 10, what="the outage to be noticed")
+        wait_for(lambda: watch.state == "unavailable", 60, what="the outage to be noticed")
         assert "missing" in watch.message
-        report = wait_for(lambda: {r["folder"]: r for r in run.store.droplet_states()}.get(str(folder)), 5)
-        wait_for(lambda: run.store.droplet_states()[0]["state"] == "unavailable", 10, what="the outage reported")
+        report = wait_for(lambda: {r["folder"]: r for r in run.store.droplet_states()}.get(str(folder)), 60)
+        wait_for(lambda: run.store.droplet_states()[0]["state"] == "unavailable", 60, what="the outage reported")
         os.rename(away, folder)  # it comes back, with a file dropped while it was away
         drop(clips[1], folder, "during.mp4")
-        wait_for(lambda: watch.state == "watching", 10, what="the folder to be watched again")
+        wait_for(lambda: watch.state == "watching", 60, what="the folder to be watched again")
         run.wait_kind("processed", 2)
         drop(clips[2], folder, "after.mp4")  # and the new observer sees new drops
         run.wait_kind("processed", 3)
@@ -333,9 +333,9 @@ def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check
         assert watch.outages == 1 and report is not None
         # deleted and made anew (another inode) works the same
         shutil.rmtree(folder)
-        wait_for(lambda: watch.state == "unavailable", 10, what="the second outage")
+        wait_for(lambda: watch.state == "unavailable", 60, what="the second outage")
         folder.mkdir()
-        wait_for(lambda: watch.state == "watching", 10, what="the new folder to be watched")
+        wait_for(lambda: watch.state == "watching", 60, what="the new folder to be watched")
         drop(clips[0], folder, "new-folder.mp4")  # content processed before: skipped, not lost
         run.wait_kind("skipped")
 
@@ -349,7 +349,7 @@ def test_one_droplet_down_leaves_the_others_running(farm_env, folders, clips, ch
     with Running(farm_env, check_profile, others=[second]) as run:
         first, other_watch = (d.watch for d in run.service.droplets)
         shutil.rmtree(folder)
-        wait_for(lambda: first.state == "unavailable", 10, what="the outage")
+        wait_for(lambda: first.state == "unavailable", 60, what="the outage")
         drop(clips[0], other, "still-running.mp4")
         kind, path, job_id, _ = run.wait_kind("processed")[0]
         assert path == str(other / "still-running.mp4") and other_watch.state == "watching"
