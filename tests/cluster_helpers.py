@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from farm.credentials import ClientFile
+from farm.client import load_credentials
 from tests.conftest import FARM, Result
 
 
@@ -48,7 +48,6 @@ class Cluster:
                        capture_output=True)
         #: the admin's token, from the admin client file that `farm cluster init` wrote
         self.token: str = yaml.safe_load((self.bundles / "admin.yaml").read_text())["token"]
-        self._admin_tls = ClientFile.load(self.bundles / "admin.yaml").client_ssl_context()
 
     def add_token(self, name: str, role: str) -> Path:
         """A token made with the real CLI; returns its client file."""
@@ -70,12 +69,14 @@ class Cluster:
         self.wait_until(lambda: self.api_up(), 90, "the controller's API")
 
     def api(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One request to the controller's API as the admin, from this process. Waits poll
-        through this: a `farm` command per look costs a Python start-up, CPU that the
-        controller and nodes under test need on a 2-core machine. What the commands print
-        is tested where a test runs them (``farm``)."""
-        with httpx.Client(base_url=self.url, verify=self._admin_tls, timeout=60,
-                          headers={"Authorization": f"Bearer {self.token}"}) as client:
+        """One request to the controller's API from this process, with the credentials the
+        cluster's commands use (``FARM_CLIENT``, else ``FARM_BUNDLE``). Waits poll through
+        this: a `farm` command per look costs a Python start-up, CPU that the controller
+        and nodes under test need on a 2-core machine. What the commands print is tested
+        where a test runs them (``farm``)."""
+        credentials = load_credentials(self.env.get("FARM_CLIENT") or self.env["FARM_BUNDLE"])
+        with httpx.Client(base_url=self.url, verify=credentials.client_ssl_context(), timeout=60,
+                          headers={"Authorization": f"Bearer {credentials.token}"}) as client:
             return client.request(method, path, **kwargs)
 
     def api_up(self) -> bool:
