@@ -104,7 +104,8 @@ def test_progress_bars_into_head_stop_drawing_and_the_batch_finishes(farm_env, r
         assert status in expected and "Traceback" not in first, done.stdout
     store = Store(farm_env["state"] / "farm.db")
     try:
-        assert [job["state"] for job in store.jobs()] == ["done"] * 6
+        jobs = store.jobs()
+        assert [job["state"] for job in jobs] == ["done"] * 6, [(job["state"], job["error"]) for job in jobs]
     finally:
         store.close()
 
