@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import yaml
 
+from farm.client import load_credentials
 from tests.conftest import FARM, Result
 
 
@@ -67,8 +68,22 @@ class Cluster:
                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         self.wait_until(lambda: self.api_up(), 90, "the controller's API")
 
+    def api(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request to the controller's API from this process, with the credentials the
+        cluster's commands use (``FARM_CLIENT``, else ``FARM_BUNDLE``). Waits poll through
+        this: a `farm` command per look costs a Python start-up, CPU that the controller
+        and nodes under test need on a 2-core machine. What the commands print is tested
+        where a test runs them (``farm``)."""
+        credentials = load_credentials(self.env.get("FARM_CLIENT") or self.env["FARM_BUNDLE"])
+        with httpx.Client(base_url=self.url, verify=credentials.client_ssl_context(), timeout=60,
+                          headers={"Authorization": f"Bearer {credentials.token}"}) as client:
+            return client.request(method, path, **kwargs)
+
     def api_up(self) -> bool:
-        return self.farm("nodes", "--json", timeout=30).returncode == 0
+        try:
+            return self.api("GET", "/api/nodes", timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def start_node(self, name: str, *extra: str, bundle: Path | None = None, config: Path | None = None,
                    extra_env: dict | None = None) -> subprocess.Popen:
@@ -85,16 +100,20 @@ class Cluster:
         return proc
 
     def node_names(self) -> list[str]:
-        result = self.farm("nodes", "--json")
-        return sorted(node["name"] for node in json.loads(result.stdout)) if result.returncode == 0 else []
+        try:
+            answer = self.api("GET", "/api/nodes")
+        except httpx.HTTPError:
+            return []
+        return sorted(node["name"] for node in answer.json()) if answer.status_code == 200 else []
 
     def wait_for_nodes(self, *names: str, timeout: float = 60) -> None:
         self.wait_until(lambda: set(names) <= set(self.node_names()), timeout, f"nodes {names}")
 
     def job(self, job_id: str) -> dict:
-        result = self.farm("status", job_id, "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        """What `farm status JOB --json` prints: the API's document of the job."""
+        answer = self.api("GET", f"/api/jobs/{job_id}")
+        assert answer.status_code == 200, answer.text
+        return answer.json()
 
     @staticmethod
     def wait_until(check, timeout: float, what: str, every: float = 0.3):

@@ -58,10 +58,11 @@ def farm(farm_env):
     return run
 
 
-def running_with(marker: str) -> list[int]:
+def running_with(marker: str, under: int | None = None) -> list[int]:
     """Host pids of the live processes whose command line holds ``marker`` (a script's
-    path), and of their descendants. A sandboxed process sees only its own pid
-    namespace, so it cannot report its host pid itself."""
+    path), and of their descendants; with ``under``, only those descended from that pid.
+    A sandboxed process sees only its own pid namespace, so it cannot report its host pid
+    itself."""
     parents: dict[int, int] = {}
     marked: set[int] = set()
     for entry in Path("/proc").iterdir():
@@ -77,12 +78,31 @@ def running_with(marker: str) -> list[int]:
         parents[int(entry.name)] = int(stat[1])
         if marker in cmdline and int(entry.name) != os.getpid():
             marked.add(int(entry.name))
+    if under is not None:
+        marked = {pid for pid in marked if under in ancestors(pid, parents)}
     found, grew = set(marked), True
     while grew:
         children = {pid for pid, parent in parents.items() if parent in found} - found
         found |= children
         grew = bool(children)
     return sorted(found)
+
+
+def ancestors(pid: int, parents: dict[int, int]) -> set[int]:
+    seen: set[int] = set()
+    while pid in parents and pid not in seen:
+        seen.add(pid)
+        pid = parents[pid]
+    return seen | {pid}
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def write_profile(folder: Path, name: str, data: dict) -> Path:

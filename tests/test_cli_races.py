@@ -84,6 +84,7 @@ def test_farm_piped_into_head_ends_quietly(farm_env, reader, many_jobs, command)
     assert first.startswith(expected) and first.strip(), first
 
 
+@pytest.mark.slow
 def test_progress_bars_into_head_stop_drawing_and_the_batch_finishes(farm_env, reader):
     """Progress bars on stderr whose reader left: rich would end the process with status 1
     (read as "a job failed"); the bars stop, the batch finishes, the status is the batch's."""
@@ -93,15 +94,18 @@ def test_progress_bars_into_head_stop_drawing_and_the_batch_finishes(farm_env, r
         inputs.append(tmp / f"in{i}.bin")
         inputs[-1].write_bytes(bytes([i]) * 10)
     names = " ".join(f"'{p}'" for p in inputs)
-    for redirect, expected in (("2>&1 >/dev/null", "farm exit 0"), ("2>&1", "farm exit 141")):
+    # with the bars in the pipe, 141 once a write failed; a busy machine may draw so few
+    # frames that they fit in the pipe before `head` leaves, and no write fails: then 0
+    for redirect, expected in (("2>&1 >/dev/null", {"farm exit 0"}), ("2>&1", {"farm exit 0", "farm exit 141"})):
         script = (f"set -o pipefail; {SHELL_FARM} run '{reader}' {names} -o out --overwrite {redirect} | head -1; "
                   "echo \"farm exit ${PIPESTATUS[0]}\"")
         done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp, timeout=300)
         first, status = done.stdout.splitlines()
-        assert status == expected and "Traceback" not in first, done.stdout
+        assert status in expected and "Traceback" not in first, done.stdout
     store = Store(farm_env["state"] / "farm.db")
     try:
-        assert [job["state"] for job in store.jobs()] == ["done"] * 6
+        jobs = store.jobs()
+        assert [job["state"] for job in jobs] == ["done"] * 6, [(job["state"], job["error"]) for job in jobs]
     finally:
         store.close()
 
@@ -125,6 +129,7 @@ def test_farm_status_watch_into_head_ends_without_waiting_for_a_change(farm_env)
     assert (farm_env["tmp"] / "err").read_text() == ""
 
 
+@pytest.mark.slow
 def test_farm_watch_piped_into_head_stops_as_after_ctrl_c(farm_env, reader):
     tmp = farm_env["tmp"]
     folder = tmp / "in"
@@ -270,6 +275,7 @@ def test_files_deleted_while_a_droplet_takes_them_end_with_a_reason(farm_env, re
               f"{sum(r['state'] == 'failed' for r in rows)} failed with the reason")
 
 
+@pytest.mark.slow
 def test_an_input_deleted_while_farm_plan_runs_is_a_one_line_error(farm_env):
     """`farm plan` with a transcode profile (it probes the source with ffprobe twice); the
     input deleted after d seconds, for delays spread over a whole run measured first."""

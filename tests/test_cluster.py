@@ -29,14 +29,6 @@ WORK = """
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 @pytest.fixture
 def cluster(tmp_path):
     made = []
@@ -90,8 +82,9 @@ def test_two_nodes_share_a_batch_and_list_their_capabilities(cluster):
     job = json.loads(result.stdout)["jobs"][0]
     assert job["state"] == "done"
     assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 9)]
-    detail = c.job(job["id"])
-    used = {a["node"] for seg in detail["segment_list"] for a in seg["attempts"]}
+    status = c.farm("status", job["id"], "--json")  # what a person reads from the controller
+    assert status.returncode == 0, status.stderr
+    used = {a["node"] for seg in json.loads(status.stdout)["segment_list"] for a in seg["attempts"]}
     assert used == {"alpha", "beta"}  # the work was spread
 
     # the examples' ffmpeg batch runs on the cluster too
@@ -186,12 +179,12 @@ def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster
 
     profile = work_profile(c, "1-2", 0.1)
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-    waiting = c.wait_until(lambda: c.job(job_id)["waiting"], 20, "a waiting reason")
+    waiting = c.wait_until(lambda: c.job(job_id)["waiting"], 60, "a waiting reason")
     assert "paused or busy (part-time)" in waiting and c.job(job_id)["state"] == "queued"
 
     renderer = work_profile(c, "1", 0.1, requires={"blender": ">=99"})
     other = json.loads(c.farm("submit", renderer, "-o", c.root / "out2", "--json").stdout)["jobs"][0]["id"]
-    assert "no node offers blender >=99" in c.wait_until(lambda: c.job(other)["waiting"], 20, "a reason")
+    assert "no node offers blender >=99" in c.wait_until(lambda: c.job(other)["waiting"], 60, "a reason")
 
     assert c.farm("pause-node", "farmbox").returncode == 0  # paused before it even joins
     c.start_node("farmbox")
@@ -205,7 +198,7 @@ def test_waiting_jobs_say_why_and_paused_or_part_time_nodes_take_nothing(cluster
     assert c.job(other)["state"] == "queued"
     cancelled = c.farm("cancel", other)
     assert cancelled.returncode == 0
-    assert c.wait_until(lambda: c.job(other)["state"] == "cancelled", 20, "the cancel")
+    assert c.wait_until(lambda: c.job(other)["state"] == "cancelled", 60, "the cancel")
     retried = c.farm("retry", other)
     assert retried.returncode == 0 and "1 segment(s) queued again" in retried.stdout
 

@@ -162,6 +162,7 @@ def test_third_party_processor_runs_and_every_lifecycle_hook_fires(farm, farm_en
     assert [(j["id"], j["state"], len(j["outputs"])) for j in events[-1]["jobs"]] == [(job["id"], "done", 6)]
 
 
+@pytest.mark.slow
 def test_plugins_get_their_settings_from_farm_yaml_and_may_refuse_them(farm, farm_env, third_party):
     profile = write_profile(farm_env["tmp"], "stamp", {"processor": "stamp", "frames": "1", "settings": {"word": "x"}})
     config = farm_env["tmp"] / "farm.yaml"

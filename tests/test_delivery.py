@@ -74,6 +74,7 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_two_runs_racing_on_one_state_dir_exactly_one_wins_and_the_other_names_it(farm_env):
     tmp = farm_env["tmp"]
     dest = tmp / "out"
@@ -98,6 +99,7 @@ def test_two_runs_racing_on_one_state_dir_exactly_one_wins_and_the_other_names_i
     assert [job["id"] for job in json.loads(status.stdout)] == [winner["id"]]
 
 
+@pytest.mark.slow
 def test_two_runs_with_different_state_dirs_never_mix_a_destination(farm_env):
     tmp = farm_env["tmp"]
     dest = tmp / "out"
@@ -122,6 +124,7 @@ def test_two_runs_with_different_state_dirs_never_mix_a_destination(farm_env):
     assert hidden(dest) == []
 
 
+@pytest.mark.slow
 def test_the_readme_command_twice_is_refused_before_running_unless_overwrite(farm, farm_env):
     example = ROOT / "examples" / "testsrc-frames.yaml"
     dest = farm_env["tmp"] / "out" / "testsrc"
@@ -175,6 +178,7 @@ def test_a_destination_that_fills_mid_delivery_is_left_as_it_was(farm, farm_env,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_leftovers_of_ended_jobs_are_swept_at_the_next_start(farm, farm_env):
     tmp = farm_env["tmp"]
     dest, other = tmp / "out", tmp / "elsewhere"
@@ -216,6 +220,7 @@ def test_leftovers_of_ended_jobs_are_swept_at_the_next_start(farm, farm_env):
     assert not (farm_env["state"] / "work" / job_id).exists()
 
 
+@pytest.mark.slow
 def test_keep_work_keeps_the_work_folders_of_done_jobs(farm, farm_env):
     config = yaml.safe_load(farm_env["config"].read_text())
     farm_env["config"].write_text(yaml.safe_dump({**config, "keep_work": True}))
@@ -262,6 +267,7 @@ def test_a_command_without_expect_is_claimed_at_delivery_and_refused_on_existing
     assert sorted(p.name for p in dest.iterdir()) == ["f_0003.txt"] and (dest / "f_0003.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
     c = Cluster(tmp_path / "cluster")
     try:
@@ -298,6 +304,7 @@ def test_a_controller_refuses_a_claimed_output_and_sweeps_at_start(tmp_path):
         c.stop()
 
 
+@pytest.mark.slow
 def test_a_controller_killed_while_it_delivers_leaves_nothing_half_done(tmp_path):
     c = Cluster(tmp_path / "cluster")
     try:

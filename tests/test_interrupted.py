@@ -394,7 +394,7 @@ def test_a_lease_is_dead_once_its_process_is_a_zombie_or_its_pid_was_reused():
     assert start is not None and pid_alive(child.pid, start)
     assert not pid_alive(child.pid, str(int(start) + 1))  # the same pid, another process
     child.send_signal(signal.SIGKILL)
-    wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 10,
+    wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 60,
                "the child to be a zombie")
     assert not pid_alive(child.pid, start)  # killed, not yet reaped: gone all the same
     child.wait()

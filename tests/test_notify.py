@@ -314,6 +314,7 @@ def test_a_failed_job_is_mailed_and_posted_with_its_reason(farm, farm_env, smtp_
     assert failed["id"] in post["json"]["text"]
 
 
+@pytest.mark.slow
 def test_starttls_and_implicit_tls_trust_a_private_ca(farm, farm_env, smtp_server):
     certs = make_certificates(farm_env["tmp"])
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -363,6 +364,7 @@ def test_bad_notify_settings_stop_farm_run_with_a_clear_message(farm, farm_env, 
     assert not (farm_env["tmp"] / "out").exists() or not any((farm_env["tmp"] / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_unreachable_servers_do_not_fail_the_batch(farm, farm_env):
     smtp_port, web_port = free_port(), free_port()
     config = notify_config(farm_env, {
@@ -383,6 +385,7 @@ def test_unreachable_servers_do_not_fail_the_batch(farm, farm_env):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_hanging_webhook_delays_exit_only_by_exit_wait(farm, farm_env, receiver):
     hook = receiver(delay=60)
     config = notify_config(farm_env, {"exit_wait": 1, "webhooks": [{"url": hook.url, "timeout": 30}]})
@@ -406,6 +409,7 @@ def test_without_a_notify_section_nothing_is_sent_or_started():
     assert not any(thread.name == "farm-notify" for thread in threading.enumerate())
 
 
+@pytest.mark.slow
 def test_long_batches_are_summarised_not_dumped():
     from farm_notify.messages import batch_done, job_failed
 

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 
 from tests.conftest import FARM, ROOT, running_with, write_profile
 
@@ -121,6 +122,7 @@ def test_a_segment_that_always_fails_fails_the_job_with_its_reason(farm, farm_en
     assert "failed after 2 attempts" in job["error"] and "exit status 7" in job["error"] and "no licence" in job["error"]
 
 
+@pytest.mark.slow
 def test_missing_expected_output_fails_the_segment(farm, farm_env):
     profile = write_profile(farm_env["tmp"], "lazy", {
         "processor": "command", "frames": "1-2", "retries": 0,
@@ -161,6 +163,7 @@ def wait_for(path: Path, timeout: float = 30) -> str:
     raise AssertionError(f"{path} never appeared")
 
 
+@pytest.mark.slow
 def test_cancelling_a_running_job_ends_its_process_group(farm, farm_env):
     hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "hang", {
@@ -187,6 +190,7 @@ def test_cancelling_a_running_job_ends_its_process_group(farm, farm_env):
     assert farm("status", job_id, "--json").json()["state"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_batch(farm, farm_env):
     hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "hang", {
@@ -205,6 +209,7 @@ def test_ctrl_c_cancels_the_batch(farm, farm_env):
     assert not any(alive(pid) for pid in pids)
 
 
+@pytest.mark.slow
 def test_a_segment_over_its_timeout_is_killed_retried_then_failed(farm, farm_env):
     hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "slow", {
@@ -228,6 +233,7 @@ def test_a_segment_over_its_timeout_is_killed_retried_then_failed(farm, farm_env
     assert [a["state"] for a in attempts] == ["timed_out", "timed_out"]
 
 
+@pytest.mark.slow
 def test_a_stalled_segment_is_ended_by_the_stall_timeout(farm, farm_env):
     hang, pids_file, writes = hang_setup(farm_env)
     profile = write_profile(farm_env["tmp"], "stall", {

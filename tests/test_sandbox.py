@@ -154,6 +154,7 @@ def test_sensitive_keys_are_named_for_the_api_to_refuse():
 # -- an allowed ffmpeg writes nothing outside ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_allowed_ffmpeg_writing_to_an_absolute_path_leaves_nothing_on_the_host(farm, farm_env):
     tmp = farm_env["tmp"]
     outside = tmp / "outside"
@@ -167,6 +168,7 @@ def test_an_allowed_ffmpeg_writing_to_an_absolute_path_leaves_nothing_on_the_hos
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_allowed_ffmpeg_cannot_write_a_passlog_or_a_tee_outside(farm, farm_env):
     tmp = farm_env["tmp"]
     outside = tmp / "outside"
@@ -199,6 +201,7 @@ def test_an_allowed_ffmpeg_reads_nothing_it_was_not_given(farm, farm_env, tmp_pa
         assert not any(files_holding(out, user) for user in host_users), "the host's user list was delivered"
 
 
+@pytest.mark.slow
 def test_the_store_stays_hidden_inside_a_folder_the_profile_may_read(farm, farm_env):
     """A profile may open a whole folder for reading; the state directory inside it
     (the store, every job's work folder) stays hidden."""
@@ -263,6 +266,7 @@ ESCAPER = """
 """
 
 
+@pytest.mark.slow
 def test_cancel_ends_the_whole_tree_even_a_child_that_left_the_process_group(farm, farm_env):
     tmp = farm_env["tmp"]
     ready = tmp / "ready"
@@ -301,6 +305,7 @@ def test_cancel_ends_the_whole_tree_even_a_child_that_left_the_process_group(far
 # -- node.sandbox: off, and a node that cannot sandbox ---------------------------------------
 
 
+@pytest.mark.slow
 def test_sandbox_off_shows_in_doctor_and_segments_then_run_uncontained(farm, farm_env):
     tmp = farm_env["tmp"]
     doctor = farm("doctor")
@@ -320,6 +325,7 @@ def test_sandbox_off_shows_in_doctor_and_segments_then_run_uncontained(farm, far
     assert refused.returncode == 2 and "LD_PRELOAD" in refused.stderr  # the vocabulary holds either way
 
 
+@pytest.mark.slow
 def test_a_node_that_cannot_sandbox_says_so_and_runs_nothing(farm, farm_env):
     tmp = farm_env["tmp"]
     fake = tmp / "bin"
@@ -351,6 +357,7 @@ def test_a_node_tells_how_it_contains_its_segments_among_its_capabilities():
     assert node_capabilities(NodeConfig(), plugins)["sandbox"].startswith("bubblewrap-")
 
 
+@pytest.mark.slow
 def test_the_log_footer_still_counts_the_sandboxed_process(farm, farm_env):
     """Behind bwrap the node still sees its command's CPU time and memory (--as-pid-1)."""
     from farm.store import Store

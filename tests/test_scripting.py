@@ -38,6 +38,7 @@ def test_bad_input_is_a_farm_error_with_the_reason(farm_env):
         farm.run(ROOT / "profiles" / "frames-png.yaml", inputs=[farm_env["tmp"] / "missing.mov"])
 
 
+@pytest.mark.slow
 def test_the_example_script_runs_a_batch(farm_env):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "submit_batch.py"), str(farm_env["tmp"] / "out")],
                             capture_output=True, text=True, timeout=300)

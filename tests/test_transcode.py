@@ -92,6 +92,8 @@ def profile(folder: Path, name: str = "t", *, video: dict | None = X264, audio: 
 
 
 def run_json(farm, *args) -> tuple[int, dict]:
+    """Exit status and the JSON report; callers show a report with ``json.dumps`` (pytest
+    cuts a long dict short, and the job's error comes last)."""
     result = farm("run", *args, "--json", "--quiet")
     assert result.stdout, result.stderr
     return result.returncode, result.json()
@@ -173,7 +175,7 @@ def test_segmented_encode_is_frame_exact_and_as_good_as_one_process(farm, farm_e
     video = {**X264, "params": {"mbtree": 0}}
     path = profile(tmp, video=video, seconds=2)
     code, report = run_json(farm, path, source, "-o", tmp / "seg")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     assert report["jobs"][0]["segments"] == 5  # audio + 4 video
     code, single = run_json(farm, path, source, "-o", tmp / "one", "--set", "settings.segmented=false")
     assert code == 0 and single["jobs"][0]["segments"] == 2
@@ -189,6 +191,7 @@ def test_segmented_encode_is_frame_exact_and_as_good_as_one_process(farm, farm_e
     assert worst <= 1.0, f"a frame is {worst:.2f} dB below the single-process encode"
 
 
+@pytest.mark.slow
 def test_default_x264_joins_show_only_encoder_noise(farm, farm_env):
     """With x264's defaults, the frames next to a join differ from a single encode by the
     rate control's choices (measured up to ~2.7 dB); a dropped or doubled frame costs far
@@ -205,23 +208,25 @@ def test_default_x264_joins_show_only_encoder_noise(farm, farm_env):
     assert min(ours) > 35
 
 
+@pytest.mark.slow
 def test_odd_size_2997_source_comes_out_even_and_whole(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "odd.mp4", seconds=5, size="853x481", rate="30000/1001",
                    vcodec=["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p"])
     code, report = run_json(farm, profile(tmp, seconds=1), source, "-o", tmp / "out")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     v, = streams(tmp / "out" / "odd-t.mp4", "video")
     assert (v["width"], v["height"]) == (852, 480)
     assert int(v["nb_read_packets"]) == 150 and v["r_frame_rate"] == "30000/1001"
     assert abs(duration(v) - 150 * 1001 / 30000) < 1001 / 30000
 
 
+@pytest.mark.slow
 def test_23976_mov_to_shipped_prores_proxy_with_pcm(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "film.mov", seconds=5, rate="24000/1001")
     code, report = run_json(farm, "prores-proxy", source, "-o", tmp / "out", "--set", "segment.seconds=1")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     assert report["jobs"][0]["segments"] == 6
     out = tmp / "out" / "film-proxy.mov"
     v, = streams(out, "video")
@@ -231,6 +236,7 @@ def test_23976_mov_to_shipped_prores_proxy_with_pcm(farm, farm_env):
     assert min(psnr(out, source)) > 30  # all-intra: every frame, joins included, is close to the source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, vcodec, acodec, ext", [
     ("h264-web-720p", "h264", "aac", "mp4"),
     ("hevc", "hevc", "aac", "mp4"),
@@ -242,7 +248,7 @@ def test_shipped_profiles_make_what_they_promise(farm, farm_env, name, vcodec, a
     source = movie(tmp / "clip.mp4", seconds=3, size="256x144")
     code, report = run_json(farm, name, source, "-o", tmp / "out", "--set", "segment.seconds=1",
                             "--set", "settings.video.gop=25", "--set", "output={stem}.{ext}")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     assert report["jobs"][0]["segments"] == 4
     out = tmp / "out" / f"clip.{ext}"
     v, = streams(out, "video")
@@ -257,6 +263,7 @@ def test_shipped_profiles_make_what_they_promise(farm, farm_env, name, vcodec, a
 # -- audio, subtitles, metadata -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mkv_with_two_audio_tracks_subtitles_and_metadata(farm, farm_env):
     tmp = farm_env["tmp"]
     (tmp / "subs.srt").write_text("1\n00:00:01,000 --> 00:00:02,000\nHello\n\n2\n00:00:03,000 --> 00:00:04,000\nWorld\n")
@@ -266,7 +273,7 @@ def test_mkv_with_two_audio_tracks_subtitles_and_metadata(farm, farm_env):
         "-metadata", "creation_time=2024-01-02T03:04:05Z", "-metadata", "title=Two tracks"])
     path = profile(tmp, seconds=1)
     code, report = run_json(farm, path, source, "-o", tmp / "all")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     out = tmp / "all" / "two-t.mp4"
     info = probe(out)
     audio = [s for s in info["streams"] if s["codec_type"] == "audio"]
@@ -278,7 +285,7 @@ def test_mkv_with_two_audio_tracks_subtitles_and_metadata(farm, farm_env):
     assert info["format"]["tags"]["creation_time"].startswith("2024-01-02T03:04:05")
     # The profile can choose tracks: only the second one here.
     code, report = run_json(farm, path, source, "-o", tmp / "second", "--set", "settings.audio.tracks=[1]")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     audio = streams(tmp / "second" / "two-t.mp4", "audio")
     assert [s["tags"]["language"] for s in audio] == ["fra"]
     # A track the source does not have is refused at planning, with the count.
@@ -286,21 +293,23 @@ def test_mkv_with_two_audio_tracks_subtitles_and_metadata(farm, farm_env):
     assert code == 1 and "has 2 audio track(s)" in report["jobs"][0]["error"]
 
 
+@pytest.mark.slow
 def test_source_without_audio(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "silent.mp4", seconds=3, audio=0)
     code, report = run_json(farm, profile(tmp), source, "-o", tmp / "out")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     info = probe(tmp / "out" / "silent-t.mp4")
     assert [s["codec_type"] for s in info["streams"]] == ["video"]
     assert int(info["streams"][0]["nb_read_packets"]) == 75
 
 
+@pytest.mark.slow
 def test_audio_only_profile_and_a_source_without_audio(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "song.mkv", seconds=3, audio=2)
     code, report = run_json(farm, "aac-audio", source, "-o", tmp / "out")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     info = probe(tmp / "out" / "song.m4a")
     assert [s["codec_name"] for s in info["streams"]] == ["aac", "aac"]
     silent = movie(tmp / "silent.mp4", seconds=1, audio=0)
@@ -323,6 +332,7 @@ def vfr_movie(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_variable_frame_rate_is_one_segment_with_its_timing_or_converted(farm, farm_env):
     tmp = farm_env["tmp"]
     source = vfr_movie(tmp / "phone.mkv")
@@ -330,7 +340,7 @@ def test_variable_frame_rate_is_one_segment_with_its_timing_or_converted(farm, f
     plan = farm("plan", path, source)
     assert "1  frames 1-105 (00:00:00.000-00:00:06.000, variable frame rate: one segment, timing kept)" in plan.stdout
     code, report = run_json(farm, path, source, "-o", tmp / "kept")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     out = tmp / "kept" / "phone-t.mp4"
     assert int(streams(out, "video")[0]["nb_read_packets"]) == 105
     times = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-show_entries", "packet=pts_time",
@@ -340,7 +350,7 @@ def test_variable_frame_rate_is_one_segment_with_its_timing_or_converted(farm, f
     # Converted to a constant rate and segmented: as many frames as ffmpeg's fps filter makes.
     code, report = run_json(farm, path, source, "-o", tmp / "cfr", "--set", "settings.vfr=convert",
                             "--set", "settings.video.fps=25")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     assert report["jobs"][0]["segments"] == 7
     v, = streams(tmp / "cfr" / "phone-t.mp4", "video")
     single = subprocess.run(["ffmpeg", "-hide_banner", "-i", str(source), "-vf", "fps=25", "-f", "null", "-"],
@@ -349,6 +359,7 @@ def test_variable_frame_rate_is_one_segment_with_its_timing_or_converted(farm, f
     assert int(v["nb_read_packets"]) == made and v["r_frame_rate"] == "25/1"
 
 
+@pytest.mark.slow
 def test_frame_rate_change_matches_ffmpegs_fps_filter(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "ntsc.mp4", seconds=4, rate="30000/1001", audio=0)
@@ -363,6 +374,7 @@ def test_frame_rate_change_matches_ffmpegs_fps_filter(farm, farm_env):
 # -- sources that must fail cleanly ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_sources_fail_with_reasons_while_the_rest_of_the_batch_is_done(farm, farm_env):
     tmp = farm_env["tmp"]
     good = movie(tmp / "good.mp4", seconds=2)
@@ -398,6 +410,7 @@ def test_bad_sources_fail_with_reasons_while_the_rest_of_the_batch_is_done(farm,
     assert sorted(p.name for p in (tmp / "out").iterdir()) == ["good-t.mp4"]
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_overwrite_is_asked(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "clip.mp4", seconds=1)
@@ -410,7 +423,7 @@ def test_existing_output_is_kept_unless_overwrite_is_asked(farm, farm_env):
     assert f"{target} already exists in the destination; pass --overwrite" in refused.stderr
     assert target.read_bytes() == b"precious"
     code, report = run_json(farm, path, source, "-o", tmp / "out", "--overwrite")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     assert int(streams(target, "video")[0]["nb_read_packets"]) == 25
     assert sorted(p.name for p in target.parent.iterdir()) == ["clip-t.mp4"]  # no temporary left
 
@@ -424,13 +437,14 @@ def test_output_never_replaces_its_source(farm, farm_env):
     assert code == 1 and "would replace the source" in report["jobs"][0]["error"]
 
 
+@pytest.mark.slow
 def test_names_with_spaces_and_non_ascii_letters(farm, farm_env):
     tmp = farm_env["tmp"]
     folder = tmp / "Ünïcode fólder"
     folder.mkdir()
     source = movie(folder / "Crème brûlée 'take 2' — ñ.mov", seconds=3)
     code, report = run_json(farm, profile(tmp), source, "-o", folder / "out dir")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     out = folder / "out dir" / "Crème brûlée 'take 2' — ñ-t.mp4"
     assert int(streams(out, "video")[0]["nb_read_packets"]) == 75
 
@@ -454,6 +468,7 @@ def test_a_missing_encoder_is_named(farm, farm_env, monkeypatch):
 # -- pieces, called directly ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tmp_path):
     """A segment whose file holds fewer frames than planned: assembly refuses to deliver."""
     import logging
@@ -510,7 +525,7 @@ def test_two_minute_source(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "long.mp4", seconds=120, size="320x180", audio=1)
     code, report = run_json(farm, profile(tmp, seconds=10), source, "-o", tmp / "out")
-    assert code == 0, report
+    assert code == 0, json.dumps(report)
     assert report["jobs"][0]["segments"] == 13
     out = tmp / "out" / "long-t.mp4"
     v, = streams(out, "video")
