@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
+import math
 import os
 import re
 import shutil
@@ -85,22 +86,36 @@ def run_ffmpeg(context: Context, argv: list[str], on_line: Callable[[str], None]
     return result
 
 
-def seek_point(seconds: float, first: int, source: Any | None) -> float:
-    """Where a node seeks before decoding a segment that starts at ``seconds``.
+#: Demuxers that seek through an index to the last keyframe at or before a point. Others
+#: (MPEG-TS/M2TS, MPEG-PS, raw streams) search the file by timestamps and land on the first
+#: keyframe at or after the point, judged by decoding time.
+INDEXED_DEMUXERS = frozenset({"mov", "matroska", "avi", "mxf", "flv", "nut", "asf", "ivf"})
 
-    ffmpeg seeks to the last keyframe at or before the point, and ``trim`` drops what
-    comes before the segment. When the segment starts on a source keyframe that has no
-    other keyframe just after it, seek right onto it (nothing is decoded in vain);
-    otherwise a little before, since a demuxer may index keyframes by decoding time,
-    which runs a few frames ahead of presentation.
+
+def seek_point(needed: int, source: Any, start: float, demuxer: str) -> float | None:
+    """Where a node seeks (seconds from the container's start, as ``-ss`` counts) before
+    decoding a segment whose first source frame has the timestamp ``needed``; None: read
+    from the beginning.
+
+    Decoding starts at a keyframe and ``trim`` drops what comes before the segment, so
+    landing early only costs time, while landing late loses frames. An indexed demuxer
+    seeks right onto a segment that starts on a keyframe with no other keyframe just after
+    it (nothing is decoded in vain), otherwise a little before, since it may index
+    keyframes by decoding time, which runs a few frames ahead of presentation. Any other
+    demuxer is aimed well before the keyframe the segment needs.
     """
-    frame = 1 / float(source.fps) if source is not None else 0.04
-    if source is not None:
-        at = bisect.bisect_left(source.keyframes, first)
-        on_keyframe = at < len(source.keyframes) and source.keyframes[at] == first
-        following = source.keyframes[at + 1] if at + 1 < len(source.keyframes) else None
-        if on_keyframe and (following is None or following - first > 4):
-            return seconds + frame / 4
+    frame = 1 / float(source.fps)
+    tb = source.tb
+    keyframes = [source.pts[k] for k in source.keyframes] if source.pts else []
+    at = bisect.bisect_right(keyframes, needed) - 1
+    if at <= 0 or keyframes[at] <= source.start_pts:
+        return None  # the first keyframe: nothing to skip
+    if demuxer not in INDEXED_DEMUXERS:
+        return max(0.0, float(keyframes[at] * tb) - start - max(0.5, 8 * frame))
+    seconds = float(needed * tb) - start
+    following = keyframes[at + 1] if at + 1 < len(keyframes) else None
+    if keyframes[at] == needed and (following is None or float((following - needed) * tb) > 4 * frame):
+        return seconds + frame / 4
     return max(0.0, seconds - max(0.1, 3 * frame))
 
 
@@ -207,16 +222,17 @@ class TranscodeProcessor(Processor):
                 params["start_pts"] = source.pts[first] if first else None
                 params["end_pts"] = source.pts[last] if last < total else None
                 params["video_start"] = float(source.start_pts * tb)
-                start_seconds = float(source.pts[first] * tb) - facts.start
             else:
                 # The same on the new rate's grid (its time base is 1/rate after fps).
                 params["start_pts"] = origin + first if first else None
                 params["end_pts"] = origin + last if last < total else None
                 params["shift"] = facts.start
                 params["video_start"] = facts.start + float(origin / rate)
-                start_seconds = float((origin + first) / rate)
             if first:
-                params["seek"] = seek_point(start_seconds, first, source if mode == "exact" else None)
+                # The timestamp of the first source frame the segment needs.
+                needed = source.pts[first] if mode == "exact" else \
+                    math.floor((facts.start + (origin + first - 1) / rate) / tb)
+                params["seek"] = seek_point(needed, source, facts.start, facts.demuxer)
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
             if source.vfr and mode == "rate":
                 note = f"variable frame rate converted to {float(rate):.3f} fps"
@@ -249,6 +265,27 @@ class TranscodeProcessor(Processor):
                 done = int(line[6:].strip() or 0)
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
+        found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line)
+        if frames != count and params.get("seek") is not None:
+            # The demuxer's seek landed after the segment's first frame: read from the
+            # beginning instead (slower, always exact).
+            context.logger.warning("segment %s: seeking to %.3f s gave %d frames instead of %d; reading the source "
+                                   "from its beginning", segment.label, params["seek"], frames, count)
+            params = {**params, "seek": None}
+            found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line)
+        streams = found.of_type("video")
+        if frames != count:
+            raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
+                                 "the source may be damaged at that point")
+        context.progress(1.0, f"{count} frames")
+        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
+                "duration": found.duration(streams[0]), "params": params}
+
+    @staticmethod
+    def _encode_video(context: Context, facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any],
+                      out: Path, threads: int, on_line: Callable[[str], None]) -> tuple[Any, int]:
+        """Encode one video segment; what ffprobe finds in it, and its frame count."""
+        assert settings.video is not None
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
@@ -259,13 +296,7 @@ class TranscodeProcessor(Processor):
         run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")
-        frames = found.frames(streams[0]) if streams else 0
-        if frames != count:
-            raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
-                                 "the source may be damaged at that point")
-        context.progress(1.0, f"{count} frames")
-        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
-                "duration": found.duration(streams[0]), "params": params}
+        return found, found.frames(streams[0]) if streams else 0
 
     def _run_audio(self, segment: Segment, context: Context, facts: SourceFacts, settings: TranscodeSettings,
                    ext: str) -> dict[str, Any]:
