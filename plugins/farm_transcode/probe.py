@@ -290,9 +290,9 @@ def _video_facts(path: Path, stream: dict[str, Any], rows: list[Packet]) -> Vide
     if not packets:
         raise PlanError(f"{path.name}: its video stream has no frames")
     declared = stream.get("nb_frames")
-    if declared not in (None, "N/A") and int(declared) > len(packets):
+    if declared not in (None, "N/A") and int(declared) > len(packets) + discarded + untimed:
         raise PlanError(f"{path.name} looks truncated or damaged: its header says {declared} frames, "
-                        f"{len(packets)} can be read")
+                        f"{len(packets) + discarded + untimed} can be read")
     packets.sort()
     pts = [p for p, _, _ in packets]
     tb = parse_rate(stream.get("time_base") or "1/1000")

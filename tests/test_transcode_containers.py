@@ -1,0 +1,146 @@
+"""Cutting sources of every container ffmpeg reads, and keeping sound where the source has it.
+
+Sources are made by ffmpeg lavfi in each test, with the starts cameras and broadcasters
+give them: MPEG-TS/M2TS at 1.4 s, Matroska with a start offset, MP4 with an edit list.
+Every segmented output is compared frame by frame with its source: the same number of
+frames, and every frame close to the source's frame at the same place (a dropped or
+doubled frame costs about 20 dB from there on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import write_profile
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["which", "ffmpeg"], capture_output=True).returncode != 0, reason="ffmpeg is not installed"
+)
+
+X264 = {"codec": "libx264", "crf": 20, "preset": "veryfast", "pix_fmt": "yuv420p", "gop": 25}
+FFMPEG = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y"]
+
+
+def make(path: Path, *args: str) -> Path:
+    subprocess.run([*FFMPEG, *args, str(path)], check=True)
+    return path
+
+
+def lavfi_av(seconds: float, rate: str = "25", silence: float = 0.0) -> list[str]:
+    """testsrc2 video and a 440 Hz tone that starts after ``silence`` seconds of silence."""
+    tone = f"aevalsrc='if(gte(t,{silence}),0.5*sin(2*PI*440*t),0)':s=48000:d={seconds}"
+    return ["-f", "lavfi", "-i", f"testsrc2=size=192x108:rate={rate}:duration={seconds}",
+            "-f", "lavfi", "-i", tone]
+
+
+def profile(folder: Path, *, video: dict | None = X264, audio: dict | None = None, container: str = "mp4",
+            seconds: float = 1, **settings) -> Path:
+    data = {"container": container, "video": video, "audio": audio or {"codec": "aac"}, **settings}
+    return write_profile(folder, "t", {"processor": "transcode", "segment": {"seconds": seconds}, "settings": data,
+                                       "output": "{stem}-{profile}.{ext}", "retries": 0})
+
+
+def run(farm, *args) -> dict:
+    result = farm("run", *args, "--json", "--quiet")
+    assert result.stdout, result.stderr
+    report = result.json()
+    assert result.returncode == 0, report["jobs"][0].get("error")
+    return report
+
+
+def probe(path: Path) -> dict:
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_packets", "-show_streams", "-show_format", "-of", "json",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def frames(path: Path) -> int:
+    return int(next(s for s in probe(path)["streams"] if s["codec_type"] == "video")["nb_read_packets"])
+
+
+def psnr(path: Path, source: Path, rate: str) -> list[float]:
+    """Per-frame PSNR of ``path`` against ``source``, both counted from their first frame
+    and put on the source's grid (psnr pairs frames by timestamp)."""
+    stats = path.with_suffix(".psnr.txt")
+    grid = f"setpts=PTS-STARTPTS,fps={rate}"
+    subprocess.run([*FFMPEG, "-i", str(path), "-i", str(source), "-lavfi",
+                    f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats.name}", "-f", "null", "-"],
+                   check=True, cwd=path.parent)
+    values = []
+    for line in stats.read_text().splitlines():
+        field = next(part for part in line.split() if part.startswith("psnr_avg:"))
+        values.append(math.inf if field.endswith("inf") else float(field.split(":")[1]))
+    return values
+
+
+def onset(path: Path) -> float:
+    """When the sound starts against the first picture, in seconds, as a player shows it:
+    decoded with the file's own timestamps, the first end of silence less the first
+    video frame's time."""
+    said = subprocess.run(["ffmpeg", "-hide_banner", "-copyts", "-i", str(path), "-map", "0:a:0", "-map", "0:v:0",
+                           "-af", "silencedetect=n=-40dB:d=0.05", "-vf", "showinfo", "-frames:v", "1",
+                           "-f", "null", "-"], capture_output=True, text=True).stderr
+    ends = re.findall(r"silence_end: (-?[\d.]+)", said)
+    first = re.search(r"n:\s*0 pts:\s*-?\d+\s+pts_time:(-?[\d.]+)", said)
+    assert ends and first, said[-2000:]
+    return float(ends[0]) - float(first.group(1))
+
+
+def assert_frame_exact(out: Path, source: Path, rate: str, count: int) -> None:
+    assert frames(out) == count
+    values = psnr(out, source, rate)
+    assert len(values) == count
+    assert min(values) > 32, f"frame {values.index(min(values))} is {min(values):.1f} dB from the source's"
+
+
+# -- item 1: cutting works on every container -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, muxer", [("cam.ts", []), ("disc.m2ts", ["-mpegts_m2ts_mode", "1"]),
+                                         ("clip.mts", ["-f", "mpegts", "-mpegts_m2ts_mode", "1"])])
+def test_mpeg_ts_with_its_usual_start_is_cut_frame_exact(farm, farm_env, name, muxer):
+    """A .ts starts at 1.4 s; its demuxer seeks to the first keyframe after a point, not
+    before. B-frames make decoding time run ahead of presentation time."""
+    tmp = farm_env["tmp"]
+    source = make(tmp / name, *lavfi_av(6), "-c:v", "libx264", "-preset", "veryfast", "-g", "12",
+                  "-pix_fmt", "yuv420p", "-c:a", "aac", *muxer)
+    assert float(probe(source)["format"]["start_time"]) > 1.3
+    report = run(farm, profile(tmp), source, "-o", tmp / "out")
+    assert report["jobs"][0]["segments"] == 7  # audio + 6 video
+    out = tmp / "out" / f"{source.stem}-t.mp4"
+    assert_frame_exact(out, source, "25", 150)
+
+
+def test_matroska_with_a_start_offset(farm, farm_env):
+    """Start 9.98 s: its audio lasts 6 s, whatever the DURATION tag (the track's end) says."""
+    tmp = farm_env["tmp"]
+    source = make(tmp / "late.mkv", *lavfi_av(6), "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                  "-c:a", "aac", "-output_ts_offset", "10")
+    assert float(probe(source)["format"]["start_time"]) > 9.9
+    for container in ("mp4", "mkv"):
+        run(farm, profile(tmp, container=container), source, "-o", tmp / container)
+        out = tmp / container / f"late-t.{container}"
+        assert_frame_exact(out, source, "25", 150)
+        audio = next(s for s in probe(out)["streams"] if s["codec_type"] == "audio")
+        assert audio["codec_name"] == "aac"
+
+
+def test_mp4_with_an_edit_list_that_starts_between_keyframes(farm, farm_env):
+    """Stream copy from 1.3 s: the file holds the frames from the keyframe before and an
+    edit list that hides them; the output has exactly the frames shown."""
+    tmp = farm_env["tmp"]
+    whole = make(tmp / "whole.mp4", *lavfi_av(7), "-c:v", "libx264", "-preset", "veryfast", "-g", "50",
+                 "-pix_fmt", "yuv420p", "-c:a", "aac")
+    source = make(tmp / "edit.mp4", "-ss", "1.3", "-i", str(whole), "-c", "copy")
+    shown = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-count_frames", "-show_entries",
+                            "stream=nb_read_frames", "-of", "csv=p=0", str(source)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    report = run(farm, profile(tmp), source, "-o", tmp / "out")
+    assert report["jobs"][0]["segments"] >= 6
+    assert_frame_exact(tmp / "out" / "edit-t.mp4", source, "25", int(shown))
