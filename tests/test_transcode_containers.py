@@ -144,3 +144,25 @@ def test_mp4_with_an_edit_list_that_starts_between_keyframes(farm, farm_env):
     report = run(farm, profile(tmp), source, "-o", tmp / "out")
     assert report["jobs"][0]["segments"] >= 6
     assert_frame_exact(tmp / "out" / "edit-t.mp4", source, "25", int(shown))
+
+
+# -- vfr: convert ---------------------------------------------------------------------------------------
+
+
+def test_variable_rate_converted_to_its_average_rate_when_the_profile_names_none(farm, farm_env):
+    """3 s at 30 fps then 3 s at 15 fps: 135 frames in 6 s, an average of 22.5 fps (not
+    23.976, the common rate nearest to it)."""
+    tmp = farm_env["tmp"]
+    source = make(tmp / "phone.mkv", "-f", "lavfi", "-i", "testsrc2=size=192x108:rate=30:duration=3",
+                  "-f", "lavfi", "-i", "testsrc2=size=192x108:rate=15:duration=3",
+                  "-filter_complex", "[0][1]concat=n=2:v=1[v]", "-map", "[v]", "-c:v", "libx264",
+                  "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-fps_mode", "vfr")
+    path = profile(tmp, audio={"codec": "aac"}, vfr="convert")
+    plan = farm("plan", path, source)
+    assert "variable frame rate converted to 22.500 fps" in plan.stdout, plan.stdout
+    run(farm, path, source, "-o", tmp / "out")
+    video = next(s for s in probe(tmp / "out" / "phone-t.mp4")["streams"] if s["codec_type"] == "video")
+    single = subprocess.run(["ffmpeg", "-hide_banner", "-i", str(source), "-vf", "fps=45/2", "-f", "null", "-"],
+                            capture_output=True, text=True).stderr
+    assert video["r_frame_rate"] == "45/2"
+    assert int(video["nb_read_packets"]) == int(single.rsplit("frame=", 1)[1].split()[0])

@@ -56,9 +56,17 @@ from farm_transcode.verify import Expected, problems
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_OUTPUT = "{stem}-{profile}.{ext}"
-#: Common rates a variable-frame-rate source is converted to when the profile names none.
+#: Common rates: a variable rate whose average is within 0.2 % of one is converted to it.
 COMMON_RATES = [Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
                 Fraction(50), Fraction(60000, 1001), Fraction(60)]
+
+
+def average_rate(average: Fraction) -> Fraction:
+    """The constant rate a variable-rate source becomes when the profile names none: its
+    average to a hundredth of a frame a second (a phone's 29.96 is its nominal 29.97; a
+    30+15 fps clip's 22.5 stays 22.5)."""
+    near = min(COMMON_RATES, key=lambda r: abs(r - average))
+    return near if abs(near - average) <= average / 500 else Fraction(round(average * 100), 100)
 
 
 #: A line of the report ``-progress pipe:1`` mixes into ffmpeg's output (frame=12, progress=end).
@@ -193,7 +201,7 @@ class TranscodeProcessor(Processor):
             label = frame_label(0, source.frames, source.fps, "variable frame rate: one segment, timing kept")
             return [SegmentPlan(label=label, params=params)]
         if source.vfr:
-            rate = wanted or min(COMMON_RATES, key=lambda r: abs(r - source.fps))
+            rate = wanted or average_rate(source.fps)
         else:
             rate = wanted or source.fps
         mode = "exact" if rate == source.fps and not source.vfr else "rate"
