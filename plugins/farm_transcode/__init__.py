@@ -48,13 +48,15 @@ from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
 
-from farm_transcode import ffmpeg_io
+from farm_transcode import ffmpeg_io, sync
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
 from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output, probe_source
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
 from farm_transcode.verify import Expected, problems
 
 DEFAULT_SECONDS = 10.0
+#: A sound measured this far from the source's timing at assembly is joined again, corrected.
+SYNC_CORRECTED = 0.0004
 DEFAULT_OUTPUT = "{stem}-{profile}.{ext}"
 #: Common rates: a variable rate whose average is within 0.2 % of one is converted to it.
 COMMON_RATES = [Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
@@ -323,7 +325,10 @@ class TranscodeProcessor(Processor):
         tracks = found.of_type("audio")
         if len(tracks) != len(streams):
             raise ProcessorError(f"the audio came out with {len(tracks)} track(s) instead of {len(streams)}")
-        return {"kind": "audio", "file": str(out), "label": segment.label,
+        # Where the file's timeline starts (an encoder's priming included), which ffmpeg
+        # counts from when it reads the file at assembly.
+        start = float(found.format.get("start_time") or 0.0)
+        return {"kind": "audio", "file": str(out), "label": segment.label, "start": start,
                 "durations": [found.duration(t) for t in tracks], "params": segment.params}
 
     # -- verify and assemble ----------------------------------------------------------------
@@ -361,17 +366,37 @@ class TranscodeProcessor(Processor):
             pieces_list = [(Path(r["file"]), None if r["params"]["mode"] == "passthrough"
                             else r["params"]["count"] / parse_rate(r["params"]["rate"])) for r in videos]
             video_list.write_text(ffmpeg_io.concat_list(pieces_list), encoding="utf-8")
-        offset = expected.av_offset
+        offset = 0.0
+        if audio is not None and videos:
+            # The audio file's timestamps count from the source's start, encoder priming
+            # included; reading it, ffmpeg starts it at its own first timestamp. Shifted by
+            # this, each of its samples lands where it was in the source, against the video's
+            # first frame.
+            lead = ffmpeg_io.AUDIO_LEAD if "start" in audio else 0.0  # "start": made with the lead
+            offset = audio.get("start", 0.0) - lead + facts.start - videos[0]["params"]["video_start"]
         # Joined straight into the staging folder on the destination's disk: delivering is a rename.
         with Delivery(job, claim=context.claim) as delivery:
             delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
             temporary = delivery.staged(target)
-            run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
-                                              audio_file=Path(audio["file"]) if audio else None,
-                                              audio_streams=audio["params"]["streams"] if audio else [],
-                                              audio_offset=offset),
-                       cwd=context.scratch)
-            found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
+
+            def join(offset: float) -> Any:
+                run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
+                                                  audio_file=Path(audio["file"]) if audio else None,
+                                                  audio_streams=audio["params"]["streams"] if audio else [],
+                                                  audio_offset=offset),
+                           cwd=context.scratch)
+                found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
+                if audio is not None and videos and job.input is not None:
+                    found.audio_lag = sync.lag(job.input, facts.demuxer, audio["params"]["streams"][0], temporary,
+                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG)
+                return found
+
+            found = join(offset)
+            if found.audio_lag is not None and abs(found.audio_lag) > SYNC_CORRECTED:
+                # A muxer's own handling of an encoder's delay (Opus in Matroska) can move
+                # the sound: joined again with the difference taken off.
+                context.logger.info("the sound played %+.2f ms off the source's; joining again", found.audio_lag * 1000)
+                found = join(offset - found.audio_lag)
             wrong = problems(found, expected)
             if wrong:
                 raise ProcessorError(f"the joined output failed verification, so it was not delivered: {'; '.join(wrong)}")

@@ -136,11 +136,21 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     return _compile(ffmpeg.output(stream, str(out), **options))
 
 
+#: Seconds added to the audio file's timestamps. An encoder's priming (AAC's 1024
+#: samples, Opus's pre-skip, LAME's delay) is placed before the first sample, at a negative
+#: time where the source starts with its audio, and a muxer that cannot store negative times
+#: (Matroska) would shift the track, moving every sample late by the priming. With this lead
+#: nothing is negative, and assembly takes it back off.
+AUDIO_LEAD = 10.0
+
+
 def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:
-    """Encode the chosen audio tracks once, over the whole duration, into one file."""
+    """Encode the chosen audio tracks once, over the whole duration, into one file whose
+    timestamps are the source's, counted from the source's start, plus ``AUDIO_LEAD``."""
     source = _source(facts)
     chosen = [source[str(index)] for index in streams]
-    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": box.muxer}
+    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": box.muxer,
+                               "output_ts_offset": f"{AUDIO_LEAD:g}"}
     if audio.bitrate:
         options["b:a"] = audio.bitrate
     if audio.channels:
@@ -170,7 +180,8 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
 
     Written out by hand: ffmpeg-python cannot open an input only for its metadata.
     ``audio_streams`` are the source streams the audio file's tracks were made from;
-    ``audio_offset`` is how much later the audio starts than the video in the source.
+    ``audio_offset`` is how far the audio file's first timestamp lies after the video's
+    first frame (negative: before it, so the video is shifted instead).
     """
     box = settings.box
     argv = [FFMPEG, *_GLOBAL]

@@ -356,6 +356,7 @@ class OutputFacts:
     streams: list[dict[str, Any]]
     video_span: float | None = None  # seconds from the first frame's start to the last one's
     ends: dict[int, float] = field(default_factory=dict)  # stream index -> its last packet's end, seconds
+    audio_lag: float | None = None  # seconds the first audio track plays later than the source's (sync.lag)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [s for s in self.streams if s.get("codec_type") == kind]
