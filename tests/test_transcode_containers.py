@@ -166,3 +166,64 @@ def test_variable_rate_converted_to_its_average_rate_when_the_profile_names_none
                             capture_output=True, text=True).stderr
     assert video["r_frame_rate"] == "45/2"
     assert int(video["nb_read_packets"]) == int(single.rsplit("frame=", 1)[1].split()[0])
+
+
+# -- item 2: the sound plays where it played against the picture ------------------------------------
+
+
+def sound_at(path: Path) -> float:
+    """When the loudest sample of the first audio track plays, against the first picture,
+    decoded as a player does (the file's own timestamps, edit lists and skips)."""
+    proc = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "info", "-copyts", "-i", str(path),
+                           "-map", "0:a:0", "-af", "aresample=48000,ashowinfo", "-ac", "1", "-f", "s16le", "pipe:1",
+                           "-map", "0:v:0", "-vf", "showinfo", "-frames:v", "1", "-f", "null", "-"],
+                          capture_output=True, check=True)
+    said = proc.stderr.decode(errors="replace")
+    first = r"n:\s*0\s+pts:\s*-?\d+\s+pts_time:(-?[\d.]+)"
+    audio = float(re.search(r"ashowinfo.*?" + first, said).group(1))
+    video = float(re.search(r"Parsed_showinfo.*?" + first, said).group(1))
+    samples = memoryview(proc.stdout[: len(proc.stdout) // 2 * 2]).cast("h")
+    loudest = max(range(len(samples)), key=lambda i: abs(samples[i]))
+    return audio + loudest / 48000 - video
+
+
+def click_source(path: Path, audio_delay: float, acodec: list[str]) -> Path:
+    """6 s of picture; sound from ``audio_delay`` s: silence, a 2 ms click peaking at 0.301 s
+    (one raised-cosine bump: a single loudest sample), then a tone."""
+    sound = ("aevalsrc='if(between(t,0.3,0.302),0.45*(1-cos(2*PI*(t-0.3)/0.002)),0)"
+             "+if(gte(t,0.6),0.2*sin(2*PI*440*t),0)':s=48000:d=5")
+    return make(path, "-f", "lavfi", "-i", "testsrc2=size=192x108:rate=25:duration=6",
+                "-itsoffset", f"{audio_delay}", "-f", "lavfi", "-i", sound,
+                "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", *acodec)
+
+
+@pytest.mark.parametrize("codec, container", [("aac", "mp4"), ("libopus", "mkv"), ("libmp3lame", "mp4"),
+                                              ("ac3", "mkv"), ("pcm_s16le", "mov"), ("flac", "mkv")])
+def test_sound_plays_against_the_picture_where_it_did_in_the_source(farm, farm_env, codec, container):
+    """Audio that starts 0.699 s after the picture: the click is where it was within 1 ms,
+    whatever the encoder's priming (AAC 1024 samples, Opus pre-skip, LAME's delay)."""
+    tmp = farm_env["tmp"]
+    source = click_source(tmp / "late.mov", 0.699, ["-c:a", "pcm_s16le"])
+    assert abs(sound_at(source) - 1.000) < 0.0005
+    run(farm, profile(tmp, audio={"codec": codec}, container=container), source, "-o", tmp / "out")
+    out = tmp / "out" / f"late-t.{container}"
+    assert abs(sound_at(out) - sound_at(source)) <= 0.001
+
+
+def test_audio_that_starts_with_the_picture_in_a_ts_stays_there(farm, farm_env):
+    tmp = farm_env["tmp"]
+    source = click_source(tmp / "cam.ts", 0, ["-c:a", "aac", "-f", "mpegts"])
+    for codec, container in (("aac", "mp4"), ("libopus", "mkv")):
+        run(farm, profile(tmp, audio={"codec": codec}, container=container), source, "-o", tmp / container)
+        assert abs(sound_at(tmp / container / f"cam-t.{container}") - sound_at(source)) <= 0.001
+
+
+def test_vp9_webm_of_a_source_whose_audio_starts_late(farm, farm_env):
+    """Was: "audio track 1 lasts +218 ms against the video, the source's -279 ms"."""
+    tmp = farm_env["tmp"]
+    source = click_source(tmp / "late.mkv", 0.699, ["-c:a", "aac"])
+    run(farm, "vp9-webm", source, "-o", tmp / "out", "--set", "segment.seconds=2",
+        "--set", "settings.video.speed=8")
+    out = tmp / "out" / "late-vp9.webm"
+    assert frames(out) == 150
+    assert abs(sound_at(out) - sound_at(source)) <= 0.001

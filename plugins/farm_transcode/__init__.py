@@ -366,14 +366,18 @@ class TranscodeProcessor(Processor):
             pieces_list = [(Path(r["file"]), None if r["params"]["mode"] == "passthrough"
                             else r["params"]["count"] / parse_rate(r["params"]["rate"])) for r in videos]
             video_list.write_text(ffmpeg_io.concat_list(pieces_list), encoding="utf-8")
-        offset = 0.0
+        offset = video_offset = 0.0
         if audio is not None and videos:
             # The audio file's timestamps count from the source's start, encoder priming
             # included; reading it, ffmpeg starts it at its own first timestamp. Shifted by
             # this, each of its samples lands where it was in the source, against the video's
-            # first frame.
+            # first frame. Sound that starts before the picture moves the picture instead.
             lead = ffmpeg_io.AUDIO_LEAD if "start" in audio else 0.0  # "start": made with the lead
-            offset = audio.get("start", 0.0) - lead + facts.start - videos[0]["params"]["video_start"]
+            video_start = videos[0]["params"]["video_start"]
+            offset = audio.get("start", 0.0) - lead + facts.start - video_start
+            sound = min((a.start for a in facts.audio if a.index in audio["params"]["streams"]), default=video_start)
+            video_offset = max(0.0, video_start - sound)
+            offset += video_offset
         # Joined straight into the staging folder on the destination's disk: delivering is a rename.
         with Delivery(job, claim=context.claim) as delivery:
             delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
@@ -383,7 +387,7 @@ class TranscodeProcessor(Processor):
                 run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
                                                   audio_file=Path(audio["file"]) if audio else None,
                                                   audio_streams=audio["params"]["streams"] if audio else [],
-                                                  audio_offset=offset),
+                                                  audio_offset=offset, video_offset=video_offset),
                            cwd=context.scratch)
                 found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
                 if audio is not None and videos and job.input is not None:

@@ -175,26 +175,29 @@ def concat_list(files: list[tuple[Path, Fraction | None]]) -> str:
 
 
 def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_list: Path | None,
-        audio_file: Path | None, audio_streams: list[int] | None = None, audio_offset: float = 0.0) -> list[str]:
+        audio_file: Path | None, audio_streams: list[int] | None = None, audio_offset: float = 0.0,
+        video_offset: float = 0.0) -> list[str]:
     """Join the video segments (no re-encoding), add the audio, keep subtitles and metadata.
 
     Written out by hand: ffmpeg-python cannot open an input only for its metadata.
     ``audio_streams`` are the source streams the audio file's tracks were made from;
-    ``audio_offset`` is how far the audio file's first timestamp lies after the video's
-    first frame (negative: before it, so the video is shifted instead).
+    ``audio_offset`` is where the audio file's first timestamp goes against the video's
+    first frame, ``video_offset`` where that frame goes: a negative audio time is an
+    encoder's priming, which an mp4 edit list hides and a Matroska muxer shifts with the
+    video; sound before the picture is kept by moving the video later instead.
     """
     box = settings.box
     argv = [FFMPEG, *_GLOBAL]
     maps: list[str] = []
     inputs = 0
     if video_list is not None:
-        if audio_offset < 0:
-            argv += ["-itsoffset", f"{-audio_offset:.6f}"]
+        if video_offset > 0:
+            argv += ["-itsoffset", f"{video_offset:.6f}"]
         argv += ["-f", "concat", "-safe", "0", "-protocol_whitelist", "file", "-i", str(video_list)]
         maps += ["-map", f"{inputs}:v:0"]
         inputs += 1
     if audio_file is not None:
-        if audio_offset > 0 and video_list is not None:
+        if audio_offset and video_list is not None:
             argv += ["-itsoffset", f"{audio_offset:.6f}"]
         argv += ["-protocol_whitelist", "file", "-i", str(audio_file)]
         maps += ["-map", f"{inputs}:a"]

@@ -251,10 +251,12 @@ def _tick(text: str) -> int | None:
 
 
 def _audio_span(stream: dict[str, Any], packets: list[Packet], container: dict[str, Any]) -> tuple[float, float]:
-    """An audio track's start and length in seconds: from its packets where they carry
-    timestamps (the start as the header gives it, which counts an encoder's priming as
-    skipped), else from the header."""
+    """An audio track's start and length in seconds: the container's own length where it
+    keeps one (an mp4 edit list leaves out priming and padding), else from its packets
+    (a Matroska DURATION tag is the track's end), else what the header says."""
     start = _seconds(stream.get("start_time"))
+    if _seconds(stream.get("duration")) is not None:  # the container's own (an mp4 edit list's)
+        return start or 0.0, _seconds(stream.get("duration")) or 0.0
     tb = parse_rate(stream.get("time_base") or "1/1000")
     ends = [pts + (_tick(duration) or 0) for pts, duration in
             ((_tick(p[0]) if _tick(p[0]) is not None else _tick(p[1]), p[2]) for p in packets if "D" not in p[3])
@@ -365,10 +367,11 @@ class OutputFacts:
         return int(stream.get("nb_read_packets") or 0)
 
     def duration(self, stream: dict[str, Any]) -> float:
-        """From the stream's start to its last packet's end where the packets were read
-        (a Matroska DURATION tag is the end, not the length), else the header's."""
+        """The stream's own duration where the container keeps one (an mp4 edit list's,
+        which leaves out priming and padding); else from its start to its last packet's
+        end (a Matroska DURATION tag is the end, not the length)."""
         end = self.ends.get(int(stream.get("index", -1)))
-        if end is not None:
+        if end is not None and _seconds(stream.get("duration")) is None:
             return max(0.0, end - self.start(stream))
         return stream_duration(stream, self.format) or 0.0
 

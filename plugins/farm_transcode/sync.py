@@ -6,7 +6,7 @@ depending on what the container says about it, and a mistake moves every sample 
 6.5-23 ms while ``start_time`` looks right. So both files are decoded as a player does
 (their own timestamps, edit lists and skips applied), placed against their first video
 frame, and the output's sound is matched with the source's by cross-correlation over a
-quarter of a second around its first loud sample.
+62.5 ms around its first loud sample.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 RATE = 8000  # samples a second compared: 0.125 ms steps
-WINDOW = RATE // 4  # a quarter of a second
+WINDOW = RATE // 16  # 62.5 ms: the sound's first edge weighs in it
 REACH = RATE * 40 // 1000  # lags searched either way: 40 ms, beyond any encoder's delay
 SECONDS = 30.0  # how much of the audio is read to find a passage that is not silent
 MATCH = 0.8  # the least correlation (1: the same waveform) at which the sounds are the same passage
+UNIQUE = 0.98  # a match elsewhere this close to the best one makes the lag unknown
 LOUD = 1000  # a sample this loud (16-bit, about -30 dBFS) starts the passage compared
 
 _FIRST_PTS = re.compile(r"\bn:\s*0\s+pts:\s*-?\d+\s+pts_time:(-?[\d.]+)")
@@ -64,11 +65,17 @@ def _decoded(path: Path, demuxer: str | None, track: str, run: Callable[..., Any
 
 def _loud_passage(samples: array.array) -> int | None:
     """Where to compare: a window around the first loud sample, so that it holds the
-    sound's first edge (a steady tone alone would match at every period)."""
+    sound's first edge (a steady tone alone would match at every period). Before the
+    first sample counts as silence."""
     first = next((i for i, v in enumerate(samples) if abs(v) > LOUD), None)
-    if first is None:
-        return None
-    return max(0, min(first - WINDOW // 2, len(samples) - WINDOW)) if len(samples) >= WINDOW else None
+    return None if first is None else first - WINDOW // 2
+
+
+def _piece(samples: array.array, begin: int) -> list[int]:
+    """``WINDOW`` samples from ``begin``, silence outside the track."""
+    before = max(0, -begin)
+    after = max(0, begin + WINDOW - len(samples))
+    return [0] * before + list(samples[max(0, begin):max(0, begin + WINDOW)]) + [0] * after
 
 
 def lag(source: Path, source_demuxer: str | None, source_stream: int, output: Path, output_track: int,
@@ -76,7 +83,7 @@ def lag(source: Path, source_demuxer: str | None, source_stream: int, output: Pa
     """Seconds the output's audio track ``output_track`` (counting audio tracks from 0)
     plays later than the source's stream ``source_stream`` (negative: earlier), both
     against their first picture; None when it cannot be told (silence, no video, sound
-    too unlike the source's to match)."""
+    too unlike the source's, or matching equally well at other lags, as a steady tone does)."""
     theirs = _decoded(source, source_demuxer, str(source_stream), run, scratch, ffmpeg, "source")
     ours = _decoded(output, None, f"a:{output_track}", run, scratch, ffmpeg, "output")
     if theirs is None or ours is None:
@@ -87,19 +94,18 @@ def lag(source: Path, source_demuxer: str | None, source_stream: int, output: Pa
         return None
     # Where the same moment lies in the output's samples, if it plays on time.
     expected = at + round((source_start - output_start) * RATE)
-    window = a[at:at + WINDOW]
-    best, best_score = None, 0.0
+    window = _piece(a, at)
+    reference = sum(x * x for x in window) ** 0.5
+    scores: dict[int, float] = {}
     for shift in range(-REACH, REACH + 1):
-        begin = expected + shift
-        if begin < 0 or begin + WINDOW > len(b):
-            continue
-        piece = b[begin:begin + WINDOW]
+        piece = _piece(b, expected + shift)
         # Normalised: a shift that brings more of a steady sound into the window must not win.
         energy = sum(y * y for y in piece)
-        score = sum(x * y for x, y in zip(window, piece)) / energy ** 0.5 if energy else 0.0
-        if best is None or score > best_score:
-            best, best_score = shift, score
-    reference = sum(x * x for x in window) ** 0.5
-    if best is None or not reference or best_score / reference < MATCH:
+        scores[shift] = sum(x * y for x, y in zip(window, piece)) / energy ** 0.5 / reference if energy else 0.0
+    if not reference:
+        return None
+    best = max(scores, key=lambda shift: scores[shift])
+    others = max((score for shift, score in scores.items() if abs(shift - best) > RATE // 1000), default=0.0)
+    if scores[best] < MATCH or others > scores[best] * UNIQUE:
         return None
     return best / RATE
