@@ -227,3 +227,28 @@ def test_vp9_webm_of_a_source_whose_audio_starts_late(farm, farm_env):
     out = tmp / "out" / "late-vp9.webm"
     assert frames(out) == 150
     assert abs(sound_at(out) - sound_at(source)) <= 0.001
+
+
+# -- bad input: converted exactly, in fewer segments, with the reason in the plan -----------------------
+
+
+def test_ts_recordings_joined_end_to_end_are_read_straight_through(farm, farm_env):
+    """Two .ts files joined with cat: timestamps start again halfway, so no cut can be
+    placed by time. The plan says so, and the output holds every frame of both."""
+    tmp = farm_env["tmp"]
+    part = make(tmp / "part.ts", *lavfi_av(3), "-c:v", "libx264", "-preset", "veryfast", "-g", "12",
+                "-pix_fmt", "yuv420p", "-c:a", "aac")
+    joined = tmp / "joined.ts"
+    joined.write_bytes(part.read_bytes() * 2)
+    path = profile(tmp)
+    plan = farm("plan", path, joined)
+    assert plan.returncode == 0, plan.stderr
+    assert ("frames 1-150 (00:00:00.000-00:00:06.000, one segment, read straight through: its timestamps "
+            "start again at frame 76 (a joined or looped recording))") in plan.stdout
+    run(farm, path, joined, "-o", tmp / "out")
+    out = tmp / "out" / "joined-t.mp4"
+    assert frames(out) == 150
+    audio = next(s for s in probe(out)["streams"] if s["codec_type"] == "audio")
+    assert abs(float(audio["duration"]) - 6.0) < 0.1
+    halves = psnr(out, joined, "25")  # the joined source read as one ffmpeg reads it
+    assert len(halves) == 150 and min(halves) > 32

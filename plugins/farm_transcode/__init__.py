@@ -197,6 +197,15 @@ class TranscodeProcessor(Processor):
         assert video is not None and source is not None
         tb = source.tb
         wanted = parse_rate(video.fps) if video.fps else None
+        if source.uncut is not None:
+            # Cutting needs timestamps that place every frame once; read straight through,
+            # as one ffmpeg process would.
+            rate = wanted or source.fps
+            params = {"kind": "video", "mode": "straight", "first": 0, "count": source.frames,
+                      "rate": f"{rate.numerator}/{rate.denominator}", "video_start": float(source.start_pts * tb),
+                      "facts": summary}
+            label = frame_label(0, source.frames, rate, f"one segment, read straight through: {source.uncut}")
+            return [SegmentPlan(label=label, params=params)]
         if source.vfr and settings.vfr == "single" and wanted is None:
             params = {"kind": "video", "mode": "passthrough", "first": 0, "count": source.frames,
                       "rate": source.rate, "video_start": float(source.start_pts * tb), "facts": summary}
@@ -422,7 +431,7 @@ class TranscodeProcessor(Processor):
                                          f"starts at frame {start}")
                 position = start + count
             expected.video_frames = frames
-            if first["mode"] == "rate":
+            if first["mode"] in ("rate", "straight"):
                 expected.video_duration = float(frames / rate)
             else:
                 expected.video_duration = facts.video.duration

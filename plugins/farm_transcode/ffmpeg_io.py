@@ -99,7 +99,9 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     rate = parse_rate(params["rate"])
     # The source's own timestamps throughout (-copyts): trim compares them with the ones
     # planning read. Seeking is only a shortcut to a keyframe before the segment.
-    input_options: dict[str, Any] = {"threads": threads, "copyts": None}
+    input_options: dict[str, Any] = {"threads": threads}
+    if mode != "straight":  # straight: ffmpeg's own timing, which mends timestamps that start again
+        input_options["copyts"] = None
     if params.get("seek"):
         input_options.update(ss=f"{params['seek']:.6f}", noaccurate_seek=None)
     stream = _source(facts, **input_options)[str(facts.video.index)]

@@ -55,6 +55,7 @@ class VideoFacts:
     duration: float  # seconds from the first frame's start to the last frame's end
     pts: list[int] = field(default_factory=list, repr=False)  # every frame's pts, in presentation order
     keyframes: list[int] = field(default_factory=list, repr=False)  # frame numbers (from 0) of keyframes
+    uncut: str | None = None  # why its timestamps cannot place a cut (it is then read straight through)
 
     @property
     def fps(self) -> Fraction:
@@ -255,14 +256,17 @@ def _audio_span(stream: dict[str, Any], packets: list[Packet], container: dict[s
     keeps one (an mp4 edit list leaves out priming and padding), else from its packets
     (a Matroska DURATION tag is the track's end), else what the header says."""
     start = _seconds(stream.get("start_time"))
-    if _seconds(stream.get("duration")) is not None:  # the container's own (an mp4 edit list's)
-        return start or 0.0, _seconds(stream.get("duration")) or 0.0
     tb = parse_rate(stream.get("time_base") or "1/1000")
     ends = [pts + (_tick(duration) or 0) for pts, duration in
             ((_tick(p[0]) if _tick(p[0]) is not None else _tick(p[1]), p[2]) for p in packets if "D" not in p[3])
             if pts is not None]
     if not ends:
         return start or 0.0, stream_duration(stream, container) or 0.0
+    times = [_tick(p[0]) for p in packets if _tick(p[0]) is not None]
+    if _restart(times, tb) is not None:  # timestamps start again: the packets, one after the other
+        return start or 0.0, float(sum(_tick(p[2]) or 0 for p in packets if "D" not in p[3]) * tb)
+    if _seconds(stream.get("duration")) is not None:  # the container's own (an mp4 edit list's)
+        return start or 0.0, _seconds(stream.get("duration")) or 0.0
     if start is None:
         firsts = [_tick(p[0]) for p in packets if _tick(p[0]) is not None]
         start = float(min(firsts) * tb) if firsts else 0.0
@@ -295,9 +299,18 @@ def _video_facts(path: Path, stream: dict[str, Any], rows: list[Packet]) -> Vide
     if declared not in (None, "N/A") and int(declared) > len(packets) + discarded + untimed:
         raise PlanError(f"{path.name} looks truncated or damaged: its header says {declared} frames, "
                         f"{len(packets) + discarded + untimed} can be read")
+    tb = parse_rate(stream.get("time_base") or "1/1000")
+    restart = _restart([p for p, _, _ in packets], tb)
+    uncut = None
+    if restart is not None:
+        uncut = f"its timestamps start again at frame {restart + 1} (a joined or looped recording)"
+        untimed_total = len(packets) + untimed
+        packets = packets[:restart]  # the timing of the first run; the frames are all counted
+    elif untimed:
+        uncut = f"{untimed} of its frames carry no timestamp"
+        untimed_total = len(packets) + untimed
     packets.sort()
     pts = [p for p, _, _ in packets]
-    tb = parse_rate(stream.get("time_base") or "1/1000")
     deltas = [b - a for a, b in zip(pts, pts[1:])]
     declared_rate = _rate(stream.get("r_frame_rate")) or _rate(stream.get("avg_frame_rate"))
     if deltas:
@@ -333,10 +346,26 @@ def _video_facts(path: Path, stream: dict[str, Any], rows: list[Packet]) -> Vide
         raise PlanError(f"{path.name}: its frame rate of {float(rate):.6g} fps (from its header and timestamps) is "
                         f"not plausible (expected one frame an hour to {MAX_RATE} fps); the file may be damaged")
     keyframes = [i for i, (_, _, key) in enumerate(packets) if key]
+    frames = len(pts)
+    if uncut is not None:  # every frame, one after the other at the rate of the first run
+        frames, vfr, keyframes = untimed_total, False, []
+        duration = float(frames / rate)
     return VideoFacts(index=index, codec=str(stream.get("codec_name", "?")), width=width,
                       height=height, time_base=f"{tb.numerator}/{tb.denominator}",
-                      rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=len(pts), start_pts=pts[0], last_pts=pts[-1], end_pts=end_pts,
-                      duration=duration, pts=pts, keyframes=keyframes)
+                      rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=frames, start_pts=pts[0],
+                      last_pts=pts[-1], end_pts=end_pts, duration=duration, pts=pts, keyframes=keyframes, uncut=uncut)
+
+
+def _restart(times: list[int], tb: Fraction) -> int | None:
+    """The position (in file order) where timestamps jump back by more than a second: a
+    recording joined to another or looped, or a timestamp wrap the demuxer did not undo.
+    Frames are stored a few ahead of when they are shown, never a second."""
+    latest = None
+    for position, pts in enumerate(times):
+        if latest is not None and (latest - pts) * tb > 1:
+            return position
+        latest = pts if latest is None else max(latest, pts)
+    return None
 
 
 def _rate(text: Any) -> Fraction | None:
