@@ -117,6 +117,19 @@ def test_mpeg_ts_with_its_usual_start_is_cut_frame_exact(farm, farm_env, name, m
     assert_frame_exact(out, source, "25", 150)
 
 
+def test_mpeg_ts_whose_timestamps_wrap_midway(farm, farm_env):
+    """33-bit timestamps wrap 2.7 s in (a recorder running for 26.5 hours): cut frame-exact,
+    the audio as long as it is (the header's length is a guess that the wrap spoils)."""
+    tmp = farm_env["tmp"]
+    source = make(tmp / "wrap.ts", *lavfi_av(6), "-c:v", "libx264", "-preset", "veryfast", "-g", "12",
+                  "-pix_fmt", "yuv420p", "-c:a", "aac", "-output_ts_offset", "95441")
+    run(farm, profile(tmp), source, "-o", tmp / "out")
+    out = tmp / "out" / "wrap-t.mp4"
+    assert_frame_exact(out, source, "25", 150)
+    audio = next(s for s in probe(out)["streams"] if s["codec_type"] == "audio")
+    assert abs(float(audio["duration"]) - 6.0) < 0.05
+
+
 def test_matroska_with_a_start_offset(farm, farm_env):
     """Start 9.98 s: its audio lasts 6 s, whatever the DURATION tag (the track's end) says."""
     tmp = farm_env["tmp"]

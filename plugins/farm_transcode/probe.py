@@ -252,9 +252,10 @@ def _tick(text: str) -> int | None:
 
 
 def _audio_span(stream: dict[str, Any], packets: list[Packet], container: dict[str, Any]) -> tuple[float, float]:
-    """An audio track's start and length in seconds: the container's own length where it
-    keeps one (an mp4 edit list leaves out priming and padding), else from its packets
-    (a Matroska DURATION tag is the track's end), else what the header says."""
+    """An audio track's start and length in seconds: an mp4/mov track's own length (its
+    edit list leaves out priming and padding), else from its packets (a Matroska DURATION
+    tag is the track's end; an MPEG-TS header's length is a guess, wrong across a
+    timestamp wrap), else what the header says."""
     start = _seconds(stream.get("start_time"))
     tb = parse_rate(stream.get("time_base") or "1/1000")
     ends = [pts + (_tick(duration) or 0) for pts, duration in
@@ -265,7 +266,7 @@ def _audio_span(stream: dict[str, Any], packets: list[Packet], container: dict[s
     times = [_tick(p[0]) for p in packets if _tick(p[0]) is not None]
     if _restart(times, tb) is not None:  # timestamps start again: the packets, one after the other
         return start or 0.0, float(sum(_tick(p[2]) or 0 for p in packets if "D" not in p[3]) * tb)
-    if _seconds(stream.get("duration")) is not None:  # the container's own (an mp4 edit list's)
+    if "mov" in str(container.get("format_name", "")).split(",") and _seconds(stream.get("duration")) is not None:
         return start or 0.0, _seconds(stream.get("duration")) or 0.0
     if start is None:
         firsts = [_tick(p[0]) for p in packets if _tick(p[0]) is not None]
