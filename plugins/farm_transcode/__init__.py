@@ -7,23 +7,28 @@ Plan
     frame count, the keyframes, and whether the frame rate is constant. The video is cut
     into segments of about ``segment.seconds`` (default 10) on frame boundaries; a
     source shorter than two segments, ``segmented: false`` (two-pass encodes) or a
-    variable-frame-rate source (unless ``vfr: convert``) is one segment. The audio is one
-    more segment, encoded once over the whole duration, so nothing clicks or drifts at
-    the joins.
+    variable-frame-rate source (unless ``vfr: convert``) is one segment, and so is a
+    source whose timestamps cannot place a cut (they start again, or frames have none),
+    read straight through with the reason in the plan. The audio is one more segment,
+    encoded once over the whole duration, so nothing clicks or drifts at the joins.
 
 Run (per video segment)
-    Exactly the segment's frames: the node seeks to just before the segment, keeps the
-    source's own timestamps, and a ``trim`` on presentation timestamps picks the frames
-    (for a frame-rate change, the same on the new rate's grid, after ``fps``). The
-    encoder starts afresh, so the first frame is a keyframe. Threads per encoder are
-    the node's cores divided by its slots. The frames written are counted before the
-    segment is reported done.
+    Exactly the segment's frames: the node seeks to before the keyframe the segment
+    needs (an indexed demuxer onto it; MPEG-TS and other demuxers that land on the next
+    keyframe well before it), keeps the source's own timestamps, and a ``trim`` on
+    presentation timestamps picks the frames (for a frame-rate change, the same on the
+    new rate's grid, after ``fps``). A seek that still lands late is redone from the
+    beginning. The encoder starts afresh, so the first frame is a keyframe. Threads per
+    encoder are the node's cores divided by its slots. The frames written are counted
+    before the segment is reported done.
 
 Assemble
-    The segments are joined with ffmpeg's concat demuxer (stream copy), the audio, text
-    subtitles, metadata and chapters are added, and the result is written under a
-    temporary name in the destination, checked with ffprobe (frame count, durations,
-    audio against video) and only then renamed to its name.
+    The segments are joined with ffmpeg's concat demuxer (stream copy), the audio (placed
+    by its own timestamps, so an encoder's priming falls before the source's first
+    sample), text subtitles, metadata and chapters are added, and the result is written
+    under a temporary name in the destination, checked with ffprobe (frame count,
+    durations, audio against video), its sound matched against the source's (see
+    ``sync``; joined again, corrected, when a muxer moved it), and only then renamed.
 """
 
 from __future__ import annotations
