@@ -7,26 +7,32 @@ Plan
     frame count, the keyframes, and whether the frame rate is constant. The video is cut
     into segments of about ``segment.seconds`` (default 10) on frame boundaries; a
     source shorter than two segments, ``segmented: false`` (two-pass encodes) or a
-    variable-frame-rate source (unless ``vfr: convert``) is one segment. The audio is one
-    more segment, encoded once over the whole duration, so nothing clicks or drifts at
-    the joins. What the encode changes in the picture (bit depth, chroma, alpha,
-    fields, colour and HDR metadata, timecode) is decided once for the job from the
-    profile's policies (see ``policy``); every video segment carries that decision and
-    the first one's label says it, so ``farm plan`` shows it.
+    variable-frame-rate source (unless ``vfr: convert``) is one segment, and so is a
+    source whose timestamps cannot place a cut (they start again, or frames have none),
+    read straight through with the reason in the plan. The audio is one more segment,
+    encoded once over the whole duration, so nothing clicks or drifts at the joins. What
+    the encode changes in the picture (bit depth, chroma, alpha, fields, colour and HDR
+    metadata, timecode) is decided once for the job from the profile's policies (see
+    ``policy``); every video segment carries that decision and the first one's label
+    says it, so ``farm plan`` shows it.
 
 Run (per video segment)
-    Exactly the segment's frames: the node seeks to just before the segment, keeps the
-    source's own timestamps, and a ``trim`` on presentation timestamps picks the frames
-    (for a frame-rate change, the same on the new rate's grid, after ``fps``). The
-    encoder starts afresh, so the first frame is a keyframe. Threads per encoder are
-    the node's cores divided by its slots. The frames written are counted before the
-    segment is reported done.
+    Exactly the segment's frames: the node seeks to before the keyframe the segment
+    needs (an indexed demuxer onto it; MPEG-TS and other demuxers that land on the next
+    keyframe well before it), keeps the source's own timestamps, and a ``trim`` on
+    presentation timestamps picks the frames (for a frame-rate change, the same on the
+    new rate's grid, after ``fps``). A seek that still lands late is redone from the
+    beginning. The encoder starts afresh, so the first frame is a keyframe. Threads per
+    encoder are the node's cores divided by its slots. The frames written are counted
+    before the segment is reported done.
 
 Assemble
-    The segments are joined with ffmpeg's concat demuxer (stream copy), the audio, text
-    subtitles, metadata and chapters are added, and the result is written under a
-    temporary name in the destination, checked with ffprobe (frame count, durations,
-    audio against video) and only then renamed to its name.
+    The segments are joined with ffmpeg's concat demuxer (stream copy), the audio (placed
+    by its own timestamps, so an encoder's priming falls before the source's first
+    sample), text subtitles, metadata and chapters are added, and the result is written
+    under a temporary name in the destination, checked with ffprobe (frame count,
+    durations, audio against video), its sound matched against the source's (see
+    ``sync``; joined again, corrected, when a muxer moved it), and only then renamed.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
+import math
 import os
 import re
 import shutil
@@ -50,7 +57,7 @@ from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
 
-from farm_transcode import ffmpeg_io
+from farm_transcode import ffmpeg_io, sync
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
 from farm_transcode.policy import decide
 from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output, probe_source
@@ -58,10 +65,20 @@ from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSet
 from farm_transcode.verify import Expected, problems
 
 DEFAULT_SECONDS = 10.0
+#: A sound measured this far from the source's timing at assembly is joined again, corrected.
+SYNC_CORRECTED = 0.0004
 DEFAULT_OUTPUT = "{stem}-{profile}.{ext}"
-#: Common rates a variable-frame-rate source is converted to when the profile names none.
+#: Common rates: a variable rate whose average is within 0.2 % of one is converted to it.
 COMMON_RATES = [Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30),
                 Fraction(50), Fraction(60000, 1001), Fraction(60)]
+
+
+def average_rate(average: Fraction) -> Fraction:
+    """The constant rate a variable-rate source becomes when the profile names none: its
+    average to a hundredth of a frame a second (a phone's 29.96 is its nominal 29.97; a
+    30+15 fps clip's 22.5 stays 22.5)."""
+    near = min(COMMON_RATES, key=lambda r: abs(r - average))
+    return near if abs(near - average) <= average / 500 else Fraction(round(average * 100), 100)
 
 
 #: A line of the report ``-progress pipe:1`` mixes into ffmpeg's output (frame=12, progress=end).
@@ -89,22 +106,36 @@ def run_ffmpeg(context: Context, argv: list[str], on_line: Callable[[str], None]
     return result
 
 
-def seek_point(seconds: float, first: int, source: Any | None) -> float:
-    """Where a node seeks before decoding a segment that starts at ``seconds``.
+#: Demuxers that seek through an index to the last keyframe at or before a point. Others
+#: (MPEG-TS/M2TS, MPEG-PS, raw streams) search the file by timestamps and land on the first
+#: keyframe at or after the point, judged by decoding time.
+INDEXED_DEMUXERS = frozenset({"mov", "matroska", "avi", "mxf", "flv", "nut", "asf", "ivf"})
 
-    ffmpeg seeks to the last keyframe at or before the point, and ``trim`` drops what
-    comes before the segment. When the segment starts on a source keyframe that has no
-    other keyframe just after it, seek right onto it (nothing is decoded in vain);
-    otherwise a little before, since a demuxer may index keyframes by decoding time,
-    which runs a few frames ahead of presentation.
+
+def seek_point(needed: int, source: Any, start: float, demuxer: str) -> float | None:
+    """Where a node seeks (seconds from the container's start, as ``-ss`` counts) before
+    decoding a segment whose first source frame has the timestamp ``needed``; None: read
+    from the beginning.
+
+    Decoding starts at a keyframe and ``trim`` drops what comes before the segment, so
+    landing early only costs time, while landing late loses frames. An indexed demuxer
+    seeks right onto a segment that starts on a keyframe with no other keyframe just after
+    it (nothing is decoded in vain), otherwise a little before, since it may index
+    keyframes by decoding time, which runs a few frames ahead of presentation. Any other
+    demuxer is aimed well before the keyframe the segment needs.
     """
-    frame = 1 / float(source.fps) if source is not None else 0.04
-    if source is not None:
-        at = bisect.bisect_left(source.keyframes, first)
-        on_keyframe = at < len(source.keyframes) and source.keyframes[at] == first
-        following = source.keyframes[at + 1] if at + 1 < len(source.keyframes) else None
-        if on_keyframe and (following is None or following - first > 4):
-            return seconds + frame / 4
+    frame = 1 / float(source.fps)
+    tb = source.tb
+    keyframes = [source.pts[k] for k in source.keyframes] if source.pts else []
+    at = bisect.bisect_right(keyframes, needed) - 1
+    if at <= 0 or keyframes[at] <= source.start_pts:
+        return None  # the first keyframe: nothing to skip
+    if demuxer not in INDEXED_DEMUXERS:
+        return max(0.0, float(keyframes[at] * tb) - start - max(0.5, 8 * frame))
+    seconds = float(needed * tb) - start
+    following = keyframes[at + 1] if at + 1 < len(keyframes) else None
+    if keyframes[at] == needed and (following is None or float((following - needed) * tb) > 4 * frame):
+        return seconds + frame / 4
     return max(0.0, seconds - max(0.1, 3 * frame))
 
 
@@ -189,13 +220,22 @@ class TranscodeProcessor(Processor):
         assert video is not None and source is not None
         tb = source.tb
         wanted = parse_rate(video.fps) if video.fps else None
+        if source.uncut is not None:
+            # Cutting needs timestamps that place every frame once; read straight through,
+            # as one ffmpeg process would.
+            rate = wanted or source.fps
+            params = {"kind": "video", "mode": "straight", "first": 0, "count": source.frames,
+                      "rate": f"{rate.numerator}/{rate.denominator}", "video_start": float(source.start_pts * tb),
+                      "facts": summary}
+            label = frame_label(0, source.frames, rate, f"one segment, read straight through: {source.uncut}")
+            return [SegmentPlan(label=label, params=params)]
         if source.vfr and settings.vfr == "single" and wanted is None:
             params = {"kind": "video", "mode": "passthrough", "first": 0, "count": source.frames,
                       "rate": source.rate, "video_start": float(source.start_pts * tb), "facts": summary}
             label = frame_label(0, source.frames, source.fps, "variable frame rate: one segment, timing kept")
             return [SegmentPlan(label=label, params=params)]
         if source.vfr:
-            rate = wanted or min(COMMON_RATES, key=lambda r: abs(r - source.fps))
+            rate = wanted or average_rate(source.fps)
         else:
             rate = wanted or source.fps
         mode = "exact" if rate == source.fps and not source.vfr else "rate"
@@ -224,16 +264,17 @@ class TranscodeProcessor(Processor):
                 params["start_pts"] = source.pts[first] if first else None
                 params["end_pts"] = source.pts[last] if last < total else None
                 params["video_start"] = float(source.start_pts * tb)
-                start_seconds = float(source.pts[first] * tb) - facts.start
             else:
                 # The same on the new rate's grid (its time base is 1/rate after fps).
                 params["start_pts"] = origin + first if first else None
                 params["end_pts"] = origin + last if last < total else None
                 params["shift"] = facts.start
                 params["video_start"] = facts.start + float(origin / rate)
-                start_seconds = float((origin + first) / rate)
             if first:
-                params["seek"] = seek_point(start_seconds, first, source if mode == "exact" else None)
+                # The timestamp of the first source frame the segment needs.
+                needed = source.pts[first] if mode == "exact" else \
+                    math.floor((facts.start + (origin + first - 1) / rate) / tb)
+                params["seek"] = seek_point(needed, source, facts.start, facts.demuxer)
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
             if source.vfr and mode == "rate":
                 note = f"variable frame rate converted to {float(rate):.3f} fps"
@@ -266,6 +307,27 @@ class TranscodeProcessor(Processor):
                 done = int(line[6:].strip() or 0)
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
+        found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line)
+        if frames != count and params.get("seek") is not None:
+            # The demuxer's seek landed after the segment's first frame: read from the
+            # beginning instead (slower, always exact).
+            context.logger.warning("segment %s: seeking to %.3f s gave %d frames instead of %d; reading the source "
+                                   "from its beginning", segment.label, params["seek"], frames, count)
+            params = {**params, "seek": None}
+            found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line)
+        streams = found.of_type("video")
+        if frames != count:
+            raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
+                                 "the source may be damaged at that point")
+        context.progress(1.0, f"{count} frames")
+        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
+                "duration": found.duration(streams[0]), "params": params}
+
+    @staticmethod
+    def _encode_video(context: Context, facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any],
+                      out: Path, threads: int, on_line: Callable[[str], None]) -> tuple[Any, int]:
+        """Encode one video segment; what ffprobe finds in it, and its frame count."""
+        assert settings.video is not None
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
@@ -276,13 +338,7 @@ class TranscodeProcessor(Processor):
         run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")
-        frames = found.frames(streams[0]) if streams else 0
-        if frames != count:
-            raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
-                                 "the source may be damaged at that point")
-        context.progress(1.0, f"{count} frames")
-        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
-                "duration": found.duration(streams[0]), "params": params}
+        return found, found.frames(streams[0]) if streams else 0
 
     def _run_audio(self, segment: Segment, context: Context, facts: SourceFacts, settings: TranscodeSettings,
                    ext: str) -> dict[str, Any]:
@@ -301,7 +357,10 @@ class TranscodeProcessor(Processor):
         tracks = found.of_type("audio")
         if len(tracks) != len(streams):
             raise ProcessorError(f"the audio came out with {len(tracks)} track(s) instead of {len(streams)}")
-        return {"kind": "audio", "file": str(out), "label": segment.label,
+        # Where the file's timeline starts (an encoder's priming included), which ffmpeg
+        # counts from when it reads the file at assembly.
+        start = float(found.format.get("start_time") or 0.0)
+        return {"kind": "audio", "file": str(out), "label": segment.label, "start": start,
                 "durations": [found.duration(t) for t in tracks], "params": segment.params}
 
     # -- verify and assemble ----------------------------------------------------------------
@@ -339,19 +398,43 @@ class TranscodeProcessor(Processor):
             pieces_list = [(Path(r["file"]), None if r["params"]["mode"] == "passthrough"
                             else r["params"]["count"] / parse_rate(r["params"]["rate"])) for r in videos]
             video_list.write_text(ffmpeg_io.concat_list(pieces_list), encoding="utf-8")
-        offset = expected.av_offset
+        offset = video_offset = 0.0
+        if audio is not None and videos:
+            # The audio file's timestamps count from the source's start, encoder priming
+            # included; reading it, ffmpeg starts it at its own first timestamp. Shifted by
+            # this, each of its samples lands where it was in the source, against the video's
+            # first frame. Sound that starts before the picture moves the picture instead.
+            lead = ffmpeg_io.AUDIO_LEAD if "start" in audio else 0.0  # "start": made with the lead
+            video_start = videos[0]["params"]["video_start"]
+            offset = audio.get("start", 0.0) - lead + facts.start - video_start
+            sound = min((a.start for a in facts.audio if a.index in audio["params"]["streams"]), default=video_start)
+            video_offset = max(0.0, video_start - sound)
+            offset += video_offset
+        start_timecode = (videos[0]["params"].get("picture") or {}).get("timecode") if videos else None
         # Joined straight into the staging folder on the destination's disk: delivering is a rename.
         with Delivery(job, claim=context.claim) as delivery:
             delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
             temporary = delivery.staged(target)
-            run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
-                                              audio_file=Path(audio["file"]) if audio else None,
-                                              audio_streams=audio["params"]["streams"] if audio else [],
-                                              audio_offset=offset,
-                                              timecode=(videos[0]["params"].get("picture") or {}).get("timecode")
-                                              if videos else None),
-                       cwd=context.scratch)
-            found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
+
+            def join(offset: float) -> Any:
+                run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
+                                                  audio_file=Path(audio["file"]) if audio else None,
+                                                  audio_streams=audio["params"]["streams"] if audio else [],
+                                                  audio_offset=offset, video_offset=video_offset,
+                                                  timecode=start_timecode),
+                           cwd=context.scratch)
+                found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
+                if audio is not None and videos and job.input is not None:
+                    found.audio_lag = sync.lag(job.input, facts.demuxer, audio["params"]["streams"][0], temporary,
+                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG)
+                return found
+
+            found = join(offset)
+            if found.audio_lag is not None and abs(found.audio_lag) > SYNC_CORRECTED:
+                # A muxer's own handling of an encoder's delay (Opus in Matroska) can move
+                # the sound: joined again with the difference taken off.
+                context.logger.info("the sound played %+.2f ms off the source's; joining again", found.audio_lag * 1000)
+                found = join(offset - found.audio_lag)
             wrong = problems(found, expected)
             if wrong:
                 raise ProcessorError(f"the joined output failed verification, so it was not delivered: {'; '.join(wrong)}")
@@ -373,7 +456,7 @@ class TranscodeProcessor(Processor):
                                          f"starts at frame {start}")
                 position = start + count
             expected.video_frames = frames
-            if first["mode"] == "rate":
+            if first["mode"] in ("rate", "straight"):
                 expected.video_duration = float(frames / rate)
             else:
                 expected.video_duration = facts.video.duration

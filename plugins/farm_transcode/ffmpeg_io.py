@@ -126,7 +126,9 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     rate = parse_rate(params["rate"])
     # The source's own timestamps throughout (-copyts): trim compares them with the ones
     # planning read. Seeking is only a shortcut to a keyframe before the segment.
-    input_options: dict[str, Any] = {"threads": threads, "copyts": None}
+    input_options: dict[str, Any] = {"threads": threads}
+    if mode != "straight":  # straight: ffmpeg's own timing, which mends timestamps that start again
+        input_options["copyts"] = None
     if params.get("seek"):
         input_options.update(ss=f"{params['seek']:.6f}", noaccurate_seek=None)
     stream = _source(facts, **input_options)[str(facts.video.index)]
@@ -170,11 +172,21 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     return _compile(ffmpeg.output(stream, str(out), **options))
 
 
+#: Seconds added to the audio file's timestamps. An encoder's priming (AAC's 1024
+#: samples, Opus's pre-skip, LAME's delay) is placed before the first sample, at a negative
+#: time where the source starts with its audio, and a muxer that cannot store negative times
+#: (Matroska) would shift the track, moving every sample late by the priming. With this lead
+#: nothing is negative, and assembly takes it back off.
+AUDIO_LEAD = 10.0
+
+
 def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:
-    """Encode the chosen audio tracks once, over the whole duration, into one file."""
+    """Encode the chosen audio tracks once, over the whole duration, into one file whose
+    timestamps are the source's, counted from the source's start, plus ``AUDIO_LEAD``."""
     source = _source(facts)
     chosen = [source[str(index)] for index in streams]
-    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": box.muxer}
+    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": box.muxer,
+                               "output_ts_offset": f"{AUDIO_LEAD:g}"}
     if audio.bitrate:
         options["b:a"] = audio.bitrate
     if audio.channels:
@@ -200,26 +212,29 @@ def concat_list(files: list[tuple[Path, Fraction | None]]) -> str:
 
 def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_list: Path | None,
         audio_file: Path | None, audio_streams: list[int] | None = None, audio_offset: float = 0.0,
-        timecode: str | None = None) -> list[str]:
+        video_offset: float = 0.0, timecode: str | None = None) -> list[str]:
     """Join the video segments (no re-encoding), add the audio, keep subtitles and metadata.
 
     Written out by hand: ffmpeg-python cannot open an input only for its metadata.
     ``audio_streams`` are the source streams the audio file's tracks were made from;
-    ``audio_offset`` is how much later the audio starts than the video in the source;
-    ``timecode`` the output's start timecode (mp4 and mov write it as a timecode track).
+    ``audio_offset`` is where the audio file's first timestamp goes against the video's
+    first frame, ``video_offset`` where that frame goes: a negative audio time is an
+    encoder's priming, which an mp4 edit list hides and a Matroska muxer shifts with the
+    video; sound before the picture is kept by moving the video later instead.
+    ``timecode`` is the output's start timecode (mp4 and mov write it as a timecode track).
     """
     box = settings.box
     argv = [FFMPEG, *_GLOBAL]
     maps: list[str] = []
     inputs = 0
     if video_list is not None:
-        if audio_offset < 0:
-            argv += ["-itsoffset", f"{-audio_offset:.6f}"]
+        if video_offset > 0:
+            argv += ["-itsoffset", f"{video_offset:.6f}"]
         argv += ["-f", "concat", "-safe", "0", "-protocol_whitelist", "file", "-i", str(video_list)]
         maps += ["-map", f"{inputs}:v:0"]
         inputs += 1
     if audio_file is not None:
-        if audio_offset > 0 and video_list is not None:
+        if audio_offset and video_list is not None:
             argv += ["-itsoffset", f"{audio_offset:.6f}"]
         argv += ["-protocol_whitelist", "file", "-i", str(audio_file)]
         maps += ["-map", f"{inputs}:a"]

@@ -1,8 +1,9 @@
 """What a source holds, from ffprobe: streams, frame rate, frame count, keyframes.
 
-Planning probes twice: the container and its streams, then every video packet's
-timestamp (demuxing only, no decoding), which gives the exact frame count, where the
-keyframes are, and whether the frame rate is constant. A file that is empty, is a
+Planning probes twice: the container and its streams, then every video and audio
+packet's timestamp (demuxing only, no decoding), which gives the exact frame count, where
+the keyframes are, whether the frame rate is constant, and where each track starts and
+ends. A file that is empty, is a
 playlist or a concat list, cannot be read, or is cut short is refused with a reason.
 """
 
@@ -67,6 +68,7 @@ class VideoFacts:
     light: dict[str, int] | None = None  # max_content, max_average (cd/m²)
     timecode: str | None = None  # the start timecode, 01:00:00:00 (01:00:00;00 drop-frame)
     rotation: int = 0  # degrees, as ffprobe reports the display matrix (-90: shown turned)
+    uncut: str | None = None  # why its timestamps cannot place a cut (it is then read straight through)
 
     @property
     def fps(self) -> Fraction:
@@ -214,39 +216,86 @@ def probe_source(path: Path) -> SourceFacts:
     streams = data.get("streams") or []
     if not streams:
         raise PlanError(f"{path.name} has no streams ({container.get('format_long_name') or format_name})")
-    video = None
-    for stream in streams:
-        if stream.get("codec_type") == "video" and not (stream.get("disposition") or {}).get("attached_pic"):
-            video = _video_facts(path, stream, container)
-            _picture_facts(path, video, stream, data)
-            break
-    audio = [
-        AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name", "?")), channels=int(s.get("channels") or 0),
-                   start=_seconds(s.get("start_time")) or 0.0,
-                   duration=stream_duration(s, container) or 0.0,
-                   language=(s.get("tags") or {}).get("language"))
-        for s in streams if s.get("codec_type") == "audio"
-    ]
+    picture = next((s for s in streams if s.get("codec_type") == "video"
+                    and not (s.get("disposition") or {}).get("attached_pic")), None)
+    sounds = [s for s in streams if s.get("codec_type") == "audio"]
+    packets = _packets(path, [s for s in (picture, *sounds) if s is not None])
+    video = _video_facts(path, picture, packets.get(int(picture["index"]), [])) if picture is not None else None
+    if video is not None:
+        _picture_facts(path, video, picture, data)
+    audio = []
+    for s in sounds:
+        start, duration = _audio_span(s, packets.get(int(s["index"]), []), container)
+        audio.append(AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name", "?")),
+                                channels=int(s.get("channels") or 0), start=start, duration=duration,
+                                language=(s.get("tags") or {}).get("language")))
     subtitles = [SubtitleFacts(int(s["index"]), str(s.get("codec_name", "?")), s.get("codec_name") in TEXT_SUBTITLES)
                  for s in streams if s.get("codec_type") == "subtitle"]
     return SourceFacts(path=str(path), demuxer=format_name.split(",")[0], start=_seconds(container.get("start_time")) or 0.0,
                        duration=_seconds(container.get("duration")) or 0.0, video=video, audio=audio, subtitles=subtitles)
 
 
-def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) -> VideoFacts:
-    index = int(stream["index"])
-    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(index),
-                     "-show_entries", "packet=pts,dts,duration,flags", "-of", "csv=p=0", str(path)])
+#: One packet as planning reads it: its stream's fields ``pts,dts,duration,flags`` as text.
+Packet = list[str]
+
+
+def _packets(path: Path, streams: list[dict[str, Any]]) -> dict[int, list[Packet]]:
+    """Every packet of the video and audio streams, in file order, from one read of the file
+    (demuxing only): the timestamps that say where frames are and where each track starts
+    and ends, whatever the container's header claims (a Matroska DURATION tag is the
+    track's end, not its length)."""
+    if not streams:
+        return {}
+    wanted = {int(s["index"]) for s in streams}
+    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_entries",
+                     "packet=stream_index,pts,dts,duration,flags", "-of", "csv=p=0", str(path)])
     problems = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode != 0 or problems:
         raise PlanError(f"{path.name} cannot be read to the end; it may be truncated or damaged: "
                         f"{last_error(proc.stderr, path)}")
-    packets = []
-    discarded = untimed = 0
+    found: dict[int, list[Packet]] = {index: [] for index in wanted}
     for line in proc.stdout.splitlines():
         parts = line.split(",")
-        if len(parts) < 4 or "D" in parts[3]:  # discarded packets (edit lists) are never shown
-            discarded += len(parts) >= 4
+        if len(parts) < 5 or not parts[0].isdigit() or int(parts[0]) not in wanted:
+            continue
+        found[int(parts[0])].append(parts[1:5])
+    return found
+
+
+def _tick(text: str) -> int | None:
+    return int(text) if text not in ("", "N/A") else None
+
+
+def _audio_span(stream: dict[str, Any], packets: list[Packet], container: dict[str, Any]) -> tuple[float, float]:
+    """An audio track's start and length in seconds: an mp4/mov track's own length (its
+    edit list leaves out priming and padding), else from its packets (a Matroska DURATION
+    tag is the track's end; an MPEG-TS header's length is a guess, wrong across a
+    timestamp wrap), else what the header says."""
+    start = _seconds(stream.get("start_time"))
+    tb = parse_rate(stream.get("time_base") or "1/1000")
+    ends = [pts + (_tick(duration) or 0) for pts, duration in
+            ((_tick(p[0]) if _tick(p[0]) is not None else _tick(p[1]), p[2]) for p in packets if "D" not in p[3])
+            if pts is not None]
+    if not ends:
+        return start or 0.0, stream_duration(stream, container) or 0.0
+    times = [_tick(p[0]) for p in packets if _tick(p[0]) is not None]
+    if _restart(times, tb) is not None:  # timestamps start again: the packets, one after the other
+        return start or 0.0, float(sum(_tick(p[2]) or 0 for p in packets if "D" not in p[3]) * tb)
+    if "mov" in str(container.get("format_name", "")).split(",") and _seconds(stream.get("duration")) is not None:
+        return start or 0.0, _seconds(stream.get("duration")) or 0.0
+    if start is None:
+        firsts = [_tick(p[0]) for p in packets if _tick(p[0]) is not None]
+        start = float(min(firsts) * tb) if firsts else 0.0
+    return start, max(0.0, float(max(ends) * tb) - start)
+
+
+def _video_facts(path: Path, stream: dict[str, Any], rows: list[Packet]) -> VideoFacts:
+    index = int(stream["index"])
+    packets = []
+    discarded = untimed = 0
+    for parts in rows:
+        if "D" in parts[3]:  # discarded packets (edit lists) are never shown
+            discarded += 1
             continue
         pts = parts[0] if parts[0] not in ("", "N/A") else parts[1]
         if pts in ("", "N/A"):
@@ -263,12 +312,21 @@ def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) 
     if not packets:
         raise PlanError(f"{path.name}: its video stream has no frames")
     declared = stream.get("nb_frames")
-    if declared not in (None, "N/A") and int(declared) > len(packets):
+    if declared not in (None, "N/A") and int(declared) > len(packets) + discarded + untimed:
         raise PlanError(f"{path.name} looks truncated or damaged: its header says {declared} frames, "
-                        f"{len(packets)} can be read")
+                        f"{len(packets) + discarded + untimed} can be read")
+    tb = parse_rate(stream.get("time_base") or "1/1000")
+    restart = _restart([p for p, _, _ in packets], tb)
+    uncut = None
+    if restart is not None:
+        uncut = f"its timestamps start again at frame {restart + 1} (a joined or looped recording)"
+        untimed_total = len(packets) + untimed
+        packets = packets[:restart]  # the timing of the first run; the frames are all counted
+    elif untimed:
+        uncut = f"{untimed} of its frames carry no timestamp"
+        untimed_total = len(packets) + untimed
     packets.sort()
     pts = [p for p, _, _ in packets]
-    tb = parse_rate(stream.get("time_base") or "1/1000")
     deltas = [b - a for a, b in zip(pts, pts[1:])]
     declared_rate = _rate(stream.get("r_frame_rate")) or _rate(stream.get("avg_frame_rate"))
     if deltas:
@@ -304,10 +362,26 @@ def _video_facts(path: Path, stream: dict[str, Any], container: dict[str, Any]) 
         raise PlanError(f"{path.name}: its frame rate of {float(rate):.6g} fps (from its header and timestamps) is "
                         f"not plausible (expected one frame an hour to {MAX_RATE} fps); the file may be damaged")
     keyframes = [i for i, (_, _, key) in enumerate(packets) if key]
+    frames = len(pts)
+    if uncut is not None:  # every frame, one after the other at the rate of the first run
+        frames, vfr, keyframes = untimed_total, False, []
+        duration = float(frames / rate)
     return VideoFacts(index=index, codec=str(stream.get("codec_name", "?")), width=width,
                       height=height, time_base=f"{tb.numerator}/{tb.denominator}",
-                      rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=len(pts), start_pts=pts[0], last_pts=pts[-1], end_pts=end_pts,
-                      duration=duration, pts=pts, keyframes=keyframes)
+                      rate=f"{rate.numerator}/{rate.denominator}", vfr=vfr, frames=frames, start_pts=pts[0],
+                      last_pts=pts[-1], end_pts=end_pts, duration=duration, pts=pts, keyframes=keyframes, uncut=uncut)
+
+
+def _restart(times: list[int], tb: Fraction) -> int | None:
+    """The position (in file order) where timestamps jump back by more than a second: a
+    recording joined to another or looped, or a timestamp wrap the demuxer did not undo.
+    Frames are stored a few ahead of when they are shown, never a second."""
+    latest = None
+    for position, pts in enumerate(times):
+        if latest is not None and (latest - pts) * tb > 1:
+            return position
+        latest = pts if latest is None else max(latest, pts)
+    return None
 
 
 _UNKNOWN = {None, "", "unknown", "unspecified", "reserved", "N/A"}
@@ -385,6 +459,8 @@ class OutputFacts:
     format: dict[str, Any]
     streams: list[dict[str, Any]]
     video_span: float | None = None  # seconds from the first frame's start to the last one's
+    ends: dict[int, float] = field(default_factory=dict)  # stream index -> its last packet's end, seconds
+    audio_lag: float | None = None  # seconds the first audio track plays later than the source's (sync.lag)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [s for s in self.streams if s.get("codec_type") == kind]
@@ -393,6 +469,12 @@ class OutputFacts:
         return int(stream.get("nb_read_packets") or 0)
 
     def duration(self, stream: dict[str, Any]) -> float:
+        """The stream's own duration where the container keeps one (an mp4 edit list's,
+        which leaves out priming and padding); else from its start to its last packet's
+        end (a Matroska DURATION tag is the end, not the length)."""
+        end = self.ends.get(int(stream.get("index", -1)))
+        if end is not None and _seconds(stream.get("duration")) is None:
+            return max(0.0, end - self.start(stream))
         return stream_duration(stream, self.format) or 0.0
 
     def start(self, stream: dict[str, Any]) -> float:
@@ -418,8 +500,26 @@ def probe_output(path: Path, run: Callable[..., Any], scratch: Path, span: bool 
     """
     data = _ffprobe_json(path, run, scratch, ["-count_packets", "-show_format", "-show_streams"])
     facts = OutputFacts(data.get("format") or {}, data.get("streams") or [])
-    if span and facts.of_type("video"):
-        packets = _ffprobe_json(path, run, scratch, ["-select_streams", "v:0", "-show_entries", "packet=pts_time"])
-        times = [t for t in (_seconds(p.get("pts_time")) for p in packets.get("packets") or []) if t is not None]
+    report = scratch / f"packets-{path.stem}-{os.getpid()}.csv"
+    try:
+        run([FFPROBE, "-hide_banner", "-v", "error", "-show_entries", "packet=stream_index,pts_time,duration_time",
+             "-of", "csv=p=0", "-o", str(report), str(path)])
+        rows = report.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ProcessorError(f"cannot read what ffprobe said about {path.name}: {exc}") from None
+    finally:
+        report.unlink(missing_ok=True)
+    video = facts.of_type("video")
+    video_index = int(video[0]["index"]) if video else None
+    times: list[float] = []
+    for row in rows:
+        parts = row.split(",")
+        if len(parts) < 3 or not parts[0].isdigit() or _seconds(parts[1]) is None:
+            continue
+        index, pts = int(parts[0]), float(parts[1])
+        facts.ends[index] = max(facts.ends.get(index, pts), pts + (_seconds(parts[2]) or 0.0))
+        if index == video_index:
+            times.append(pts)
+    if span and video:
         facts.video_span = max(times) - min(times) if times else 0.0
     return facts

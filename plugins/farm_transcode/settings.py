@@ -72,6 +72,7 @@ AUDIO_ENCODERS: dict[str, str] = {  # encoder -> codec ffprobe reports ("copy": 
     "libopus": "opus",
     "libvorbis": "vorbis",
     "libmp3lame": "mp3",
+    "ac3": "ac3",
     "flac": "flac",
     "pcm_s16le": "pcm_s16le",
     "pcm_s24le": "pcm_s24le",
@@ -90,7 +91,7 @@ class Container(BaseModel):
 
 CONTAINERS: dict[str, Container] = {
     "mp4": Container(muxer="mp4", ext="mp4", video=("h264", "hevc", "av1", "vp9"),
-                     audio=("aac", "libopus", "libmp3lame", "flac", "copy"), subtitles="mov_text", mp4_like=True),
+                     audio=("aac", "libopus", "libmp3lame", "ac3", "flac", "copy"), subtitles="mov_text", mp4_like=True),
     "mov": Container(muxer="mov", ext="mov", video=("h264", "hevc", "prores"),
                      audio=("aac", "pcm_s16le", "pcm_s24le", "copy"), subtitles="mov_text", mp4_like=True),
     "mkv": Container(muxer="matroska", ext="mkv", video=("h264", "hevc", "vp9", "av1", "prores"),
