@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import functools
 import os
 import re
@@ -47,9 +48,9 @@ from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
 
-from farm_transcode import ffmpeg_io
+from farm_transcode import ffmpeg_io, sources
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
-from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output, probe_source
+from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
 from farm_transcode.verify import Expected, problems
 
@@ -133,7 +134,7 @@ class TranscodeProcessor(Processor):
         target = self.target(job)
         if target == job.input.resolve():
             raise PlanError(f"the output {target} would replace the source; change output: or the destination")
-        facts = probe_source(job.input)
+        facts = sources.probe(job.input, settings.video.fps if settings.video else None)
         summary = facts.summary()
         plans: list[SegmentPlan] = []
         if settings.audio is not None and facts.audio:
@@ -151,7 +152,11 @@ class TranscodeProcessor(Processor):
         if facts.video is None:
             raise PlanError(f"{job.input.name} has no video stream, and profile {job.profile.name!r} makes video; "
                             "use an audio-only profile for it")
-        return plans + self._video_plans(job, facts, summary)
+        video_plans = self._video_plans(job, facts, summary)
+        kind = sources.note(facts, settings.video.fps)
+        if kind:  # said once, on the first video segment
+            video_plans[0] = dataclasses.replace(video_plans[0], label=f"{video_plans[0].label}; {kind}")
+        return plans + video_plans
 
     def _audio_streams(self, facts: SourceFacts, settings: TranscodeSettings) -> list[int]:
         assert settings.audio is not None
@@ -249,14 +254,15 @@ class TranscodeProcessor(Processor):
                 done = int(line[6:].strip() or 0)
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
+        reads = sources.reads(facts)  # an image sequence's other frames
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
-                       cwd=context.scratch, on_line=on_line)
+                       cwd=context.scratch, on_line=on_line, read=reads)
             argv = ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 2)
         else:
             argv = ffmpeg_io.video_segment(facts, settings, params, out, threads)
-        run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line)
+        run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line, read=reads)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")
         frames = found.frames(streams[0]) if streams else 0

@@ -17,6 +17,7 @@ import ffmpeg
 
 from farm_transcode.probe import SourceFacts
 from farm_transcode.settings import AudioSettings, Container, TranscodeSettings, VideoSettings, parse_rate
+from farm_transcode.sources import SEQUENCE_DEMUXER, input_for
 
 FFMPEG = "ffmpeg"
 _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-stats_period", "1",
@@ -24,7 +25,8 @@ _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-sta
 
 
 def _source(facts: SourceFacts, **options: Any) -> Any:
-    return ffmpeg.input(facts.path, f=facts.demuxer, protocol_whitelist="file", **options)
+    path, demuxer_options = input_for(facts)
+    return ffmpeg.input(path, f=facts.demuxer, protocol_whitelist="file", **demuxer_options, **options)
 
 
 def _compile(node: Any) -> list[str]:
@@ -190,7 +192,7 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
         inputs += 1
     options = ["-c", "copy"]
     subtitles = [s for s in facts.subtitles if s.text] if settings.subtitles and box.subtitles else []
-    if subtitles or settings.metadata:
+    if (subtitles or settings.metadata) and facts.demuxer != SEQUENCE_DEMUXER:  # images carry no tags
         source = inputs
         argv += ["-f", facts.demuxer, "-protocol_whitelist", "file", "-i", facts.path]
         for position, sub in enumerate(subtitles):
