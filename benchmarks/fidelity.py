@@ -30,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from media_cases import CASES, Case, make  # noqa: E402
+from media_cases import CASES, Case, input_argv, make, psnr  # noqa: E402
 
 FARM = [sys.executable, "-m", "farm.cli"]
 QUIET = ["-hide_banner", "-loglevel", "error", "-nostdin"]
@@ -46,13 +46,6 @@ def gop_frames(gop: Any, rate: str) -> int | None:
         num, _, den = rate.partition("/")
         return max(1, round(float(gop[:-1]) * float(num) / float(den or 1)))
     return int(gop)
-
-
-def input_argv(case: Case, source: Path) -> list[str]:
-    if case.sequence:
-        pattern = re.sub(r"\d+(?=\.[^.]+$)", lambda m: f"%0{len(m.group())}d", source.name)
-        return ["-framerate", case.rate, "-start_number", "1", "-i", str(source.parent / pattern)]
-    return ["-i", str(source)]
 
 
 def plain_argv(case: Case, source: Path, out: Path) -> list[str]:
@@ -161,21 +154,6 @@ def describe(path: Path, case: Case) -> dict[str, Any]:
         "pix_fmt": video.get("pix_fmt", "-"), "field": video.get("field_order", "-"), "colour": colour,
         "timecode": ",".join(sorted(timecodes)) or "-", "size": path.stat().st_size,
     }
-
-
-def psnr(path: Path, source: Path, case: Case, width: int, height: int) -> list[float]:
-    """Per-frame PSNR of ``path`` against the source, both on the source's grid (FACTS)."""
-    grid = f"setpts=PTS-STARTPTS,fps={case.rate},scale={width}:{height},format=yuv444p"
-    stats = path.parent / f"{path.name}.psnr"
-    subprocess.run(["ffmpeg", *QUIET, "-i", str(path), *input_argv(case, source), "-lavfi",
-                    f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats}", "-f", "null", "-"],
-                   capture_output=True, text=True)
-    values = []
-    for line in stats.read_text().splitlines() if stats.exists() else []:
-        found = re.search(r"psnr_avg:(\S+)", line)
-        if found:
-            values.append(100.0 if found.group(1) == "inf" else float(found.group(1)))
-    return values
 
 
 # -- running one case ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ that fit it (10-bit sources through a 10-bit profile, alpha through ProRes 4444,
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -297,6 +298,31 @@ _CASES = [
 ]
 
 CASES: dict[str, Case] = {case.name: case for case in _CASES}
+
+
+def input_argv(case: Case, source: Path) -> list[str]:
+    """How ffmpeg opens a case's source (an image sequence at the case's rate)."""
+    if case.sequence:
+        pattern = re.sub(r"\d+(?=\.[^.]+$)", lambda m: f"%0{len(m.group())}d", source.name)
+        return ["-framerate", case.rate, "-start_number", "1", "-i", str(source.parent / pattern)]
+    return ["-i", str(source)]
+
+
+def psnr(path: Path, source: Path, case: Case, width: int, height: int) -> list[float]:
+    """Per-frame PSNR (dB, 100 for identical) of ``path`` against the source, both put on
+    the source's grid (``fps=RATE`` after their starts are made 0: ffmpeg pairs frames by
+    timestamp) at ``width``x``height`` and compared in yuv444p."""
+    grid = f"setpts=PTS-STARTPTS,fps={case.rate},scale={width}:{height},format=yuv444p"
+    stats = path.parent / f"{path.name}.psnr"
+    subprocess.run([*FFMPEG, "-i", str(path), *input_argv(case, source), "-lavfi",
+                    f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats}", "-f", "null", "-"],
+                   capture_output=True, text=True)
+    values = []
+    for line in stats.read_text().splitlines() if stats.exists() else []:
+        found = re.search(r"psnr_avg:(\S+)", line)
+        if found:
+            values.append(100.0 if found.group(1) == "inf" else float(found.group(1)))
+    return values
 
 
 def make(case: Case, folder: Path) -> Path:
