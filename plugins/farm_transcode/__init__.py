@@ -48,7 +48,7 @@ from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
 
-from farm_transcode import ffmpeg_io, sources
+from farm_transcode import ffmpeg_io, joins, sources
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
 from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
@@ -220,6 +220,12 @@ class TranscodeProcessor(Processor):
                 params["shift"] = facts.start
                 params["video_start"] = facts.start + float(origin / rate)
                 start_seconds = float((origin + first) / rate)
+            # The encoder runs on past the segment's end, and what it made there is dropped (joins.py).
+            tail = joins.tail_frames(video.codec, video.params, last, total, video.gop_frames(rate), float(rate))
+            if tail and len(cuts) > 1:
+                params["tail"] = tail
+                params["tail_end_pts"] = (None if last + tail >= total else
+                                          source.pts[last + tail] if mode == "exact" else origin + last + tail)
             if first:
                 params["seek"] = seek_point(start_seconds, first, source if mode == "exact" else None)
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
@@ -255,14 +261,18 @@ class TranscodeProcessor(Processor):
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
         reads = sources.reads(facts)  # an image sequence's other frames
+        tail = params.get("tail", 0)
+        encoded = context.scratch / f"tailed.{ext}" if tail else out
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
-            run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
+            run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 1),
                        cwd=context.scratch, on_line=on_line, read=reads)
-            argv = ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 2)
+            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 2)
         else:
-            argv = ffmpeg_io.video_segment(facts, settings, params, out, threads)
+            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads)
         run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line, read=reads)
+        if tail:
+            run_ffmpeg(context, ffmpeg_io.keep_frames(settings, params, encoded, out), cwd=context.scratch)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")
         frames = found.frames(streams[0]) if streams else 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import ffmpeg
 
+from farm_transcode import joins
 from farm_transcode.probe import SourceFacts
 from farm_transcode.settings import AudioSettings, Container, TranscodeSettings, VideoSettings, parse_rate
 from farm_transcode.sources import SEQUENCE_DEMUXER, input_for
@@ -111,6 +112,10 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
         stream = stream.filter("fps", fps=params["rate"])
     trim = {key: params[name] for key, name in (("start_pts", "start_pts"), ("end_pts", "end_pts"))
             if params.get(name) is not None}
+    if "tail_end_pts" in params:  # the encoder runs on past the segment's end (joins.py)
+        trim.pop("end_pts", None)
+        if params["tail_end_pts"] is not None:
+            trim["end_pts"] = params["tail_end_pts"]
     if trim:
         stream = stream.filter("trim", **trim)
     stream = stream.filter("setpts", "PTS-STARTPTS")
@@ -122,6 +127,7 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if gop:
         options["g"] = gop
     options.update({"frames:v": params["count"], "an": None, "sn": None, "dn": None, "map_metadata": "-1"})
+    options.update(joins.encoder_options(params["count"], params.get("tail", 0)))
     if mode == "passthrough":  # every frame keeps its own time, in the source's time base
         options.update({"fps_mode": "passthrough", "enc_time_base": facts.video.time_base})
     else:
@@ -136,6 +142,13 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
         options["video_track_timescale"] = timescale(rate)
     options["f"] = box.muxer
     return _compile(ffmpeg.output(stream, str(out), **options))
+
+
+def keep_frames(settings: TranscodeSettings, params: dict[str, Any], encoded: Path, out: Path) -> list[str]:
+    """A segment encoded with a tail (joins.py), cut back to its own frames by stream copy."""
+    box = settings.box
+    scale = timescale(parse_rate(params["rate"])) if box.mp4_like and params["mode"] != "passthrough" else None
+    return joins.keep(FFMPEG, encoded, out, params["count"], box.muxer, scale, _GLOBAL)
 
 
 def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:
