@@ -35,10 +35,12 @@ def run(argv: list[str]) -> None:
     subprocess.run(argv, check=True)
 
 
-def psnr(path: Path, source: Path) -> list[float]:
+def psnr(path: Path, source: Path, rate: int) -> list[float]:
+    """Per-frame PSNR against the source, both on the source's grid (FACTS)."""
     stats = path.with_suffix(".psnr")
+    grid = f"setpts=PTS-STARTPTS,fps={rate}"
     run([*QUIET, "-i", str(path), "-i", str(source), "-lavfi",
-         f"[0:v]setpts=PTS-STARTPTS[a];[1:v]setpts=PTS-STARTPTS[b];[a][b]psnr=stats_file={stats}", "-f", "null", "-"])
+         f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats}", "-f", "null", "-"])
     return [float(m.group(1)) for m in re.finditer(r"psnr_avg:([\d.]+)", stats.read_text())]
 
 
@@ -97,7 +99,7 @@ def main() -> None:
         started = time.perf_counter()
         run([*QUIET, "-i", str(source), *encode_options(args, args.segment), str(single)])
         single_wall = time.perf_counter() - started
-        reference = psnr(single, source)
+        reference = psnr(single, source, args.rate)
         cuts = list(range(args.segment, total, args.segment))
         print(f"{args.seconds} s {args.size} @ {args.rate}, x264 crf {args.crf:g} {args.preset}, "
               f"{len(cuts)} cuts every {args.segment} frames; single encode {single.stat().st_size} bytes, "
@@ -111,7 +113,7 @@ def main() -> None:
             started = time.perf_counter()
             joined = segmented(args, source, folder, total, int(options.get("pre", 0)), int(options.get("post", 0)))
             wall = time.perf_counter() - started
-            ours = psnr(joined, source)
+            ours = psnr(joined, source, args.rate)
             assert len(ours) == total, f"{variant}: {len(ours)} frames, expected {total}"
             loss = [r - o for r, o in zip(reference, ours)]
             before = [loss[c - 1] for c in cuts]

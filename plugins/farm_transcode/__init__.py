@@ -220,14 +220,20 @@ class TranscodeProcessor(Processor):
                 params["shift"] = facts.start
                 params["video_start"] = facts.start + float(origin / rate)
                 start_seconds = float((origin + first) / rate)
-            # The encoder runs on past the segment's end, and what it made there is dropped (joins.py).
-            tail = joins.tail_frames(video.codec, video.params, last, total, video.gop_frames(rate), float(rate))
-            if tail and len(cuts) > 1:
-                params["tail"] = tail
-                params["tail_end_pts"] = (None if last + tail >= total else
-                                          source.pts[last + tail] if mode == "exact" else origin + last + tail)
-            if first:
-                params["seek"] = seek_point(start_seconds, first, source if mode == "exact" else None)
+            # The encoder starts before the segment and runs on past its end; what it made
+            # there is dropped (joins.py).
+            lead, tail = joins.overlap(video.codec, video.params, first, last, total, video.gop_frames(rate),
+                                       float(rate)) if len(cuts) > 1 else (0, 0)
+            if lead or tail:
+                params.update(lead=lead, tail=tail)
+                params["run_end_pts"] = (None if last + tail >= total else
+                                         source.pts[last + tail] if mode == "exact" else origin + last + tail)
+            if lead:
+                params["run_start_pts"] = source.pts[first - lead] if mode == "exact" else origin + first - lead
+                start_seconds = (float(source.pts[first - lead] * tb) - facts.start if mode == "exact"
+                                 else float((origin + first - lead) / rate))
+            if first - lead:
+                params["seek"] = seek_point(start_seconds, first - lead, source if mode == "exact" else None)
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
             if source.vfr and mode == "rate":
                 note = f"variable frame rate converted to {float(rate):.3f} fps"
@@ -261,8 +267,8 @@ class TranscodeProcessor(Processor):
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
         reads = sources.reads(facts)  # an image sequence's other frames
-        tail = params.get("tail", 0)
-        encoded = context.scratch / f"tailed.{ext}" if tail else out
+        overlapped = params.get("lead") or params.get("tail")
+        encoded = context.scratch / f"overlapped.{ext}" if overlapped else out
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 1),
@@ -271,7 +277,7 @@ class TranscodeProcessor(Processor):
         else:
             argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads)
         run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line, read=reads)
-        if tail:
+        if overlapped:
             run_ffmpeg(context, ffmpeg_io.keep_frames(settings, params, encoded, out), cwd=context.scratch)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")

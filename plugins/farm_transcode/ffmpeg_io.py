@@ -112,10 +112,11 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
         stream = stream.filter("fps", fps=params["rate"])
     trim = {key: params[name] for key, name in (("start_pts", "start_pts"), ("end_pts", "end_pts"))
             if params.get(name) is not None}
-    if "tail_end_pts" in params:  # the encoder runs on past the segment's end (joins.py)
-        trim.pop("end_pts", None)
-        if params["tail_end_pts"] is not None:
-            trim["end_pts"] = params["tail_end_pts"]
+    for key in ("start_pts", "end_pts"):  # an overlapped segment's encoder runs wider (joins.py)
+        if f"run_{key}" in params:
+            trim.pop(key, None)
+            if params[f"run_{key}"] is not None:
+                trim[key] = params[f"run_{key}"]
     if trim:
         stream = stream.filter("trim", **trim)
     stream = stream.filter("setpts", "PTS-STARTPTS")
@@ -127,7 +128,7 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if gop:
         options["g"] = gop
     options.update({"frames:v": params["count"], "an": None, "sn": None, "dn": None, "map_metadata": "-1"})
-    options.update(joins.encoder_options(params["count"], params.get("tail", 0)))
+    options.update(joins.encoder_options(params.get("lead", 0), params["count"], params.get("tail", 0)))
     if mode == "passthrough":  # every frame keeps its own time, in the source's time base
         options.update({"fps_mode": "passthrough", "enc_time_base": facts.video.time_base})
     else:
@@ -145,10 +146,11 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
 
 
 def keep_frames(settings: TranscodeSettings, params: dict[str, Any], encoded: Path, out: Path) -> list[str]:
-    """A segment encoded with a tail (joins.py), cut back to its own frames by stream copy."""
+    """An overlapped segment (joins.py), cut back to its own frames by stream copy."""
     box = settings.box
-    scale = timescale(parse_rate(params["rate"])) if box.mp4_like and params["mode"] != "passthrough" else None
-    return joins.keep(FFMPEG, encoded, out, params["count"], box.muxer, scale, _GLOBAL)
+    rate = parse_rate(params["rate"])
+    scale = timescale(rate) if box.mp4_like and params["mode"] != "passthrough" else None
+    return joins.keep(FFMPEG, encoded, out, params.get("lead", 0), params["count"], rate, box.muxer, scale, _GLOBAL)
 
 
 def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:

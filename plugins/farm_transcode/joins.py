@@ -18,34 +18,43 @@ no tail.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 #: Encoders whose segments are given a tail (a forced keyframe there closes the GOP).
-TAILED_ENCODERS = {"libx264"}
+OVERLAPPED_ENCODERS = {"libx264"}
 
 
-def tail_frames(codec: str, params: dict[str, Any], end: int, total: int, gop: int | None, rate: float) -> int:
-    """How many frames past ``end`` (exclusive, from 0) a segment's encoder runs on for:
-    half a keyframe interval (half a second without one), none after the last segment."""
-    if codec not in TAILED_ENCODERS or str(params.get("open-gop", "0")) not in ("0", "false"):
-        return 0
+def overlap(codec: str, params: dict[str, Any], first: int, end: int, total: int, gop: int | None,
+            rate: float) -> tuple[int, int]:
+    """(lead, tail): how many frames before ``first`` and after ``end`` (exclusive, from 0)
+    a segment's encoder also encodes: half a keyframe interval each (half a second without
+    one), none before the first segment or after the last."""
+    if codec not in OVERLAPPED_ENCODERS or str(params.get("open-gop", "0")) not in ("0", "false"):
+        return 0, 0
     wanted = max(1, (gop or round(rate)) // 2)
-    return max(0, min(wanted, total - end))
+    return min(wanted, first), max(0, min(wanted, total - end))
 
 
-def encoder_options(count: int, tail: int) -> dict[str, Any]:
-    """Output options of a segment's encode with a tail: ``count + tail`` frames, a keyframe at ``count``."""
-    if not tail:
+def encoder_options(lead: int, count: int, tail: int) -> dict[str, Any]:
+    """Output options of an overlapped segment's encode: all its frames, keyframes where the
+    segment's own frames start and where they end."""
+    if not (lead or tail):
         return {}
-    return {"frames:v": count + tail, "force_key_frames": f"expr:eq(n,{count})"}
+    keys = "+".join(f"eq(n,{n})" for n in (lead, lead + count) if n and (n == lead or tail))
+    return {"frames:v": lead + count + tail, **({"force_key_frames": f"expr:{keys}"} if keys else {})}
 
 
-def keep(ffmpeg: str, encoded: Path, out: Path, count: int, muxer: str, timescale: int | None,
-         global_args: tuple[str, ...]) -> list[str]:
-    """Keep the first ``count`` frames of ``encoded`` (stream copy), dropping the tail."""
-    argv = [ffmpeg, *global_args, "-protocol_whitelist", "file", "-i", str(encoded), "-map", "0:v:0", "-c", "copy",
-            "-frames:v", str(count), "-map_metadata", "-1"]
+def keep(ffmpeg: str, encoded: Path, out: Path, lead: int, count: int, rate: Fraction, muxer: str,
+         timescale: int | None, global_args: tuple[str, ...]) -> list[str]:
+    """Keep the segment's own ``count`` frames of ``encoded`` (stream copy): reading starts at
+    its keyframe at ``lead`` (a seek lands on the keyframe at or before the point, so the
+    point is a microsecond past it, less than any time base's tick), and stops after ``count``."""
+    argv = [ffmpeg, *global_args, "-protocol_whitelist", "file"]
+    if lead:
+        argv += ["-ss", f"{float(lead / rate) + 1e-6:.6f}"]
+    argv += ["-i", str(encoded), "-map", "0:v:0", "-c", "copy", "-frames:v", str(count), "-map_metadata", "-1"]
     if timescale:
         argv += ["-video_track_timescale", str(timescale)]
     return [*argv, "-f", muxer, "-y", str(out)]
