@@ -104,7 +104,8 @@ def main() -> None:
         print(f"{args.seconds} s {args.size} @ {args.rate}, x264 crf {args.crf:g} {args.preset}, "
               f"{len(cuts)} cuts every {args.segment} frames; single encode {single.stat().st_size} bytes, "
               f"{single_wall:.1f} s, mean PSNR {statistics.mean(reference):.2f} dB")
-        print("| variant | before cut: dB below single (mean / worst) | after cut | other frames | size / single | wall s |")
+        print("| variant | before cut: dB below single (mean / worst) | after cut | other frames | size / single "
+              "| wall s |")
         print("| --- | --- | --- | --- | --- | --- |")
         for variant in args.variants.split(";"):
             options = dict(part.split("=") for part in variant.split(",") if "=" in part)

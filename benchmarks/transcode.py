@@ -119,7 +119,8 @@ def joins_quality(farm_out: Path, plain_out: Path, source: Path, cuts: list[int]
     farm_mean = statistics.mean(ours[i] for i in near)
     plain_mean = statistics.mean(theirs[i] for i in near)
     return (f"joins ({len(cuts)} cuts, {len(near)} frames): farm {farm_mean:.2f} dB, single {plain_mean:.2f} dB, "
-            f"{farm_mean - plain_mean:+.2f} dB; all frames {statistics.mean(ours):.2f} vs {statistics.mean(theirs):.2f}")
+            f"{farm_mean - plain_mean:+.2f} dB; all frames {statistics.mean(ours):.2f} "
+            f"vs {statistics.mean(theirs):.2f}")
 
 
 def main() -> None:
@@ -145,8 +146,8 @@ def main() -> None:
         outputs = report["jobs"][0]["outputs"]
         rows.append(("(b) farm run, embedded default", f"{farm:.2f}", f"{farm / plain:.2f}",
                      str(frames(Path(outputs[0]))), f"{report['jobs'][0]['segments']} segments; target b/a <= 1.05"))
-        rows.append(("(b) quality at the joins", "", "", "",
-                     joins_quality(Path(outputs[0]), work / "plain.mp4", source, cut_frames(args.profile, source, segment))))
+        cuts = cut_frames(args.profile, source, segment)
+        rows.append(("(b) quality at the joins", "", "", "", joins_quality(Path(outputs[0]), work / "plain.mp4", source, cuts)))
         if not args.skip_efficiency:
             one_thread = ["--set", "settings.video.threads=1", *segment]
             t1, r1 = farm_run(work, "slots1", args.profile, source, 1, one_thread)
