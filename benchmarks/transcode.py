@@ -3,6 +3,8 @@
 (a) one plain ffmpeg process encoding the source with a shipped profile's settings;
 (b) ``farm run`` with that profile on the embedded default (everything included:
     start-up, probing, segments, audio, joining, verification): b/a, target <= 1.05;
+    Beside b/a, the quality at the joins: the mean PSNR (against the source) of the
+    frames either side of Farm's cuts, Farm's output against the plain encode's same frames;
 (c) parallel efficiency: the same batch on 1 slot and on 2 slots, each segment encoder
     limited to one thread: speedup, target >= 1.8 on 2 cores.
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,6 +92,37 @@ def frames(path: Path) -> int:
     return int(out.stdout.strip() or 0)
 
 
+def psnr(path: Path, source: Path, rate: str = "25") -> list[float]:
+    """Per-frame PSNR against the source, both on the source's grid (FACTS: psnr pairs by timestamp)."""
+    grid = f"setpts=PTS-STARTPTS,fps={rate}"
+    stats = path.with_suffix(".psnr")
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(path), "-i", str(source),
+                    "-lavfi", f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats}", "-f", "null", "-"],
+                   check=True)
+    return [100.0 if m.group(1) == "inf" else float(m.group(1))
+            for m in re.finditer(r"psnr_avg:(\S+)", stats.read_text())]
+
+
+def cut_frames(profile: str, source: Path, extra: list[str]) -> list[int]:
+    """The first frame (from 0) of every video segment after the first, from ``farm plan``."""
+    proc = subprocess.run([*FARM, "plan", profile, str(source), "--json", *extra], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    segments = json.loads(proc.stdout)["jobs"][0]["segments"]
+    return [s["params"]["first"] for s in segments if s["params"].get("kind") == "video" and s["params"]["first"]]
+
+
+def joins_quality(farm_out: Path, plain_out: Path, source: Path, cuts: list[int]) -> str:
+    ours, theirs = psnr(farm_out, source), psnr(plain_out, source)
+    near = sorted({i for c in cuts for i in (c - 1, c) if i < min(len(ours), len(theirs))})
+    if not near:
+        return "no joins"
+    farm_mean = statistics.mean(ours[i] for i in near)
+    plain_mean = statistics.mean(theirs[i] for i in near)
+    return (f"joins ({len(cuts)} cuts, {len(near)} frames): farm {farm_mean:.2f} dB, single {plain_mean:.2f} dB, "
+            f"{farm_mean - plain_mean:+.2f} dB; all frames {statistics.mean(ours):.2f} "
+            f"vs {statistics.mean(theirs):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=60)
@@ -111,6 +146,8 @@ def main() -> None:
         outputs = report["jobs"][0]["outputs"]
         rows.append(("(b) farm run, embedded default", f"{farm:.2f}", f"{farm / plain:.2f}",
                      str(frames(Path(outputs[0]))), f"{report['jobs'][0]['segments']} segments; target b/a <= 1.05"))
+        cuts = cut_frames(args.profile, source, segment)
+        rows.append(("(b) quality at the joins", "", "", "", joins_quality(Path(outputs[0]), work / "plain.mp4", source, cuts)))
         if not args.skip_efficiency:
             one_thread = ["--set", "settings.video.threads=1", *segment]
             t1, r1 = farm_run(work, "slots1", args.profile, source, 1, one_thread)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import functools
 import math
 import os
@@ -57,10 +58,10 @@ from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
 
-from farm_transcode import ffmpeg_io, sync
+from farm_transcode import ffmpeg_io, joins, sources, sync
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
 from farm_transcode.policy import decide
-from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output, probe_source
+from farm_transcode.probe import FFPROBE, SourceFacts, last_error, probe_output
 from farm_transcode.settings import AUDIO_ENCODERS, VIDEO_ENCODERS, TranscodeSettings, parse_rate
 from farm_transcode.verify import Expected, problems
 
@@ -168,7 +169,7 @@ class TranscodeProcessor(Processor):
         target = self.target(job)
         if target == job.input.resolve():
             raise PlanError(f"the output {target} would replace the source; change output: or the destination")
-        facts = probe_source(job.input)
+        facts = sources.probe(job.input, settings.video.fps if settings.video else None)
         summary = facts.summary()
         plans: list[SegmentPlan] = []
         if settings.audio is not None and facts.audio:
@@ -186,7 +187,11 @@ class TranscodeProcessor(Processor):
         if facts.video is None:
             raise PlanError(f"{job.input.name} has no video stream, and profile {job.profile.name!r} makes video; "
                             "use an audio-only profile for it")
-        return plans + self._with_picture(facts, settings, self._video_plans(job, facts, summary))
+        video_plans = self._video_plans(job, facts, summary)
+        kind = sources.note(facts, settings.video.fps)
+        if kind and video_plans:  # said once, on the first video segment
+            video_plans[0] = dataclasses.replace(video_plans[0], label=f"{video_plans[0].label}; {kind}")
+        return plans + self._with_picture(facts, settings, video_plans)
 
     @staticmethod
     def _with_picture(facts: SourceFacts, settings: TranscodeSettings, plans: list[SegmentPlan]) -> list[SegmentPlan]:
@@ -270,10 +275,21 @@ class TranscodeProcessor(Processor):
                 params["end_pts"] = origin + last if last < total else None
                 params["shift"] = facts.start
                 params["video_start"] = facts.start + float(origin / rate)
-            if first:
+            # The encoder starts before the segment and runs on past its end; what it made
+            # there is dropped (joins.py).
+            lead, tail = joins.overlap(video.codec, video.params, first, last, total, video.gop_frames(rate),
+                                       float(rate)) if len(cuts) > 1 else (0, 0)
+            if lead or tail:
+                params.update(lead=lead, tail=tail)
+                params["run_end_pts"] = (None if last + tail >= total else
+                                         source.pts[last + tail] if mode == "exact" else origin + last + tail)
+            if lead:
+                params["run_start_pts"] = source.pts[first - lead] if mode == "exact" else origin + first - lead
+            begin = first - lead  # the first frame the encoder reads
+            if begin:
                 # The timestamp of the first source frame the segment needs.
-                needed = source.pts[first] if mode == "exact" else \
-                    math.floor((facts.start + (origin + first - 1) / rate) / tb)
+                needed = source.pts[begin] if mode == "exact" else \
+                    math.floor((facts.start + (origin + begin - 1) / rate) / tb)
                 params["seek"] = seek_point(needed, source, facts.start, facts.demuxer)
             note = f"{float(rate):.3f} fps from {float(source.fps):.3f}" if mode == "rate" else ""
             if source.vfr and mode == "rate":
@@ -328,14 +344,19 @@ class TranscodeProcessor(Processor):
                       out: Path, threads: int, on_line: Callable[[str], None]) -> tuple[Any, int]:
         """Encode one video segment; what ffprobe finds in it, and its frame count."""
         assert settings.video is not None
+        reads = sources.reads(facts)  # an image sequence's other frames
+        overlapped = params.get("lead") or params.get("tail")
+        encoded = context.scratch / f"overlapped{out.suffix}" if overlapped else out
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
-            run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 1),
-                       cwd=context.scratch, on_line=on_line)
-            argv = ffmpeg_io.video_segment(facts, settings, params, out, threads, passlog, 2)
+            run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 1),
+                       cwd=context.scratch, on_line=on_line, read=reads)
+            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 2)
         else:
-            argv = ffmpeg_io.video_segment(facts, settings, params, out, threads)
-        run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line)
+            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads)
+        run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line, read=reads)
+        if overlapped:
+            run_ffmpeg(context, ffmpeg_io.keep_frames(settings, params, encoded, out), cwd=context.scratch)
         found = probe_output(out, context.run, context.scratch)
         streams = found.of_type("video")
         return found, found.frames(streams[0]) if streams else 0

@@ -15,10 +15,12 @@ from typing import Any
 
 import ffmpeg
 
+from farm_transcode import joins
 from farm_transcode.policy import Picture
 from farm_transcode.probe import SourceFacts
 from farm_transcode.settings import (AudioSettings, Container, TranscodeSettings, VideoSettings, describe_pix_fmt,
                                      parse_rate)
+from farm_transcode.sources import SEQUENCE_DEMUXER, input_for
 
 FFMPEG = "ffmpeg"
 _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-stats_period", "1",
@@ -26,7 +28,8 @@ _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-sta
 
 
 def _source(facts: SourceFacts, **options: Any) -> Any:
-    return ffmpeg.input(facts.path, f=facts.demuxer, protocol_whitelist="file", **options)
+    path, demuxer_options = input_for(facts)
+    return ffmpeg.input(path, f=facts.demuxer, protocol_whitelist="file", **demuxer_options, **options)
 
 
 def _compile(node: Any) -> list[str]:
@@ -142,6 +145,11 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
         stream = stream.filter("fps", fps=params["rate"])
     trim = {key: params[name] for key, name in (("start_pts", "start_pts"), ("end_pts", "end_pts"))
             if params.get(name) is not None}
+    for key in ("start_pts", "end_pts"):  # an overlapped segment's encoder runs wider (joins.py)
+        if f"run_{key}" in params:
+            trim.pop(key, None)
+            if params[f"run_{key}"] is not None:
+                trim[key] = params[f"run_{key}"]
     if trim:
         stream = stream.filter("trim", **trim)
     stream = stream.filter("setpts", "PTS-STARTPTS")
@@ -156,6 +164,7 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if gop:
         options["g"] = gop
     options.update({"frames:v": params["count"], "an": None, "sn": None, "dn": None, "map_metadata": "-1"})
+    options.update(joins.encoder_options(params.get("lead", 0), params["count"], params.get("tail", 0)))
     if mode == "passthrough":  # every frame keeps its own time, in the source's time base
         options.update({"fps_mode": "passthrough", "enc_time_base": facts.video.time_base})
     else:
@@ -170,6 +179,14 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
         options["video_track_timescale"] = timescale(rate)
     options["f"] = box.muxer
     return _compile(ffmpeg.output(stream, str(out), **options))
+
+
+def keep_frames(settings: TranscodeSettings, params: dict[str, Any], encoded: Path, out: Path) -> list[str]:
+    """An overlapped segment (joins.py), cut back to its own frames by stream copy."""
+    box = settings.box
+    rate = parse_rate(params["rate"])
+    scale = timescale(rate) if box.mp4_like and params["mode"] != "passthrough" else None
+    return joins.keep(FFMPEG, encoded, out, params.get("lead", 0), params["count"], rate, box.muxer, scale, _GLOBAL)
 
 
 #: Seconds added to the audio file's timestamps. An encoder's priming (AAC's 1024
@@ -241,7 +258,7 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
         inputs += 1
     options = ["-c", "copy"]
     subtitles = [s for s in facts.subtitles if s.text] if settings.subtitles and box.subtitles else []
-    if subtitles or settings.metadata:
+    if (subtitles or settings.metadata) and facts.demuxer != SEQUENCE_DEMUXER:  # images carry no tags
         source = inputs
         argv += ["-f", facts.demuxer, "-protocol_whitelist", "file", "-i", facts.path]
         for position, sub in enumerate(subtitles):

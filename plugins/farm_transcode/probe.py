@@ -105,6 +105,7 @@ class SourceFacts:
     video: VideoFacts | None
     audio: list[AudioFacts]
     subtitles: list[SubtitleFacts]
+    input_options: dict[str, str] = field(default_factory=dict)  # the demuxer's (an image sequence's rate)
 
     def summary(self) -> dict[str, Any]:
         """What segments and assembly need, small enough to travel with every segment."""
@@ -118,7 +119,8 @@ class SourceFacts:
     def from_summary(cls, data: dict[str, Any]) -> SourceFacts:
         video = VideoFacts(**data["video"]) if data.get("video") else None
         return cls(data["path"], data["demuxer"], data["start"], data["duration"], video,
-                   [AudioFacts(**a) for a in data["audio"]], [SubtitleFacts(**s) for s in data["subtitles"]])
+                   [AudioFacts(**a) for a in data["audio"]], [SubtitleFacts(**s) for s in data["subtitles"]],
+                   dict(data.get("input_options") or {}))
 
 
 # -- running ffprobe --------------------------------------------------------------------------
