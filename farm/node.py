@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,10 +265,25 @@ def require_sandbox(config: NodeConfig) -> None:
 
 
 def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
-    capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
-    capabilities["sandbox"] = sandbox_state(config)
-    for answer in plugins.hook.farm_node_capabilities(config=config):
-        capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
+    """What this node offers. Each plugin's answer (and the sandbox's probe) mostly waits
+    on the programs it asks for their versions, so they are asked at the same time: a
+    start pays for the slowest, not for all of them."""
+    hook = plugins.hook.farm_node_capabilities
+    impls = list(reversed(hook.get_hookimpls()))  # the order pluggy calls them in
+    wrapped = any(impl.hookwrapper or impl.wrapper for impl in impls)
+    with ThreadPoolExecutor(max_workers=len(impls) + 1, thread_name_prefix="farm-capabilities") as pool:
+        sandboxed = pool.submit(sandbox_state, config)
+        if wrapped:  # a wrapper must see the call as pluggy makes it
+            answers = [pool.submit(hook, config=config)]
+        else:
+            answers = [pool.submit(impl.function, **({"config": config} if "config" in impl.argnames else {}))
+                       for impl in impls]
+        capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
+        capabilities["sandbox"] = sandboxed.result()
+        for future in answers:
+            result = future.result()
+            for answer in (result if wrapped else [result]):
+                capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
     return capabilities
 
 
