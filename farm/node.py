@@ -488,7 +488,10 @@ class CommandRunner:
                 for key, _ in selector.select(0.05):
                     if key.fd != out:
                         continue
-                    chunk = os.read(out, 65536)
+                    try:
+                        chunk = os.read(out, 65536)
+                    except BlockingIOError:
+                        continue
                     if not chunk:
                         drained = True
                         selector.unregister(out)
