@@ -2,22 +2,28 @@
 
 Farm: plan -> store -> queue -> Dask (pinned, slot-aware) -> result -> store.
 Baseline: the same number of no-op tasks submitted one by one with ``client.submit``
-to the same LocalCluster, in the same run. Also the store's size and the peak memory
-of a controller holding one 10,000-segment job.
+to the same LocalCluster, in the same run. Also: one-frame ``command`` segments running
+``true`` through ``farm run`` (sandbox and all) against a pool of as many processes
+running ``/bin/true`` the same number of times; and the store's size and the peak
+memory of a controller holding one job of each size in ``--big``.
 
-    .venv/bin/python benchmarks/throughput.py [--segments 2000] [--big 10000]
+    .venv/bin/python benchmarks/throughput.py [--segments 2000] [--true 1000] [--big 1000,10000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import yaml
 
 from rich.console import Console
 from rich.table import Table
@@ -100,6 +106,29 @@ def run_dask_limited(engine: Engine, tasks: int, in_flight: int) -> float:
     return time.perf_counter() - started
 
 
+def run_true_pool(count: int, slots: int) -> float:
+    """Baseline: ``count`` runs of /bin/true, ``slots`` at a time."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(slots) as pool:
+        list(pool.map(lambda _: subprocess.run(["/bin/true"], check=True), range(count)))
+    return time.perf_counter() - started
+
+
+def run_true_farm(count: int, slots: int) -> float:
+    """``farm run`` of ``count`` one-frame command segments running ``true``, from start to exit."""
+    with tempfile.TemporaryDirectory(prefix="farm-bench-true-") as tmp:
+        home = Path(tmp)
+        (home / "farm.yaml").write_text(yaml.safe_dump({"node": {"allow_commands": ["true"], "slots": slots}}))
+        (home / "true.yaml").write_text(yaml.safe_dump({
+            "name": "true", "processor": "command", "frames": f"1-{count}", "segment": {"frames": 1},
+            "settings": {"command": ["true"]}}))  # quoted by the dumper: a bare true is a boolean
+        env = {**os.environ, "FARM_STATE": str(home / "state"), "FARM_CONFIG": str(home / "farm.yaml")}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "farm.cli", "run", str(home / "true.yaml"), "-o", str(home / "out"),
+                        "--quiet", "--json"], env=env, check=True, capture_output=True)
+        return time.perf_counter() - started
+
+
 def big_job(segments: int) -> None:
     """Child process: one job of ``segments`` segments; prints its figures as JSON."""
     plugins = load_plugins(extra=[NoOpPlugin()])
@@ -118,7 +147,8 @@ def big_job(segments: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segments", type=int, default=2000)
-    parser.add_argument("--big", type=int, default=10000)
+    parser.add_argument("--true", type=int, default=1000, help="true segments through farm run (0: skip)")
+    parser.add_argument("--big", default="1000,10000", help="sizes of the jobs whose controller memory is measured")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     parser.add_argument("--big-job", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,9 +175,16 @@ def main() -> None:
     finally:
         engine.close()
 
-    child = subprocess.run([sys.executable, __file__, "--big-job", str(args.big)], capture_output=True, text=True,
-                           check=True)
-    big = json.loads(child.stdout.strip().splitlines()[-1])
+    true_times: dict[str, float] = {}
+    if args.true:
+        true_times["pool"] = run_true_pool(args.true, node.slots)
+        true_times["farm_small"] = run_true_farm(args.true // 10, node.slots)
+        true_times["farm"] = run_true_farm(args.true, node.slots)
+    bigs = {}
+    for size in (int(part) for part in args.big.split(",") if part.strip()):
+        child = subprocess.run([sys.executable, __file__, "--big-job", str(size)], capture_output=True, text=True,
+                               check=True)
+        bigs[size] = json.loads(child.stdout.strip().splitlines()[-1])
 
     rate = {key: args.segments / min(values) for key, values in times.items()}
     table = Table(title=f"{args.segments} no-op segments, LocalCluster with {node.slots} slots "
@@ -164,13 +201,30 @@ def main() -> None:
         table.add_row(label, f"{min(times[key]):.2f}", f"{rate[key]:.0f}", f"{rate[key] / rate['dask']:.2f}")
     console = Console()
     console.print(table)
-    big_table = Table(title=f"one {args.big}-segment job (a separate process)")
-    for column in ("seconds", "segments per second", "store size", "controller peak memory"):
+    if true_times:
+        true_table = Table(title=f"{args.true} one-frame command segments running true, {node.slots} at a time")
+        for column in ("path", "seconds", "per second", "ratio to the pool"):
+            true_table.add_column(column, justify="right" if column != "path" else "left")
+        pool_rate = args.true / true_times["pool"]
+        true_table.add_row(f"a pool of {node.slots} running /bin/true", f"{true_times['pool']:.2f}", f"{pool_rate:.0f}",
+                           "1.00")
+        farm_rate = args.true / true_times["farm"]
+        true_table.add_row("farm run, start to exit (sandboxed)", f"{true_times['farm']:.2f}", f"{farm_rate:.0f}",
+                           f"{farm_rate / pool_rate:.2f}")
+        # what each segment costs, without the job's fixed cost: the difference of two runs
+        small = args.true // 10
+        marginal = (args.true - small) / max(true_times["farm"] - true_times["farm_small"], 1e-9)
+        true_table.add_row(f"farm run, per segment ({small} vs {args.true} segments)",
+                           f"{true_times['farm'] - true_times['farm_small']:.2f}", f"{marginal:.0f}",
+                           f"{marginal / pool_rate:.2f}")
+        console.print(true_table)
+    big_table = Table(title="one job per size, each in a separate process")
+    for column in ("segments", "seconds", "segments per second", "store size", "controller peak memory"):
         big_table.add_column(column, justify="right")
-    big_table.add_row(f"{big['seconds']:.1f}", f"{args.big / big['seconds']:.0f}",
-                      f"{big['store_bytes'] / 2**20:.1f} MiB", f"{big['peak_kib'] / 1024:.0f} MiB")
+    for size, big in bigs.items():
+        big_table.add_row(str(size), f"{big['seconds']:.1f}", f"{size / big['seconds']:.0f}",
+                          f"{big['store_bytes'] / 2**20:.1f} MiB", f"{big['peak_kib'] / 1024:.0f} MiB")
     console.print(big_table)
-
 
 if __name__ == "__main__":
     main()

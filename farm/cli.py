@@ -264,7 +264,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.lease import describe
-    from farm.local import LocalFarm, check_destination, check_inputs, check_runnable, run_fingerprint
+    from farm.local import EarlyCluster, LocalFarm, check_destination, check_inputs, check_runnable, run_fingerprint
     from farm.node import install_runtime, require_sandbox
     from farm.profiles import load_profile
 
@@ -273,12 +273,15 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
                           allow_env=config.node.allow_env)
     inputs = check_inputs(loaded, plugins, args.inputs)
     destination = check_destination(args.output or loaded.profile.destination or "out")
-    require_sandbox(config.node)
-    node = install_runtime(config.node)
-    check_runnable(loaded, plugins, inputs, node.capabilities)
-    fingerprint = run_fingerprint(loaded, inputs, destination)
-
-    farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node)
+    early = EarlyCluster(config.node.slots)  # starts while the node probes what it offers
+    try:
+        require_sandbox(config.node)
+        node = install_runtime(config.node)
+        check_runnable(loaded, plugins, inputs, node.capabilities)
+        fingerprint = run_fingerprint(loaded, inputs, destination)
+        farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, early=early)
+    finally:
+        early.close()  # only when it was not taken: the run was refused
     try:
         scheduler = farm.scheduler
         batch_id, stale, owner = scheduler.resumable(fingerprint)

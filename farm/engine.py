@@ -75,21 +75,7 @@ class Engine:
     @classmethod
     def embedded(cls, slots: int | None = None, capabilities: dict[str, str] | None = None) -> Engine:
         """An in-process LocalCluster sized to this machine, listening on nothing."""
-        slots = slots or os.cpu_count() or 1
-        # Dask keeps 100,000 entries of per-task history by default: hundreds of MiB for a
-        # long job. A render farm's history lives in its own store.
-        with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.low-level-log-length": 1000}):
-            cluster = LocalCluster(
-                n_workers=1,
-                threads_per_worker=slots,
-                processes=False,
-                # Dask serves HTTP (dashboard, health) on all interfaces by default;
-                # the embedded default listens on nothing but loopback.
-                dashboard_address="127.0.0.1:0",
-                worker_dashboard_address="127.0.0.1:0",
-                silence_logs=logging.ERROR,
-            )
-        client = Client(cluster, set_as_default=False)
+        client, cluster = embedded_cluster(slots)
         return cls(client, cluster, capabilities)
 
     def nodes(self) -> list[NodeView]:
@@ -227,3 +213,22 @@ class Engine:
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+
+
+def embedded_cluster(slots: int | None = None) -> tuple[Client, LocalCluster]:
+    """An in-process LocalCluster sized to this machine, listening on nothing, and its client."""
+    slots = slots or os.cpu_count() or 1
+    # Dask keeps 100,000 entries of per-task history by default: hundreds of MiB for a
+    # long job. A render farm's history lives in its own store.
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.low-level-log-length": 1000}):
+        cluster = LocalCluster(
+            n_workers=1,
+            threads_per_worker=slots,
+            processes=False,
+            # Dask serves HTTP (dashboard, health) on all interfaces by default;
+            # the embedded default listens on nothing but loopback.
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+        )
+    return Client(cluster, set_as_default=False), cluster

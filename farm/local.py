@@ -11,12 +11,13 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from farm.config import FarmConfig, state_dir
-from farm.engine import Engine
+from farm.engine import Engine, embedded_cluster
 from farm.errors import UsageError
 from farm.lease import Lease
 from farm.node import NodeRuntime, install_runtime
@@ -106,6 +107,48 @@ def check_runnable(loaded: LoadedProfile, plugins: Plugins, inputs: list[Path | 
         )
 
 
+class EarlyCluster:
+    """The embedded Dask cluster, started in a background thread as soon as a run is
+    known to be well formed, while the node probes what it offers (programs asked for
+    their versions) and the run is checked: a job does not wait for both in turn."""
+
+    def __init__(self, slots: int | None):
+        self._started: dict[str, Any] = {}
+        self._taken = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._start, args=(slots,), name="farm-dask-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, slots: int | None) -> None:
+        try:
+            self._started["cluster"] = embedded_cluster(slots)
+        except BaseException as exc:  # raised where it is taken
+            self._started["error"] = exc
+
+    def take(self) -> tuple[Any, Any]:
+        """The (client, cluster), once started; raises what starting it raised."""
+        self._thread.join()
+        with self._lock:
+            self._taken = True
+        if "error" in self._started:
+            raise self._started["error"]
+        return self._started["cluster"]
+
+    def close(self) -> None:
+        """Stop it unless it was taken (the run was refused before it started)."""
+        with self._lock:
+            if self._taken:
+                return
+            self._taken = True
+        self._thread.join()
+        if "cluster" in self._started:
+            client, cluster = self._started["cluster"]
+            try:
+                client.close()
+            finally:
+                cluster.close()
+
+
 @dataclass
 class LocalFarm:
     """Everything ``farm run`` needs, started together and closed together."""
@@ -118,14 +161,19 @@ class LocalFarm:
 
     @classmethod
     def start(cls, config: FarmConfig, plugins: Plugins, state: str | None = None,
-              node: NodeRuntime | None = None, owner: str = "farm run") -> LocalFarm:
-        """``owner``: what this process is, as the lease on its batches names it."""
+              node: NodeRuntime | None = None, owner: str = "farm run", early: EarlyCluster | None = None) -> LocalFarm:
+        """``owner``: what this process is, as the lease on its batches names it.
+        ``early``: the Dask cluster started beforehand (see :class:`EarlyCluster`)."""
         root = state_dir(state)
         plugins.configure(config.plugins)
         store = Store(root / STORE_NAME)
         sweep_leftovers(store, root / "work", config.keep_work)
         node = node or install_runtime(config.node)
-        engine = Engine.embedded(node.slots, node.capabilities)
+        if early is not None:
+            client, cluster = early.take()
+            engine = Engine(client, cluster, node.capabilities)
+        else:
+            engine = Engine.embedded(node.slots, node.capabilities)
         lease = Lease(store, owner)
         scheduler = Scheduler(store, plugins, engine, root / "work", lease=lease, keep_work=config.keep_work)
         return cls(store, engine, scheduler, node, lease)

@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import selectors
 import shlex
 import shutil
 import signal
@@ -23,6 +24,8 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,10 +264,25 @@ def require_sandbox(config: NodeConfig) -> None:
 
 
 def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
-    capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
-    capabilities["sandbox"] = sandbox_state(config)
-    for answer in plugins.hook.farm_node_capabilities(config=config):
-        capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
+    """What this node offers. Each plugin's answer (and the sandbox's probe) mostly waits
+    on the programs it asks for their versions, so they are asked at the same time: a
+    start pays for the slowest, not for all of them."""
+    hook = plugins.hook.farm_node_capabilities
+    impls = list(reversed(hook.get_hookimpls()))  # the order pluggy calls them in
+    wrapped = any(impl.hookwrapper or impl.wrapper for impl in impls)
+    with ThreadPoolExecutor(max_workers=len(impls) + 1, thread_name_prefix="farm-capabilities") as pool:
+        sandboxed = pool.submit(sandbox_state, config)
+        if wrapped:  # a wrapper must see the call as pluggy makes it
+            answers = [pool.submit(hook, config=config)]
+        else:
+            answers = [pool.submit(impl.function, **({"config": config} if "config" in impl.argnames else {}))
+                       for impl in impls]
+        capabilities: dict[str, str] = {f"processor:{name}": "" for name in plugins.processors}
+        capabilities["sandbox"] = sandboxed.result()
+        for future in answers:
+            result = future.result()
+            for answer in (result if wrapped else [result]):
+                capabilities.update({str(k): str(v) for k, v in (answer or {}).items()})
     return capabilities
 
 
@@ -392,7 +410,10 @@ class CommandRunner:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # bwrap --die-with-parent ties a sandboxed process to this node; only an
+                # unsandboxed one needs the parent-death signal set in the child, and a
+                # preexec_fn makes Python fork the whole node instead of vfork-ing.
+                preexec_fn=_die_with_parent if self.policy is None else None,
             )
         except FileNotFoundError:
             self.log.write(f"=== could not start: {argv[0]} not found")
@@ -404,51 +425,22 @@ class CommandRunner:
 
         with _ACTIVE_GROUPS_LOCK:
             _ACTIVE_GROUPS.add(proc.pid)
-        tail: list[str] = []
+        tail: deque[str] = deque(maxlen=20)
 
-        def read_output() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                self.log.write(line)
-                tail.append(line)
-                if len(tail) > 20:
-                    tail.pop(0)
-                if on_line is not None:
-                    try:
-                        on_line(line)
-                    except Exception:  # a progress parser must not break the run
-                        pass
+        def take(line: str) -> None:
+            self.log.write(line)
+            tail.append(line)
+            if on_line is not None:
+                try:
+                    on_line(line)
+                except Exception:  # a progress parser must not break the run
+                    pass
 
-        outcome: dict[str, Any] = {}
-        finished = threading.Event()
-
-        def wait_for_exit() -> None:
-            _, status, usage = os.wait4(proc.pid, 0)
-            outcome["status"], outcome["usage"] = status, usage
-            finished.set()
-
-        reader = threading.Thread(target=read_output, daemon=True)
-        waiter = threading.Thread(target=wait_for_exit, daemon=True)
-        reader.start()
-        waiter.start()
-        terminated_at: float | None = None
-        while not finished.wait(0.05):
-            if self.cancelled.is_set():
-                if terminated_at is None:
-                    self.log.write("=== cancel: sending SIGTERM to the process group")
-                    _signal_group(proc.pid, signal.SIGTERM)
-                    terminated_at = time.monotonic()
-                elif time.monotonic() - terminated_at > self.kill_grace:
-                    self.log.write("=== cancel: still running after the grace period, sending SIGKILL")
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    terminated_at = float("inf")
-        # Whatever the leader left behind in its group goes with it.
-        _signal_group(proc.pid, signal.SIGKILL)
-        with _ACTIVE_GROUPS_LOCK:
-            _ACTIVE_GROUPS.discard(proc.pid)
-        reader.join(timeout=5)
-        status, usage = outcome["status"], outcome["usage"]
+        try:
+            status, usage = self._follow(proc, take)
+        finally:
+            with _ACTIVE_GROUPS_LOCK:
+                _ACTIVE_GROUPS.discard(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
         seconds = time.monotonic() - started
         exit_status = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -470,6 +462,76 @@ class CommandRunner:
             detail = f": {last.strip()}" if last else ""
             raise ProcessorError(f"{Path(argv[0]).name} failed with {ending}{detail}")
         return result
+
+    def _follow(self, proc: subprocess.Popen[bytes], take: Callable[[str], None]) -> tuple[int, Any]:
+        """Pass on the process's output line by line and wait for its end, in this one
+        thread: its pipe and a pidfd are watched together (no reader or waiter thread per
+        process); a cancel is looked at every 50 ms. Returns wait4's (status, rusage)."""
+        assert proc.stdout is not None
+        out = proc.stdout.fileno()
+        os.set_blocking(out, False)
+        selector = selectors.DefaultSelector()
+        selector.register(out, selectors.EVENT_READ)
+        try:
+            pidfd: int | None = os.pidfd_open(proc.pid)
+            selector.register(pidfd, selectors.EVENT_READ)
+        except (AttributeError, OSError):  # before Linux 5.3: wait4 is tried every 50 ms
+            pidfd = None
+        pending = b""
+        ended: tuple[int, Any] | None = None
+        drained = False
+        drain_until = 0.0
+        terminated_at: float | None = None
+        try:
+            while True:
+                for key, _ in selector.select(0.05):
+                    if key.fd != out:
+                        continue
+                    try:
+                        chunk = os.read(out, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        drained = True
+                        selector.unregister(out)
+                        break
+                    lines = (pending + chunk).split(b"\n")
+                    pending = lines.pop()
+                    if len(pending) > 1 << 20:  # a line without end is still shown
+                        lines.append(pending)
+                        pending = b""
+                    for raw in lines:
+                        take(raw.decode("utf-8", errors="replace").rstrip("\r"))
+                if ended is None:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        ended = status, usage
+                        # Whatever the leader left behind in its group goes with it.
+                        _signal_group(proc.pid, signal.SIGKILL)
+                        drain_until = time.monotonic() + 5
+                        if pidfd is not None:
+                            selector.unregister(pidfd)
+                    elif self.cancelled.is_set():
+                        if terminated_at is None:
+                            self.log.write("=== cancel: sending SIGTERM to the process group")
+                            _signal_group(proc.pid, signal.SIGTERM)
+                            terminated_at = time.monotonic()
+                        elif time.monotonic() - terminated_at > self.kill_grace:
+                            self.log.write("=== cancel: still running after the grace period, sending SIGKILL")
+                            _signal_group(proc.pid, signal.SIGKILL)
+                            terminated_at = float("inf")
+                # done when it has ended and its output is read (or a process that left
+                # the group still holds the pipe after 5 s)
+                if ended is not None and (drained or time.monotonic() > drain_until):
+                    break
+            if pending:
+                take(pending.decode("utf-8", errors="replace").rstrip("\r"))
+        finally:
+            selector.close()
+            if pidfd is not None:
+                os.close(pidfd)
+            proc.stdout.close()
+        return ended
 
 
 def attempt_policy(config: NodeConfig, job: Job, write: list[Path]) -> sandbox.Policy | None:
@@ -556,11 +618,12 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         segment = dataclasses.replace(segment, job=job, output_dir=map_path(segment.output_dir, mapping))
     cancelled = node._register(segment.attempt_id)
     log = AttemptLog()
-    logger = logging.getLogger(f"farm.segment.{segment.id}")
-    handler = _LogHandler(log)
-    logger.addHandler(handler)
+    # A logger of the attempt's own, not registered with logging: a registered one lives as
+    # long as the process, and each new one clears the cache of every other (a cost per
+    # segment that grew with the number of segments run).
+    logger = logging.Logger(f"farm.segment.{segment.id}", logging.INFO)
+    logger.addHandler(_LogHandler(log))
     logger.propagate = False
-    logger.setLevel(logging.INFO)
     scratch: Path | None = None
     log.write(f"=== segment {segment.id} ({segment.label}) attempt {segment.attempt_id} of job {job.id} on node {node.name}")
     if segment.announce_start:
@@ -608,7 +671,6 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         return {"ok": False, "reason": reason, "log": log.text(), "node": node.name}
     finally:
         node._unregister(segment.attempt_id)
-        logger.removeHandler(handler)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 

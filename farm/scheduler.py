@@ -74,6 +74,16 @@ class JobRuntime:
     verify_rounds: int = 0
     then: LoadedProfile | None = None  # the profile of the job chained after this one
     children: list[str] = field(default_factory=list)
+    # Segments done, counted as they finish, so that asking "all done?" after each one
+    # costs the same at 100 and at 1,000,000 segments; recounted where many change at once.
+    done: int = 0
+
+    def recount(self) -> None:
+        self.done = sum(1 for seg in self.segments.values() if seg.state == SegmentState.DONE)
+
+    @property
+    def all_done(self) -> bool:
+        return self.done >= len(self.segments) and all(seg.state == SegmentState.DONE for seg in self.segments.values())
 
     @property
     def sort_key(self) -> tuple[int, float, int]:
@@ -136,6 +146,7 @@ class Scheduler:
         # Lifecycle hooks wait for the commit of what they announce: a plugin never hears of
         # a batch, a segment or an end that the store then refused.
         self._pending_hooks: list[tuple[str, dict[str, Any]]] = []
+        self._pending_removals: list[Path] = []  # work folders of done jobs, removed once that is committed
 
     # -- submitting --------------------------------------------------------------------
 
@@ -379,6 +390,7 @@ class Scheduler:
             rt.segments[seg.id] = seg
             if seg.state == SegmentState.QUEUED:
                 rt.queue.append(seg.id)
+        rt.recount()
         self.jobs[job.id] = rt
         self.store.event("job_recovered", job_id=job.id, data={"queued": len(rt.queue)})
         if rt.state == JobState.ASSEMBLING:
@@ -435,6 +447,7 @@ class Scheduler:
                 rt.queue.append(seg.id)
             rt.error, rt.excluded, rt.verify_rounds = None, set(), 0
             rt.node_failures.clear()
+            rt.recount()
             self._reorder()
             if not again and all(seg.state == SegmentState.DONE for seg in rt.segments.values()):
                 self._set_job(rt, JobState.RUNNING)
@@ -679,9 +692,8 @@ class Scheduler:
             attempt_id = f"{seg.id}.a{seg.attempts}"
             if rt.state == JobState.QUEUED:
                 self._set_job(rt, JobState.RUNNING)
-            self.store.move_segment(seg.id, seg.state, SegmentState.RUNNING)
+            self.store.hand_out(attempt_id, seg.id, rt.job.id, node.name, seg.attempts, seg.state)
             seg.state = SegmentState.RUNNING
-            self.store.start_attempt(attempt_id, seg.id, rt.job.id, node.name, seg.attempts)
             now = time.monotonic()
             self.attempts[attempt_id] = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
             segment = Segment(
@@ -750,12 +762,13 @@ class Scheduler:
             self.store.end_attempt(attempt_id, AttemptState.DONE, exit_status=0, log=attempt_log)
             self.store.move_segment(seg.id, seg.state, SegmentState.DONE, result=outcome.get("result"))
             seg.state, seg.result = SegmentState.DONE, outcome.get("result") or {}
+            rt.done += 1
             seg.seconds = time.monotonic() - attempt.started
             self._recut(rt)
             self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})
-            if rt.state != JobState.PAUSED and all(s.state == SegmentState.DONE for s in rt.segments.values()):
+            if rt.state != JobState.PAUSED and rt.all_done:
                 self._start_assembly(rt)
             return
         reason = outcome.get("reason") or "unknown failure"
@@ -920,8 +933,8 @@ class Scheduler:
         if value["ok"]:
             rt.outputs = value["outputs"]
             self._set_job(rt, JobState.DONE, outputs=rt.outputs)
-            if not self.keep_work:
-                shutil.rmtree(rt.job.work_dir, ignore_errors=True)
+            if not self.keep_work:  # thousands of attempt folders: not in the dispatching thread
+                self._pending_removals.append(rt.job.work_dir)
             self._notify_later("farm_job_finished", job=rt.job, outputs=rt.outputs)
             self._emit("job_done", rt, {"outputs": rt.outputs})
             self._chain(rt)
@@ -1004,12 +1017,13 @@ class Scheduler:
     @contextmanager
     def _committed(self) -> Iterator[None]:
         """A store transaction whose hooks are called only if it commits."""
-        mark = len(self._pending_hooks)
+        mark, removals = len(self._pending_hooks), len(self._pending_removals)
         try:
             with self.store.transaction():
                 yield
         except BaseException:
             del self._pending_hooks[mark:]
+            del self._pending_removals[removals:]
             raise
 
     def _notify_later(self, hook_name: str, **kwargs: Any) -> None:
@@ -1018,6 +1032,9 @@ class Scheduler:
     def _flush_hooks(self) -> None:
         """Call the hooks of what is now committed, in order; then the batches that ended."""
         pending, self._pending_hooks = self._pending_hooks, []
+        removals, self._pending_removals = self._pending_removals, []
+        for folder in removals:
+            self._assembler.submit(shutil.rmtree, folder, ignore_errors=True)
         for hook_name, kwargs in pending:
             self.plugins.notify(hook_name, **kwargs)
         if self._ended_batches:
@@ -1073,6 +1090,7 @@ class Scheduler:
         self._to_cancel = []
         self._ended_batches = set()
         self._pending_hooks = []
+        self._pending_removals = []
 
     def close(self) -> None:
         self._assembler.shutdown(wait=True)

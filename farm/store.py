@@ -401,6 +401,18 @@ class Store:
             fields["result"] = _json(fields["result"])
         self._move("segments", "segment", segment_id, old, new, fields)
 
+    def hand_out(self, attempt_id: str, segment_id: str, job_id: str, node: str, number: int, old: str) -> None:
+        """A segment handed to a node: the segment moves from ``old`` to running with its
+        attempt count, and its attempt starts (what the dispatch loop writes per segment,
+        in as few statements as it takes)."""
+        with self.transaction():
+            self._move("segments", "segment", segment_id, old, "running", {"attempts": number})
+            self._execute(
+                "INSERT INTO attempts(id, segment_id, job_id, node, state, started) VALUES (?, ?, ?, ?, 'running', ?)",
+                (attempt_id, segment_id, job_id, node, time.time()),
+            )
+            self.event("attempt_started", job_id=job_id, segment_id=segment_id, attempt_id=attempt_id, data={"node": node})
+
     def start_attempt(self, attempt_id: str, segment_id: str, job_id: str, node: str, number: int) -> None:
         with self.transaction():
             self._execute(

@@ -48,3 +48,62 @@ def test_outside_hours_a_part_time_node_says_why():
     policy = PartTime(hours=f"{start:02d}:00-{(start + 1) % 24:02d}:00", hand_back=True)
     accepting, hand_back, reason = Availability(policy).state()
     assert not accepting and hand_back and "outside its hours" in reason
+
+
+# -- a segment's process, followed in one thread --------------------------------------------
+
+
+def _runner(tmp_path, sandboxed: bool, cancelled=None):
+    import threading
+
+    from farm import sandbox
+    from farm.node import AttemptLog, CommandRunner
+
+    policy = sandbox.Policy(write=[str(tmp_path)]) if sandboxed else None
+    log = AttemptLog()
+    return log, CommandRunner(log, cancelled or threading.Event(), "test", kill_grace=1.0, policy=policy,
+                              home=tmp_path)
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "sandboxed"])
+def test_every_line_of_output_arrives_in_order_even_the_last_one_without_a_newline(tmp_path, sandboxed):
+    from farm import sandbox
+
+    if sandboxed and not sandbox.availability().ok:
+        pytest.skip("bubblewrap cannot run here")
+    log, runner = _runner(tmp_path, sandboxed)
+    seen: list[str] = []
+    script = "for i in $(seq 1 3000); do echo line $i; done; printf 'no newline at the end'; exit 3"
+    result = runner.run(["sh", "-c", script], cwd=tmp_path, on_line=seen.append, check=False)
+    assert result.exit_status == 3
+    assert seen == [f"line {i}" for i in range(1, 3001)] + ["no newline at the end"]
+    assert result.output.splitlines()[-1] == "no newline at the end"
+    assert "=== finished: exit status 3" in log.text()
+
+
+def test_a_process_that_closed_its_output_is_still_ended_on_cancel(tmp_path):
+    import threading
+
+    from farm.node import Cancelled
+
+    cancelled = threading.Event()
+    log, runner = _runner(tmp_path, False, cancelled)
+    marker = tmp_path / "closed"
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            runner.run(["sh", "-c", f"exec >/dev/null 2>&1; touch {marker}; sleep 600"], cwd=tmp_path)
+        except Cancelled as exc:
+            outcome["cancelled"] = str(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the process never started"
+    cancelled.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the cancel did not end the process"
+    assert "killed by SIGTERM" in str(outcome.get("cancelled")), outcome
