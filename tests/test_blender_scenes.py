@@ -182,6 +182,23 @@ def test_frame_step_and_profile_overrides(farm, farm_env):
     assert_same_pixels(out, hand, [1, 2, 3, 5, 7, 9], (40, 30))
 
 
+@pytest.mark.slow
+def test_the_output_pattern_names_the_format_blender_writes(farm, farm_env):
+    """output: f_####.exr writes OpenEXR frames (not PNG under another name), the same
+    pixels as `blender -b shot.blend -F OPEN_EXR -a`; a format Blender cannot write is
+    refused before anything runs."""
+    blend = build_scene(farm_env["tmp"] / "scene", frames=2)
+    result, out = farm_render(farm, farm_env, blend, "1-2", per_segment=2, output="f_####.exr")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["f_0001.exr", "f_0002.exr"]
+    assert all((out / name).read_bytes()[:4] == b"\x76\x2f\x31\x01" for name in ("f_0001.exr", "f_0002.exr"))
+    hand = by_hand(blend, "-F", "OPEN_EXR", "-s", "1", "-e", "2", out=farm_env["tmp"] / "hand")
+    for n in (1, 2):
+        assert pixels(out / f"f_{n:04d}.exr") == pixels(hand / f"frame_{n:04d}.exr"), f"frame {n}"
+    refused = farm("plan", blender_profile(farm_env["tmp"], "1-2", output="f_####.webp"), blend)
+    assert refused.returncode == 2 and "blender cannot write .webp frames" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("remove, named", [("textures/x.png", "image //textures/x.png"),
                                             ("lib/parts.blend", "library //lib/parts.blend")])
 def test_a_missing_texture_or_library_fails_naming_it(farm, farm_env, remove, named):

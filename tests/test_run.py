@@ -12,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FARM, ROOT, running_with, write_profile
+from tests.conftest import FARM, ROOT, alive, running_with, write_profile
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def script(folder: Path, name: str, body: str) -> Path:

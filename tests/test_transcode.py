@@ -68,11 +68,14 @@ def duration(stream: dict) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def psnr(path: Path, reference: Path) -> list[float]:
-    """Per-frame PSNR (dB) of ``path`` against ``reference``, frame by frame."""
+def psnr(path: Path, reference: Path, rate: str | None = None) -> list[float]:
+    """Per-frame PSNR (dB) of ``path`` against ``reference``, frame by frame. With ``rate``,
+    both are first counted from their first frame and put on that rate's grid (psnr pairs
+    frames by timestamp, and Matroska's millisecond ones pair a frame with its neighbour)."""
     stats = path.parent / f"{path.stem}.psnr.txt"
+    grid = f"setpts=PTS-STARTPTS,fps={rate}" if rate else "null"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", path.name, "-i", str(reference),
-                    "-lavfi", f"[0:v][1:v]psnr=stats_file={stats.name}", "-f", "null", "-"],
+                    "-lavfi", f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats.name}", "-f", "null", "-"],
                    check=True, cwd=path.parent)
     values = []
     for line in stats.read_text().splitlines():

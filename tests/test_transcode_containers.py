@@ -10,7 +10,6 @@ doubled frame costs about 20 dB from there on).
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_profile
+from test_transcode import psnr
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "ffmpeg"], capture_output=True).returncode != 0, reason="ffmpeg is not installed"
@@ -62,21 +62,6 @@ def probe(path: Path) -> dict:
 
 def frames(path: Path) -> int:
     return int(next(s for s in probe(path)["streams"] if s["codec_type"] == "video")["nb_read_packets"])
-
-
-def psnr(path: Path, source: Path, rate: str) -> list[float]:
-    """Per-frame PSNR of ``path`` against ``source``, both counted from their first frame
-    and put on the source's grid (psnr pairs frames by timestamp)."""
-    stats = path.with_suffix(".psnr.txt")
-    grid = f"setpts=PTS-STARTPTS,fps={rate}"
-    subprocess.run([*FFMPEG, "-i", str(path), "-i", str(source), "-lavfi",
-                    f"[0:v]{grid}[a];[1:v]{grid}[b];[a][b]psnr=stats_file={stats.name}", "-f", "null", "-"],
-                   check=True, cwd=path.parent)
-    values = []
-    for line in stats.read_text().splitlines():
-        field = next(part for part in line.split() if part.startswith("psnr_avg:"))
-        values.append(math.inf if field.endswith("inf") else float(field.split(":")[1]))
-    return values
 
 
 def onset(path: Path) -> float:

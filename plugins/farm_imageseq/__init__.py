@@ -22,6 +22,7 @@ from farm.processor import Context, Processor
 from farm_imageseq import povray
 from farm_imageseq.patterns import FramePattern
 from farm_imageseq.renderers import RENDERERS, check_template
+from farm_imageseq.blender import FORMATS as BLENDER_FORMATS  # noqa: I001 (after renderers, which it extends)
 
 #: With segment.target_seconds and no segment.frames, the first segments are this
 #: small so that the farm learns a frame's cost quickly; the core re-cuts the rest.
@@ -32,7 +33,8 @@ class ImageSeqSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     renderer: Literal["povray", "blender", "template"]
-    output: str = Field(default="frame_####.png", description="file pattern: shot_####.png or shot_%04d.png")
+    output: str = Field(default="frame_####.png", description="file pattern: shot_####.png or shot_%04d.png; its extension is the format "
+                        "(povray: png; blender: png, exr, tif, jpg, tga, bmp, dpx)")
     width: int = Field(default=640, ge=1, le=16384, description="blender with a .blend: the scene's own unless set")
     height: int = Field(default=480, ge=1, le=16384, description="blender with a .blend: the scene's own unless set")
     engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] = Field(
@@ -78,8 +80,12 @@ class ImageSeqSettings(BaseModel):
             raise ValueError("ini and animation are POV-Ray settings (renderer: povray)")
         if self.renderer == "template" and not self.template:
             raise ValueError("renderer template needs settings.template, e.g. [shake, -exec, '{scene}', -t, '{start}-{end}']")
-        if self.renderer in ("povray", "blender") and FramePattern.parse(self.output).extension != "png":
-            raise ValueError(f"{self.renderer} writes PNG here; use an output pattern ending in .png")
+        extension = FramePattern.parse(self.output).extension
+        if self.renderer == "povray" and extension != "png":
+            raise ValueError("povray writes PNG here; use an output pattern ending in .png")
+        if self.renderer == "blender" and f".{extension}" not in BLENDER_FORMATS:
+            raise ValueError(f"blender cannot write .{extension} frames; use an output pattern ending in "
+                             f"{', '.join(sorted(BLENDER_FORMATS))}")
         return self
 
     @property

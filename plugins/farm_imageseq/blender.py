@@ -82,9 +82,11 @@ if render.engine == "CYCLES" and scene.cycles.use_denoising and scene.cycles.den
     if not _cycles.with_openimagedenoise:
         scene.cycles.use_denoising = False
         report["notes"].append("this Blender is built without OpenImageDenoise: rendering without denoising")
-if render.image_settings.file_format != "PNG":
-    report["notes"].append(f"the scene saves {render.image_settings.file_format}; writing PNG")
-    render.image_settings.file_format = "PNG"
+wanted = args["format"]  # what the profile's output pattern names
+if render.image_settings.file_format != wanted:
+    report["notes"].append(f"the scene saves {render.image_settings.file_format}; writing {wanted} "
+                           "(the profile's output names it)")
+    render.image_settings.file_format = wanted
 render.use_file_extension = True
 render.use_placeholder = False
 render.use_overwrite = True
@@ -152,6 +154,21 @@ def missing_reason(missing: list[list[str]], blend: Path | None, visible: list[P
     return f"missing files{where}: {'; '.join(parts)} ({why})"
 
 
+#: Blender's file format for an output pattern's extension, and the extension Blender
+#: gives it: the profile's ``output`` names the format the frames are written in.
+FORMATS = {".png": ("PNG", ".png"), ".exr": ("OPEN_EXR", ".exr"), ".tif": ("TIFF", ".tif"),
+           ".tiff": ("TIFF", ".tif"), ".jpg": ("JPEG", ".jpg"), ".jpeg": ("JPEG", ".jpg"),
+           ".tga": ("TARGA", ".tga"), ".bmp": ("BMP", ".bmp"), ".dpx": ("DPX", ".dpx")}
+
+
+def blender_format(pattern: FramePattern) -> tuple[str, str]:
+    extension = "." + pattern.suffix.rsplit(".", 1)[-1].lower()
+    if extension not in FORMATS:
+        raise DeterministicFailure(f"blender cannot write {extension} frames (output {pattern.prefix}#{pattern.suffix}); "
+                                   f"expected one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[extension]
+
+
 class Blender(Renderer):
     """Blender in the background: ``-o`` before ``-a``; the frames chosen with
     ``-s/-e/-j`` (always ``-j``: a scene saved with a frame step of 2 would otherwise
@@ -173,6 +190,7 @@ class Blender(Renderer):
         chosen = settings.model_fields_set if blend else {"width", "height", "engine", "samples"}
         overrides = {key: getattr(settings, key) for key in ("width", "height", "engine", "samples") if key in chosen}
         report_path = folder / "farm-blender-setup.json"
+        file_format, extension = blender_format(pattern)
         done = 0
 
         def on_line(line: str) -> None:
@@ -187,7 +205,7 @@ class Blender(Renderer):
             argv = ["blender", "-b", "-noaudio", "--factory-startup", *([str(blend)] if blend else []),
                     "--python-exit-code", "2", "--python-expr", SETUP, *settings.renderer_args,
                     "-o", str(folder / "bl_####"), "-s", str(first), "-e", str(last), "-j", str(step), "-a",
-                    "--", json.dumps({"overrides": overrides, "report": str(report_path)})]
+                    "--", json.dumps({"overrides": overrides, "report": str(report_path), "format": file_format})]
             result = context.run(argv, cwd=folder, check=False, read=scene_folder(job), on_line=on_line)
             report = json.loads(report_path.read_text()) if report_path.exists() else None
             if report and report["missing"]:
@@ -204,7 +222,7 @@ class Blender(Renderer):
             if report is None:
                 raise ProcessorError("blender exited 0 but its setup script did not run (see the segment's log)")
             for frame in range(first, last + 1, step):
-                produced = folder / f"bl_{frame:04d}.png"
+                produced = folder / f"bl_{frame:04d}{extension}"
                 if not produced.exists():
                     raise ProcessorError(f"blender exited 0 but did not write frame {frame}")
                 produced.rename(folder / pattern.name(frame))
