@@ -176,7 +176,7 @@ JOIN = """
         async with Worker(address, security=bundle.dask_security(), preload=["farm.nodeservice"], dashboard=False):
             pass
 
-    join = _run_worker(address, bundle, "victim2", 1, {}, threading.Event()) if kind == "nanny" else bare_worker()
+    join = _run_worker(address, bundle, "victim2", 1, {}, threading.Event(), print) if kind == "nanny" else bare_worker()
     try:  # a refused worker keeps trying to register: give it time to try, then stop
         asyncio.run(asyncio.wait_for(join, 30))
         print("JOINED")
