@@ -277,8 +277,9 @@ class TranscodeProcessor(Processor):
                 params["video_start"] = facts.start + float(origin / rate)
             # The encoder starts before the segment and runs on past its end; what it made
             # there is dropped (joins.py).
+            # (mp4 and mov only for now: a kept piece of Matroska came out two frames long)
             lead, tail = joins.overlap(video.codec, video.params, first, last, total, video.gop_frames(rate),
-                                       float(rate)) if len(cuts) > 1 else (0, 0)
+                                       float(rate)) if len(cuts) > 1 and settings.box.mp4_like else (0, 0)
             if lead or tail:
                 params.update(lead=lead, tail=tail)
                 params["run_end_pts"] = (None if last + tail >= total else
