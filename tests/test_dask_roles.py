@@ -338,6 +338,8 @@ def test_a_worker_with_a_stolen_node_certificate_cannot_run_code_in_the_controll
         # mallory answers segments: a forged result, then a forged exception; each is lost
         c.wait_until(lambda: len(list(calls.iterdir())) >= 2, 120, "mallory to be handed segments")
         assert c.job(job_id)["state"] == "running"
+        mallory.kill()  # it has said all it came to say; a real node does the work
+        mallory.wait()
         c.start_node("alpha", "--slots", "1")
         c.wait_until(lambda: c.job(job_id)["state"] in ("done", "failed"), 180, "the job to end")
         job = c.job(job_id)
