@@ -77,6 +77,7 @@ def quick(tmp_path):
     cluster.stop()
 
 
+@pytest.mark.slow
 def test_a_quickcluster_is_reached_with_no_options_and_its_file_goes_with_it(quick, tmp_path):
     nodes = quick.wait_until_ready()
     assert len(nodes) == 1 and nodes[0]["slots"] == 2
@@ -204,6 +205,7 @@ def store_rows(state: Path, sql: str, params: tuple = ()) -> list[tuple]:
         db.close()
 
 
+@pytest.mark.slow
 def test_purge_removes_old_finished_jobs_and_nothing_of_unfinished_ones(farm, farm_env):
     tmp, state = farm_env["tmp"], farm_env["state"]
     done = farm("run", talk_profile(tmp, "fine", "1-2"), "-o", tmp / "a", "--json", "--quiet")
@@ -253,6 +255,7 @@ def test_purge_removes_old_finished_jobs_and_nothing_of_unfinished_ones(farm, fa
     assert sorted(p.name for p in (tmp / "a").iterdir()) == ["f_0001.txt", "f_0002.txt"]  # outputs stay
 
 
+@pytest.mark.slow
 def test_a_controller_serves_logs_and_applies_its_retention(tmp_path):
     c = Cluster(tmp_path / "c")
     try:
@@ -347,6 +350,7 @@ def test_a_node_stuck_joining_stops_within_5_s_of_sigterm(tmp_path):
 # -- the Batch Monitor names what a batch is, and finds it -------------------------------------
 
 
+@pytest.mark.slow
 def test_the_monitor_names_each_batch_and_filters_by_words_and_state(tmp_path):
     from tests.test_monitor import CHROMIUM
 

@@ -72,6 +72,7 @@ def attempts(farm_env, job_id: str) -> list[int]:
         store.close()
 
 
+@pytest.mark.slow
 def test_a_scene_whose_name_holds_a_space_renders_the_same_pixels(farm, farm_env):
     scene = make_scene(farm_env["tmp"] / "shot", "orbit scene.pov")
     size = {"width": 32, "height": 24}
@@ -122,6 +123,7 @@ Declare=Speed=3
 
 
 @pytest.mark.parametrize("given", ["ini", "scene"])
+@pytest.mark.slow
 def test_an_ini_with_antialiasing_and_clock_settings_renders_as_povray_does(farm, farm_env, given):
     scene = make_scene(farm_env["tmp"] / "shot", "orbit.pov")
     ini = scene.with_suffix(".ini")
@@ -159,6 +161,7 @@ def test_a_sub_range_of_an_ini_animation_is_the_same_frames_as_the_whole_render(
     assert_same_pixels(farm_env["tmp"] / "out", "f_{:04d}.png", whole, [5, 6, 7, 8, 9])
 
 
+@pytest.mark.slow
 def test_a_sub_range_without_an_ini_runs_the_clock_over_the_declared_animation(farm, farm_env):
     scene = make_scene(farm_env["tmp"] / "shot", "orbit.pov")
     pov = profile(farm_env["tmp"], frames="1-12", settings={"width": 32, "height": 24, "animation": "1-12"})

@@ -115,6 +115,7 @@ def test_mpeg_ts_whose_timestamps_wrap_midway(farm, farm_env):
     assert abs(float(audio["duration"]) - 6.0) < 0.05
 
 
+@pytest.mark.slow
 def test_matroska_with_a_start_offset(farm, farm_env):
     """Start 9.98 s: its audio lasts 6 s, whatever the DURATION tag (the track's end) says."""
     tmp = farm_env["tmp"]
@@ -147,6 +148,7 @@ def test_mp4_with_an_edit_list_that_starts_between_keyframes(farm, farm_env):
 # -- vfr: convert ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_variable_rate_converted_to_its_average_rate_when_the_profile_names_none(farm, farm_env):
     """3 s at 30 fps then 3 s at 15 fps: 135 frames in 6 s, an average of 22.5 fps (not
     23.976, the common rate nearest to it)."""
@@ -197,6 +199,7 @@ def click_source(path: Path, audio_delay: float, acodec: list[str]) -> Path:
 
 @pytest.mark.parametrize("codec, container", [("aac", "mp4"), ("libopus", "mkv"), ("libmp3lame", "mp4"),
                                               ("ac3", "mkv"), ("pcm_s16le", "mov"), ("flac", "mkv")])
+@pytest.mark.slow
 def test_sound_plays_against_the_picture_where_it_did_in_the_source(farm, farm_env, codec, container):
     """Audio that starts 0.699 s after the picture: the click is where it was within 1 ms,
     whatever the encoder's priming (AAC 1024 samples, Opus pre-skip, LAME's delay)."""
@@ -208,6 +211,7 @@ def test_sound_plays_against_the_picture_where_it_did_in_the_source(farm, farm_e
     assert abs(sound_at(out) - sound_at(source)) <= 0.001
 
 
+@pytest.mark.slow
 def test_audio_that_starts_with_the_picture_in_a_ts_stays_there(farm, farm_env):
     tmp = farm_env["tmp"]
     source = click_source(tmp / "cam.ts", 0, ["-c:a", "aac", "-f", "mpegts"])

@@ -32,6 +32,7 @@ def test_segments_overlap_their_neighbours_by_half_a_gop(farm, farm_env):
     assert all("tail" not in s["params"] for s in vp9.json()["jobs"][0]["segments"])  # measured for x264 only
 
 
+@pytest.mark.slow
 def test_frames_next_to_every_cut_are_within_1_db_of_one_encode(farm, farm_env):
     tmp = farm_env["tmp"]
     source = movie(tmp / "src.mp4", seconds=6, rate="30000/1001", audio=0)

@@ -76,6 +76,7 @@ def plan_text(farm, profile, source: Path, *more: str) -> str:
 # -- bit depth and chroma -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_10_bit_422_kept_where_the_codec_carries_it_and_every_loss_said(farm, farm_env):
     tmp = farm_env["tmp"]
     source = make(tmp / "prores.mov", "-c:v", "prores_ks", "-profile:v", "hq", "-pix_fmt", "yuv422p10le",
@@ -145,6 +146,7 @@ def test_an_interlaced_source_is_deinterlaced_field_aware_never_woven(farm, farm
     assert min(against_bwdif) > 30  # no frame shifted at a join
 
 
+@pytest.mark.slow
 def test_interlace_keep_codes_fields_with_their_order_and_flags(farm, farm_env):
     tmp = farm_env["tmp"]
     source = interlaced(tmp / "tff.mp4")
@@ -170,6 +172,7 @@ def hdr10(path: Path) -> Path:
                 "-x265-params", f"log-level=error:hdr10=1:master-display={HDR10}:max-cll=1000,400", "-c:a", "aac")
 
 
+@pytest.mark.slow
 def test_hdr10_colour_and_metadata_kept_or_tone_mapped_when_the_profile_says(farm, farm_env):
     tmp = farm_env["tmp"]
     source = hdr10(tmp / "hdr.mp4")
@@ -205,6 +208,7 @@ def timecodes(path: Path) -> list[str]:
     return [t["timecode"] for t in tags if "timecode" in t]
 
 
+@pytest.mark.slow
 def test_a_start_timecode_is_kept_in_mp4_and_mov_unless_dropped(farm, farm_env):
     tmp = farm_env["tmp"]
     source = make(tmp / "tc.mov", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
@@ -222,6 +226,7 @@ def test_a_start_timecode_is_kept_in_mp4_and_mov_unless_dropped(farm, farm_env):
     assert timecodes(out) == []
 
 
+@pytest.mark.slow
 def test_prores_4444_keeps_its_alpha_and_a_proxy_says_it_drops_it(farm, farm_env):
     tmp = farm_env["tmp"]
     # Alpha that changes across the picture, so that a kept plane is told from an opaque one.

@@ -92,6 +92,7 @@ def test_a_gap_in_an_image_sequence_is_refused_naming_the_missing_frame(farm, fa
     ("mov-dnxhd", 50), ("mov-dnxhr-hqx", 100), ("mov-prores4444-alpha", 100), ("dv-ntsc-43", 59),
     ("dv-pal-43", 50), ("mxf-xdcam-hd422", 50), ("mxf-dnxhd", 50),
 ])
+@pytest.mark.slow
 def test_post_production_and_broadcast_sources_are_frame_exact_when_segmented(farm, farm_env, name, frames):
     """Into H.264 at 240 lines, so large sources stay quick; cut every half second."""
     tmp = farm_env["tmp"]
