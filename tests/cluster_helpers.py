@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -147,3 +151,37 @@ class Cluster:
             except ProcessLookupError:
                 pass
         self.nodes.clear()
+
+
+class FakeClusterAPI:
+    """An HTTPS server that answers every GET the way a controller's API answers
+    ``/api/cluster``: with ``scheduler``, under the certificate it is given. ``requests``
+    lists the paths it was asked for (nothing, when a client refused its certificate)."""
+
+    def __init__(self, scheduler: str, cert: str | Path, key: str | Path):
+        self.scheduler = scheduler
+        self.requests: list[str] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                api.requests.append(self.path)
+                body = json.dumps({"scheduler": api.scheduler}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()

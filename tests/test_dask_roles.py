@@ -9,13 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cluster_helpers import FakeClusterAPI
 from tests.test_cluster import cluster, frames_in, work_profile  # noqa: F401 (cluster: the fixture)
 
 pytestmark = pytest.mark.slow
@@ -185,34 +184,11 @@ JOIN = """
 """
 
 
-class FakeAPI(BaseHTTPRequestHandler):
-    requests: list[str] = []
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        FakeAPI.requests.append(self.path)
-        body = json.dumps({"scheduler": self.server.scheduler}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
-    import ssl
-
     c = cluster()
     pem = extract_pems(c.bundles / "node.yaml", tmp_path / "stolen")
     # A fake controller's API with the node's certificate (from the same CA) ...
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pem / "cert.pem", pem / "key.pem")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.scheduler = "tls://127.0.0.1:1"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fake_api = FakeClusterAPI("tls://127.0.0.1:1", pem / "cert.pem", pem / "key.pem")
     # ... and its Dask scheduler, plain Dask with the node's certificate.
     scheduler_port = c.scheduler_port
     fake = subprocess.Popen(
@@ -222,12 +198,12 @@ def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
         stdout=(tmp_path / "fake.log").open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         c.wait_until(lambda: "Scheduler at" in (tmp_path / "fake.log").read_text(), 60, "the fake scheduler")
-        c.url = f"https://127.0.0.1:{server.server_address[1]}"  # the node is told to use the fake
+        c.url = fake_api.url  # the node is told to use the fake
         node = c.start_node("victim")
         log = c.root / "node-victim.log"
         c.wait_until(lambda: log.exists() and "not reachable" in log.read_text(), 60, "the node to refuse the API")
         assert "certificate" in log.read_text()
-        assert FakeAPI.requests == []  # refused during the TLS handshake: not even the token was sent
+        assert fake_api.requests == []  # refused during the TLS handshake: not even the token was sent
         assert node.poll() is None  # still looking for its real controller
 
         # Told the fake scheduler's address some other way, the node's Dask side refuses it too.
@@ -241,7 +217,7 @@ def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
             assert "REFUSED" in joined.stdout and "JOINED" not in joined.stdout, (kind, said)
             assert "not the controller's" in said, (kind, said)
     finally:
-        server.shutdown()
+        fake_api.close()
         fake.terminate()
         fake.wait(timeout=30)
     output = (tmp_path / "fake.log").read_text()

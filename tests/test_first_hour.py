@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.cluster_helpers import Cluster, free_port
+from tests.cluster_helpers import Cluster, FakeClusterAPI, free_port
 from tests.conftest import FARM, ROOT, Result, write_profile
 
 EXAMPLE = ROOT / "examples" / "testsrc-frames.yaml"
@@ -292,40 +292,19 @@ class SilentScheduler:
     way a node waits on a controller that went away mid-join."""
 
     def __init__(self, bundle_path: Path):
-        import http.server
-        import ssl
         import socket
-        import threading
 
         from farm.security import Bundle
 
         self.silent = socket.socket()
         self.silent.bind(("127.0.0.1", 0))
         self.silent.listen(16)  # never accepted: connections wait in the backlog
-        scheduler = f"tls://127.0.0.1:{self.silent.getsockname()[1]}"
-
-        class Api(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = json.dumps({"scheduler": scheduler}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         with Bundle.load(bundle_path).pem_paths() as files:
-            context.load_cert_chain(files["cert"], files["key"])
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            self.api = FakeClusterAPI(f"tls://127.0.0.1:{self.silent.getsockname()[1]}", files["cert"], files["key"])
+        self.url = self.api.url
 
     def close(self):
-        self.server.shutdown()
+        self.api.close()
         self.silent.close()
 
 
