@@ -322,7 +322,17 @@ def usable_path(raw: str, what: str) -> Path:
     shown = raw if len(raw) <= 80 else f"{raw[:60]}...({len(raw)} characters)"
     if "\x00" in raw:
         raise UsageError(f"{what} {shown!r} contains a NUL byte; a path cannot")
-    path = Path(raw).expanduser()
+    try:
+        os.fsencode(raw)
+    except UnicodeError:  # a lone surrogate (from a JSON body): no file name on this system has it
+        raise UsageError(f"{what} {shown!r} holds characters no file name can hold here "
+                         f"(lone UTF-16 surrogates); expected a path in UTF-8") from None
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError:  # "~someone" names a user this machine does not have
+        user = raw[1:].split("/", 1)[0]
+        raise UsageError(f"{what} {shown!r} starts with ~{user}, but there is no user {user!r} here; "
+                         "expected a path, or ~/ for your own home folder") from None
     try:
         path.exists()
     except OSError as exc:  # ENAMETOOLONG and the like: Path.exists() lets these through

@@ -157,6 +157,27 @@ def test_actions_on_a_finished_job_are_refused_with_its_state(farm_cluster):
         assert f"job {job_id} is" in response.json()["error"] and "done" in response.json()["error"]
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("profile", "~\u0006\u0085\ud94b\udc21", "but there is no user"),  # found by schemathesis: was a 500
+    ("profile", "p-\ud94b", "valid string"),
+    ("destination", "out-\ud800", "valid string"),
+    ("inputs", ["in-\ud800.mov"], "lone UTF-16 surrogates"),
+    ("destination", "~nosuchuser/out", "no user 'nosuchuser'"),
+])
+def test_names_no_file_system_can_hold_are_refused_by_name(farm_cluster, field, value, expected):
+    c = farm_cluster
+    takes_inputs = write_profile(c.root, "each-input", {
+        "processor": "command", "frames": "1", "settings": {"command": [sys.executable, "-c", "pass", "{input}"]}})
+    profile = takes_inputs if field == "inputs" else work_profile(c, "1", 0.0)
+    body = {"profile": str(profile), "destination": str(c.root / "out-odd"), field: value}
+    # the surrogates go over the wire as JSON escapes, the way a browser or a fuzzer sends them
+    response = c.http.post("/api/batches", content=json.dumps(body, ensure_ascii=True),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert expected in error and (field.rstrip("s") in error), error
+
+
 def test_pause_resume_and_priority_steer_the_queue(farm_cluster):
     c = farm_cluster
     assert c.http.post("/api/nodes/alpha/pause").json() == {"node": "alpha", "paused": True}
