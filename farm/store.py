@@ -224,6 +224,8 @@ class Store:
         self._depth = 0
 
     def _prepare(self) -> None:
+        # a new store gives deleted pages back to the file system in steps (reclaim_space)
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -718,6 +720,18 @@ class Store:
             f" WHERE state IN ({terminal}) AND updated < ? AND NOT EXISTS"
             " (SELECT 1 FROM droplet_files d WHERE d.job_id = jobs.id AND d.state = 'submitted')"
             " ORDER BY updated", (before,))
+
+    def reclaim_space(self) -> None:
+        """Shrink the file after rows were deleted: free pages are given back (a store made
+        before incremental vacuuming is rewritten once with VACUUM, which turns it on), and
+        the write-ahead log is emptied."""
+        with self._lock:
+            if self._one("PRAGMA auto_vacuum")[0] == 2:  # incremental
+                self._rows("PRAGMA incremental_vacuum")
+            else:
+                self._execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._execute("VACUUM")
+            self._rows("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def purge_jobs(self, job_ids: list[str], before: float) -> list[str]:
         """Delete these jobs, if they are still finished, with their segments, attempts
