@@ -1,6 +1,7 @@
 """History that stays small: `farm purge --older-than AGE` and the controller's
 ``controller.retention`` remove jobs that ended (done, failed, cancelled) longer ago than
-AGE, with their segments, attempt logs and events, and their work folders.
+AGE, with their segments, attempt logs and events, their work folders and previews; the
+store's file then shrinks (:meth:`farm.store.Store.reclaim_space`).
 
 Unfinished jobs (queued, running, paused, assembling, interrupted) are never touched, and
 neither are outputs in destinations: only Farm's own records and scratch go. A job whose

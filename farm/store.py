@@ -726,8 +726,13 @@ class Store:
         before incremental vacuuming is rewritten once with VACUUM, which turns it on), and
         the write-ahead log is emptied."""
         with self._lock:
+            if self._db.in_transaction:  # never inside another's transaction: the next purge does it
+                return
             if self._one("PRAGMA auto_vacuum")[0] == 2:  # incremental
-                self._rows("PRAGMA incremental_vacuum")
+                try:  # run to its end: stepped once (as execute does), it frees one page
+                    self._db.executescript("PRAGMA incremental_vacuum;")
+                except sqlite3.OperationalError as exc:
+                    raise StoreError(f"the state store at {self.path} cannot be written: {exc}") from None
             else:
                 self._execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self._execute("VACUUM")
