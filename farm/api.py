@@ -18,6 +18,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import AsyncIterator
 from importlib.resources import files
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm import __version__
+from farm.attemptfiles import has_preview, read_live_log, read_preview
 from farm.errors import FarmError, Forbidden, OutputConflict, StoreError
 from farm.gate import UNAUTHORISED, Gate
 from farm.model import TERMINAL_JOB_STATES
@@ -301,11 +303,60 @@ def create_app(controller: Any) -> FastAPI:
         ]}
 
     @app.get("/api/attempts/{attempt_id}/log", dependencies=guarded)
-    def attempt_log(attempt_id: str) -> dict[str, Any]:
+    def attempt_log(attempt_id: str, after: int = Query(default=0, ge=0, le=2**62)) -> dict[str, Any]:
+        """An attempt's log. While it runs, the lines written so far from byte ``after`` of
+        its live log on, and ``next``, the ``after`` of the next call; once it has ended,
+        the whole log as stored."""
         row = reader.attempt(attempt_id)
         if row is None:
             raise ApiError(404, f"no attempt {attempt_id!r}")
-        return {**attempt_document(row), "log": row["log"] or ""}
+        if row["ended"] is None:
+            text, following = read_live_log(Path(job_or_404(row["job_id"])["work_dir"]), row["id"], after)
+            return {**attempt_document(row), "log": text, "live": True, "next": following}
+        return {**attempt_document(row), "log": row["log"] or "", "live": False, "next": None}
+
+    # -- pictures: what the processors' previews show (farm.attemptfiles) -------------------
+
+    def picture(found: tuple[bytes, str] | None, what: str) -> Response:
+        if found is None:
+            raise ApiError(404, f"{what} has no preview")
+        data, media_type = found
+        return Response(data, media_type=media_type,
+                        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    def previews_of(job_id: str) -> list[dict[str, Any]]:
+        work_dir = Path(job_or_404(job_id)["work_dir"])
+        segments = {s["id"]: s for s in reader.segments(job_id)}
+        found = [{"attempt": a["id"], "segment": a["segment_id"], "index": segments[a["segment_id"]]["idx"],
+                  "label": segments[a["segment_id"]]["label"], "node": a["node"], "ended": a["ended"]}
+                 for a in reader.attempts(job_id=job_id)
+                 if a["state"] == "done" and a["segment_id"] in segments and has_preview(work_dir, a["id"])]
+        return sorted(found, key=lambda p: (p["index"], p["ended"]))
+
+    @app.get("/api/jobs/{job_id}/previews", dependencies=guarded)
+    def job_previews(job_id: str) -> list[dict[str, Any]]:
+        """The segments of a job that have a preview (a frame, a poster frame), in order;
+        each picture is at /api/attempts/{attempt}/preview."""
+        return previews_of(job_id)
+
+    @app.get("/api/jobs/{job_id}/preview", dependencies=guarded, response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
+    def job_preview(job_id: str) -> Response:
+        """The preview of the segment that finished last (the latest frame)."""
+        found = previews_of(job_id)
+        if not found:
+            raise ApiError(404, f"job {job_id} has no preview yet")
+        latest = max(found, key=lambda p: p["ended"])
+        return picture(read_preview(Path(job_or_404(job_id)["work_dir"]), latest["attempt"]), f"job {job_id}")
+
+    @app.get("/api/attempts/{attempt_id}/preview", dependencies=guarded, response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
+    def attempt_preview(attempt_id: str) -> Response:
+        """A JPEG or PNG at most 320 px wide that the segment's processor made of its work."""
+        row = reader.attempt(attempt_id)
+        if row is None:
+            raise ApiError(404, f"no attempt {attempt_id!r}")
+        return picture(read_preview(Path(job_or_404(row["job_id"])["work_dir"]), row["id"]), f"attempt {attempt_id}")
 
     @app.get("/api/nodes", dependencies=guarded)
     def nodes(response: Response) -> list[dict[str, Any]]:

@@ -2,8 +2,10 @@
 the local store (`farm run` jobs) or from the controller (when one is named, or a
 quickcluster runs on this machine), the way `farm status` chooses.
 
-A log is stored when its attempt ends (the tail, each with its header and footer), so
-``--follow`` prints each attempt's log as it ends, until the job ends.
+A log is stored when its attempt ends (the tail, each with its header and footer); while
+it runs, its node writes it line by line to a live file beside the job's work folder
+(:mod:`farm.attemptfiles`), so ``--follow`` prints a running attempt's lines as they are
+written, then the rest of its log when it ends, until the job ends.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
+from farm.attemptfiles import read_live_log
 from farm.errors import ExitStatus, UsageError
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -33,8 +37,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     logs.add_argument("target", nargs="?", metavar="SEGMENT|ATTEMPT",
                       help="a segment (its index, or its id as `farm status JOB` shows it) or an attempt id")
     logs.add_argument("--follow", "-f", action="store_true",
-                      help="go on printing each attempt's log as it ends, until the job ends (exit status 1 "
-                           "unless it is done)")
+                      help="go on printing each attempt's lines as they are written, until the job ends (exit "
+                           "status 1 unless it is done)")
     _remote_arguments(logs)
     return {"logs": cmd_logs}
 
@@ -86,6 +90,16 @@ class LocalLogs:
         finally:
             store.close()
 
+    def live(self, job_id: str, attempt_id: str, after: int) -> tuple[str, int]:
+        from farm.cli import _open_store
+
+        store = _open_store(self.args)
+        try:
+            row = store.job(job_id)
+        finally:
+            store.close()
+        return read_live_log(Path(row["work_dir"]), attempt_id, after) if row is not None else ("", after)
+
 
 class RemoteLogs:
     """A controller's API."""
@@ -102,6 +116,12 @@ class RemoteLogs:
 
     def log(self, attempt_id: str) -> str:
         return self.client.request("GET", f"/api/attempts/{attempt_id}/log")["log"]
+
+    def live(self, job_id: str, attempt_id: str, after: int) -> tuple[str, int]:
+        answer = self.client.request("GET", f"/api/attempts/{attempt_id}/log?after={after}")
+        if not answer.get("live"):  # it has just ended: its whole log comes with the next round
+            return "", after
+        return answer["log"], int(answer["next"])
 
 
 def _chooser(job_id: str, target: str | None) -> Callable[[Attempt], bool]:
@@ -122,14 +142,30 @@ def _header(attempt: Attempt) -> str:
             f"{attempt.state}{status}{reason} <==")
 
 
+def _print_running(source: LocalLogs | RemoteLogs, args: argparse.Namespace, attempt: Attempt,
+                   followed: dict[str, tuple[int, str]], stdout: TextIO, stderr: TextIO) -> None:
+    """The lines a running attempt has written since the last round (its header first)."""
+    if attempt.id not in followed:
+        followed[attempt.id] = (0, "")
+        print(_header(attempt), file=stdout, flush=True)
+        if not args.follow:
+            print(f"farm: attempt {attempt.id} is still running on {attempt.node}: its lines so far "
+                  "(--follow goes on until it ends)", file=stderr, flush=True)
+    offset, printed = followed[attempt.id]
+    text, offset = source.live(args.job, attempt.id, offset)
+    if text:
+        print(text, end="", file=stdout, flush=True)
+        followed[attempt.id] = (offset, printed + text)
+
+
 def cmd_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.cli import _remote
 
     remote = _remote(args, quickcluster=True)
     source: LocalLogs | RemoteLogs = RemoteLogs(remote) if remote is not None else LocalLogs(args)
     chosen = _chooser(args.job, args.target)
-    shown: set[str] = set()
-    said_running: set[str] = set()
+    shown: set[str] = set()  # attempts whose whole log is printed
+    followed: dict[str, tuple[int, str]] = {}  # running attempts: (live log offset, text printed)
     while True:
         state, attempts = source.job(args.job)
         mine = [a for a in sorted(attempts, key=lambda a: (a.started or 0, a.id)) if chosen(a)]
@@ -140,15 +176,22 @@ def cmd_logs(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSt
             if attempt.id in shown:
                 continue
             if attempt.ended is None:
-                if attempt.id not in said_running:
-                    said_running.add(attempt.id)
-                    print(f"farm: attempt {attempt.id} is running on {attempt.node}; its log comes when it ends"
-                          + ("" if args.follow else " (--follow waits for it)"), file=stderr, flush=True)
+                _print_running(source, args, attempt, followed, stdout, stderr)
                 continue
             shown.add(attempt.id)
-            text = source.log(attempt.id)
-            print(_header(attempt), file=stdout)
-            print(text.rstrip("\n") if text else "(empty log)", file=stdout, flush=True)
+            text = source.log(attempt.id).rstrip("\n")
+            if attempt.id not in followed:
+                print(_header(attempt), file=stdout)
+                print(text or "(empty log)", file=stdout, flush=True)
+                continue
+            so_far = followed.pop(attempt.id)[1].rstrip("\n")
+            if text.startswith(so_far):
+                rest = text[len(so_far):].removeprefix("\n")
+            else:  # the stored log is cut to its head and tail
+                rest = f"=== the log as stored:\n{text}"
+            if rest:
+                print(rest, file=stdout)
+            print(_header(attempt).replace("==> segment", "==> ended: segment", 1), file=stdout, flush=True)
         finished = state in STOPPED and all(a.ended is not None for a in mine)
         if not args.follow or finished:
             break

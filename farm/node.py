@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm import sandbox
+from farm import attemptfiles, sandbox
 from farm.config import NodeConfig, load_config
 from farm.errors import DeterministicFailure, FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
@@ -308,13 +308,16 @@ class CommandResult:
 class AttemptLog:
     """A bounded log of one attempt: keeps the head and the tail when it overflows."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: attemptfiles.LiveLog | None = None) -> None:
+        self.live = live  # where each line is also written as it comes, for `farm logs --follow`
         self._head: list[str] = []
         self._tail: list[str] = []
         self._dropped = 0
         self._lock = threading.Lock()
 
     def write(self, line: str) -> None:
+        if self.live is not None:
+            self.live.write(line)
         with self._lock:
             if len(self._head) < LOG_LINES_LIMIT // 2:
                 self._head.append(line)
@@ -617,7 +620,7 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
                                   destination=map_path(job.destination, mapping), work_dir=map_path(job.work_dir, mapping))
         segment = dataclasses.replace(segment, job=job, output_dir=map_path(segment.output_dir, mapping))
     cancelled = node._register(segment.attempt_id)
-    log = AttemptLog()
+    log = AttemptLog(attemptfiles.LiveLog(attemptfiles.live_log_path(job.work_dir, segment.attempt_id)))
     # A logger of the attempt's own, not registered with logging: a registered one lives as
     # long as the process, and each new one clears the cache of every other (a cost per
     # segment that grew with the number of segments run).
@@ -648,6 +651,7 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
             run=runner.run,
         )
         result = processor.run(segment, context)
+        _keep_preview(processor, segment, result or {}, context, log)
         if cancelled.is_set():
             raise Cancelled("cancelled")
         return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}
@@ -671,8 +675,22 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         return {"ok": False, "reason": reason, "log": log.text(), "node": node.name}
     finally:
         node._unregister(segment.attempt_id)
+        if log.live is not None:
+            log.live.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _keep_preview(processor: Any, segment: Segment, result: dict[str, Any], context: Context, log: AttemptLog) -> None:
+    """The processor's preview of a segment that succeeded, kept for the monitor; a
+    preview that fails is a line in the log, never the segment's failure."""
+    try:
+        kept = attemptfiles.keep_preview(processor.preview(segment, result, context), segment.job.work_dir,
+                                         segment.attempt_id)
+        if kept is not None:
+            log.write(f"=== preview: {kept[1]}x{kept[2]} {kept[0].suffix[1:].upper()}")
+    except Exception as exc:  # Cancelled too: the check after this one says so
+        log.write(f"=== preview: none ({type(exc).__name__}: {exc})")
 
 
 async def cancel_attempt(attempt_id: str) -> bool:

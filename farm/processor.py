@@ -111,6 +111,14 @@ class Processor:
         """Process one segment into ``segment.output_dir``; return a JSON-serialisable result."""
         raise NotImplementedError(f"processor {self.name!r} does not implement run()")
 
+    def preview(self, segment: Segment, result: dict[str, Any], context: Context) -> Path | None:
+        """A small picture of what a segment made, for the Batch Monitor: the path of a JPEG
+        or PNG at most 320 px wide (made in ``context.scratch`` with ``context.run``), or
+        None. Called on the node right after :meth:`run` succeeded, with its result; the
+        node keeps a copy beside the job's work folder. A preview that fails or is refused
+        is a line in the segment's log, never the segment's failure."""
+        return None
+
     def verify(self, job: Job, results: list[dict[str, Any]], context: Context) -> Sequence[SegmentPlan]:
         """Check segment outputs before ``assemble``; return segments to run again (or none).
 

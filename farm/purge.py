@@ -1,6 +1,7 @@
 """History that stays small: `farm purge --older-than AGE` and the controller's
 ``controller.retention`` remove jobs that ended (done, failed, cancelled) longer ago than
-AGE, with their segments, attempt logs and events, and their work folders.
+AGE, with their segments, attempt logs and events, their work folders and previews; the
+store's file then shrinks (:meth:`farm.store.Store.reclaim_space`).
 
 Unfinished jobs (queued, running, paused, assembling, interrupted) are never touched, and
 neither are outputs in destinations: only Farm's own records and scratch go. A job whose
@@ -9,13 +10,18 @@ end a droplet has not recorded yet stays until it has (the droplet's ledger need
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from farm.attemptfiles import previews_folder
+from farm.errors import StoreError
 from farm.store import Store
+
+log = logging.getLogger("farm.purge")
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(w|d|h|m|s)\s*$")
 _UNIT_SECONDS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -50,6 +56,8 @@ class Purged:
     input: str | None
     #: its work folder, when one is on disk
     work_folder: str | None
+    #: the folder of its segments' previews (farm.attemptfiles), when one is on disk
+    previews: str | None = None
 
 
 def _work_folder(job_id: str, work_dir: str | None) -> Path | None:
@@ -62,13 +70,21 @@ def _work_folder(job_id: str, work_dir: str | None) -> Path | None:
     return path
 
 
+def _previews(job_id: str, work_dir: str | None) -> Path | None:
+    if not work_dir or Path(work_dir).name != job_id:
+        return None
+    path = previews_folder(Path(work_dir))
+    return path if path.is_dir() and not path.is_symlink() else None
+
+
 def find(store: Store, older_than: float, now: float | None = None) -> list[Purged]:
     before = (now if now is not None else time.time()) - older_than
     found = []
     for row in store.finished_jobs_before(before):
         folder = _work_folder(row["id"], row["work_dir"])
+        previews = _previews(row["id"], row["work_dir"])
         found.append(Purged(row["id"], row["batch_id"], row["state"], row["updated"], row["profile_name"],
-                            row["input"], str(folder) if folder else None))
+                            row["input"], str(folder) if folder else None, str(previews) if previews else None))
     return found
 
 
@@ -84,6 +100,11 @@ def purge(store: Store, older_than: float, *, dry_run: bool = False, now: float 
         return candidates
     gone = set(store.purge_jobs([job.id for job in candidates], now - older_than))
     purged = [job for job in candidates if job.id in gone]
+    if purged:
+        try:
+            store.reclaim_space()
+        except StoreError as exc:  # the rows are gone; the file shrinks next time
+            log.warning("purged %d job(s), but the store could not be shrunk: %s", len(purged), exc)
     if remove_folders:
         remove_work_folders(purged)
     return purged
@@ -91,8 +112,9 @@ def purge(store: Store, older_than: float, *, dry_run: bool = False, now: float 
 
 def remove_work_folders(purged: list[Purged]) -> None:
     for job in purged:
-        if job.work_folder:
-            shutil.rmtree(job.work_folder, ignore_errors=True)
+        for folder in (job.work_folder, job.previews):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def as_json(purged: list[Purged]) -> list[dict[str, object]]:

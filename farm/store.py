@@ -224,6 +224,8 @@ class Store:
         self._depth = 0
 
     def _prepare(self) -> None:
+        # a new store gives deleted pages back to the file system in steps (reclaim_space)
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -718,6 +720,23 @@ class Store:
             f" WHERE state IN ({terminal}) AND updated < ? AND NOT EXISTS"
             " (SELECT 1 FROM droplet_files d WHERE d.job_id = jobs.id AND d.state = 'submitted')"
             " ORDER BY updated", (before,))
+
+    def reclaim_space(self) -> None:
+        """Shrink the file after rows were deleted: free pages are given back (a store made
+        before incremental vacuuming is rewritten once with VACUUM, which turns it on), and
+        the write-ahead log is emptied."""
+        with self._lock:
+            if self._db.in_transaction:  # never inside another's transaction: the next purge does it
+                return
+            if self._one("PRAGMA auto_vacuum")[0] == 2:  # incremental
+                try:  # run to its end: stepped once (as execute does), it frees one page
+                    self._db.executescript("PRAGMA incremental_vacuum;")
+                except sqlite3.OperationalError as exc:
+                    raise StoreError(f"the state store at {self.path} cannot be written: {exc}") from None
+            else:
+                self._execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._execute("VACUUM")
+            self._rows("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def purge_jobs(self, job_ids: list[str], before: float) -> list[str]:
         """Delete these jobs, if they are still finished, with their segments, attempts

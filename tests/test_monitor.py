@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from farm.attemptfiles import image_size
 from farm.credentials import ClientFile
 from tests.cluster_helpers import Cluster
 from tests.conftest import ROOT, write_config, write_profile
@@ -25,6 +26,7 @@ from tests.test_cluster import work_profile
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "test-artifacts" / "monitor"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCENE = ROOT / "examples" / "povray" / "bouncing.pov"
 
 # Writes its frame only once the flag file exists: a job that fails until someone fixes it.
 FLAKY = """
@@ -528,3 +530,143 @@ def test_nothing_answers_plain_http_but_dasks_health_check_on_loopback(farm_clus
         for path in ("/info/main/workers.html", "/json/counts.json", "/proxy/8788/127.0.0.1/status"):
             assert plain_http(int(port), path) == 404, (address, path)  # nothing about tasks or workers
     assert plain, "Dask's health check was expected on loopback"
+
+
+# -- pictures and live logs ----------------------------------------------------------------------
+
+
+def povray_job(c: Cluster, dest: str) -> tuple[str, str]:
+    """A three-frame POV-Ray job of 400x300 frames, one frame a segment: (batch, job)."""
+    profile = write_profile(c.root, "shot", {
+        "processor": "imageseq", "frames": "1-3", "segment": {"frames": 1},
+        "settings": {"renderer": "povray", "output": "shot_####.png", "width": 400, "height": 300},
+    })
+    submitted = submit(c, profile, dest=dest, inputs=[str(SCENE)])
+    return submitted["batch"], submitted["jobs"][0]["id"]
+
+
+def test_previews_are_served_with_a_token_from_the_store_and_nowhere_else(farm_cluster):
+    c = farm_cluster
+    _, job_id = povray_job(c, "out-previews")
+    wait_for(c, job_id, "done")
+    previews = c.http.get(f"/api/jobs/{job_id}/previews").json()
+    assert [(p["index"], p["label"], p["node"]) for p in previews] == [
+        (0, "frames 1", "alpha"), (1, "frames 2", "alpha"), (2, "frames 3", "alpha")]
+    for preview in previews:
+        picture = c.http.get(f"/api/attempts/{preview['attempt']}/preview")
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
+        assert image_size(picture.content) == ("jpg", 320, 240)
+    latest = max(previews, key=lambda p: p["ended"])
+    assert c.http.get(f"/api/jobs/{job_id}/preview").content == \
+        c.http.get(f"/api/attempts/{latest['attempt']}/preview").content
+
+    anyone = httpx.Client(base_url=c.url, verify=False, timeout=30)
+    for path in (f"/api/attempts/{latest['attempt']}/preview", f"/api/jobs/{job_id}/preview",
+                 f"/api/jobs/{job_id}/previews"):
+        assert anyone.get(path).status_code == 401
+        assert anyone.get(path, headers={"Authorization": "Bearer not-the-token"}).status_code == 401
+    anyone.close()
+    for path, message in [("/api/attempts/a-none/preview", "no attempt 'a-none'"),
+                          ("/api/attempts/..%2F..%2Ffarm.db/preview", ""),
+                          (f"/api/attempts/{job_id}.s00000/preview", "no attempt"),
+                          ("/api/jobs/j-none/preview", "no job 'j-none'")]:
+        refused = c.http.get(path)
+        assert refused.status_code == 404 and message in refused.json()["error"], (path, refused.text)
+    # a job whose processor makes no previews (command) has none, and says so
+    plain = submit(c, work_profile(c, "1", 0.0), dest="out-no-previews")["jobs"][0]["id"]
+    wait_for(c, plain, "done")
+    assert c.http.get(f"/api/jobs/{plain}/previews").json() == []
+    assert c.http.get(f"/api/jobs/{plain}/preview").json() == {"error": f"job {plain} has no preview yet"}
+
+
+MEAN_COLOUR_JS = """(img) => {
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0);
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    const sum = [0, 0, 0];
+    for (let i = 0; i < data.length; i += 4) { sum[0] += data[i]; sum[1] += data[i + 1]; sum[2] += data[i + 2]; }
+    return sum.map((s) => s / (data.length / 4));
+}"""
+
+
+def test_the_page_shows_each_jobs_latest_picture_and_a_strip_of_its_frames(farm_cluster, browser):
+    from tests.test_pictures import mean_colour
+
+    c = farm_cluster
+    batch_id, job_id = povray_job(c, "out-strip")
+    wait_for(c, job_id, "done")
+    page = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{c.url}/#token={c.token}")
+    page.wait_for_selector("#live[data-state=live]", timeout=20000)
+    page.locator(f"#batch-{batch_id} .head").click()
+    thumb = page.locator(f"tr[data-job='{job_id}'] img.thumb")
+    thumb.wait_for(timeout=20000)
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle(), timeout=20000)
+
+    page.locator(f"tr[data-job='{job_id}']").click()
+    page.wait_for_function("document.querySelectorAll('#strip img').length === 3", timeout=20000)
+    strip = page.locator("#strip img")
+    sizes = [strip.nth(i).evaluate("(img) => img.decode().then(() => [img.naturalWidth, img.naturalHeight])")
+             for i in range(3)]
+    assert sizes == [[320, 240]] * 3
+    assert page.locator("#strip figcaption").all_inner_texts() == ["frames 1", "frames 2", "frames 3"]
+    # the strip's pictures are the rendered frames, and the row's is the latest
+    for i in range(3):
+        shown = strip.nth(i).evaluate(MEAN_COLOUR_JS)
+        real = mean_colour(c.root / "out-strip" / f"shot_{i + 1:04d}.png", 320)
+        assert all(abs(a - b) < 4 for a, b in zip(real, shown)), (i, real, shown)
+    latest = max(c.http.get(f"/api/jobs/{job_id}/previews").json(), key=lambda p: p["ended"])
+    latest_shown = page.locator(f"#strip figure[data-attempt='{latest['attempt']}'] img").evaluate(MEAN_COLOUR_JS)
+    assert thumb.evaluate(MEAN_COLOUR_JS) == latest_shown
+    page.screenshot(path=str(ARTIFACTS / "pictures-1280x800.png"), full_page=True)
+    page.context.close()
+    assert not errors, errors
+
+
+# Says a line, then waits for the gate file the test creates, then says another.
+GATED = """
+import pathlib, sys, time
+out, gate = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+print("waiting at the gate", flush=True)
+while not gate.exists():
+    time.sleep(0.05)
+print("through the gate", flush=True)
+(out / "f_0001.txt").write_text("1")
+"""
+
+
+def test_the_page_shows_a_running_segments_log_lines_as_it_writes_them(farm_cluster, browser):
+    c = farm_cluster
+    gate = c.root / "gates" / "log-gate"
+    gate.parent.mkdir(parents=True, exist_ok=True)
+    script = c.root / "gated.py"
+    script.write_text(GATED)
+    profile = write_profile(c.root, "gated", {
+        "processor": "command", "frames": "1", "segment": {"frames": 1}, "retries": 0,
+        "settings": {"command": [sys.executable, str(script), "{output_dir}", str(gate)], "expect": ["f_0001.txt"]},
+        "sandbox": {"read": [str(gate.parent)]},
+    })
+    submitted = submit(c, profile, dest="out-gated")
+    batch_id, job_id = submitted["batch"], submitted["jobs"][0]["id"]
+    try:
+        wait_for(c, job_id, "running")
+        page = browser.new_context(ignore_https_errors=True).new_page()
+        page.goto(f"{c.url}/#token={c.token}")
+        page.wait_for_selector("#live[data-state=live]", timeout=20000)
+        page.locator(f"#batch-{batch_id} .head").click()
+        page.locator(f"tr[data-job='{job_id}']").click()
+        page.locator(".seg[data-state=running]").first.click(timeout=20000)
+        page.wait_for_selector("#log:has-text('waiting at the gate')", timeout=30000)
+        assert "through the gate" not in page.locator("#log").inner_text()
+        assert c.http.get(f"/api/jobs/{job_id}").json()["state"] == "running"  # shown while it runs
+    finally:
+        gate.touch()
+    page.wait_for_selector("#log:has-text('=== finished: exit status 0')", timeout=60000)
+    text = page.locator("#log").inner_text()
+    assert text.count("waiting at the gate") == 1 and "through the gate" in text
+    wait_for(c, job_id, "done")
+    page.context.close()

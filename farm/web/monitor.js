@@ -13,6 +13,10 @@ const view = {
   shown: 50, // newest batches drawn; a busy controller holds thousands
   search: "", stateFilter: "", // what the batch list is narrowed to (words, one state)
   fetching: new Map(), // batch id -> whether events came while it was being read
+  thumbs: new Map(), // job id -> { key, url } of its latest preview (refetched when segments_done moves)
+  pictures: new Map(), // attempt id -> object URL of its preview (an attempt's preview never changes)
+  previews: [], // the selected job's previews, in segment order
+  logFollow: null, // { attempt, next } while the log shown is of a running attempt
 };
 
 // -- talking to the controller -----------------------------------------------------------
@@ -34,6 +38,41 @@ async function api(method, path, body) {
     throw new Refused(response.status, (data && data.error) || `${response.status} ${response.statusText}`);
   }
   return { data, events: Number(response.headers.get("X-Farm-Events") || 0) };
+}
+
+// Pictures are read with the token in a header too, and shown through object URLs.
+async function picture(path) {
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${view.token}` } });
+  if (!response.ok) return null;
+  return URL.createObjectURL(await response.blob());
+}
+
+function thumbOf(job) {
+  const key = `${job.segments_done}/${job.state}`;
+  const known = view.thumbs.get(job.id);
+  if (!known || known.key !== key) {
+    const entry = { key, url: known ? known.url : null };
+    view.thumbs.set(job.id, entry);
+    picture(`/api/jobs/${encodeURIComponent(job.id)}/preview`).then((url) => {
+      if (!url) return;
+      if (entry.url) URL.revokeObjectURL(entry.url);
+      entry.url = url;
+      render();
+    });
+  }
+  return view.thumbs.get(job.id).url;
+}
+
+async function loadPreviews(jobId) {
+  try {
+    const { data } = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}/previews`);
+    await Promise.all(data.filter((p) => !view.pictures.has(p.attempt)).map(async (p) => {
+      view.pictures.set(p.attempt, await picture(`/api/attempts/${encodeURIComponent(p.attempt)}/preview`));
+    }));
+    if (view.selected === jobId) view.previews = data.filter((p) => view.pictures.get(p.attempt));
+  } catch (error) {
+    console.warn("previews", jobId, error);
+  }
 }
 
 async function loadAll() {
@@ -268,7 +307,8 @@ function jobTable(batchId) {
       const open = !TERMINAL.has(job.state);
       return el("tr", { class: `job${job.id === view.selected ? " selected" : ""}`, "data-job": job.id,
                         onclick: () => selectJob(job.id) },
-        el("td", { class: "name" }, job.id, el("div", { class: "muted" }, job.profile)),
+        el("td", { class: "name" }, job.id, el("div", { class: "muted" }, job.profile),
+           thumbOf(job) ? el("img", { class: "thumb", src: thumbOf(job), alt: `latest picture of job ${job.id}` }) : null),
         el("td", { class: "name" }, job.input ? job.input.split("/").pop() : "(no input)",
            job.error ? el("div", { class: "reason" }, job.error) : null,
            job.waiting && open ? el("div", { class: "waiting" }, `waiting: ${job.waiting}`) : null),
@@ -324,6 +364,8 @@ function capabilities(node) {
 
 function selectJob(jobId) {
   view.selected = jobId;
+  view.previews = [];
+  view.logFollow = null;
   $("log").hidden = $("log-title").hidden = true;
   loadDetail().then(render);
 }
@@ -336,6 +378,7 @@ function scheduleDetail() {
 async function loadDetail() {
   try {
     view.detail = (await api("GET", `/api/jobs/${view.selected}`)).data;
+    await loadPreviews(view.selected);
   } catch (error) {
     view.detail = null;
     toast(error.message);
@@ -351,6 +394,11 @@ function renderDetail() {
   $("job-summary").replaceChildren(el("p", {}, pill(state), ` ${job.profile} · ${job.input || "(no input)"} → ${job.destination}`),
     job.error ? el("p", { class: "reason" }, job.error) : "",
     job.outputs.length ? el("p", { class: "muted name" }, `${job.outputs.length} output(s): ${job.outputs.slice(0, 3).join(", ")}${job.outputs.length > 3 ? " …" : ""}`) : "");
+  $("strip-title").hidden = !view.previews.length;
+  $("strip").replaceChildren(...view.previews.map((p) => el("figure", { "data-attempt": p.attempt },
+    el("img", { src: view.pictures.get(p.attempt), alt: `${p.label} on ${p.node}`, title: `${p.label} on ${p.node}`,
+                onclick: () => showLog(p.attempt) }),
+    el("figcaption", {}, p.label))));
   const attempts = job.segment_list.flatMap((s) => s.attempts.map((a) => ({ ...a, label: s.label })));
   const now = Date.now() / 1000;
   const t0 = Math.min(...attempts.map((a) => a.started));
@@ -386,15 +434,36 @@ function packRows(attempts, now) {
   return rows;
 }
 
+// A running attempt's log grows on the page as its node writes it (read every second
+// from where the last read ended); once the attempt ends, the stored log replaces it.
 async function showLog(attemptId) {
+  view.logFollow = null;
   try {
-    const { data } = await api("GET", `/api/attempts/${attemptId}/log`);
+    const { data } = await api("GET", `/api/attempts/${encodeURIComponent(attemptId)}/log`);
     $("log-title").textContent = `Log of ${data.id} on ${data.node} (${data.state}${data.exit_status !== null ? `, exit ${data.exit_status}` : ""})`;
-    $("log").textContent = [data.reason ? `reason: ${data.reason}\n` : "", data.log || "(no output)"].join("");
+    $("log").textContent = [data.reason ? `reason: ${data.reason}\n` : "", data.log || (data.live ? "" : "(no output)")].join("");
     $("log").hidden = $("log-title").hidden = false;
+    if (data.live) {
+      view.logFollow = { attempt: attemptId, next: data.next };
+      setTimeout(() => followLog(view.logFollow), 1000);
+    }
   } catch (error) {
     toast(error.message);
   }
+}
+
+async function followLog(following) {
+  if (view.logFollow !== following) return; // another log was opened meanwhile
+  try {
+    const { data } = await api("GET", `/api/attempts/${encodeURIComponent(following.attempt)}/log?after=${following.next}`);
+    if (view.logFollow !== following) return;
+    if (!data.live) return showLog(following.attempt);
+    if (data.log) $("log").append(data.log);
+    following.next = data.next;
+  } catch (error) {
+    console.warn("log", following.attempt, error);
+  }
+  setTimeout(() => followLog(following), 1000);
 }
 
 // -- actions ---------------------------------------------------------------------------------

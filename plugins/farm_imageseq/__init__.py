@@ -27,6 +27,7 @@ from farm_imageseq.blender import FORMATS as BLENDER_FORMATS  # noqa: I001 (afte
 #: With segment.target_seconds and no segment.frames, the first segments are this
 #: small so that the farm learns a frame's cost quickly; the core re-cuts the rest.
 FIRST_SEGMENT_FRAMES = 2
+PREVIEW_WIDTH = 320  # the most a preview may be wide (farm.attemptfiles)
 
 
 class ImageSeqSettings(BaseModel):
@@ -205,6 +206,23 @@ class ImageSequence(Processor):
         if segment.params.get("again"):
             result["again"] = frames  # what verification asked for: still bad after this, the job fails
         return result
+
+    def preview(self, segment: Segment, result: dict[str, Any], context: Context) -> Path | None:
+        """The segment's last frame, scaled to at most 320 px wide (a PNG that small as it is)."""
+        frames = result.get("frames") or {}
+        if not frames:
+            return None
+        last = Path(result["dir"]) / frames[max(frames, key=int)]
+        if last.suffix.lower() == ".png":
+            with open(last, "rb") as handle:
+                head = handle.read(24)
+            if head[12:16] == b"IHDR" and struct.unpack(">I", head[16:20])[0] <= PREVIEW_WIDTH:
+                return last
+        made = context.scratch / "preview.jpg"
+        context.run(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(last),
+                     "-vf", f"scale='min({PREVIEW_WIDTH},iw)':-2", "-frames:v", "1", "-q:v", "4", "-y", str(made)],
+                    read=[last])
+        return made
 
     def _frame_files(self, results: list[dict[str, Any]]) -> dict[int, Path]:
         files: dict[int, Path] = {}

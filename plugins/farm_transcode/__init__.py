@@ -140,6 +140,9 @@ def seek_point(needed: int, source: Any, start: float, demuxer: str) -> float | 
     return max(0.0, seconds - max(0.1, 3 * frame))
 
 
+PREVIEW_WIDTH = 320  # the most a poster frame may be wide (farm.attemptfiles)
+
+
 class TranscodeProcessor(Processor):
     name = "transcode"
     description = "ffmpeg transcodes: video encoded in segments across nodes, joined frame-exact and verified"
@@ -339,6 +342,17 @@ class TranscodeProcessor(Processor):
         context.progress(1.0, f"{count} frames")
         return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
                 "duration": found.duration(streams[0]), "params": params}
+
+    def preview(self, segment: Segment, result: dict[str, Any], context: Context) -> Path | None:
+        """A poster frame of a video segment: its piece's first frame, at most 320 px wide."""
+        if result.get("kind") != "video" or not result.get("file"):
+            return None
+        piece = Path(result["file"])
+        made = context.scratch / "poster.jpg"
+        context.run([ffmpeg_io.FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(piece),
+                     "-map", "0:v:0", "-vf", f"scale='min({PREVIEW_WIDTH},iw)':-2", "-frames:v", "1", "-q:v", "4",
+                     "-y", str(made)], read=[piece])
+        return made
 
     @staticmethod
     def _encode_video(context: Context, facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any],
