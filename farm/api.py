@@ -254,6 +254,11 @@ def create_app(controller: Any) -> FastAPI:
     def cluster() -> dict[str, Any]:
         return controller.info()
 
+    from farm.transfer_api import add_routes
+
+    controller.depot = add_routes(app, controller, role("moving files for segments", "node", "admin"),
+                                  role("reading", *readers))
+
     @app.get("/api/batches", dependencies=guarded)
     def batches(response: Response) -> list[dict[str, Any]]:
         response.headers[EVENTS_HEADER] = str(controller.events.last_id)
