@@ -164,3 +164,13 @@ def test_a_transfer_killed_half_way_resumes_and_the_cache_sends_nothing_twice(fa
 
     f.submit(profile, source, "-o", f.out / "second", "--set", "frames=1-2")
     assert [t for t in f.transfers() if t["direction"] == "out"] == sent  # cached: nothing sent again
+
+    # a partial file that is not what the controller has: the whole file comes again
+    other = f.inputs / "other.bin"
+    other.write_bytes(os.urandom(3 * 1024 * 1024))
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    (f.c.root / "island-cache" / "blobs" / f"{other_sha}.part").write_bytes(os.urandom(1024 * 1024))
+    f.submit(profile, other, "-o", f.out / "third", "--set", "frames=1-2")
+    assert (f.out / "third" / "frame_0001.txt").read_text() == f"1 {other_sha}"
+    assert [(t["offset"], t["bytes"]) for t in f.transfers() if t["name"] == "other.bin"] == \
+        [(1024 * 1024, 2 * 1024 * 1024), (0, 3 * 1024 * 1024)]
