@@ -294,16 +294,13 @@ class ControllerLink:
                 offset = 0
                 partial.unlink(missing_ok=True)
                 digest.__init__()  # type: ignore[misc]
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
             started, moved = time.monotonic(), 0
+            buffer = bytearray(CHUNK)
             with open(partial, "ab") as handle:
-                while True:
-                    count = response.readinto(view)
-                    if not count:
-                        break
-                    handle.write(view[:count])
-                    digest.update(view[:count])
+                while count := response.readinto(buffer):
+                    view = memoryview(buffer)[:count]
+                    handle.write(view)
+                    digest.update(view)
                     moved += count
                     if progress is not None:
                         progress(offset + moved)
