@@ -174,3 +174,33 @@ def test_a_transfer_killed_half_way_resumes_and_the_cache_sends_nothing_twice(fa
     assert (f.out / "third" / "frame_0001.txt").read_text() == f"1 {other_sha}"
     assert [(t["offset"], t["bytes"]) for t in f.transfers() if t["name"] == "other.bin"] == \
         [(1024 * 1024, 2 * 1024 * 1024), (0, 3 * 1024 * 1024)]
+
+
+SCENE = """\
+#version 3.7;
+#include "parts/colours.inc"
+camera { location <0, 2, -5> look_at <0, 0, 0> }
+light_source { <2, 4, -3> color rgb 1 }
+sphere { <sin(clock * 2 * pi), 0, 0>, 1 pigment { color Body } }
+"""
+
+
+@pytest.mark.skipif(not shutil.which("povray"), reason="needs POV-Ray")
+def test_a_node_without_shared_storage_renders_a_scene_with_its_include(farm_without_shared_storage):
+    f = farm_without_shared_storage()
+    f.c.start_node("shared", "--slots", "1")
+    f.start_island()
+    f.c.wait_for_nodes("shared", "island")
+    scene = f.inputs / "orbit" / "orbit.pov"
+    (scene.parent / "parts").mkdir(parents=True)
+    scene.write_text(SCENE)
+    (scene.parent / "parts" / "colours.inc").write_text("#declare Body = rgb <1, 0.4, 0.1>;\n")
+    # POV-Ray looks for includes in the folder it runs in: the INI points it at parts/
+    (scene.parent / "orbit.ini").write_text("Library_Path=parts\nInitial_Frame=1\nFinal_Frame=6\n")
+
+    job = f.submit("povray-png", scene, "-o", f.out / "orbit", "--set", "segment.frames=1",
+                   "--set", "settings.width=64", "--set", "settings.height=48")
+    assert sorted(p.name for p in (f.out / "orbit").iterdir()) == [f"frame_{n:04d}.png" for n in range(1, 7)]
+    assert f.nodes_of(job["id"]) == {"shared", "island"}
+    sent = {t["name"] for t in f.transfers() if t["direction"] == "out"}
+    assert sent == {"orbit.pov", "orbit.ini", "colours.inc"}
