@@ -46,6 +46,7 @@ API_ENV = "FARM_CONTROLLER_API"  # set by `farm node` for its worker process
 BUNDLE_ENV = "FARM_NODE_BUNDLE"
 HASH_HEADER = "X-Farm-Sha256"
 NODE_HEADER = "X-Farm-Node"
+JOB_HEADER = "X-Farm-Job"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -108,11 +109,12 @@ class TransferRecord:
 class Depot:
     """The controller's end: manifests of jobs' inputs, the files behind their hashes, and
     the attempt folders outputs come back into. ``jobs(job_id)`` gives a running job's
-    (Job, Processor) or None; ``attempt(attempt_id)`` a running attempt's output folder."""
+    (Job, Processor) or None; ``attempt(attempt_id)`` a running attempt's (job id, output
+    folder) or None."""
 
     KEEP_RECORDS = 200
 
-    def __init__(self, jobs: Callable[[str], Any], attempt: Callable[[str], Path | None]):
+    def __init__(self, jobs: Callable[[str], Any], attempt: Callable[[str], tuple[str, Path] | None]):
         self._jobs = jobs
         self._attempt = attempt
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -169,10 +171,10 @@ class Depot:
             raise TransferError(f"{path} changed on the controller after it was hashed")
         return path, size
 
-    def send(self, sha: str, offset: int, node: str) -> Iterator[bytes]:
+    def send(self, sha: str, offset: int, node: str, job: str | None = None) -> Iterator[bytes]:
         """The bytes of a declared input from ``offset``, in chunks, counted."""
         path, size = self.blob(sha)
-        record = self._record(TransferRecord("out", node, path.name, size, offset))
+        record = self._record(TransferRecord("out", node, path.name, size, offset, job=job))
         handle = open(path, "rb")
 
         def chunks() -> Iterator[bytes]:
@@ -191,9 +193,10 @@ class Depot:
         return chunks()
 
     def output_target(self, attempt_id: str, relative: str) -> Path:
-        folder = self._attempt(attempt_id)
-        if folder is None:
+        found = self._attempt(attempt_id)
+        if found is None:
             raise LookupError(f"attempt {attempt_id} is not running on this controller")
+        folder = found[1]
         target = folder / safe_relative(relative)
         if not target.resolve().is_relative_to(folder.resolve()):
             raise TransferError(f"{relative!r} leaves the attempt's folder")
@@ -208,7 +211,7 @@ class Depot:
         target = self.output_target(attempt_id, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
-        record = self._record(TransferRecord("in", node, relative, size, 0, job=attempt_id))
+        record = self._record(TransferRecord("in", node, relative, size, 0, job=self._attempt(attempt_id)[0]))
         digest = hashlib.sha256()
         try:
             with open(partial, "wb") as handle:
@@ -231,9 +234,40 @@ class Depot:
             del self.records[:-self.KEEP_RECORDS]
         return record
 
-    def documents(self) -> list[dict[str, Any]]:
+    def documents(self, job: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            return [record.document() for record in self.records]
+            return [record.document() for record in self.records if job is None or record.job == job]
+
+    def by_node(self) -> dict[str, dict[str, Any]]:
+        """Per node: bytes sent to it and back from it, and the rate of what moves now."""
+        summary: dict[str, dict[str, Any]] = {}
+        for record in self.documents():
+            entry = summary.setdefault(record["node"], {"bytes_out": 0, "bytes_in": 0, "active": 0, "rate": 0})
+            entry["bytes_out" if record["direction"] == "out" else "bytes_in"] += record["bytes"]
+            if record["active"]:
+                entry["active"] += 1
+                entry["rate"] += record["rate"]
+        return summary
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def describe_transfer(doc: dict[str, Any]) -> str:
+    """One transfer as `farm status JOB` shows it."""
+    way = f"sent {doc['name']} to {doc['node']}" if doc["direction"] == "out" else \
+        f"{doc['node']} sent back {doc['name']}"
+    resumed = f" from byte {doc['offset']:,}" if doc["offset"] else ""
+    state = "moving" if doc["active"] else "done"
+    return f"transfer: {way}{resumed}: {_mib(doc['bytes'])} of {_mib(doc['size'])}, {_mib(doc['rate'])}/s, {state}"
+
+
+def describe_node_transfers(summary: dict[str, Any]) -> str:
+    """A node's transfers as `farm nodes` shows them."""
+    now = f", {summary['active']} moving at {_mib(summary['rate'])}/s" if summary["active"] else ""
+    return (f"no shared storage: {_mib(summary['bytes_out'])} sent to it, {_mib(summary['bytes_in'])} "
+            f"sent back{now}")
 
 
 def parse_range(header: str | None, size: int) -> int:
@@ -280,12 +314,13 @@ class ControllerLink:
         return json.loads(body)
 
     def download(self, sha: str, partial: Path, digest: Any, cancelled: threading.Event | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, job: str = "") -> None:
         """Append the blob's bytes from ``partial``'s size on, updating ``digest``."""
         offset = partial.stat().st_size if partial.exists() else 0
         connection = self._connection()
         try:
-            connection.request("GET", f"{ROUTE}/blobs/{sha}", headers={**self.headers, "Range": f"bytes={offset}-"})
+            connection.request("GET", f"{ROUTE}/blobs/{sha}", headers={**self.headers, "Range": f"bytes={offset}-",
+                                                                       JOB_HEADER: job})
             response = connection.getresponse()
             if response.status not in (200, 206):
                 raise TransferError(f"the controller refused blob {sha[:12]}: {response.status} "
@@ -369,7 +404,7 @@ class NodeCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def ensure(self, link: ControllerLink, sha: str, size: int, cancelled: threading.Event | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Path:
+               progress: Callable[[int, int], None] | None = None, job: str = "") -> Path:
         """The cached file with ``sha``: there already, or fetched (resuming a ``.part``)."""
         if not _SHA.match(sha):
             raise TransferError(f"{sha!r} is not a sha256")
@@ -390,7 +425,7 @@ class NodeCache:
                             sha256_file(partial, into=digest)
                     before = partial.stat().st_size if partial.exists() else 0
                     link.download(sha, partial, digest, cancelled,
-                                  (lambda n: progress(n, size)) if progress else None)
+                                  (lambda n: progress(n, size)) if progress else None, job)
                     with self._lock:
                         self.fetched += partial.stat().st_size - before
                     if digest.hexdigest() == sha and partial.stat().st_size == size:
@@ -543,7 +578,7 @@ def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: thread
                 def progress(moved: int, size: int, name: str = relative.name, base: int = done_before) -> None:
                     report(0.0, f"fetching {name}: {(base + moved) * 100 // total}%")
 
-                blob = cache.ensure(link, entry["sha256"], entry["size"], cancelled, progress)
+                blob = cache.ensure(link, entry["sha256"], entry["size"], cancelled, progress, job.id)
                 staging.held.append(entry["sha256"])
                 target = staged_root / relative
                 target.parent.mkdir(parents=True, exist_ok=True)

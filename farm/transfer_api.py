@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from farm.errors import DeterministicFailure, FarmError
 from farm.model import TERMINAL_JOB_STATES
-from farm.transfer import HASH_HEADER, NODE_HEADER, ROUTE, Depot, parse_range
+from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, ROUTE, Depot, parse_range
 
 
 def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot:
@@ -28,7 +28,7 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         runtime = controller.scheduler.jobs.get(attempt.job_id) if attempt is not None else None
         if attempt is None or not attempt.current or runtime is None:
             return None
-        return runtime.job.work_dir / attempt_id
+        return attempt.job_id, runtime.job.work_dir / attempt_id
 
     depot = Depot(running_job, running_attempt)
 
@@ -48,7 +48,8 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         try:
             _, size = depot.blob(sha)
             offset = parse_range(request.headers.get("range"), size)
-            chunks = depot.send(sha, offset, request.headers.get(NODE_HEADER, "?")[:100])
+            chunks = depot.send(sha, offset, request.headers.get(NODE_HEADER, "?")[:100],
+                                request.headers.get(JOB_HEADER, "")[:100] or None)
         except (LookupError, FarmError) as exc:
             return refused(exc)
         headers = {"Content-Length": str(size - offset), "Accept-Ranges": "bytes"}
@@ -68,9 +69,9 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
             return refused(exc)
 
     @app.get("/api/transfers", dependencies=[Depends(readers)])
-    def transfers() -> list[dict[str, Any]]:
-        """Files sent to nodes without shared storage, and outputs they sent back: the last
-        200, with bytes moved and rate."""
-        return depot.documents()
+    def transfers(job: str | None = None) -> list[dict[str, Any]]:
+        """Files sent to nodes without shared storage, and outputs they sent back (of one
+        job with ``?job=``): the last 200, with bytes moved and rate."""
+        return depot.documents(job)
 
     return depot

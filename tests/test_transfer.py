@@ -123,6 +123,9 @@ def test_a_node_without_shared_storage_runs_command_and_transcode_segments(farm_
     assert sorted(p.name for p in (f.out / "stamped").iterdir()) == [f"frame_{n:04d}.txt" for n in range(1, 9)]
     assert all((f.out / "stamped" / f"frame_{n:04d}.txt").read_text() == f"{n} {digest}" for n in range(1, 9))
     assert f.nodes_of(job["id"]) == {"shared", "island"}
+    status = f.c.farm("status", job["id"])
+    assert status.returncode == 0 and "transfer: sent clip.mp4 to island" in status.stdout, status.stdout
+    assert "island sent back frame_" in status.stdout
 
     job = f.submit("h264-web-720p", source, "-o", f.out / "movie", "--set", "segment.seconds=1",
                    "--set", "settings.video.height=240")
@@ -134,6 +137,11 @@ def test_a_node_without_shared_storage_runs_command_and_transcode_segments(farm_
     assert [(t["name"], t["offset"], t["bytes"]) for t in sent] == [("clip.mp4", 0, source.stat().st_size)]
     assert {t["node"] for t in f.transfers()} == {"island"}
     assert any(t["direction"] == "in" and t["name"].startswith("video-") for t in f.transfers())
+    lines = f.c.farm("nodes").stdout.splitlines()
+    below = {line.split()[0]: (lines[n + 1] if n + 1 < len(lines) else "")
+             for n, line in enumerate(lines) if not line.startswith(" ")}
+    assert below["island"].strip().startswith(f"no shared storage: {source.stat().st_size / 2**20:.1f} MiB sent to it")
+    assert not below["shared"].startswith(" ")  # the node on shared storage moved nothing
 
 
 def test_a_transfer_killed_half_way_resumes_and_the_cache_sends_nothing_twice(farm_without_shared_storage):
