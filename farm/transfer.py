@@ -119,6 +119,7 @@ class Depot:
         self._attempt = attempt
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._served: dict[str, tuple[Path, int, int]] = {}  # sha -> (path, size, mtime_ns)
+        self._declared_by: dict[str, set[str]] = {}  # sha -> the jobs that declared it
         self._lock = threading.Lock()
         self.records: list[TransferRecord] = []
 
@@ -152,6 +153,7 @@ class Depot:
                                     f"{exc.strerror or exc}") from None
             with self._lock:
                 self._served[sha] = (path, size, mtime)
+                self._declared_by.setdefault(sha, set()).add(job_id)
             entries.append({"path": str(path.relative_to(root)), "size": size, "sha256": sha})
         main = str(job.input.relative_to(root)) if job.input is not None else None
         return {"job": job_id, "root": str(root), "input": main, "files": entries}
@@ -160,8 +162,9 @@ class Depot:
         """The file behind ``sha``, if a manifest named it and it is still that file."""
         with self._lock:
             found = self._served.get(sha)
-        if found is None:
-            raise LookupError(f"no declared input has sha256 {sha}")
+            jobs = list(self._declared_by.get(sha, ()))
+        if found is None or not any(self._jobs(job_id) is not None for job_id in jobs):
+            raise LookupError(f"no input of a running job has sha256 {sha}")
         path, size, mtime = found
         try:
             stat = path.stat()

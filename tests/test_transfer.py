@@ -212,3 +212,31 @@ def test_a_node_without_shared_storage_renders_a_scene_with_its_include(farm_wit
     assert f.nodes_of(job["id"]) == {"shared", "island"}
     sent = {t["name"] for t in f.transfers() if t["direction"] == "out"}
     assert sent == {"orbit.pov", "orbit.ini", "colours.inc"}
+
+
+def test_the_transfer_routes_serve_only_running_jobs_inputs_to_nodes(farm_without_shared_storage):
+    f = farm_without_shared_storage()
+    viewer = yaml.safe_load(f.c.add_token("viewer", "view").read_text())["token"]
+    source = f.inputs / "clip.bin"
+    source.write_bytes(b"frames" * 1000)
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    submitted = f.c.farm("submit", stamp_profile(f), source, "-o", f.out / "stamped", "--json")  # no node: it waits
+    job_id = json.loads(submitted.stdout)["jobs"][0]["id"]
+
+    manifest = f.c.api("GET", f"/api/transfer/jobs/{job_id}/inputs")
+    assert manifest.status_code == 200, manifest.text
+    assert manifest.json()["files"] == [{"path": "clip.bin", "size": 6000, "sha256": sha}]
+    blob = f.c.api("GET", f"/api/transfer/blobs/{sha}", headers={"Range": "bytes=5994-"})
+    assert (blob.status_code, blob.content, blob.headers["content-range"]) == (206, b"frames", "bytes 5994-5999/6000")
+    as_viewer = f.c.api("GET", f"/api/transfer/blobs/{sha}", headers={"Authorization": f"Bearer {viewer}"})
+    assert as_viewer.status_code == 403 and "needs node or admin" in as_viewer.json()["error"]
+    other = hashlib.sha256(b"anything else").hexdigest()
+    assert f.c.api("GET", f"/api/transfer/blobs/{other}").status_code == 404
+    put = f.c.api("PUT", f"/api/transfer/attempts/{job_id}.s0.a1/files/frame.txt", content=b"x",
+                  headers={"X-Farm-Sha256": hashlib.sha256(b"x").hexdigest()})
+    assert put.status_code == 404 and "not running" in put.json()["error"]
+
+    assert f.c.farm("cancel", job_id).returncode == 0
+    f.c.wait_until(lambda: f.c.job(job_id)["state"] == "cancelled", 60, "the job to be cancelled")
+    gone = f.c.api("GET", f"/api/transfer/blobs/{sha}")
+    assert gone.status_code == 404 and "running job" in gone.json()["error"]
