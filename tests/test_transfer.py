@@ -240,3 +240,24 @@ def test_the_transfer_routes_serve_only_running_jobs_inputs_to_nodes(farm_withou
     f.c.wait_until(lambda: f.c.job(job_id)["state"] == "cancelled", 60, "the job to be cancelled")
     gone = f.c.api("GET", f"/api/transfer/blobs/{sha}")
     assert gone.status_code == 404 and "running job" in gone.json()["error"]
+
+
+def test_the_node_cache_evicts_the_least_recently_used_files_but_never_one_in_use(tmp_path):
+    from farm.transfer import NodeCache
+
+    cache = NodeCache(tmp_path / "cache", limit=2500)
+    names = []
+    for age, size in enumerate((1000, 1000, 1000, 1000)):
+        name = hashlib.sha256(str(age).encode()).hexdigest()
+        (cache.blobs / name).write_bytes(b"x" * size)
+        os.utime(cache.blobs / name, (1000 + age, 1000 + age))  # the first written is the least recently used
+        names.append(name)
+    cache.hold(names[0])  # a running segment uses the oldest
+    cache.evict()
+    assert sorted(p.name for p in cache.blobs.iterdir()) == sorted([names[0], names[3]])
+    cache.release(names[0])
+    cache.evict()
+    assert sorted(p.name for p in cache.blobs.iterdir()) == sorted([names[0], names[3]])  # 2000 bytes: within
+    cache.limit = 1500
+    cache.evict()
+    assert [p.name for p in cache.blobs.iterdir()] == [names[3]]
