@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import http.client
 import json
@@ -391,7 +392,6 @@ class NodeCache:
         self._in_use: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self.fetched = 0  # bytes this process fetched (for `farm nodes`)
 
     @contextlib.contextmanager
     def _exclusive(self, sha: str) -> Iterator[None]:
@@ -426,11 +426,8 @@ class NodeCache:
                             partial.unlink()
                         else:
                             sha256_file(partial, into=digest)
-                    before = partial.stat().st_size if partial.exists() else 0
                     link.download(sha, partial, digest, cancelled,
                                   (lambda n: progress(n, size)) if progress else None, job)
-                    with self._lock:
-                        self.fetched += partial.stat().st_size - before
                     if digest.hexdigest() == sha and partial.stat().st_size == size:
                         os.replace(partial, done)
                         break
@@ -472,6 +469,7 @@ class NodeCache:
             if name in in_use:
                 continue
             (self.blobs / name).unlink(missing_ok=True)
+            (self.blobs / f"{name}.lock").unlink(missing_ok=True)
             total -= size
             log.info("evicted %s (%d bytes) from the node's transfer cache", name[:12], size)
 
@@ -532,9 +530,14 @@ def controller_link(node_name: str, rate: int | None) -> ControllerLink | None:
     url, bundle_path = os.environ.get(API_ENV), os.environ.get(BUNDLE_ENV)
     if not url or not bundle_path:
         return None
+    return ControllerLink(url, _bundle(bundle_path), node_name, rate)
+
+
+@functools.lru_cache(maxsize=4)
+def _bundle(path: str) -> Any:
     from farm.security import Bundle
 
-    return ControllerLink(url, Bundle.load(bundle_path), node_name, rate)
+    return Bundle.load(path)
 
 
 def needs_staging(config: Any, job: Any) -> tuple[bool, bool]:
