@@ -41,7 +41,8 @@ source = Path(sys.argv[2])
 job = SimpleNamespace(input=source, input_stamp=None)
 processor = SimpleNamespace(input_files=lambda job: [job.input])
 controller = SimpleNamespace(scheduler=SimpleNamespace(
-    jobs={"jbench": SimpleNamespace(state="running", job=job, processor=processor)}, attempts={}))
+    jobs={"jbench": SimpleNamespace(state="running", job=job, processor=processor)}, attempts={},
+    work_root=source.parent))
 app = FastAPI()
 add_routes(app, controller, lambda: None, lambda: None)
 with bundle.pem_paths() as files:

@@ -48,6 +48,9 @@ BUNDLE_ENV = "FARM_NODE_BUNDLE"
 HASH_HEADER = "X-Farm-Sha256"
 NODE_HEADER = "X-Farm-Node"
 JOB_HEADER = "X-Farm-Job"
+#: Written by the controller in its cluster storage folder: a node that sees it shares that storage
+#: (an empty folder at the same path, or a mount point with nothing mounted, does not).
+STORAGE_MARK = ".farm-cluster-storage"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -542,13 +545,14 @@ def _bundle(path: str) -> Any:
 
 def needs_staging(config: Any, job: Any) -> tuple[bool, bool]:
     """(fetch inputs, send outputs back): everything for ``node.storage: local``; with
-    ``auto``, what this node cannot see (the input, the cluster storage folder)."""
+    ``auto``, what this node cannot see (the input; the cluster storage, known by the
+    mark the controller leaves in it)."""
     if config.storage == "local":
         return job.input is not None, True
     if config.storage == "shared":
         return False, False
     inputs = job.input is not None and not job.input.exists()
-    outputs = not job.work_dir.parent.is_dir()
+    outputs = not (job.work_dir.parent / STORAGE_MARK).is_file()
     return inputs, outputs
 
 

@@ -3,6 +3,7 @@ by hash with HTTP ranges, outputs back into a running attempt's folder, and the 
 transfers. Annotations here are real (no ``from __future__ import annotations``): FastAPI
 reads them to inject the request."""
 
+import logging
 from typing import Any
 
 from fastapi import Depends, Request
@@ -10,7 +11,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from farm.errors import DeterministicFailure, FarmError
 from farm.model import TERMINAL_JOB_STATES
-from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, ROUTE, Depot, parse_range
+from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, ROUTE, STORAGE_MARK, Depot, parse_range
+
+log = logging.getLogger("farm.transfer")
 
 
 def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot:
@@ -31,6 +34,12 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         return attempt.job_id, runtime.job.work_dir / attempt_id
 
     depot = Depot(running_job, running_attempt)
+    try:  # nodes with node.storage auto look for it to know whether they share the storage
+        (controller.scheduler.work_root / STORAGE_MARK).write_text(
+            "Farm's cluster storage: a node that sees this file writes segment outputs here\n")
+    except OSError as exc:
+        log.warning("cannot mark the cluster storage %s: %s; nodes with node.storage auto will send their "
+                    "outputs through the controller", controller.scheduler.work_root, exc)
 
     def refused(exc: Exception) -> JSONResponse:
         status = 404 if isinstance(exc, LookupError) else 409 if isinstance(exc, DeterministicFailure) else 400

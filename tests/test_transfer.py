@@ -195,7 +195,8 @@ sphere { <sin(clock * 2 * pi), 0, 0>, 1 pigment { color Body } }
 
 @pytest.mark.skipif(not shutil.which("povray"), reason="needs POV-Ray")
 def test_a_node_without_shared_storage_renders_a_scene_with_its_include(farm_without_shared_storage):
-    f = farm_without_shared_storage()
+    # node.storage auto (the default): the island finds out that it cannot see the scene
+    f = farm_without_shared_storage(storage="auto")
     f.c.start_node("shared", "--slots", "1")
     f.start_island()
     f.c.wait_for_nodes("shared", "island")
