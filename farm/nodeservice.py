@@ -45,6 +45,12 @@ def api_get(url: str, bundle: Bundle, path: str, timeout: float = 5.0) -> Any:
     return response.json()
 
 
+def find_scheduler(bundle: Bundle, controller_url: str | None, cluster: str | None, timeout: float = 5.0) -> str | None:
+    """The Dask scheduler's address, from the controller's API or zeroconf; None if not found now."""
+    found = find_controller(bundle, controller_url, cluster, timeout)
+    return found[0] if found else None
+
+
 def find_controller(bundle: Bundle, controller_url: str | None, cluster: str | None,
                     timeout: float = 5.0) -> tuple[str, str] | None:
     """(the Dask scheduler's address, the controller's API URL); None if not found now."""
