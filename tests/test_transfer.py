@@ -20,8 +20,8 @@ import yaml
 from tests.cluster_helpers import Cluster
 from tests.conftest import FARM, lavfi, write_profile
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                                reason="hiding folders from a node needs root and unshare")
+needs_isolation = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                     reason="hiding folders from a node needs root and unshare")
 
 STAMP = """
     import hashlib, pathlib, sys
@@ -111,6 +111,8 @@ def frame_count(path: Path) -> int:
                               check=True).stdout.strip())
 
 
+@pytest.mark.slow
+@needs_isolation
 def test_a_node_without_shared_storage_runs_command_and_transcode_segments(farm_without_shared_storage):
     f = farm_without_shared_storage()
     f.c.start_node("shared", "--slots", "1")
@@ -144,6 +146,8 @@ def test_a_node_without_shared_storage_runs_command_and_transcode_segments(farm_
     assert not below["shared"].startswith(" ")  # the node on shared storage moved nothing
 
 
+@pytest.mark.slow
+@needs_isolation
 def test_a_transfer_killed_half_way_resumes_and_the_cache_sends_nothing_twice(farm_without_shared_storage):
     f = farm_without_shared_storage(transfer_rate=4 * 1024 * 1024)
     f.start_island()
@@ -193,6 +197,8 @@ sphere { <sin(clock * 2 * pi), 0, 0>, 1 pigment { color Body } }
 """
 
 
+@pytest.mark.slow
+@needs_isolation
 @pytest.mark.skipif(not shutil.which("povray"), reason="needs POV-Ray")
 def test_a_node_without_shared_storage_renders_a_scene_with_its_include(farm_without_shared_storage):
     # node.storage auto (the default): the island finds out that it cannot see the scene
@@ -215,6 +221,7 @@ def test_a_node_without_shared_storage_renders_a_scene_with_its_include(farm_wit
     assert sent == {"orbit.pov", "orbit.ini", "colours.inc"}
 
 
+@pytest.mark.slow
 def test_the_transfer_routes_serve_only_running_jobs_inputs_to_nodes(farm_without_shared_storage):
     f = farm_without_shared_storage()
     viewer = yaml.safe_load(f.c.add_token("viewer", "view").read_text())["token"]
