@@ -256,6 +256,11 @@ def create_app(controller: Any) -> FastAPI:
     def cluster() -> dict[str, Any]:
         return controller.info()
 
+    from farm.transfer_api import add_routes
+
+    controller.depot = add_routes(app, controller, role("moving files for segments", "node", "admin"),
+                                  role("reading", *readers))
+
     @app.get("/api/batches", dependencies=guarded)
     def batches(response: Response) -> list[dict[str, Any]]:
         response.headers[EVENTS_HEADER] = str(controller.events.last_id)
@@ -296,7 +301,7 @@ def create_app(controller: Any) -> FastAPI:
         attempts: dict[str, list[dict[str, Any]]] = {}
         for attempt in reader.attempts(job_id=job_id):
             attempts.setdefault(attempt["segment_id"], []).append(attempt_document(attempt))
-        return {**job_document(summary), "segment_list": [
+        return {**job_document(summary), "transfers": controller.depot.documents(job_id), "segment_list": [
             {"id": s["id"], "index": s["idx"], "label": s["label"], "state": s["state"],
              "attempts": attempts.get(s["id"], []), "error": s["error"]}
             for s in reader.segments(job_id)
@@ -361,7 +366,9 @@ def create_app(controller: Any) -> FastAPI:
     @app.get("/api/nodes", dependencies=guarded)
     def nodes(response: Response) -> list[dict[str, Any]]:
         response.headers[EVENTS_HEADER] = str(controller.events.last_id)
-        return controller.node_documents()
+        moved = controller.depot.by_node()  # nodes without shared storage: what went through the controller
+        return [{**node, **({"transfers": moved[node["name"]]} if node["name"] in moved else {})}
+                for node in controller.node_documents()]
 
     @app.get("/api/events", dependencies=guarded)
     def events(after: int = Query(default=0, ge=0, le=2**62), job: str | None = None,

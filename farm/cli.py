@@ -660,6 +660,11 @@ def _print_status(args: argparse.Namespace, docs: list[dict[str, Any]], stdout: 
         if doc["state"] == "interrupted":
             print(f"    run the same `farm run` again or `farm resume {doc['id']}` to resume it; "
                   f"`farm cancel {doc['id']}` to end it", file=stdout)
+        if doc.get("transfers"):  # files moved for nodes without shared storage
+            from farm.transfer import describe_transfer
+
+            for moved in doc["transfers"]:
+                print(f"    {describe_transfer(moved)}", file=stdout)
         for seg in doc.get("segment_list", []):
             tries = seg["attempts"] if isinstance(seg["attempts"], int) else len(seg["attempts"])
             print(f"    {seg['id']}  {seg['state']:<9} {seg['label']}  attempts {tries}", file=stdout)

@@ -417,6 +417,10 @@ def cmd_nodes(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         offers = ", ".join(f"{k} {v}".strip() for k, v in sorted(node["capabilities"].items()))
         reason = f" ({node['reason']})" if node["reason"] else ""
         print(f"{node['name']}  {node['state']}{reason}  {node['running']}/{node['slots']} slots  {offers}", file=stdout)
+        if node.get("transfers"):  # a node without shared storage
+            from farm.transfer import describe_node_transfers
+
+            print(f"    {describe_node_transfers(node['transfers'])}", file=stdout)
     return ExitStatus.OK
 
 

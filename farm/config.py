@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 import yaml
@@ -81,6 +81,18 @@ class NodeConfig(BaseModel):
     #: Environment variables a profile's ``env`` may set. LD_*, DYLD_*, PYTHON* and
     #: FFREPORT can never be listed.
     allow_env: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOW_ENV))
+    #: Whether this node sees the controller's files (inputs, cluster storage) at the same
+    #: paths (after path_map): ``shared``; ``local``: it sees none of them, and fetches a
+    #: segment's inputs from the controller and sends its outputs back (see
+    #: docs/cluster.md); ``auto``: it does so for what it cannot see.
+    storage: Literal["auto", "shared", "local"] = "auto"
+    #: Where a node without shared storage keeps fetched inputs (by content hash).
+    #: Default: ``transfer`` in the user's cache folder.
+    cache: str | None = None
+    #: The most bytes of fetched inputs kept; the least recently used go first.
+    cache_bytes: int = Field(default=20 * 1024**3, ge=0)
+    #: Fetch inputs at most this fast (bytes per second), to leave bandwidth to others.
+    transfer_rate: int | None = Field(default=None, ge=1)
 
     @field_validator("allow_env")
     @classmethod

@@ -22,6 +22,10 @@ from typing import Any
 UNAUTHORISED = ("missing, wrong or revoked API token: send 'Authorization: Bearer TOKEN' with the token "
                 "of your client file")
 
+#: Routes whose bodies are files streamed to disk (segment outputs coming back from nodes
+#: without shared storage, see farm.transfer), never buffered here.
+STREAMED = ("/api/transfer/attempts/",)
+
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -72,6 +76,9 @@ class Gate:
                 await refuse(send, 401, UNAUTHORISED, {"www-authenticate": "Bearer"})
                 return
             scope.setdefault("state", {})["principal"] = principal
+            if scope["path"].startswith(STREAMED):  # files of any size, streamed by their route
+                await self.app(scope, receive, send)
+                return
         length: str | None = None
         chunked = False
         for name, value in headers:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm import attemptfiles, sandbox
+from farm import attemptfiles, sandbox, transfer
 from farm.config import NodeConfig, load_config
 from farm.errors import DeterministicFailure, FarmError, ProcessorError, SourceChanged, UsageError
 from farm.model import Job, Segment
@@ -628,10 +628,17 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
     logger.addHandler(_LogHandler(log))
     logger.propagate = False
     scratch: Path | None = None
+    staged: Any = None
     log.write(f"=== segment {segment.id} ({segment.label}) attempt {segment.attempt_id} of job {job.id} on node {node.name}")
     if segment.announce_start:
         _progress_reporter(segment.attempt_id)(0.0, "started", started=True)
     try:
+        # A node without the controller's storage fetches the inputs and writes locally.
+        staged = transfer.stage(node.config, node.name, job, segment, cancelled, _progress_reporter(segment.attempt_id))
+        if staged is not None:
+            job, segment = staged.job, staged.segment
+            log.write(f"=== staged: inputs {', '.join(map(str, staged.read)) or 'none'}; outputs in "
+                      f"{segment.output_dir}{' (sent back to the controller)' if staged.remote_outputs else ''}")
         check_source(job)
         try:
             scratch = Path(tempfile.mkdtemp(prefix=f"farm-{segment.attempt_id}-"))
@@ -639,9 +646,11 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
             raise ProcessorError(f"no scratch space on node {node.name}: {exc.strerror or exc}") from None
         processor = node.plugins.processor(job.profile.processor)
         segment.output_dir.mkdir(parents=True, exist_ok=True)
+        policy = attempt_policy(node.config, job, [segment.output_dir, scratch])
+        if policy is not None and staged is not None:
+            policy.read.extend(map(str, staged.read))
         runner = CommandRunner(log, cancelled, f"job={job.id} segment={segment.id} attempt={segment.attempt_id}",
-                               node.config.kill_grace, attempt_policy(node.config, job, [segment.output_dir, scratch]),
-                               home=scratch)
+                               node.config.kill_grace, policy, home=scratch)
         context = Context(
             scratch=scratch,
             logger=logger,
@@ -654,6 +663,8 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         _keep_preview(processor, segment, result or {}, context, log)
         if cancelled.is_set():
             raise Cancelled("cancelled")
+        if staged is not None:
+            result = staged.finish(result or {})
         return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}
     except Cancelled as exc:
         return {"ok": False, "cancelled": True, "reason": str(exc), "log": log.text(), "node": node.name}
@@ -667,7 +678,7 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         else:  # a processor bug is this segment's failure, not the node's
             reason = f"processor error: {type(exc).__name__}: {exc}"
             log.write(traceback.format_exc())
-        changed = _source_changed(job)
+        changed = None if isinstance(exc, transfer.TransferError) else _source_changed(job)
         if changed:  # it failed because the source went away meanwhile: say that, and retry nothing
             log.write(f"=== {changed}")
             return {"ok": False, "fatal": True, "reason": f"{changed} (the segment said: {reason})", "log": log.text(),
@@ -677,6 +688,8 @@ def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
         node._unregister(segment.attempt_id)
         if log.live is not None:
             log.live.close()
+        if staged is not None:
+            staged.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -47,9 +47,16 @@ def api_get(url: str, bundle: Bundle, path: str, timeout: float = 5.0) -> Any:
 
 def find_scheduler(bundle: Bundle, controller_url: str | None, cluster: str | None, timeout: float = 5.0) -> str | None:
     """The Dask scheduler's address, from the controller's API or zeroconf; None if not found now."""
+    found = find_controller(bundle, controller_url, cluster, timeout)
+    return found[0] if found else None
+
+
+def find_controller(bundle: Bundle, controller_url: str | None, cluster: str | None,
+                    timeout: float = 5.0) -> tuple[str, str] | None:
+    """(the Dask scheduler's address, the controller's API URL); None if not found now."""
     if controller_url:
         try:
-            return api_get(controller_url, bundle, "/api/cluster", timeout)["scheduler"]
+            return api_get(controller_url, bundle, "/api/cluster", timeout)["scheduler"], controller_url
         except Exception as exc:  # the controller may be down; the caller tries again
             _not_reachable(controller_url, exc)
             return None
@@ -57,7 +64,7 @@ def find_scheduler(bundle: Bundle, controller_url: str | None, cluster: str | No
 
     for found in browse(cluster or bundle.cluster, timeout=timeout):
         try:
-            return api_get(found.api, bundle, "/api/cluster", timeout)["scheduler"]
+            return api_get(found.api, bundle, "/api/cluster", timeout)["scheduler"], found.api
         except Exception as exc:
             _not_reachable(found.api, exc)
     return None
@@ -165,7 +172,8 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
     attempt = 0
     try:
         while not stopping.is_set():
-            address = find_scheduler(bundle, controller_url, cluster)
+            found = find_controller(bundle, controller_url, cluster)
+            address = found[0] if found else None
             if stopping.is_set():
                 break
             if address is None:
@@ -175,6 +183,10 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
                 stopping.wait(wait)
                 continue
             attempt = 0
+            if found and bundle.path:  # a node without shared storage moves files through the API
+                from farm.transfer import API_ENV, BUNDLE_ENV
+
+                env.update({API_ENV: found[1], BUNDLE_ENV: str(bundle.path)})
             try:
                 why = asyncio.run(_run_worker(address, bundle, name, slots, env, stopping, announce))
             except (OSError, ssl.SSLError, TimeoutError) as exc:

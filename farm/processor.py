@@ -97,6 +97,13 @@ class Processor:
         """
         return None
 
+    def input_files(self, job: Job) -> list[Path]:
+        """Every file a segment reads from the controller's side (paths as the controller
+        sees them): the job's input, and whatever it refers to (a scene's includes and
+        textures). A node without shared storage is sent these, laid out under their
+        common folder as they are here. Runs on the controller; cheap, like :meth:`plan`."""
+        return [job.input] if job.input is not None else []
+
     def describe(self, job: Job) -> list[str]:
         """Lines `farm plan` shows under a job: what the processor decided that a person
         would want to check first (a renderer's size and where it came from, ...).

@@ -178,6 +178,13 @@ class ImageSequence(Processor):
             return pov.width, pov.height
         return job.settings.width, job.settings.height
 
+    def input_files(self, job: Job) -> list[Path]:
+        """For POV-Ray, the files of the scene's folder (its INI, includes and textures, as
+        the sandbox shows them to POV-Ray); for the others, the input."""
+        if job.settings.renderer == "povray" and job.input is not None:
+            return povray.scene_files(povray.setup(job), job.input)
+        return super().input_files(job)
+
     def describe(self, job: Job) -> list[str]:
         if job.settings.renderer == "povray" and job.input is not None:
             return povray.setup(job).notes()

@@ -254,6 +254,24 @@ def setup(job: Any) -> PovSetup:
                     frames=frames, read=read)
 
 
+SCENE_FILES_LIMIT = 2000
+
+
+def scene_files(pov: PovSetup, source: Path) -> list[Path]:
+    """Every file POV-Ray may read for a scene: those under its folder (includes, textures,
+    INIs, in the Library_Path folders inside it), for a node that must be sent them."""
+    found = {source}
+    for folder in pov.read:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                found.add(path)
+            if len(found) > SCENE_FILES_LIMIT:
+                raise ProcessorError(f"the scene's folder {pov.folder} holds more than {SCENE_FILES_LIMIT} files; "
+                                     "a node without shared storage is sent all of them: keep the scene, its "
+                                     "includes and textures in a folder of their own")
+    return sorted(found)
+
+
 def failure_reason(lines: list[str], folder: Path) -> tuple[str, bool]:
     """POV-Ray's own error from its console output, lines it wrapped at 80 columns joined
     again; and whether it is deterministic (a parse or option error: no retry mends it)."""

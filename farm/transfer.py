@@ -1,0 +1,621 @@
+"""Nodes without shared storage: a segment's inputs go out to the node, and its outputs
+come back into cluster storage, through the controller's HTTPS API.
+
+The controller (:class:`Depot`) serves only the files a running job declares as its
+inputs (the processor's :meth:`~farm.processor.Processor.input_files`), each by its
+SHA-256, with HTTP ranges; and takes an attempt's output files only into that attempt's
+folder in the job's work folder, only while the attempt runs. Both ends stream in
+chunks, so a file of any size moves with a few MiB of memory.
+
+A node (:class:`NodeCache`) keeps what it fetched under its cache folder by content
+hash: a source is sent once per node, not once per segment; a transfer that stops
+half-way leaves ``SHA.part``, continued from its end with a ``Range`` request; a file
+whose hash comes out wrong is fetched again from its start. The least recently used
+files are evicted past ``node.cache_bytes`` (never one that a running segment uses).
+
+Which files: the job's input and whatever else its processor declares (a scene's
+includes), laid out under one folder per attempt the way they sit under their common
+folder on the controller, so relative references keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from farm.errors import FarmError, SourceChanged
+
+log = logging.getLogger("farm.transfer")
+CHUNK = 1 << 20  # bytes read, hashed and sent at once
+ROUTE = "/api/transfer"
+API_ENV = "FARM_CONTROLLER_API"  # set by `farm node` for its worker process
+BUNDLE_ENV = "FARM_NODE_BUNDLE"
+HASH_HEADER = "X-Farm-Sha256"
+NODE_HEADER = "X-Farm-Node"
+JOB_HEADER = "X-Farm-Job"
+#: Written by the controller in its cluster storage folder: a node that sees it shares that storage
+#: (an empty folder at the same path, or a mount point with nothing mounted, does not).
+STORAGE_MARK = ".farm-cluster-storage"
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TransferError(FarmError):
+    """A file could not be moved between a node and the controller."""
+
+
+def sha256_file(path: Path, upto: int | None = None, into: Any = None) -> str:
+    """The SHA-256 of ``path`` (of its first ``upto`` bytes), read in chunks; ``into`` is
+    a hash object to go on with (it is returned updated, as hex)."""
+    digest = into or hashlib.sha256()
+    left = upto
+    with open(path, "rb") as handle:
+        while left is None or left > 0:
+            chunk = handle.read(CHUNK if left is None else min(CHUNK, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return digest.hexdigest()
+
+
+def safe_relative(raw: str) -> Path:
+    """A relative path that stays inside whatever folder it is joined to."""
+    path = Path(raw)
+    if not raw or path.is_absolute() or any(part in ("..", "") for part in raw.split("/")) or "\\" in raw:
+        raise TransferError(f"{raw!r} is not a plain relative path")
+    return path
+
+
+def common_root(paths: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path("/")
+
+
+# -- the controller's side --------------------------------------------------------------
+
+
+@dataclass
+class TransferRecord:
+    """One file sent or taken, as `farm nodes` and the API show it."""
+
+    direction: str  # "out" (to a node) or "in" (an output coming back)
+    node: str
+    name: str
+    size: int
+    offset: int  # where it started (a resumed transfer starts past 0)
+    sent: int = 0
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    job: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        seconds = max((self.ended or time.time()) - self.started, 1e-6)
+        return {"direction": self.direction, "node": self.node, "name": self.name, "size": self.size,
+                "offset": self.offset, "bytes": self.sent, "rate": round(self.sent / seconds), "job": self.job,
+                "started": self.started, "ended": self.ended, "active": self.ended is None}
+
+
+class Depot:
+    """The controller's end: manifests of jobs' inputs, the files behind their hashes, and
+    the attempt folders outputs come back into. ``jobs(job_id)`` gives a running job's
+    (Job, Processor) or None; ``attempt(attempt_id)`` a running attempt's (job id, output
+    folder) or None."""
+
+    KEEP_RECORDS = 200
+
+    def __init__(self, jobs: Callable[[str], Any], attempt: Callable[[str], tuple[str, Path] | None]):
+        self._jobs = jobs
+        self._attempt = attempt
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._served: dict[str, tuple[Path, int, int]] = {}  # sha -> (path, size, mtime_ns)
+        self._declared_by: dict[str, set[str]] = {}  # sha -> the jobs that declared it
+        self._lock = threading.Lock()
+        self.records: list[TransferRecord] = []
+
+    def _hash(self, path: Path) -> tuple[str, int, int]:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            known = self._hashes.get(key)
+        if known is None:
+            known = sha256_file(path)
+            with self._lock:
+                self._hashes[key] = known
+        return known, stat.st_size, stat.st_mtime_ns
+
+    def manifest(self, job_id: str) -> dict[str, Any]:
+        found = self._jobs(job_id)
+        if found is None:
+            raise LookupError(f"job {job_id} is not running on this controller")
+        job, processor = found
+        from farm.node import check_source
+
+        check_source(job)  # SourceChanged: the node fails the job with its reason, as on shared storage
+        files = [Path(p) for p in processor.input_files(job)]
+        root = common_root(files)
+        entries = []
+        for path in files:
+            try:
+                sha, size, mtime = self._hash(path)
+            except OSError as exc:
+                raise TransferError(f"input {path} of job {job_id} cannot be read on the controller: "
+                                    f"{exc.strerror or exc}") from None
+            with self._lock:
+                self._served[sha] = (path, size, mtime)
+                self._declared_by.setdefault(sha, set()).add(job_id)
+            entries.append({"path": str(path.relative_to(root)), "size": size, "sha256": sha})
+        main = str(job.input.relative_to(root)) if job.input is not None else None
+        return {"job": job_id, "root": str(root), "input": main, "files": entries}
+
+    def blob(self, sha: str) -> tuple[Path, int]:
+        """The file behind ``sha``, if a manifest named it and it is still that file."""
+        with self._lock:
+            found = self._served.get(sha)
+            jobs = list(self._declared_by.get(sha, ()))
+        if found is None or not any(self._jobs(job_id) is not None for job_id in jobs):
+            raise LookupError(f"no input of a running job has sha256 {sha}")
+        path, size, mtime = found
+        try:
+            stat = path.stat()
+        except OSError:
+            raise TransferError(f"{path} is gone from the controller") from None
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            raise TransferError(f"{path} changed on the controller after it was hashed")
+        return path, size
+
+    def send(self, sha: str, offset: int, node: str, job: str | None = None) -> Iterator[bytes]:
+        """The bytes of a declared input from ``offset``, in chunks, counted."""
+        path, size = self.blob(sha)
+        record = self._record(TransferRecord("out", node, path.name, size, offset, job=job))
+        handle = open(path, "rb")
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                handle.seek(offset)
+                while True:
+                    chunk = handle.read(CHUNK)
+                    if not chunk:
+                        break
+                    record.sent += len(chunk)
+                    yield chunk
+            finally:
+                handle.close()
+                record.ended = time.time()
+
+        return chunks()
+
+    def output_target(self, attempt_id: str, relative: str) -> Path:
+        found = self._attempt(attempt_id)
+        if found is None:
+            raise LookupError(f"attempt {attempt_id} is not running on this controller")
+        folder = found[1]
+        target = folder / safe_relative(relative)
+        if not target.resolve().is_relative_to(folder.resolve()):
+            raise TransferError(f"{relative!r} leaves the attempt's folder")
+        return target
+
+    async def receive(self, attempt_id: str, relative: str, expected_sha: str, chunks: Any, node: str,
+                      size: int) -> dict[str, Any]:
+        """Write an output file from ``chunks`` (an async iterator) to a temporary name,
+        then, when its hash is the one the node gave, to its name."""
+        if not _SHA.match(expected_sha or ""):
+            raise TransferError(f"{HASH_HEADER} must be the file's sha256 in hex")
+        target = self.output_target(attempt_id, relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        record = self._record(TransferRecord("in", node, relative, size, 0, job=self._attempt(attempt_id)[0]))
+        digest = hashlib.sha256()
+        try:
+            with open(partial, "wb") as handle:
+                async for chunk in chunks:
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    record.sent += len(chunk)
+            if digest.hexdigest() != expected_sha:
+                partial.unlink(missing_ok=True)
+                raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
+            os.replace(partial, target)
+        finally:
+            record.ended = time.time()
+            partial.unlink(missing_ok=True)
+        return {"path": relative, "size": record.sent}
+
+    def _record(self, record: TransferRecord) -> TransferRecord:
+        with self._lock:
+            self.records.append(record)
+            del self.records[:-self.KEEP_RECORDS]
+        return record
+
+    def documents(self, job: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [record.document() for record in self.records if job is None or record.job == job]
+
+    def by_node(self) -> dict[str, dict[str, Any]]:
+        """Per node: bytes sent to it and back from it, and the rate of what moves now."""
+        summary: dict[str, dict[str, Any]] = {}
+        for record in self.documents():
+            entry = summary.setdefault(record["node"], {"bytes_out": 0, "bytes_in": 0, "active": 0, "rate": 0})
+            entry["bytes_out" if record["direction"] == "out" else "bytes_in"] += record["bytes"]
+            if record["active"]:
+                entry["active"] += 1
+                entry["rate"] += record["rate"]
+        return summary
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def describe_transfer(doc: dict[str, Any]) -> str:
+    """One transfer as `farm status JOB` shows it."""
+    way = f"sent {doc['name']} to {doc['node']}" if doc["direction"] == "out" else \
+        f"{doc['node']} sent back {doc['name']}"
+    resumed = f" from byte {doc['offset']:,}" if doc["offset"] else ""
+    state = "moving" if doc["active"] else "done"
+    return f"transfer: {way}{resumed}: {_mib(doc['bytes'])} of {_mib(doc['size'])}, {_mib(doc['rate'])}/s, {state}"
+
+
+def describe_node_transfers(summary: dict[str, Any]) -> str:
+    """A node's transfers as `farm nodes` shows them."""
+    now = f", {summary['active']} moving at {_mib(summary['rate'])}/s" if summary["active"] else ""
+    return (f"no shared storage: {_mib(summary['bytes_out'])} sent to it, {_mib(summary['bytes_in'])} "
+            f"sent back{now}")
+
+
+def parse_range(header: str | None, size: int) -> int:
+    """The start of ``Range: bytes=N-`` (the only form nodes send); 0 without one."""
+    if not header:
+        return 0
+    match = re.fullmatch(r"bytes=(\d+)-", header.strip())
+    if not match or int(match.group(1)) > size:
+        raise TransferError(f"Range {header[:40]!r}: expected bytes=N- with N at most {size}")
+    return int(match.group(1))
+
+
+# -- the node's side -----------------------------------------------------------------------
+
+
+class ControllerLink:
+    """HTTPS to the controller with the node bundle's token, pinned to its certificate."""
+
+    def __init__(self, api_url: str, bundle: Any, node: str, rate: int | None = None):
+        parsed = urllib.parse.urlsplit(api_url)
+        self.host, self.port = parsed.hostname or "", parsed.port or 443
+        self.context = bundle.client_ssl_context()
+        self.headers = {"Authorization": f"Bearer {bundle.token}", NODE_HEADER: node}
+        self.rate = rate  # bytes per second, or None: as fast as it goes
+
+    def _connection(self, timeout: float = 60) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout,
+                                           blocksize=CHUNK)
+
+    def get_json(self, path: str) -> Any:
+        connection = self._connection()
+        try:
+            connection.request("GET", path, headers=self.headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransferError(f"the controller at {self.host}:{self.port} did not answer {path}: {exc}") from None
+        finally:
+            connection.close()
+        if response.status == 409:
+            raise SourceChanged(_error_of(body))
+        if response.status != 200:
+            raise TransferError(f"the controller refused {path}: {response.status} {_error_of(body)}")
+        return json.loads(body)
+
+    def download(self, sha: str, partial: Path, digest: Any, cancelled: threading.Event | None = None,
+                 progress: Callable[[int], None] | None = None, job: str = "") -> None:
+        """Append the blob's bytes from ``partial``'s size on, updating ``digest``."""
+        offset = partial.stat().st_size if partial.exists() else 0
+        connection = self._connection()
+        try:
+            connection.request("GET", f"{ROUTE}/blobs/{sha}", headers={**self.headers, "Range": f"bytes={offset}-",
+                                                                       JOB_HEADER: job})
+            response = connection.getresponse()
+            if response.status not in (200, 206):
+                raise TransferError(f"the controller refused blob {sha[:12]}: {response.status} "
+                                    f"{_error_of(response.read())}")
+            if response.status == 200 and offset:  # no range: start again
+                offset = 0
+                partial.unlink(missing_ok=True)
+                digest.__init__()  # type: ignore[misc]
+            started, moved = time.monotonic(), 0
+            buffer = bytearray(CHUNK)
+            with open(partial, "ab") as handle:
+                while count := response.readinto(buffer):
+                    view = memoryview(buffer)[:count]
+                    handle.write(view)
+                    digest.update(view)
+                    moved += count
+                    if progress is not None:
+                        progress(offset + moved)
+                    if cancelled is not None and cancelled.is_set():
+                        raise TransferError("cancelled")
+                    if self.rate:  # a node told to leave bandwidth for others
+                        ahead = moved / self.rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransferError(f"fetching blob {sha[:12]} from the controller stopped: {exc}") from None
+        finally:
+            connection.close()
+
+    def upload(self, attempt_id: str, relative: str, path: Path) -> None:
+        sha = sha256_file(path)
+        size = path.stat().st_size
+        quoted = urllib.parse.quote(relative)
+        connection = self._connection(timeout=300)
+        try:
+            with open(path, "rb") as body:
+                connection.request("PUT", f"{ROUTE}/attempts/{attempt_id}/files/{quoted}", body=body,
+                                   headers={**self.headers, HASH_HEADER: sha, "Content-Length": str(size)})
+            response = connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransferError(f"sending {relative} to the controller stopped: {exc}") from None
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise TransferError(f"the controller refused {relative}: {response.status} {_error_of(answer)}")
+
+
+def _error_of(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("error", ""))[:300]
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+class NodeCache:
+    """Fetched inputs by content hash under ``root/blobs``, at most ``limit`` bytes of them
+    (least recently used go first; never one in use)."""
+
+    def __init__(self, root: Path, limit: int):
+        self.root = root
+        self.blobs = root / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.limit = limit
+        self._in_use: dict[str, int] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _exclusive(self, sha: str) -> Iterator[None]:
+        """One fetch of a blob at a time: threads of this node, and another node process
+        that shares the folder."""
+        with self._lock:
+            lock = self._locks.setdefault(sha, threading.Lock())
+        with lock, open(self.blobs / f"{sha}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def ensure(self, link: ControllerLink, sha: str, size: int, cancelled: threading.Event | None = None,
+               progress: Callable[[int, int], None] | None = None, job: str = "") -> Path:
+        """The cached file with ``sha``: there already, or fetched (resuming a ``.part``)."""
+        if not _SHA.match(sha):
+            raise TransferError(f"{sha!r} is not a sha256")
+        done = self.blobs / sha
+        self.hold(sha)
+        try:
+            with self._exclusive(sha):
+                if done.exists() and done.stat().st_size == size:
+                    os.utime(done)  # recently used
+                    return done
+                partial = self.blobs / f"{sha}.part"
+                for _ in range(2):  # a corrupt file is fetched once more from its start
+                    digest = hashlib.sha256()
+                    if partial.exists():
+                        if partial.stat().st_size > size:
+                            partial.unlink()
+                        else:
+                            sha256_file(partial, into=digest)
+                    link.download(sha, partial, digest, cancelled,
+                                  (lambda n: progress(n, size)) if progress else None, job)
+                    if digest.hexdigest() == sha and partial.stat().st_size == size:
+                        os.replace(partial, done)
+                        break
+                    log.warning("blob %s arrived corrupt (%d bytes, sha256 %s); fetching it again",
+                                sha[:12], partial.stat().st_size, digest.hexdigest()[:12])
+                    partial.unlink(missing_ok=True)
+                else:
+                    raise TransferError(f"blob {sha[:12]} arrived corrupt twice")
+            self.evict()
+            return done
+        except BaseException:
+            self.release(sha)
+            raise
+
+    def hold(self, sha: str) -> None:
+        with self._lock:
+            self._in_use[sha] = self._in_use.get(sha, 0) + 1
+
+    def release(self, sha: str) -> None:
+        with self._lock:
+            left = self._in_use.get(sha, 0) - 1
+            if left > 0:
+                self._in_use[sha] = left
+            else:
+                self._in_use.pop(sha, None)
+
+    def evict(self) -> None:
+        with self._lock:
+            in_use = set(self._in_use)
+        blobs = []
+        for entry in os.scandir(self.blobs):
+            if _SHA.match(entry.name):
+                stat = entry.stat()
+                blobs.append((stat.st_mtime, stat.st_size, entry.name))
+        total = sum(size for _, size, _ in blobs)
+        for _, size, name in sorted(blobs):
+            if total <= self.limit:
+                break
+            if name in in_use:
+                continue
+            (self.blobs / name).unlink(missing_ok=True)
+            (self.blobs / f"{name}.lock").unlink(missing_ok=True)
+            total -= size
+            log.info("evicted %s (%d bytes) from the node's transfer cache", name[:12], size)
+
+
+@dataclass
+class Staging:
+    """One attempt's staged inputs and local output folder; ``finish`` sends the outputs
+    back and maps paths in the result; ``close`` lets go of everything."""
+
+    job: Any
+    segment: Any
+    folder: Path
+    read: list[Path]
+    held: list[str]
+    cache: NodeCache | None
+    link: ControllerLink
+    remote_outputs: Path | None  # the controller's folder for this attempt, when outputs go back
+    #: controller-side folder -> node-side folder, to put paths in the result back
+    mapping: dict[str, str] = field(default_factory=dict)
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        from farm.node import unmap_values
+
+        if self.remote_outputs is not None:
+            local = self.segment.output_dir
+            for path in sorted(local.rglob("*")):
+                if path.is_file():
+                    self.link.upload(self.segment.attempt_id, path.relative_to(local).as_posix(), path)
+        return unmap_values(result, self.mapping)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            for sha in self.held:
+                self.cache.release(sha)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_caches: dict[str, NodeCache] = {}
+_caches_lock = threading.Lock()
+
+
+def node_cache(config: Any) -> NodeCache:
+    root = Path(config.cache).expanduser() if config.cache else default_cache_root()
+    with _caches_lock:
+        if str(root) not in _caches:
+            _caches[str(root)] = NodeCache(root, config.cache_bytes)
+        return _caches[str(root)]
+
+
+def default_cache_root() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("farm")) / "transfer"
+
+
+def controller_link(node_name: str, rate: int | None) -> ControllerLink | None:
+    """How this worker process reaches its controller's API (given by `farm node`), or None."""
+    url, bundle_path = os.environ.get(API_ENV), os.environ.get(BUNDLE_ENV)
+    if not url or not bundle_path:
+        return None
+    return ControllerLink(url, _bundle(bundle_path), node_name, rate)
+
+
+@functools.lru_cache(maxsize=4)
+def _bundle(path: str) -> Any:
+    from farm.security import Bundle
+
+    return Bundle.load(path)
+
+
+def needs_staging(config: Any, job: Any) -> tuple[bool, bool]:
+    """(fetch inputs, send outputs back): everything for ``node.storage: local``; with
+    ``auto``, what this node cannot see (the input; the cluster storage, known by the
+    mark the controller leaves in it)."""
+    if config.storage == "local":
+        return job.input is not None, True
+    if config.storage == "shared":
+        return False, False
+    inputs = job.input is not None and not job.input.exists()
+    outputs = not (job.work_dir.parent / STORAGE_MARK).is_file()
+    return inputs, outputs
+
+
+def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: threading.Event,
+          report: Callable[[float, str], None]) -> Staging | None:
+    """Fetch what ``segment`` needs and point it at a local output folder, when this node
+    does not share storage with the controller; None when it does."""
+    inputs, outputs = needs_staging(config, job)
+    if not inputs and not outputs:
+        return None
+    link = controller_link(node_name, config.transfer_rate)
+    if link is None and config.storage == "auto":
+        return None  # not under `farm node` (farm run, an outside worker): as on shared storage
+    if link is None:
+        where = job.input if inputs else job.work_dir
+        raise TransferError(f"node {node_name} cannot see {where} and has no controller to fetch it from "
+                             "(nodes without shared storage must be started with `farm node`)")
+    cache = node_cache(config)
+    folder = cache.root / "attempts" / segment.attempt_id
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    staging = Staging(job, segment, folder, [], [], cache if inputs else None, link,
+                      segment.output_dir if outputs else None)
+    try:
+        if inputs:
+            manifest = link.get_json(f"{ROUTE}/jobs/{job.id}/inputs")
+            staged_root = folder / "in"
+            total = sum(entry["size"] for entry in manifest["files"]) or 1
+            done_before = 0
+            for entry in manifest["files"]:
+                relative = safe_relative(entry["path"])
+
+                def progress(moved: int, size: int, name: str = relative.name, base: int = done_before) -> None:
+                    report(0.0, f"fetching {name}: {(base + moved) * 100 // total}%")
+
+                blob = cache.ensure(link, entry["sha256"], entry["size"], cancelled, progress, job.id)
+                staging.held.append(entry["sha256"])
+                target = staged_root / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(blob, target)
+                except OSError:
+                    os.symlink(blob, target)
+                done_before += entry["size"]
+            staging.read.append(staged_root)
+            staging.mapping[manifest["root"]] = str(staged_root)
+            new_input = staged_root / safe_relative(manifest["input"]) if manifest.get("input") else None
+            job = replace(job, input=new_input, input_stamp=None)
+        if outputs:
+            job = replace(job, work_dir=folder)
+            segment = replace(segment, job=job, output_dir=folder / "out")
+            staging.mapping[str(staging.remote_outputs)] = str(segment.output_dir)
+        else:
+            segment = replace(segment, job=job)
+        staging.job, staging.segment = job, segment
+        return staging
+    except OSError as exc:
+        staging.close()
+        raise TransferError(f"staging the inputs on node {node_name} failed: {exc}") from None
+    except BaseException:
+        staging.close()
+        raise
+
+
+__all__ = ["ControllerLink", "Depot", "NodeCache", "Staging", "TransferError", "stage", "sha256_file"]
+

@@ -1,0 +1,86 @@
+"""The controller's transfer routes (see :mod:`farm.transfer`): a job's declared inputs
+by hash with HTTP ranges, outputs back into a running attempt's folder, and the list of
+transfers. Annotations here are real (no ``from __future__ import annotations``): FastAPI
+reads them to inject the request."""
+
+import logging
+from typing import Any
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from farm.errors import DeterministicFailure, FarmError
+from farm.model import TERMINAL_JOB_STATES
+from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, ROUTE, STORAGE_MARK, Depot, parse_range
+
+log = logging.getLogger("farm.transfer")
+
+
+def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot:
+    """The transfer routes on the controller's API (``node_only``: a dependency that lets
+    node and admin tokens in; ``readers``: any person's token)."""
+
+    def running_job(job_id: str) -> Any:
+        runtime = controller.scheduler.jobs.get(job_id)
+        if runtime is None or runtime.state in TERMINAL_JOB_STATES:
+            return None
+        return runtime.job, runtime.processor
+
+    def running_attempt(attempt_id: str) -> Any:
+        attempt = controller.scheduler.attempts.get(attempt_id)
+        runtime = controller.scheduler.jobs.get(attempt.job_id) if attempt is not None else None
+        if attempt is None or not attempt.current or runtime is None:
+            return None
+        return attempt.job_id, runtime.job.work_dir / attempt_id
+
+    depot = Depot(running_job, running_attempt)
+    try:  # nodes with node.storage auto look for it to know whether they share the storage
+        (controller.scheduler.work_root / STORAGE_MARK).write_text(
+            "Farm's cluster storage: a node that sees this file writes segment outputs here\n")
+    except OSError as exc:
+        log.warning("cannot mark the cluster storage %s: %s; nodes with node.storage auto will send their "
+                    "outputs through the controller", controller.scheduler.work_root, exc)
+
+    def refused(exc: Exception) -> JSONResponse:
+        status = 404 if isinstance(exc, LookupError) else 409 if isinstance(exc, DeterministicFailure) else 400
+        return JSONResponse({"error": str(exc).strip("'\"")}, status_code=status)
+
+    @app.get(f"{ROUTE}/jobs/{{job_id}}/inputs", dependencies=[Depends(node_only)], include_in_schema=False)
+    def inputs(job_id: str) -> Any:
+        try:
+            return depot.manifest(job_id)
+        except (LookupError, FarmError) as exc:
+            return refused(exc)
+
+    @app.get(f"{ROUTE}/blobs/{{sha}}", dependencies=[Depends(node_only)], include_in_schema=False)
+    def blob(sha: str, request: Request) -> Any:
+        try:
+            _, size = depot.blob(sha)
+            offset = parse_range(request.headers.get("range"), size)
+            chunks = depot.send(sha, offset, request.headers.get(NODE_HEADER, "?")[:100],
+                                request.headers.get(JOB_HEADER, "")[:100] or None)
+        except (LookupError, FarmError) as exc:
+            return refused(exc)
+        headers = {"Content-Length": str(size - offset), "Accept-Ranges": "bytes"}
+        if request.headers.get("range"):
+            headers["Content-Range"] = f"bytes {offset}-{max(size - 1, offset)}/{size}"
+        return StreamingResponse(chunks, status_code=206 if request.headers.get("range") else 200,
+                                 media_type="application/octet-stream", headers=headers)
+
+    @app.put(f"{ROUTE}/attempts/{{attempt_id}}/files/{{relative:path}}", dependencies=[Depends(node_only)],
+             include_in_schema=False)
+    async def output(attempt_id: str, relative: str, request: Request) -> Any:
+        try:
+            size = int(request.headers.get("content-length") or 0)
+            return await depot.receive(attempt_id, relative, request.headers.get(HASH_HEADER, ""), request.stream(),
+                                       request.headers.get(NODE_HEADER, "?")[:100], size)
+        except (LookupError, FarmError) as exc:
+            return refused(exc)
+
+    @app.get("/api/transfers", dependencies=[Depends(readers)])
+    def transfers(job: str | None = None) -> list[dict[str, Any]]:
+        """Files sent to nodes without shared storage, and outputs they sent back (of one
+        job with ``?job=``): the last 200, with bytes moved and rate."""
+        return depot.documents(job)
+
+    return depot

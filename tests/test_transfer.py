@@ -1,0 +1,271 @@
+"""Nodes without shared storage (farm.transfer): real controller and node processes, one
+node in its own mount namespace where the input, destination and cluster storage folders
+are empty tmpfs mounts, so whatever it does went through the controller."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster_helpers import Cluster
+from tests.conftest import FARM, lavfi, write_profile
+
+needs_isolation = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                     reason="hiding folders from a node needs root and unshare")
+
+STAMP = """
+    import hashlib, pathlib, sys
+    source, out, first, last = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    for frame in range(first, last + 1):
+        (out / f"frame_{frame:04d}.txt").write_text(f"{frame} {digest}")
+"""
+
+HIDE = 'for folder in "$@"; do [ "$folder" = -- ] && break; mount -t tmpfs tmpfs "$folder"; done; ' \
+       'while [ "$1" != -- ]; do shift; done; shift; exec "$@"'
+
+
+class Farm:
+    """A controller, a node on its storage ("shared") and one without it ("island")."""
+
+    def __init__(self, root: Path, island: dict | None = None):
+        self.c = Cluster(root)
+        self.inputs, self.out = root / "in", root / "out"
+        self.inputs.mkdir()
+        self.out.mkdir()
+        self.hidden = [self.inputs, self.out, root / "storage"]
+        self.island_config = root / "island.yaml"
+        config = yaml.safe_load(self.c.config.read_text())
+        config["node"].update({"storage": "local", "cache": str(root / "island-cache"), **(island or {})})
+        self.island_config.write_text(yaml.safe_dump(config))
+        self.c.start_controller()
+
+    def start_island(self, *extra: str) -> subprocess.Popen:
+        log = open(self.c.root / "node-island.log", "a")
+        env = {**self.c.env, "FARM_CONFIG": str(self.island_config)}
+        args = ["unshare", "--mount", "--propagation", "private", "sh", "-c", HIDE, "sh", *map(str, self.hidden), "--",
+                *FARM, "node", "--name", "island", "--slots", "1", "--bundle", str(self.c.bundles / "node.yaml"),
+                "--controller", self.c.url, *extra]
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.c.root,
+                                start_new_session=True)
+        self.c.nodes["island"] = proc
+        return proc
+
+    def kill_island(self) -> None:
+        proc = self.c.nodes.pop("island")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def transfers(self) -> list[dict]:
+        answer = self.c.api("GET", "/api/transfers")
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def nodes_of(self, job_id: str) -> set[str]:
+        return {a["node"] for s in self.c.job(job_id)["segment_list"] for a in s["attempts"] if a["state"] == "done"}
+
+    def submit(self, *args: str, timeout: float = 300) -> dict:
+        result = self.c.farm("submit", *args, "--wait", "--json", timeout=timeout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        job = json.loads(result.stdout)["jobs"][0]
+        assert job["state"] == "done", job["error"]
+        return job
+
+
+@pytest.fixture
+def farm_without_shared_storage(tmp_path):
+    made: list[Farm] = []
+
+    def make(**island) -> Farm:
+        made.append(Farm(tmp_path / "farm", island or None))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.c.stop()
+
+
+def stamp_profile(f: Farm) -> Path:
+    script = f.c.root / "stamp.py"
+    script.write_text(textwrap.dedent(STAMP))
+    return write_profile(f.c.root, "stamp", {
+        "processor": "command", "frames": "1-8", "segment": {"frames": 1},
+        "settings": {"command": [sys.executable, str(script), "{input}", "{output_dir}", "{start}", "{end}"],
+                     "expect": ["frame_{frame:04d}.txt"]},
+    })
+
+
+def frame_count(path: Path) -> int:
+    return int(subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                               "stream=nb_read_frames", "-of", "csv=p=0", str(path)], capture_output=True, text=True,
+                              check=True).stdout.strip())
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_a_node_without_shared_storage_runs_command_and_transcode_segments(farm_without_shared_storage):
+    f = farm_without_shared_storage()
+    f.c.start_node("shared", "--slots", "1")
+    f.start_island()
+    f.c.wait_for_nodes("shared", "island")
+    source = lavfi(f.inputs / "clip.mp4", seconds=4, audio=True, extra=["-c:v", "libx264", "-c:a", "aac"])
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+
+    job = f.submit(stamp_profile(f), source, "-o", f.out / "stamped")
+    assert sorted(p.name for p in (f.out / "stamped").iterdir()) == [f"frame_{n:04d}.txt" for n in range(1, 9)]
+    assert all((f.out / "stamped" / f"frame_{n:04d}.txt").read_text() == f"{n} {digest}" for n in range(1, 9))
+    assert f.nodes_of(job["id"]) == {"shared", "island"}
+    status = f.c.farm("status", job["id"])
+    assert status.returncode == 0 and "transfer: sent clip.mp4 to island" in status.stdout, status.stdout
+    assert "island sent back frame_" in status.stdout
+
+    job = f.submit("h264-web-720p", source, "-o", f.out / "movie", "--set", "segment.seconds=1",
+                   "--set", "settings.video.height=240")
+    assert frame_count(Path(job["outputs"][0])) == 100
+    assert "island" in f.nodes_of(job["id"])
+
+    sent = [t for t in f.transfers() if t["direction"] == "out"]
+    # the source went to the island once for both jobs: its cache answered every other segment
+    assert [(t["name"], t["offset"], t["bytes"]) for t in sent] == [("clip.mp4", 0, source.stat().st_size)]
+    assert {t["node"] for t in f.transfers()} == {"island"}
+    assert any(t["direction"] == "in" and t["name"].startswith("video-") for t in f.transfers())
+    lines = f.c.farm("nodes").stdout.splitlines()
+    below = {line.split()[0]: (lines[n + 1] if n + 1 < len(lines) else "")
+             for n, line in enumerate(lines) if not line.startswith(" ")}
+    assert below["island"].strip().startswith(f"no shared storage: {source.stat().st_size / 2**20:.1f} MiB sent to it")
+    assert not below["shared"].startswith(" ")  # the node on shared storage moved nothing
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_a_transfer_killed_half_way_resumes_and_the_cache_sends_nothing_twice(farm_without_shared_storage):
+    f = farm_without_shared_storage(transfer_rate=4 * 1024 * 1024)
+    f.start_island()
+    f.c.wait_for_nodes("island")
+    source = f.inputs / "big.bin"
+    with open(source, "wb") as handle:
+        handle.write(os.urandom(12 * 1024 * 1024))
+    profile = stamp_profile(f)
+    submitted = f.c.farm("submit", profile, source, "-o", f.out / "first", "--set", "frames=1-2", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    partial = f.c.root / "island-cache" / "blobs" / f"{hashlib.sha256(source.read_bytes()).hexdigest()}.part"
+    f.c.wait_until(lambda: partial.exists() and partial.stat().st_size > 3 * 1024 * 1024, 60, "half the source")
+    f.kill_island()
+    kept = partial.stat().st_size
+
+    f.island_config.write_text(f.island_config.read_text().replace("transfer_rate: 4194304", "transfer_rate: null"))
+    f.start_island()
+    job_id = json.loads(submitted.stdout)["jobs"][0]["id"]
+    f.c.wait_until(lambda: f.c.job(job_id)["state"] in ("done", "failed"), 180, "the job to end")
+    assert f.c.job(job_id)["state"] == "done", f.c.job(job_id)["error"]
+    assert len(list((f.out / "first").iterdir())) == 2
+
+    sent = [t for t in f.transfers() if t["direction"] == "out"]
+    assert sent[0]["offset"] == 0 and sent[-1]["offset"] >= kept  # the second began where the first left off
+    assert sent[-1]["offset"] + sent[-1]["bytes"] == source.stat().st_size  # only the rest was sent again
+
+    f.submit(profile, source, "-o", f.out / "second", "--set", "frames=1-2")
+    assert [t for t in f.transfers() if t["direction"] == "out"] == sent  # cached: nothing sent again
+
+    # a partial file that is not what the controller has: the whole file comes again
+    other = f.inputs / "other.bin"
+    other.write_bytes(os.urandom(3 * 1024 * 1024))
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    (f.c.root / "island-cache" / "blobs" / f"{other_sha}.part").write_bytes(os.urandom(1024 * 1024))
+    f.submit(profile, other, "-o", f.out / "third", "--set", "frames=1-2")
+    assert (f.out / "third" / "frame_0001.txt").read_text() == f"1 {other_sha}"
+    assert [(t["offset"], t["bytes"]) for t in f.transfers() if t["name"] == "other.bin"] == \
+        [(1024 * 1024, 2 * 1024 * 1024), (0, 3 * 1024 * 1024)]
+
+
+SCENE = """\
+#version 3.7;
+#include "parts/colours.inc"
+camera { location <0, 2, -5> look_at <0, 0, 0> }
+light_source { <2, 4, -3> color rgb 1 }
+sphere { <sin(clock * 2 * pi), 0, 0>, 1 pigment { color Body } }
+"""
+
+
+@pytest.mark.slow
+@needs_isolation
+@pytest.mark.skipif(not shutil.which("povray"), reason="needs POV-Ray")
+def test_a_node_without_shared_storage_renders_a_scene_with_its_include(farm_without_shared_storage):
+    # node.storage auto (the default): the island finds out that it cannot see the scene
+    f = farm_without_shared_storage(storage="auto")
+    f.c.start_node("shared", "--slots", "1")
+    f.start_island()
+    f.c.wait_for_nodes("shared", "island")
+    scene = f.inputs / "orbit" / "orbit.pov"
+    (scene.parent / "parts").mkdir(parents=True)
+    scene.write_text(SCENE)
+    (scene.parent / "parts" / "colours.inc").write_text("#declare Body = rgb <1, 0.4, 0.1>;\n")
+    # POV-Ray looks for includes in the folder it runs in: the INI points it at parts/
+    (scene.parent / "orbit.ini").write_text("Library_Path=parts\nInitial_Frame=1\nFinal_Frame=6\n")
+
+    job = f.submit("povray-png", scene, "-o", f.out / "orbit", "--set", "segment.frames=1",
+                   "--set", "settings.width=64", "--set", "settings.height=48")
+    assert sorted(p.name for p in (f.out / "orbit").iterdir()) == [f"frame_{n:04d}.png" for n in range(1, 7)]
+    assert f.nodes_of(job["id"]) == {"shared", "island"}
+    sent = {t["name"] for t in f.transfers() if t["direction"] == "out"}
+    assert sent == {"orbit.pov", "orbit.ini", "colours.inc"}
+
+
+@pytest.mark.slow
+def test_the_transfer_routes_serve_only_running_jobs_inputs_to_nodes(farm_without_shared_storage):
+    f = farm_without_shared_storage()
+    viewer = yaml.safe_load(f.c.add_token("viewer", "view").read_text())["token"]
+    source = f.inputs / "clip.bin"
+    source.write_bytes(b"frames" * 1000)
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    submitted = f.c.farm("submit", stamp_profile(f), source, "-o", f.out / "stamped", "--json")  # no node: it waits
+    job_id = json.loads(submitted.stdout)["jobs"][0]["id"]
+
+    manifest = f.c.api("GET", f"/api/transfer/jobs/{job_id}/inputs")
+    assert manifest.status_code == 200, manifest.text
+    assert manifest.json()["files"] == [{"path": "clip.bin", "size": 6000, "sha256": sha}]
+    blob = f.c.api("GET", f"/api/transfer/blobs/{sha}", headers={"Range": "bytes=5994-"})
+    assert (blob.status_code, blob.content, blob.headers["content-range"]) == (206, b"frames", "bytes 5994-5999/6000")
+    as_viewer = f.c.api("GET", f"/api/transfer/blobs/{sha}", headers={"Authorization": f"Bearer {viewer}"})
+    assert as_viewer.status_code == 403 and "needs node or admin" in as_viewer.json()["error"]
+    other = hashlib.sha256(b"anything else").hexdigest()
+    assert f.c.api("GET", f"/api/transfer/blobs/{other}").status_code == 404
+    put = f.c.api("PUT", f"/api/transfer/attempts/{job_id}.s0.a1/files/frame.txt", content=b"x",
+                  headers={"X-Farm-Sha256": hashlib.sha256(b"x").hexdigest()})
+    assert put.status_code == 404 and "not running" in put.json()["error"]
+
+    assert f.c.farm("cancel", job_id).returncode == 0
+    f.c.wait_until(lambda: f.c.job(job_id)["state"] == "cancelled", 60, "the job to be cancelled")
+    gone = f.c.api("GET", f"/api/transfer/blobs/{sha}")
+    assert gone.status_code == 404 and "running job" in gone.json()["error"]
+
+
+def test_the_node_cache_evicts_the_least_recently_used_files_but_never_one_in_use(tmp_path):
+    from farm.transfer import NodeCache
+
+    cache = NodeCache(tmp_path / "cache", limit=2500)
+    names = []
+    for age, size in enumerate((1000, 1000, 1000, 1000)):
+        name = hashlib.sha256(str(age).encode()).hexdigest()
+        (cache.blobs / name).write_bytes(b"x" * size)
+        os.utime(cache.blobs / name, (1000 + age, 1000 + age))  # the first written is the least recently used
+        names.append(name)
+    cache.hold(names[0])  # a running segment uses the oldest
+    cache.evict()
+    assert sorted(p.name for p in cache.blobs.iterdir()) == sorted([names[0], names[3]])
+    cache.release(names[0])
+    cache.evict()
+    assert sorted(p.name for p in cache.blobs.iterdir()) == sorted([names[0], names[3]])  # 2000 bytes: within
+    cache.limit = 1500
+    cache.evict()
+    assert [p.name for p in cache.blobs.iterdir()] == [names[3]]
