@@ -495,7 +495,6 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         figures["event_lag"] = [received[seg] - at for seg, at in stats["finished_at"].items() if seg in received]
         figures["store"] = sum(path.stat().st_size for path in (root / "state").glob("farm.db*")) if (
             root / "state").exists() else 0
-        figures["store_files"] = sorted(path.name for path in (root / "state").iterdir())
         return figures
     finally:
         stop.set()
