@@ -94,6 +94,64 @@ def test_only_unstarted_segments_can_be_recut(store):
         store.drop_unstarted_segments(["j1.s0"])
 
 
+def counts(store, job_id="j1"):
+    [row] = store.job_summaries_of([job_id])
+    return row["segments_total"], row["segments_done"]
+
+
+def test_a_jobs_segment_counts_follow_every_change(store):
+    """Lists read each job's counts from the job (kept by the store), not by counting
+    its segments: they must follow adds, re-cuts, ends, retries and purges."""
+    assert counts(store) == (1, 0)
+    store.add_segments([{"id": f"j1.s{i}", "job_id": "j1", "idx": i, "label": f"frames {i}", "frames": [i],
+                         "params": {}} for i in (1, 2, 3)])
+    assert counts(store) == (4, 0)
+    store.drop_unstarted_segments(["j1.s3"])  # a re-cut
+    assert counts(store) == (3, 0)
+    for seg in ("j1.s0", "j1.s1"):
+        store.hand_out(f"{seg}.a1", seg, "j1", "n", 1, "queued")
+        store.move_segment(seg, "running", "done")
+    store.start_attempt("j1.s2.a1", "j1.s2", "j1", "n", 1)  # changes attempts, not the state
+    assert counts(store) == (3, 2)
+    store.move_segment("j1.s1", "done", "queued")  # the whole job retried
+    assert counts(store) == (3, 1)
+    with pytest.raises(IllegalTransition):  # a refused move changes no count
+        with store.transaction():
+            store.move_segment("j1.s1", "queued", "running")
+            store.move_segment("j1.s1", "running", "done")
+            store.move_segment("j1.s0", "queued", "running")
+    assert counts(store) == (3, 1)
+    assert counts(store) == (len(store.segments("j1")), sum(seg["state"] == "done" for seg in store.segments("j1")))
+
+
+def test_a_store_made_before_the_counts_gets_them_when_opened(tmp_path):
+    import sqlite3
+
+    old = Store(tmp_path / "farm.db")
+    jobs = [{"id": j, "batch_id": "b1", "seq": n, "input": None, "profile_name": "p", "profile": "{}",
+             "processor": "command", "destination": "/d", "work_dir": "/w", "priority": 0, "state": "running"}
+            for n, j in enumerate(("j1", "j2"))]
+    old.add_batch("b1", "test", jobs, [{"id": f"j1.s{i}", "job_id": "j1", "idx": i, "label": str(i), "frames": [i],
+                                        "params": {}} for i in range(3)])
+    old.hand_out("j1.s0.a1", "j1.s0", "j1", "n", 1, "queued")
+    old.move_segment("j1.s0", "running", "done")
+    old.close()
+    db = sqlite3.connect(tmp_path / "farm.db")  # as an older version left it: no counts, no triggers
+    for name, in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("ALTER TABLE jobs DROP COLUMN segments_total")
+    db.execute("ALTER TABLE jobs DROP COLUMN segments_done")
+    db.execute("UPDATE segments SET state = 'done' WHERE id = 'j1.s1'")
+    db.commit()
+    db.close()
+    reopened = Store(tmp_path / "farm.db")
+    assert (counts(reopened, "j1"), counts(reopened, "j2")) == ((3, 2), (0, 0))
+    reopened.move_segment("j1.s2", "queued", "running")
+    reopened.move_segment("j1.s2", "running", "done")
+    assert counts(reopened, "j1") == (3, 3)
+    reopened.close()
+
+
 def test_an_unopenable_store_is_a_clear_error(tmp_path):
     from farm.errors import StoreError
 
