@@ -6,12 +6,14 @@ drives that scheduler. And node names stay unique however many nodes share one."
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,32 @@ def test_export_tls_says_what_is_missing_or_unwritable(farm, tmp_path):
     assert bad.returncode == 2 and "expected tls://HOST:PORT" in bad.stderr
 
 
+# A Dask client with the workers' certificate asks a nanny to run a function
+# (argv: the exported folder, the nanny's address, a marker the function would write).
+RUN_IN_NANNY = """
+    import asyncio, pathlib, sys
+    from distributed import Security
+    from distributed.core import rpc
+    from distributed.protocol import pickle
+
+    tls, nanny, marker = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+    def fn():
+        pathlib.Path(marker).touch()
+
+    async def main():
+        security = Security(tls_ca_file=str(tls / "ca.pem"), tls_client_cert=str(tls / "worker.pem"),
+                            tls_client_key=str(tls / "worker.key"), require_encryption=True)
+        async with rpc(nanny, connection_args=security.get_connection_args("client")) as remote:
+            return await asyncio.wait_for(remote.run(function=pickle.dumps(fn)), 30)
+
+    try:
+        print("ANSWERED", asyncio.run(main()))
+    except Exception as exc:
+        print("REFUSED", type(exc).__name__, exc)
+"""
+
+
 def printed_command(stdout: str, program: str, **fill: str) -> tuple[dict[str, str], list[str]]:
     """The environment and argv of the line export-tls printed for ``dask PROGRAM``, with
     its placeholders filled in."""
@@ -156,7 +184,10 @@ def test_plain_dask_scheduler_and_worker_with_exported_files_run_a_batch(cluster
     start(c, "scheduler", [*argv, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], env)
     c.wait_until(lambda: listening(port), 90, "the dask scheduler to listen")
     env, argv = printed_command(exported.stdout, "worker", NODE_NAME="outside-1", SLOTS="1")
-    start(c, "outside-1", [*argv, "--host", "127.0.0.1"], env)
+    start(c, "outside-1", [*argv, "--host", "127.0.0.1"], {**env, "DASK_LOGGING__DISTRIBUTED": "info"})
+    # Two more without --name, on the same host: they report the same name (the host's).
+    unnamed = [word for word in argv if word not in ("--name", "outside-1")]
+    start(c, "unnamed", [*unnamed, "--host", "127.0.0.1", "--nworkers", "2"], env)
 
     # The controller drives that scheduler; the worker shows as a node with its own name and slots.
     log = open(c.root / "controller.log", "a")
@@ -164,9 +195,11 @@ def test_plain_dask_scheduler_and_worker_with_exported_files_run_a_batch(cluster
                                      "--scheduler", address], env=c.env, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=c.root)
     c.wait_until(c.api_up, 90, "the controller's API")
-    c.wait_for_nodes("outside-1", timeout=120)
-    node, = c.api("GET", "/api/nodes").json()
-    assert node["slots"] == 1 and "processor:command" in node["capabilities"]
+    host = socket.gethostname()
+    names = sorted(["outside-1", host, f"{host}-2"])
+    c.wait_until(lambda: c.node_names() == names, 180, f"nodes {names}")
+    for node in c.api("GET", "/api/nodes").json():
+        assert node["slots"] == 1 and "processor:command" in node["capabilities"]
     assert c.api("GET", "/api/cluster").json()["scheduler"] == address
 
     profile = work_profile(c, "1-4", 0)
@@ -177,7 +210,15 @@ def test_plain_dask_scheduler_and_worker_with_exported_files_run_a_batch(cluster
     assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 5)]
     assert [(c.root / "out" / f"frame_{i:04d}.txt").read_text() for i in range(1, 5)] == ["1", "2", "3", "4"]
     attempts = [a for s in c.job(job["id"])["segment_list"] for a in s["attempts"]]
-    assert {a["node"] for a in attempts} == {"outside-1"}
+    assert {a["node"] for a in attempts} <= set(names) and len(attempts) == 4
+
+    # The worker's certificate cannot make its nanny run code (the nanny's preload).
+    nanny = re.search(r"Start Nanny at: '(tls://[^']+)'", log_of(c, "outside-1")).group(1)
+    marker = tmp_path / "ran"
+    attack = subprocess.run([sys.executable, "-c", textwrap.dedent(RUN_IN_NANNY), str(c.root / "tls"), nanny,
+                             str(marker)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "REFUSED" in attack.stdout, attack.stdout + attack.stderr
+    assert not marker.exists()
 
     # A worker with another cluster's exported files is refused by the scheduler and never
     # becomes a node.
@@ -189,7 +230,7 @@ def test_plain_dask_scheduler_and_worker_with_exported_files_run_a_batch(cluster
     assert intruder.wait(timeout=180) != 0
     assert "TLS certificate does not match" in log_of(c, "intruder")
     assert "TLS handshake failed" in log_of(c, "scheduler")
-    assert c.node_names() == ["outside-1"]
+    assert c.node_names() == names
 
 
 @pytest.mark.slow
