@@ -102,8 +102,9 @@ class Controller:
         if self.scheduler_address:
             from farm.daskroles import expect_controller
 
-            # An outside scheduler runs with the controller's certificate (and
-            # `--preload farm.daskroles`); anything else answering there is refused.
+            # An outside scheduler runs with the certificate of `farm cluster export-tls`
+            # (scheduler.NAME.farm) and `--preload farm.daskroles`; anything else
+            # answering there (a node's certificate, another cluster's) is refused.
             expect_controller(self.scheduler_address)
             client = self._outside_client(security)
         else:
