@@ -69,6 +69,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> dict[str, An
     revoke.add_argument("name", help="the token's name (see `farm cluster token list`)")
     revoke.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
 
+    add_export_tls_parser(cluster_commands, common)
+
     controller = commands.add_parser(
         "controller", parents=[common], help="run the controller service",
         description="Run the controller: store, queue, Dask scheduler, HTTP API, zeroconf. SIGTERM stops it.")
@@ -167,6 +169,8 @@ def cmd_cluster(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exi
     folder = Path(args.dir).expanduser() if getattr(args, "dir", None) else default_bundle_path().parent
     if args.cluster_command == "token":
         return _token(args, folder, stdout)
+    if args.cluster_command == "export-tls":
+        return cmd_export_tls(args, folder, stdout)
     paths = init_cluster(args.name, folder, urls=args.url)
     fingerprint = Bundle.load(paths["controller"]).fingerprint
     print(f"cluster {args.name} created in {folder}", file=stdout)
@@ -230,6 +234,55 @@ def _token(args: argparse.Namespace, folder: Path, stdout: TextIO) -> ExitStatus
     if not urls:
         print("  it names no controller URL: they pass --controller URL or find it by zeroconf "
               "(add --url https://HOST:PORT to write one in)", file=stdout)
+    return ExitStatus.OK
+
+
+def add_export_tls_parser(cluster_commands: Any, common: argparse.ArgumentParser) -> None:
+    export = cluster_commands.add_parser(
+        "export-tls", parents=[common], help="write PEM files for an outside dask scheduler and dask workers",
+        description="Write the cluster's CA certificate, a certificate and key for an outside `dask scheduler` "
+                    "(issued by the cluster's CA the first time, kept as scheduler.yaml) and the nodes' certificate "
+                    "and key for `dask worker`s, as PEM files (mode 0600) in DIR (made 0700), and print the "
+                    "commands that use them. Run it on the controller's machine; the key files are secrets.")
+    export.add_argument("out", metavar="DIR", help="the folder to write ca.pem, scheduler.pem, scheduler.key, "
+                                                   "worker.pem and worker.key into")
+    export.add_argument("--dir", help="the cluster folder (default: the config dir's cluster/)")
+    export.add_argument("--scheduler", metavar="ADDRESS", default="tls://SCHEDULER_HOST:8786",
+                        help="the outside scheduler's address, as workers and the controller dial it, written into "
+                             "the printed commands (default: tls://SCHEDULER_HOST:8786)")
+    export.add_argument("--force", action="store_true", help="replace the files DIR already holds")
+
+
+def cmd_export_tls(args: argparse.Namespace, folder: Path, stdout: TextIO) -> ExitStatus:
+    """`farm cluster export-tls DIR`: the PEM files, then the commands that use them."""
+    import shlex
+
+    from farm.errors import UsageError
+    from farm.security import TLS_FILES, export_tls
+
+    address = args.scheduler if "://" in args.scheduler else f"tls://{args.scheduler}"
+    port = address.rsplit(":", 1)[-1]
+    if not address.startswith("tls://") or not port.isdigit():
+        raise UsageError(f"--scheduler {args.scheduler!r}: expected tls://HOST:PORT")
+    paths = export_tls(folder, Path(args.out).expanduser().absolute(), force=args.force)
+    files = {name: shlex.quote(str(path)) for name, path in paths.items()}
+    print(f"TLS files for an outside Dask deployment written to {paths['ca.pem'].parent} (mode 0600; the .key files "
+          "are secrets):", file=stdout)
+    for name, what in TLS_FILES.items():
+        print(f"  {name:<14} {what}", file=stdout)
+    http = "DASK_DISTRIBUTED__{}__HTTP__ROUTES='[\"distributed.http.health\"]'"
+    tls = "--tls-ca-file {} --tls-cert {} --tls-key {}"
+    print("\nthe scheduler (Farm installed; Dask's HTTP kept to the health check):", file=stdout)
+    print(f"  {http.format('SCHEDULER')} dask scheduler --protocol tls --port {port} --no-dashboard "
+          f"{tls.format(files['ca.pem'], files['scheduler.pem'], files['scheduler.key'])} "
+          "--preload farm.daskroles", file=stdout)
+    print("\neach worker (Farm, the plugins and the renderers installed; node settings from FARM_CONFIG's node:):",
+          file=stdout)
+    print(f"  {http.format('WORKER')} dask worker {address} --name NODE_NAME --nthreads SLOTS --memory-limit 0 "
+          f"--no-dashboard {tls.format(files['ca.pem'], files['worker.pem'], files['worker.key'])} "
+          "--preload farm.nodeservice --preload-nanny farm.daskroles", file=stdout)
+    print("\nthe controller (its own bundle; farm node can join the same scheduler too):", file=stdout)
+    print(f"  farm controller --scheduler {address}", file=stdout)
     return ExitStatus.OK
 
 

@@ -102,10 +102,11 @@ class Controller:
         if self.scheduler_address:
             from farm.daskroles import expect_controller
 
-            # An outside scheduler runs with the controller's certificate (and
-            # `--preload farm.daskroles`); anything else answering there is refused.
+            # An outside scheduler runs with the certificate of `farm cluster export-tls`
+            # (scheduler.NAME.farm) and `--preload farm.daskroles`; anything else
+            # answering there (a node's certificate, another cluster's) is refused.
             expect_controller(self.scheduler_address)
-            client = Client(self.scheduler_address, security=security, set_as_default=False)
+            client = self._outside_client(security)
         else:
             import dask
 
@@ -137,6 +138,20 @@ class Controller:
             self._advertiser = Advertiser(
                 Advertised(self.bundle.cluster, self.api_url, self.dask_address, self.bundle.fingerprint),
                 settings.api_port or 0)
+
+    def _outside_client(self, security: Any) -> Any:
+        """The Dask client of an outside scheduler (``--scheduler``), or a sentence why not."""
+        from distributed import Client
+
+        address = self.scheduler_address or ""
+        if not address.startswith("tls://"):
+            raise UsageError(f"--scheduler {address!r}: expected tls://HOST:PORT (cluster traffic is TLS; start the "
+                             "scheduler with the files of `farm cluster export-tls`)")
+        try:
+            return Client(address, security=security, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}; is it running, with --protocol tls "
+                             "and the certificate of `farm cluster export-tls` (scheduler.pem)?") from None
 
     def _take_over(self) -> None:
         """Take over the jobs whose owner's lease lapsed (never one whose owner lives)."""
@@ -259,12 +274,17 @@ class Controller:
             thread.join(timeout=5)
         quiet = logging.getLogger("distributed")
         quiet.setLevel(logging.CRITICAL)
+        if not hasattr(self, "store"):
+            return  # start() failed before anything was opened
         try:
             if self.droplets is not None:
                 self.droplets.close()
-            self.scheduler.close()
-            self.engine.close()
-            self.lease.release()  # what it leaves unfinished is interrupted, and taken at the next start
+            if hasattr(self, "scheduler"):  # else start() failed before the queue was made
+                self.scheduler.close()
+            if hasattr(self, "engine"):
+                self.engine.close()
+            if hasattr(self, "lease"):
+                self.lease.release()  # what it leaves unfinished is interrupted, and taken at the next start
         finally:
             self.store.close()
 

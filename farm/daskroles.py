@@ -22,12 +22,13 @@ the TLS handshake, before a single Dask message is decoded, and
   (Dask's clients unpickle ``warn`` events), serialized parts anywhere else, and the
   pickled sort key ``retire_workers`` accepts. A segment's outcome travels as a farm
   event (:mod:`farm.wire`), which the controller checks field by field;
-- makes a node that dials its scheduler accept only the controller's certificate, so a
+- makes a node that dials its scheduler accept only the controller's certificate (or an
+  outside scheduler's, ``scheduler.NAME.farm``, from ``farm cluster export-tls``), so a
   node's certificate cannot serve a fake controller to the other nodes.
 
 Every farm process that speaks Dask imports this module (the controller, ``farm node``
 and its worker through the ``farm.nodeservice`` preload); an outside scheduler needs
-``--preload farm.daskroles``.
+``--preload farm.daskroles`` (and its workers' nannies ``--preload-nanny farm.daskroles``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ from farm.wire import NODE_TOPICS, SENDER
 
 log = logging.getLogger("farm.daskroles")
 
-CONTROLLER, NODE = "controller", "node"
+CONTROLLER, NODE, SCHEDULER = "controller", "node", "scheduler"
+#: Roles trusted like the controller over Dask: the controller, and an outside Dask
+#: scheduler's certificate (``farm cluster export-tls``), which hands out the
+#: controller's tasks and must be dialled by nodes as their scheduler.
+TRUSTED = frozenset({CONTROLLER, SCHEDULER})
 
 #: What a node's worker and nanny send to the scheduler (requests and the worker's
 #: batched stream), from Dask's worker and nanny, and seen in real runs. None of them
@@ -79,14 +84,14 @@ class RefusedPeer(CommClosedError):
 
 
 def certificate_role(peercert: dict[str, Any] | None) -> str | None:
-    """``controller`` or ``node`` from a verified peer certificate's common name."""
+    """``controller``, ``scheduler`` or ``node`` from a verified peer certificate's common name."""
     if not peercert:
         return None
     for rdn in peercert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName" and value.endswith(".farm"):
                 role = value.split(".", 1)[0]
-                if role in (CONTROLLER, NODE):
+                if role in (CONTROLLER, NODE, SCHEDULER):
                     return role
     return None
 
@@ -141,7 +146,7 @@ class RoleTLS(TLS):
         self.role = certificate_role(self._extra.get("peercert"))
 
     async def read(self, deserializers=None):
-        if self.role == CONTROLLER:
+        if self.role in TRUSTED:
             return await super().read(deserializers)
         frames = await self._read_frames()
         try:
@@ -281,7 +286,7 @@ class RoleTLSConnector(TLSConnector):
 
     async def connect(self, address, deserialize=True, **connection_args):
         comm = await super().connect(address, deserialize, **connection_args)
-        if comm.role is None or (_is_controller_address(address) and comm.role != CONTROLLER):
+        if comm.role is None or (_is_controller_address(address) and comm.role not in TRUSTED):
             why = (f"tls://{address} presented {comm.role or 'an unknown'} certificate, not the controller's: "
                    "refusing to treat it as the scheduler")
             log.warning("%s", why)

@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask
@@ -68,6 +68,7 @@ class Engine:
         self._arrived: dict[str, dict[str, Any]] = {}  # outcomes not yet collected
         self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
         self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._names: dict[str, tuple[str, str]] = {}  # address -> (the name it reports, the name it goes by)
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         client.subscribe_topic(NODE_TOPIC, self._on_report)
         client.subscribe_topic(RESULT_TOPIC, self._on_outcome)
@@ -92,7 +93,24 @@ class Engine:
             heard, view = self._reports.get(address, (0.0, None))
             if view is not None and now - heard <= NODE_SILENCE_SECONDS:
                 views.append(view)
-        return views
+        return self._unique_names(views)
+
+    def _unique_names(self, views: list[NodeView]) -> list[NodeView]:
+        """Every node under a name of its own: one that reports a name another connected
+        node holds (two unnamed `dask worker`s on one host) gets ``NAME-2``, ``NAME-3`` ...,
+        kept while it stays connected."""
+        live = {view.address for view in views}
+        self._names = {address: names for address, names in self._names.items() if address in live}
+        unique = []
+        for view in views:
+            reported, given = self._names.get(view.address, (None, None))
+            if reported != view.name or given is None:
+                taken = {name for address, (_, name) in self._names.items() if address != view.address}
+                given = next(candidate for number in range(1, len(taken) + 2)
+                             if (candidate := view.name if number == 1 else f"{view.name}-{number}") not in taken)
+                self._names[view.address] = (view.name, given)
+            unique.append(view if given == view.name else replace(view, name=given))
+        return unique
 
     def _on_report(self, event: Any) -> None:
         _, report = event

@@ -170,6 +170,7 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
         env["DASK_LOGGING__DISTRIBUTED"] = os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")
         logging.getLogger("distributed").setLevel(logging.WARNING)
     attempt = 0
+    number = 1  # the name's number: 1 is the name as asked for, then NAME-2, NAME-3 ...
     try:
         while not stopping.is_set():
             found = find_controller(bundle, controller_url, cluster)
@@ -187,17 +188,40 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
                 from farm.transfer import API_ENV, BUNDLE_ENV
 
                 env.update({API_ENV: found[1], BUNDLE_ENV: str(bundle.path)})
+            joining = numbered(name, number)
             try:
-                why = asyncio.run(_run_worker(address, bundle, name, slots, env, stopping, announce))
+                why = asyncio.run(_run_worker(address, bundle, joining, slots, env, stopping, announce))
+                number = 1  # it was in: next time the name as asked for is tried first
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 why = f"could not join {address}: {exc}"
             except Exception as exc:  # Dask refusing us (TLS, name taken) must not end the node
+                if _name_taken(exc) and not stopping.is_set():
+                    number += 1
+                    log.warning("another node is connected as %s; joining as %s", joining, numbered(name, number))
+                    continue
                 why = f"worker stopped: {type(exc).__name__}: {exc}"
             if not stopping.is_set():
                 log.warning("node %s left the cluster (%s); looking for the controller again", name, why)
                 stopping.wait(1)
     finally:
         config_path.unlink(missing_ok=True)
+
+
+def numbered(name: str, number: int) -> str:
+    """A node's name on the scheduler: as asked for, or with ``-N`` when that one is taken."""
+    return name if number <= 1 else f"{name}-{number}"
+
+
+def _name_taken(exc: BaseException | None) -> bool:
+    """Dask's scheduler refused the worker's name (another worker holds it). It says so in
+    the worker process; the nanny passes that on as the cause of its own error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "name taken" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # -- inside the worker process (a Dask preload) ------------------------------------------
@@ -223,7 +247,12 @@ def dask_setup(worker: Any) -> None:
 
     # Before the worker registers: only the controller may answer at its scheduler's address.
     farm.daskroles.expect_controller(worker.scheduler.address)
-    runtime()
+    node = runtime()
+    # The worker's own name and threads are the truth: `farm node` picks a free name on
+    # the scheduler (see numbered), and a plain `dask worker` is sized by --nthreads.
+    if isinstance(worker.name, str) and worker.name and worker.name != worker.address:
+        node.name = worker.name
+    node.slots = worker.state.nthreads
 
     def report() -> None:
         if worker.status.name == "running":

@@ -28,6 +28,7 @@ import yaml
 from farm.errors import UsageError
 
 BUNDLE_NAME = "bundle.yaml"
+SCHEDULER_BUNDLE = "scheduler.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -106,7 +107,7 @@ class Bundle:
     """What a member of the cluster holds: its certificate, the CA, and the API token."""
 
     cluster: str
-    role: str  # "controller" or "node"
+    role: str  # "controller", "node", or "scheduler" (an outside Dask scheduler's, see export_tls)
     token: str
     ca: str
     cert: str
@@ -134,7 +135,8 @@ class Bundle:
             path = path / BUNDLE_NAME
         from farm import sandbox
 
-        for secret in (path, path.parent / "ca.key", path.parent / "controller.yaml", path.parent / "node.yaml"):
+        for secret in (path, path.parent / "ca.key", path.parent / "controller.yaml", path.parent / "node.yaml",
+                       path.parent / SCHEDULER_BUNDLE):
             sandbox.hide(secret)  # no segment's process may read the cluster's keys or token
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -288,6 +290,78 @@ def init_cluster(name: str, folder: Path, days: int = 3650, urls: list[str] | No
     ClientFile(name, "admin", "admin", table.add("admin", "admin"), bundles["controller"].ca,
                bundles["controller"].fingerprint, list(urls or [])).save(paths["admin"])
     paths["tokens"] = table.path
+    return paths
+
+
+#: The PEM files `farm cluster export-tls` writes, and what each holds.
+TLS_FILES = {
+    "ca.pem": "the cluster's CA certificate (scheduler and workers)",
+    "scheduler.pem": "the outside Dask scheduler's certificate",
+    "scheduler.key": "the outside Dask scheduler's key",
+    "worker.pem": "the workers' certificate (the nodes')",
+    "worker.key": "the workers' key (the nodes')",
+}
+
+
+def scheduler_bundle(folder: Path, days: int = 3650) -> Bundle:
+    """The outside Dask scheduler's identity, ``scheduler.NAME.farm``, issued by the
+    cluster's CA the first time it is asked for and kept as ``scheduler.yaml`` beside
+    the other bundles. Over Dask it may do what the controller may (farm.daskroles);
+    it cannot serve the controller's API, which clients and nodes pin by fingerprint."""
+    path = folder / SCHEDULER_BUNDLE
+    if path.exists():
+        return Bundle.load(path)
+    controller = Bundle.load(folder / "controller.yaml")
+    try:
+        ca_key_pem = (folder / "ca.key").read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{folder / 'ca.key'} cannot be read ({exc.strerror or exc}): the scheduler's certificate is "
+                         "issued with the cluster's CA key; run this on the controller's machine, with --dir the "
+                         "folder `farm cluster init` wrote") from None
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    ca_cert = x509.load_pem_x509_certificate(controller.ca.encode())
+    key = _new_key()
+    cert = _issue(f"scheduler.{controller.cluster}.farm", key, ca_cert, ca_key, ca=False, days=days)
+    bundle = Bundle(controller.cluster, "scheduler", "", controller.ca, _pem_cert(cert).decode(),
+                    _pem_key(key).decode(), controller_fingerprint=controller.fingerprint)
+    bundle.save(path)
+    bundle.path = path
+    return bundle
+
+
+def export_tls(folder: Path, out: Path, *, force: bool = False) -> dict[str, Path]:
+    """Write the PEM files an outside ``dask scheduler`` and ``dask worker`` need (TLS_FILES)
+    into ``out``: each 0600, ``out`` made 0700. Files already there are kept unless ``force``."""
+    if not (folder / "controller.yaml").exists():
+        raise UsageError(f"{folder} holds no cluster (no controller.yaml): run this on the controller's machine, "
+                         "with --dir the folder `farm cluster init` wrote")
+    node = Bundle.load(folder / "node.yaml")
+    scheduler = scheduler_bundle(folder)
+    texts = {"ca.pem": scheduler.ca, "scheduler.pem": scheduler.cert, "scheduler.key": scheduler.key,
+             "worker.pem": node.cert, "worker.key": node.key}
+    paths = {name: out / name for name in TLS_FILES}
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; choose a folder for the TLS files")
+    there = [name for name, path in paths.items() if path.exists() or path.is_symlink()]
+    if there and not force:
+        raise UsageError(f"{out} already holds {', '.join(there)}; pass --force to replace them, or choose "
+                         "another folder")
+    try:
+        out.mkdir(parents=True, mode=0o700, exist_ok=True)
+        for name, path in paths.items():
+            # A new file, renamed over the old one: a replaced file never keeps a looser mode.
+            part = out / f".{name}.{secrets.token_hex(4)}.part"
+            try:
+                _write_private(part, texts[name])
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write the TLS files into {out}: {exc.strerror or exc}; choose a folder you can "
+                         "write (--force replaces files there)") from None
     return paths
 
 
