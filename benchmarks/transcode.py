@@ -8,9 +8,11 @@
 (c) parallel efficiency: the same batch on 1 slot and on 2 slots, each segment encoder
     limited to one thread: speedup, target >= 1.8 on 2 cores;
 (d) a job's fixed cost: ``farm run`` of a one-frame source minus one plain ffmpeg
-    process encoding it: target <= 1 s.
+    process encoding it: target <= 1 s. With ``--repeat N`` each is run N times, one after
+    the other, and the medians are compared (a shared machine's load comes and goes).
 
     .venv/bin/python benchmarks/transcode.py [--seconds 60] [--size 1280x720] [--profile h264-web-720p]
+    .venv/bin/python benchmarks/transcode.py --fixed-only --repeat 7
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--segment-seconds", type=float, default=None, help="override segment.seconds")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--skip-fixed", action="store_true", help="skip (d), the fixed cost of a job")
+    parser.add_argument("--fixed-only", action="store_true", help="only (d), the fixed cost of a job")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each side of (d); medians compared")
     args = parser.parse_args()
     console = Console()
     settings = yaml.safe_load((ROOT / "profiles" / f"{args.profile}.yaml").read_text())["settings"]
@@ -140,9 +145,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="farm-bench-transcode-") as tmp:
         work = Path(tmp)
         source = work / "source.mp4"
+        rows: list[tuple[str, ...]] = []
+        if args.fixed_only:
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat)
+            return print_table(console, args, rows, "fixed cost")
         console.print(f"making a {args.seconds} s {args.size} source ...")
         make_source(source, args.seconds, args.size)
-        rows = []
         plain = timed(plain_ffmpeg_argv(settings, source, work / "plain.mp4"))
         rows.append(("(a) one plain ffmpeg process", f"{plain:.2f}", "1.00", str(frames(work / "plain.mp4")), ""))
         farm, report = farm_run(work, "farm", args.profile, source, None, segment)
@@ -161,17 +169,45 @@ def main() -> None:
                          str(frames(Path(r2["jobs"][0]["outputs"][0]))),
                          f"speedup c1/c2 = {t1 / t2:.2f}; target >= 1.8"))
         if not args.skip_fixed:
-            tiny = work / "tiny.mp4"
-            make_source(tiny, 1, args.size)
-            subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(tiny), "-frames:v", "1",
-                            "-c:v", "libx264", "-c:a", "aac", "-t", "0.04", str(work / "one.mp4")], check=True)
-            one = work / "one.mp4"
-            plain_one = timed(plain_ffmpeg_argv(settings, one, work / "plain-one.mp4"))
-            farm_one, _ = farm_run(work, "one", args.profile, one, None, [])
-            rows.append(("(d1) one-frame source, one plain ffmpeg", f"{plain_one:.2f}", "", "1", ""))
-            rows.append(("(d2) one-frame source, farm run", f"{farm_one:.2f}", f"{farm_one / plain_one:.2f}", "1",
-                         f"fixed cost {farm_one - plain_one:.2f} s; target <= 1 s"))
-    table = Table(title=f"transcode: {args.seconds} s {args.size}, profile {args.profile}, {os.cpu_count()} cores")
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat)
+    print_table(console, args, rows, f"{args.seconds} s {args.size}")
+
+
+def fixed_cost(work: Path, profile: str, settings: dict, size: str, repeat: int) -> list[tuple[str, ...]]:
+    """(d): ``farm run`` of a one-frame source against one plain ffmpeg encoding it, each
+    ``repeat`` times in turn; the medians."""
+    tiny = work / "tiny.mp4"
+    make_source(tiny, 1, size)
+    one = work / "one.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(tiny), "-frames:v", "1",
+                    "-c:v", "libx264", "-c:a", "aac", "-t", "0.04", str(one)], check=True)
+    plains, farms, plain_cpu, farm_cpu = [], [], [], []
+    for turn in range(max(1, repeat)):
+        before = children_cpu()
+        plains.append(timed(plain_ffmpeg_argv(settings, one, work / "plain-one.mp4")))
+        middle = children_cpu()
+        farms.append(farm_run(work, f"one-{turn}", profile, one, None, [])[0])
+        plain_cpu.append(middle - before)
+        farm_cpu.append(children_cpu() - middle)
+    plain_one, farm_one = statistics.median(plains), statistics.median(farms)
+    cpu_plain, cpu_farm = statistics.median(plain_cpu), statistics.median(farm_cpu)
+    runs = f"median of {len(farms)}" if len(farms) > 1 else ""
+    return [("(d1) one-frame source, one plain ffmpeg", f"{plain_one:.2f}", "", "1",
+             f"CPU {cpu_plain:.2f} s" + (f"; {runs}" if runs else "")),
+            ("(d2) one-frame source, farm run", f"{farm_one:.2f}", f"{farm_one / plain_one:.2f}", "1",
+             f"fixed cost {farm_one - plain_one:.2f} s (target <= 1 s); CPU {cpu_farm:.2f} s, "
+             f"{cpu_farm - cpu_plain:.2f} s more than ffmpeg's" + (f"; {runs}" if runs else ""))]
+
+
+def children_cpu() -> float:
+    """User and system CPU seconds of the finished child processes (and theirs), so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def print_table(console: Console, args: argparse.Namespace, rows: list[tuple[str, ...]], what: str) -> None:
+    table = Table(title=f"transcode: {what}, profile {args.profile}, {os.cpu_count()} cores, "
+                        f"load {os.getloadavg()[0]:.1f}")
     for column in ("run", "wall s", "/ plain", "frames", "note"):
         table.add_column(column)
     for row in rows:
