@@ -483,45 +483,75 @@ class OutputFacts:
         return _seconds(stream.get("start_time")) or 0.0
 
 
-def _ffprobe_json(path: Path, run: Callable[..., Any], scratch: Path, args: list[str]) -> dict[str, Any]:
-    report = scratch / f"probe-{path.stem}-{os.getpid()}.json"
-    try:
-        run([FFPROBE, "-hide_banner", "-v", "error", *args, "-of", "json", "-o", str(report), str(path)])
-        return json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ProcessorError(f"cannot read what ffprobe said about {path.name}: {exc}") from None
-    finally:
-        report.unlink(missing_ok=True)
-
-
 def probe_output(path: Path, run: Callable[..., Any], scratch: Path, span: bool = False) -> OutputFacts:
     """Count the packets of every stream of an encoded file (``run`` is the segment's runner).
 
-    With ``span``, also the time from the first video frame to the last one (for
-    variable frame rates, where the last frame's duration is only a guess).
+    One read of the file gives the container, its streams with their packets counted, and
+    every packet's time (ffprobe's compact writer, whose packet lines stay small for a
+    long movie). With ``span``, also the time from the first video frame to the last one
+    (for variable frame rates, where the last frame's duration is only a guess).
     """
-    data = _ffprobe_json(path, run, scratch, ["-count_packets", "-show_format", "-show_streams"])
-    facts = OutputFacts(data.get("format") or {}, data.get("streams") or [])
-    report = scratch / f"packets-{path.stem}-{os.getpid()}.csv"
+    report = scratch / f"probe-{path.stem}-{os.getpid()}.txt"
     try:
-        run([FFPROBE, "-hide_banner", "-v", "error", "-show_entries", "packet=stream_index,pts_time,duration_time",
-             "-of", "csv=p=0", "-o", str(report), str(path)])
-        rows = report.read_text(encoding="utf-8").splitlines()
+        run([FFPROBE, "-hide_banner", "-v", "error", "-count_packets", "-show_format", "-show_streams",
+             "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "compact", "-o", str(report),
+             str(path)])
+        lines = report.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
         raise ProcessorError(f"cannot read what ffprobe said about {path.name}: {exc}") from None
     finally:
         report.unlink(missing_ok=True)
+    container: dict[str, Any] = {}
+    streams: list[dict[str, Any]] = []
+    packets: list[list[str]] = []
+    for line in lines:
+        if line.startswith("packet|"):
+            fields = dict(part.split("=", 1) for part in line.split("|")[1:4] if "=" in part)
+            packets.append([fields.get("stream_index", ""), fields.get("pts_time", ""),
+                            fields.get("duration_time", "")])
+        elif line.startswith("stream|"):
+            streams.append(_compact_section(line))
+        elif line.startswith("format|"):
+            container = _compact_section(line)
+    facts = OutputFacts(container, streams)
     video = facts.of_type("video")
     video_index = int(video[0]["index"]) if video else None
     times: list[float] = []
-    for row in rows:
-        parts = row.split(",")
-        if len(parts) < 3 or not parts[0].isdigit() or _seconds(parts[1]) is None:
+    for index_text, pts_text, duration_text in packets:
+        if not index_text.isdigit() or _seconds(pts_text) is None:
             continue
-        index, pts = int(parts[0]), float(parts[1])
-        facts.ends[index] = max(facts.ends.get(index, pts), pts + (_seconds(parts[2]) or 0.0))
+        index, pts = int(index_text), float(pts_text)
+        facts.ends[index] = max(facts.ends.get(index, pts), pts + (_seconds(duration_text) or 0.0))
         if index == video_index:
             times.append(pts)
     if span and video:
         facts.video_span = max(times) - min(times) if times else 0.0
     return facts
+
+
+_COMPACT_FIELD = re.compile(r"((?:\\.|[^|\\])*)(?:\||$)")
+_COMPACT_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
+
+
+def _compact_section(line: str) -> dict[str, Any]:
+    """One ``stream|...`` or ``format|...`` line of ffprobe's compact writer as ffprobe's JSON
+    would hold it: ``tag:NAME`` under ``tags``, ``disposition:NAME`` under ``disposition``.
+    Values stay text; ``N/A`` ones are left out. What follows a nested section's name (side
+    data) is not the stream's."""
+    fields = [m.group(1) for m in _COMPACT_FIELD.finditer(line)][1:]
+    section: dict[str, Any] = {}
+    for text in fields:
+        if "=" not in text:
+            if text:  # a nested section starts: its keys are not the stream's
+                break
+            continue
+        key, value = text.split("=", 1)
+        if value == "N/A":  # ffprobe's JSON leaves such a field out
+            continue
+        value = re.sub(r"\\(.)", lambda m: _COMPACT_ESCAPES.get(m.group(1), m.group(1)), value)
+        group, _, name = key.partition(":")
+        if name and group in ("tag", "disposition"):
+            section.setdefault("tags" if group == "tag" else "disposition", {})[name] = value
+        else:
+            section[key] = value
+    return section
