@@ -437,6 +437,7 @@ class TranscodeProcessor(Processor):
         with Delivery(job, claim=context.claim) as delivery:
             delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
             temporary = delivery.staged(target)
+            source_sound: dict[str, Any] = {}  # decoded once, whichever join measures it
 
             def join(offset: float) -> Any:
                 run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
@@ -448,7 +449,7 @@ class TranscodeProcessor(Processor):
                 found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
                 if audio is not None and videos and job.input is not None:
                     found.audio_lag = sync.lag(job.input, facts.demuxer, audio["params"]["streams"][0], temporary,
-                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG)
+                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG, kept=source_sound)
                 return found
 
             found = join(offset)
