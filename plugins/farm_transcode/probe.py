@@ -1,10 +1,10 @@
 """What a source holds, from ffprobe: streams, frame rate, frame count, keyframes.
 
-Planning probes twice: the container and its streams, then every video and audio
-packet's timestamp (demuxing only, no decoding), which gives the exact frame count, where
-the keyframes are, whether the frame rate is constant, and where each track starts and
-ends. A file that is empty, is a
-playlist or a concat list, cannot be read, or is cut short is refused with a reason.
+Planning probes the container and its streams, then at once every video and audio
+packet's timestamp (demuxing only, no decoding) and the first decoded frame. The packets
+give the exact frame count, where the keyframes are, whether the frame rate is constant,
+and where each track starts and ends. A file that is empty, is a playlist or a concat
+list, cannot be read, or is cut short is refused with a reason.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -221,10 +222,15 @@ def probe_source(path: Path) -> SourceFacts:
     picture = next((s for s in streams if s.get("codec_type") == "video"
                     and not (s.get("disposition") or {}).get("attached_pic")), None)
     sounds = [s for s in streams if s.get("codec_type") == "audio"]
-    packets = _packets(path, [s for s in (picture, *sounds) if s is not None])
-    video = _video_facts(path, picture, packets.get(int(picture["index"]), [])) if picture is not None else None
-    if video is not None:
-        _picture_facts(path, video, picture, data)
+    # The first frame is decoded while the packets are read: two ffprobes at once, not in
+    # turn. Never a frame whose header size is refused below (a decoder's memory bomb).
+    decodable = picture is not None and all(0 < int(picture.get(side) or 0) <= MAX_SIDE for side in ("width", "height"))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-probe") as pool:
+        first_frame = pool.submit(_first_frame, path, int(picture["index"])) if decodable else None
+        packets = _packets(path, [s for s in (picture, *sounds) if s is not None])
+        video = _video_facts(path, picture, packets.get(int(picture["index"]), [])) if picture is not None else None
+        if video is not None and first_frame is not None:
+            _picture_facts(video, picture, data, first_frame.result())
     audio = []
     for s in sounds:
         start, duration = _audio_span(s, packets.get(int(s["index"]), []), container)
@@ -395,13 +401,9 @@ def _side_data(entries: list[dict[str, Any]], kind: str) -> dict[str, Any] | Non
     return next((entry for entry in entries if entry.get("side_data_type") == kind), None)
 
 
-def _picture_facts(path: Path, video: VideoFacts, stream: dict[str, Any], data: dict[str, Any]) -> None:
-    """What the decoder delivers: pixel format, fields, colour, HDR metadata, timecode, rotation.
-
-    The first frame is decoded too: an interlaced picture, its colour and HDR10
-    metadata are often told only in the bitstream (the container says nothing).
-    """
-    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(video.index),
+def _first_frame(path: Path, index: int) -> dict[str, Any]:
+    """The first decoded frame of stream ``index`` as ffprobe describes it; ``{}`` when none is."""
+    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(index),
                      "-read_intervals", "%+#1", "-show_frames", "-show_entries",
                      "frame=pix_fmt,interlaced_frame,top_field_first,color_range,color_space,color_primaries,"
                      "color_transfer,side_data_list", "-of", "json", str(path)], timeout=60)
@@ -409,7 +411,16 @@ def _picture_facts(path: Path, video: VideoFacts, stream: dict[str, Any], data: 
         frames = json.loads(proc.stdout).get("frames") or [] if proc.returncode == 0 else []
     except json.JSONDecodeError:
         frames = []
-    frame = frames[0] if frames else {}
+    return frames[0] if frames else {}
+
+
+def _picture_facts(video: VideoFacts, stream: dict[str, Any], data: dict[str, Any], frame: dict[str, Any]) -> None:
+    """What the decoder delivers: pixel format, fields, colour, HDR metadata, timecode, rotation.
+
+    The first frame (``frame``, see :func:`_first_frame`) counts too: an interlaced
+    picture, its colour and HDR10 metadata are often told only in the bitstream (the
+    container says nothing).
+    """
     video.pix_fmt = str(frame.get("pix_fmt") or stream.get("pix_fmt") or "") or None
     described = describe_pix_fmt(video.pix_fmt)
     raw_bits = stream.get("bits_per_raw_sample")
