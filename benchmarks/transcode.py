@@ -8,9 +8,15 @@
 (c) parallel efficiency: the same batch on 1 slot and on 2 slots, each segment encoder
     limited to one thread: speedup, target >= 1.8 on 2 cores;
 (d) a job's fixed cost: ``farm run`` of a one-frame source minus one plain ffmpeg
-    process encoding it: target <= 1 s.
+    process encoding it: target <= 1 s. With ``--repeat N`` each is run N times, one after
+    the other, and the medians are compared (a shared machine's load comes and goes).
+    CPU seconds (user + system, the processes' children included) are printed beside.
+(e) with ``--controller-cost N``: a controller and one node as real processes; N
+    one-frame jobs submitted at once through the API; the controller process's own CPU
+    seconds per job, less what it spends idle in the same time (target <= 0.2 s).
 
     .venv/bin/python benchmarks/transcode.py [--seconds 60] [--size 1280x720] [--profile h264-web-720p]
+    .venv/bin/python benchmarks/transcode.py --fixed-only --repeat 7 [--controller-cost 20]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -133,6 +140,10 @@ def main() -> None:
     parser.add_argument("--segment-seconds", type=float, default=None, help="override segment.seconds")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--skip-fixed", action="store_true", help="skip (d), the fixed cost of a job")
+    parser.add_argument("--fixed-only", action="store_true", help="only (d), the fixed cost of a job")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each side of (d); medians compared")
+    parser.add_argument("--controller-cost", type=int, default=0, metavar="N",
+                        help="(e): N one-frame jobs through a running controller")
     args = parser.parse_args()
     console = Console()
     settings = yaml.safe_load((ROOT / "profiles" / f"{args.profile}.yaml").read_text())["settings"]
@@ -140,9 +151,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="farm-bench-transcode-") as tmp:
         work = Path(tmp)
         source = work / "source.mp4"
+        rows: list[tuple[str, ...]] = []
+        if args.fixed_only:
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat)
+            if args.controller_cost:
+                rows += controller_cost(work, args.profile, args.controller_cost)
+            return print_table(console, args, rows, "fixed cost")
         console.print(f"making a {args.seconds} s {args.size} source ...")
         make_source(source, args.seconds, args.size)
-        rows = []
         plain = timed(plain_ffmpeg_argv(settings, source, work / "plain.mp4"))
         rows.append(("(a) one plain ffmpeg process", f"{plain:.2f}", "1.00", str(frames(work / "plain.mp4")), ""))
         farm, report = farm_run(work, "farm", args.profile, source, None, segment)
@@ -161,17 +177,99 @@ def main() -> None:
                          str(frames(Path(r2["jobs"][0]["outputs"][0]))),
                          f"speedup c1/c2 = {t1 / t2:.2f}; target >= 1.8"))
         if not args.skip_fixed:
-            tiny = work / "tiny.mp4"
-            make_source(tiny, 1, args.size)
-            subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(tiny), "-frames:v", "1",
-                            "-c:v", "libx264", "-c:a", "aac", "-t", "0.04", str(work / "one.mp4")], check=True)
-            one = work / "one.mp4"
-            plain_one = timed(plain_ffmpeg_argv(settings, one, work / "plain-one.mp4"))
-            farm_one, _ = farm_run(work, "one", args.profile, one, None, [])
-            rows.append(("(d1) one-frame source, one plain ffmpeg", f"{plain_one:.2f}", "", "1", ""))
-            rows.append(("(d2) one-frame source, farm run", f"{farm_one:.2f}", f"{farm_one / plain_one:.2f}", "1",
-                         f"fixed cost {farm_one - plain_one:.2f} s; target <= 1 s"))
-    table = Table(title=f"transcode: {args.seconds} s {args.size}, profile {args.profile}, {os.cpu_count()} cores")
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat)
+    print_table(console, args, rows, f"{args.seconds} s {args.size}")
+
+
+def fixed_cost(work: Path, profile: str, settings: dict, size: str, repeat: int) -> list[tuple[str, ...]]:
+    """(d): ``farm run`` of a one-frame source against one plain ffmpeg encoding it, each
+    ``repeat`` times in turn; the medians."""
+    tiny = work / "tiny.mp4"
+    make_source(tiny, 1, size)
+    one = work / "one.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(tiny), "-frames:v", "1",
+                    "-c:v", "libx264", "-c:a", "aac", "-t", "0.04", str(one)], check=True)
+    plains, farms, plain_cpu, farm_cpu = [], [], [], []
+    for turn in range(max(1, repeat)):
+        before = children_cpu()
+        plains.append(timed(plain_ffmpeg_argv(settings, one, work / "plain-one.mp4")))
+        middle = children_cpu()
+        farms.append(farm_run(work, f"one-{turn}", profile, one, None, [])[0])
+        plain_cpu.append(middle - before)
+        farm_cpu.append(children_cpu() - middle)
+    plain_one, farm_one = statistics.median(plains), statistics.median(farms)
+    cpu_plain, cpu_farm = statistics.median(plain_cpu), statistics.median(farm_cpu)
+    runs = f"median of {len(farms)}" if len(farms) > 1 else ""
+    return [("(d1) one-frame source, one plain ffmpeg", f"{plain_one:.2f}", "", "1",
+             f"CPU {cpu_plain:.2f} s" + (f"; {runs}" if runs else "")),
+            ("(d2) one-frame source, farm run", f"{farm_one:.2f}", f"{farm_one / plain_one:.2f}", "1",
+             f"fixed cost {farm_one - plain_one:.2f} s (target <= 1 s); CPU {cpu_farm:.2f} s, "
+             f"{cpu_farm - cpu_plain:.2f} s more than ffmpeg's" + (f"; {runs}" if runs else ""))]
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(own, waited-for children's) CPU seconds of a running process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def controller_cost(work: Path, profile: str, count: int) -> list[tuple[str, ...]]:
+    """(e): the controller's own CPU per one-frame job, the node's work not included."""
+    sys.path.insert(0, str(ROOT))
+    from tests.cluster_helpers import Cluster  # the harness the cluster tests use
+
+    one = work / "one.mp4"  # made by fixed_cost
+    cluster = Cluster(work / "cluster")
+    try:
+        cluster.start_controller()
+        cluster.start_node("n1")
+        cluster.wait_for_nodes("n1", timeout=120)
+        pid = cluster.controller.pid
+        # idle: what the controller spends meanwhile (heartbeats, lease, these polls)
+        idle_from, started = process_cpu(pid)[0], time.monotonic()
+        for _ in range(20):
+            cluster.api("GET", "/api/nodes")
+            time.sleep(0.25)
+        idle_rate = (process_cpu(pid)[0] - idle_from) / (time.monotonic() - started)
+        before, children_before = process_cpu(pid)
+        started = time.monotonic()
+        jobs = []
+        for turn in range(count):
+            answer = cluster.api("POST", "/api/batches", json={"profile": profile, "inputs": [str(one)],
+                                                              "destination": str(work / "cluster-out" / str(turn))})
+            assert answer.status_code == 201, answer.text
+            jobs += [job["id"] for job in answer.json()["jobs"]]
+
+        def finished() -> bool:
+            states = [cluster.job(job)["state"] for job in jobs]
+            failed = [job for job, state in zip(jobs, states) if state in ("failed", "cancelled")]
+            if failed:
+                raise SystemExit(f"job {failed[0]} failed: {cluster.job(failed[0]).get('error')}")
+            time.sleep(0.25)
+            return all(state == "done" for state in states)
+
+        cluster.wait_until(finished, 60 + 30 * count, f"{count} jobs")
+        elapsed = time.monotonic() - started
+        after, children_after = process_cpu(pid)
+    finally:
+        cluster.stop()
+    own = (after - before) / count
+    net = (after - before - idle_rate * elapsed) / count
+    return [("(e) one-frame jobs in a running controller", f"{elapsed:.2f}", "", str(count),
+             f"controller CPU per job {net:.3f} s (target <= 0.2 s; {own:.3f} s before taking off "
+             f"{idle_rate:.3f} s/s idle); its children {(children_after - children_before) / count:.3f} s per job")]
+
+
+def children_cpu() -> float:
+    """User and system CPU seconds of the finished child processes (and theirs), so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def print_table(console: Console, args: argparse.Namespace, rows: list[tuple[str, ...]], what: str) -> None:
+    table = Table(title=f"transcode: {what}, profile {args.profile}, {os.cpu_count()} cores, "
+                        f"load {os.getloadavg()[0]:.1f}")
     for column in ("run", "wall s", "/ plain", "frames", "note"):
         table.add_column(column)
     for row in rows:

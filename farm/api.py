@@ -19,7 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import AsyncIterator
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -32,16 +32,38 @@ from farm import __version__
 from farm.attemptfiles import has_preview, read_live_log, read_preview
 from farm.errors import FarmError, Forbidden, OutputConflict, StoreError
 from farm.gate import UNAUTHORISED, Gate
-from farm.model import TERMINAL_JOB_STATES
+from farm.model import TERMINAL_JOB_STATES, Submission
 from farm.profiles import Priority
 from farm.store import Store
 from farm.tokens import Principal
+
+if TYPE_CHECKING:
+    from farm.config import FarmConfig
+    from farm.events import EventHub
+    from farm.scheduler import Scheduler
 
 log = logging.getLogger("farm.api")
 KEEPALIVE_SECONDS = 15.0
 EVENTS_HEADER = "X-Farm-Events"  # the last live event id when a list was read: stream from there
 WEB_FILES = {"monitor.js": "text/javascript", "monitor.css": "text/css", "api.js": "text/javascript",
              "api.css": "text/css"}
+
+
+class ControllerView(Protocol):
+    """What the API needs of the controller (:class:`farm.controller.Controller` is one), so
+    that this module does not import the controller that serves it."""
+    config: FarmConfig
+    store: Store
+    scheduler: Scheduler
+    events: EventHub
+
+    def authenticate(self, token: str | None) -> Principal | None: ...
+
+    def submit(self, request: Submission) -> tuple[str, list[str]]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def node_documents(self) -> list[dict[str, Any]]: ...
 
 
 class ApiError(Exception):
@@ -126,7 +148,7 @@ def attempt_document(row: Any) -> dict[str, Any]:
             "reason": row["reason"]}
 
 
-def create_app(controller: Any) -> FastAPI:
+def create_app(controller: ControllerView) -> FastAPI:
     # FastAPI's own /docs and /redoc load their scripts from a public CDN: off, and /docs
     # is a page of our own (farm/web/api.html) that reads /openapi.json.
     app = FastAPI(title="Farm", version=__version__, docs_url=None, redoc_url=None,
@@ -411,8 +433,6 @@ def create_app(controller: Any) -> FastAPI:
 
     @app.post("/api/batches", status_code=201)
     def submit(body: SubmitRequest, who: Principal = Depends(role("submitting", "submit", "admin"))) -> dict[str, Any]:
-        from farm.controller import Submission
-
         batch_id, job_ids = controller.submit(Submission(**body.model_dump(), principal=who))
         return {"batch": batch_id, "jobs": [job_document(row) for row in reader.job_summaries_of(job_ids)]}
 

@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from farm.events import EventHub
 from farm.errors import Forbidden, IllegalTransition, StoreError, UsageError
 from farm.lease import Lease, LeaseLost
 from farm.local import STORE_NAME, check_destination, check_inputs
+from farm.model import Submission
 from farm.plugins import load_plugins
 from farm.profiles import load_profile, looks_like_path
 from farm.scheduler import Scheduler
@@ -41,19 +41,6 @@ log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
 TAKEOVER_SECONDS = 5.0  # how often the store is looked at for jobs whose owner is gone
 RETENTION_SECONDS = 3600.0  # how often controller.retention is applied (and once at start)
-
-
-@dataclass
-class Submission:
-    profile: str
-    inputs: list[str]
-    destination: str | None = None
-    overrides: list[str] | None = None
-    overwrite: bool = False
-    priority: str | int | None = None
-    origin: str = "api"
-    #: who asks; None (the controller's own droplets, tests) is not checked
-    principal: Principal | None = None
 
 
 class Controller:

@@ -3,6 +3,10 @@
 Also the checks every submission passes before anything is stored: inputs that
 exist and are files, a destination that can be written, and a machine that can run
 the profile at all.
+
+Dask (``farm.engine``, ``farm.scheduler``) is imported only where a farm starts, a
+second's work: ``farm status`` and ``farm plan`` never pay it, and ``farm run`` pays it
+in :class:`EarlyCluster`'s thread while the node probes what it offers.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.config import FarmConfig, state_dir
-from farm.engine import Engine, embedded_cluster
 from farm.errors import UsageError
 from farm.lease import Lease
 from farm.node import NodeRuntime, install_runtime
 from farm.plugins import Plugins
 from farm.profiles import LoadedProfile
 from farm.requirements import unmet_requirements
-from farm.scheduler import Scheduler
 from farm.security import usable_path
 from farm.store import Store
 from farm.sweep import sweep_leftovers
+
+if TYPE_CHECKING:
+    from farm.engine import Engine
+    from farm.scheduler import Scheduler
 
 STORE_NAME = "farm.db"
 
@@ -121,6 +127,8 @@ class EarlyCluster:
 
     def _start(self, slots: int | None) -> None:
         try:
+            from farm.engine import embedded_cluster  # importing Dask is most of the wait
+
             self._started["cluster"] = embedded_cluster(slots)
         except BaseException as exc:  # raised where it is taken
             self._started["error"] = exc
@@ -164,6 +172,9 @@ class LocalFarm:
               node: NodeRuntime | None = None, owner: str = "farm run", early: EarlyCluster | None = None) -> LocalFarm:
         """``owner``: what this process is, as the lease on its batches names it.
         ``early``: the Dask cluster started beforehand (see :class:`EarlyCluster`)."""
+        from farm.engine import Engine
+        from farm.scheduler import Scheduler
+
         root = state_dir(state)
         plugins.configure(config.plugins)
         store = Store(root / STORE_NAME)

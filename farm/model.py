@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.errors import IllegalTransition
+
+if TYPE_CHECKING:
+    from farm.tokens import Principal
 
 
 class JobState(StrEnum):
@@ -170,3 +173,17 @@ class Segment:
     @property
     def end(self) -> int | None:
         return self.frames[-1] if self.frames else None
+
+
+@dataclass
+class Submission:
+    """A request for a batch, as the API (or a droplet) hands it to the controller."""
+    profile: str
+    inputs: list[str]
+    destination: str | None = None
+    overrides: list[str] | None = None
+    overwrite: bool = False
+    priority: str | int | None = None
+    origin: str = "api"
+    #: who asks; None (the controller's own droplets, tests) is not checked
+    principal: Principal | None = None

@@ -6,7 +6,7 @@
 - :mod:`farm.droplets.lock`: one watcher per folder: the lock file in the watched folder.
 - :mod:`farm.droplets.service`: the droplets of one process bound to a scheduler: the
   ledger in the store, submission, after-actions and ``failed/``.
-- :mod:`farm.droplets.cli`: ``farm watch`` and ``farm droplets``.
+- :mod:`farm.cli.droplets`: ``farm watch`` and ``farm droplets``.
 
 Only the configuration is imported here, so that ``farm.config`` stays light.
 """

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 import string
-import subprocess
 from pathlib import Path
 from typing import Any, ClassVar
 
 from farm.errors import ProcessorError
+from farm.requirements import program_answer
 from farm.security import allowed_executable
 
 from farm_imageseq import povray
@@ -56,11 +55,8 @@ class Renderer:
 
 @functools.lru_cache(maxsize=None)
 def _version_of(executable: str, flag: str, regex: str) -> str | None:
-    if shutil.which(executable) is None:
-        return None
-    try:
-        done = subprocess.run([executable, flag], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    done = program_answer([executable, flag])  # kept per installed binary: blender takes a second
+    if done is None:
         return None
     match = re.search(regex, done.stdout + done.stderr)
     return match.group(1) if match else ""

@@ -46,7 +46,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -57,6 +56,7 @@ from farm.errors import PlanError, ProcessorError
 from farm.model import Job, Segment, SegmentPlan
 from farm.outputs import Delivery, output_path
 from farm.processor import Context, Processor
+from farm.requirements import program_answer
 
 from farm_transcode import ffmpeg_io, joins, sources, sync
 from farm_transcode.planning import cut_points, frame_label, output_frame, ranges, timecode
@@ -451,6 +451,7 @@ class TranscodeProcessor(Processor):
         with Delivery(job, claim=context.claim) as delivery:
             delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
             temporary = delivery.staged(target)
+            source_sound: dict[str, Any] = {}  # decoded once, whichever join measures it
 
             def join(offset: float) -> Any:
                 run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
@@ -462,7 +463,7 @@ class TranscodeProcessor(Processor):
                 found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
                 if audio is not None and videos and job.input is not None:
                     found.audio_lag = sync.lag(job.input, facts.demuxer, audio["params"]["streams"][0], temporary,
-                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG)
+                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG, kept=source_sound)
                 return found
 
             found = join(offset)
@@ -517,12 +518,8 @@ class TranscodeProcessor(Processor):
 
 
 def _version(executable: str) -> str | None:
-    try:
-        proc = subprocess.run([executable, "-hide_banner", "-version"], capture_output=True, text=True,
-                              timeout=30, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
+    proc = program_answer([executable, "-hide_banner", "-version"])
+    if proc is None or proc.returncode != 0:
         return None
     match = re.search(r"version\s+n?(\d+(?:\.\d+)*)", proc.stdout)
     return match.group(1) if match else ""
@@ -541,11 +538,8 @@ def ffmpeg_capabilities(ffmpeg: str = ffmpeg_io.FFMPEG, ffprobe: str = FFPROBE) 
     probe_version = _version(ffprobe) if shutil.which(ffprobe) else None
     if probe_version is not None:
         offered["ffprobe"] = probe_version
-    try:
-        listing = subprocess.run([ffmpeg, "-hide_banner", "-encoders"], capture_output=True, text=True,
-                                 timeout=30, stdin=subprocess.DEVNULL).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        listing = ""
+    answer = program_answer([ffmpeg, "-hide_banner", "-encoders"])
+    listing = answer.stdout if answer is not None else ""
     known = set(VIDEO_ENCODERS) | set(AUDIO_ENCODERS)
     for line in listing.splitlines():
         parts = line.split()

@@ -1,10 +1,10 @@
 """What a source holds, from ffprobe: streams, frame rate, frame count, keyframes.
 
-Planning probes twice: the container and its streams, then every video and audio
-packet's timestamp (demuxing only, no decoding), which gives the exact frame count, where
-the keyframes are, whether the frame rate is constant, and where each track starts and
-ends. A file that is empty, is a
-playlist or a concat list, cannot be read, or is cut short is refused with a reason.
+Planning probes the container and its streams, then at once every video and audio
+packet's timestamp (demuxing only, no decoding) and the first decoded frame. The packets
+give the exact frame count, where the keyframes are, whether the frame rate is constant,
+and where each track starts and ends. A file that is empty, is a playlist or a concat
+list, cannot be read, or is cut short is refused with a reason.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -221,10 +222,15 @@ def probe_source(path: Path) -> SourceFacts:
     picture = next((s for s in streams if s.get("codec_type") == "video"
                     and not (s.get("disposition") or {}).get("attached_pic")), None)
     sounds = [s for s in streams if s.get("codec_type") == "audio"]
-    packets = _packets(path, [s for s in (picture, *sounds) if s is not None])
-    video = _video_facts(path, picture, packets.get(int(picture["index"]), [])) if picture is not None else None
-    if video is not None:
-        _picture_facts(path, video, picture, data)
+    # The first frame is decoded while the packets are read: two ffprobes at once, not in
+    # turn. Never a frame whose header size is refused below (a decoder's memory bomb).
+    decodable = picture is not None and all(0 < int(picture.get(side) or 0) <= MAX_SIDE for side in ("width", "height"))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-probe") as pool:
+        first_frame = pool.submit(_first_frame, path, int(picture["index"])) if decodable else None
+        packets = _packets(path, [s for s in (picture, *sounds) if s is not None])
+        video = _video_facts(path, picture, packets.get(int(picture["index"]), [])) if picture is not None else None
+        if video is not None and first_frame is not None:
+            _picture_facts(video, picture, data, first_frame.result())
     audio = []
     for s in sounds:
         start, duration = _audio_span(s, packets.get(int(s["index"]), []), container)
@@ -395,13 +401,9 @@ def _side_data(entries: list[dict[str, Any]], kind: str) -> dict[str, Any] | Non
     return next((entry for entry in entries if entry.get("side_data_type") == kind), None)
 
 
-def _picture_facts(path: Path, video: VideoFacts, stream: dict[str, Any], data: dict[str, Any]) -> None:
-    """What the decoder delivers: pixel format, fields, colour, HDR metadata, timecode, rotation.
-
-    The first frame is decoded too: an interlaced picture, its colour and HDR10
-    metadata are often told only in the bitstream (the container says nothing).
-    """
-    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(video.index),
+def _first_frame(path: Path, index: int) -> dict[str, Any]:
+    """The first decoded frame of stream ``index`` as ffprobe describes it; ``{}`` when none is."""
+    proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-select_streams", str(index),
                      "-read_intervals", "%+#1", "-show_frames", "-show_entries",
                      "frame=pix_fmt,interlaced_frame,top_field_first,color_range,color_space,color_primaries,"
                      "color_transfer,side_data_list", "-of", "json", str(path)], timeout=60)
@@ -409,7 +411,16 @@ def _picture_facts(path: Path, video: VideoFacts, stream: dict[str, Any], data: 
         frames = json.loads(proc.stdout).get("frames") or [] if proc.returncode == 0 else []
     except json.JSONDecodeError:
         frames = []
-    frame = frames[0] if frames else {}
+    return frames[0] if frames else {}
+
+
+def _picture_facts(video: VideoFacts, stream: dict[str, Any], data: dict[str, Any], frame: dict[str, Any]) -> None:
+    """What the decoder delivers: pixel format, fields, colour, HDR metadata, timecode, rotation.
+
+    The first frame (``frame``, see :func:`_first_frame`) counts too: an interlaced
+    picture, its colour and HDR10 metadata are often told only in the bitstream (the
+    container says nothing).
+    """
     video.pix_fmt = str(frame.get("pix_fmt") or stream.get("pix_fmt") or "") or None
     described = describe_pix_fmt(video.pix_fmt)
     raw_bits = stream.get("bits_per_raw_sample")
@@ -483,45 +494,75 @@ class OutputFacts:
         return _seconds(stream.get("start_time")) or 0.0
 
 
-def _ffprobe_json(path: Path, run: Callable[..., Any], scratch: Path, args: list[str]) -> dict[str, Any]:
-    report = scratch / f"probe-{path.stem}-{os.getpid()}.json"
-    try:
-        run([FFPROBE, "-hide_banner", "-v", "error", *args, "-of", "json", "-o", str(report), str(path)])
-        return json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ProcessorError(f"cannot read what ffprobe said about {path.name}: {exc}") from None
-    finally:
-        report.unlink(missing_ok=True)
-
-
 def probe_output(path: Path, run: Callable[..., Any], scratch: Path, span: bool = False) -> OutputFacts:
     """Count the packets of every stream of an encoded file (``run`` is the segment's runner).
 
-    With ``span``, also the time from the first video frame to the last one (for
-    variable frame rates, where the last frame's duration is only a guess).
+    One read of the file gives the container, its streams with their packets counted, and
+    every packet's time (ffprobe's compact writer, whose packet lines stay small for a
+    long movie). With ``span``, also the time from the first video frame to the last one
+    (for variable frame rates, where the last frame's duration is only a guess).
     """
-    data = _ffprobe_json(path, run, scratch, ["-count_packets", "-show_format", "-show_streams"])
-    facts = OutputFacts(data.get("format") or {}, data.get("streams") or [])
-    report = scratch / f"packets-{path.stem}-{os.getpid()}.csv"
+    report = scratch / f"probe-{path.stem}-{os.getpid()}.txt"
     try:
-        run([FFPROBE, "-hide_banner", "-v", "error", "-show_entries", "packet=stream_index,pts_time,duration_time",
-             "-of", "csv=p=0", "-o", str(report), str(path)])
-        rows = report.read_text(encoding="utf-8").splitlines()
+        run([FFPROBE, "-hide_banner", "-v", "error", "-count_packets", "-show_format", "-show_streams",
+             "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "compact", "-o", str(report),
+             str(path)])
+        lines = report.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
         raise ProcessorError(f"cannot read what ffprobe said about {path.name}: {exc}") from None
     finally:
         report.unlink(missing_ok=True)
+    container: dict[str, Any] = {}
+    streams: list[dict[str, Any]] = []
+    packets: list[list[str]] = []
+    for line in lines:
+        if line.startswith("packet|"):
+            fields = dict(part.split("=", 1) for part in line.split("|")[1:4] if "=" in part)
+            packets.append([fields.get("stream_index", ""), fields.get("pts_time", ""),
+                            fields.get("duration_time", "")])
+        elif line.startswith("stream|"):
+            streams.append(_compact_section(line))
+        elif line.startswith("format|"):
+            container = _compact_section(line)
+    facts = OutputFacts(container, streams)
     video = facts.of_type("video")
     video_index = int(video[0]["index"]) if video else None
     times: list[float] = []
-    for row in rows:
-        parts = row.split(",")
-        if len(parts) < 3 or not parts[0].isdigit() or _seconds(parts[1]) is None:
+    for index_text, pts_text, duration_text in packets:
+        if not index_text.isdigit() or _seconds(pts_text) is None:
             continue
-        index, pts = int(parts[0]), float(parts[1])
-        facts.ends[index] = max(facts.ends.get(index, pts), pts + (_seconds(parts[2]) or 0.0))
+        index, pts = int(index_text), float(pts_text)
+        facts.ends[index] = max(facts.ends.get(index, pts), pts + (_seconds(duration_text) or 0.0))
         if index == video_index:
             times.append(pts)
     if span and video:
         facts.video_span = max(times) - min(times) if times else 0.0
     return facts
+
+
+_COMPACT_FIELD = re.compile(r"((?:\\.|[^|\\])*)(?:\||$)")
+_COMPACT_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
+
+
+def _compact_section(line: str) -> dict[str, Any]:
+    """One ``stream|...`` or ``format|...`` line of ffprobe's compact writer as ffprobe's JSON
+    would hold it: ``tag:NAME`` under ``tags``, ``disposition:NAME`` under ``disposition``.
+    Values stay text; ``N/A`` ones are left out. What follows a nested section's name (side
+    data) is not the stream's."""
+    fields = [m.group(1) for m in _COMPACT_FIELD.finditer(line)][1:]
+    section: dict[str, Any] = {}
+    for text in fields:
+        if "=" not in text:
+            if text:  # a nested section starts: its keys are not the stream's
+                break
+            continue
+        key, value = text.split("=", 1)
+        if value == "N/A":  # ffprobe's JSON leaves such a field out
+            continue
+        value = re.sub(r"\\(.)", lambda m: _COMPACT_ESCAPES.get(m.group(1), m.group(1)), value)
+        group, _, name = key.partition(":")
+        if name and group in ("tag", "disposition"):
+            section.setdefault("tags" if group == "tag" else "disposition", {})[name] = value
+        else:
+            section[key] = value
+    return section

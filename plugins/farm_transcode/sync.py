@@ -12,6 +12,8 @@ frame, and the output's sound is matched with the source's by cross-correlation 
 from __future__ import annotations
 
 import array
+import itertools
+import operator
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -73,18 +75,33 @@ def _loud_passage(samples: array.array) -> int | None:
 
 def _piece(samples: array.array, begin: int) -> list[int]:
     """``WINDOW`` samples from ``begin``, silence outside the track."""
-    before = max(0, -begin)
-    after = max(0, begin + WINDOW - len(samples))
-    return [0] * before + list(samples[max(0, begin):max(0, begin + WINDOW)]) + [0] * after
+    return _piece_of(samples, begin, WINDOW)
+
+
+def _piece_of(samples: array.array, begin: int, length: int) -> list[int]:
+    """``length`` samples from ``begin``, silence outside the track."""
+    before = min(length, max(0, -begin))
+    after = min(length - before, max(0, begin + length - len(samples)))
+    return [0] * before + list(samples[max(0, begin):max(0, begin + length)]) + [0] * after
 
 
 def lag(source: Path, source_demuxer: str | None, source_stream: int, output: Path, output_track: int,
-        run: Callable[..., Any], scratch: Path, ffmpeg: str = "ffmpeg") -> float | None:
+        run: Callable[..., Any], scratch: Path, ffmpeg: str = "ffmpeg",
+        kept: dict[str, Any] | None = None) -> float | None:
     """Seconds the output's audio track ``output_track`` (counting audio tracks from 0)
     plays later than the source's stream ``source_stream`` (negative: earlier), both
     against their first picture; None when it cannot be told (silence, no video, sound
-    too unlike the source's, or matching equally well at other lags, as a steady tone does)."""
-    theirs = _decoded(source, source_demuxer, str(source_stream), run, scratch, ffmpeg, "source")
+    too unlike the source's, or matching equally well at other lags, as a steady tone does).
+
+    ``kept``: a dict that keeps the source's decoded sound between calls (an output
+    joined again is measured against the same source without decoding it again)."""
+    key = f"{source}|{source_stream}"
+    if kept is not None and key in kept:
+        theirs = kept[key]
+    else:
+        theirs = _decoded(source, source_demuxer, str(source_stream), run, scratch, ffmpeg, "source")
+        if kept is not None:
+            kept[key] = theirs
     ours = _decoded(output, None, f"a:{output_track}", run, scratch, ffmpeg, "output")
     if theirs is None or ours is None:
         return None
@@ -96,12 +113,17 @@ def lag(source: Path, source_demuxer: str | None, source_stream: int, output: Pa
     expected = at + round((source_start - output_start) * RATE)
     window = _piece(a, at)
     reference = sum(x * x for x in window) ** 0.5
+    # Every shift's piece of the output lies in one stretch; its running sum of squares
+    # gives each piece's energy without adding it up again (exact: integers).
+    stretch = _piece_of(b, expected - REACH, 2 * REACH + WINDOW)
+    squares = [0, *itertools.accumulate(y * y for y in stretch)]
     scores: dict[int, float] = {}
     for shift in range(-REACH, REACH + 1):
-        piece = _piece(b, expected + shift)
+        begin = shift + REACH
         # Normalised: a shift that brings more of a steady sound into the window must not win.
-        energy = sum(y * y for y in piece)
-        scores[shift] = sum(x * y for x, y in zip(window, piece)) / energy ** 0.5 / reference if energy else 0.0
+        energy = squares[begin + WINDOW] - squares[begin]
+        dot = sum(map(operator.mul, window, stretch[begin:begin + WINDOW]))
+        scores[shift] = dot / energy ** 0.5 / reference if energy else 0.0
     if not reference:
         return None
     best = max(scores, key=lambda shift: scores[shift])

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules that add commands: each has ``add_commands(subparsers, common) -> {name: handler}``,
 #: and imports anything heavy inside its handlers so that ``farm --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("farm.cluster_cli", "farm.droplets.cli", "farm.tools_cli", "farm.scaffold",
-                                     "farm.monitor_cli", "farm.logs_cli")
+COMMAND_MODULES: tuple[str, ...] = ("farm.cli.cluster", "farm.cli.droplets", "farm.cli.tools", "farm.scaffold",
+                                     "farm.cli.monitor", "farm.cli.logs")
 
 
 STATUS_LIMIT = 20  # jobs `farm status` lists unless --all or --limit
@@ -602,7 +602,7 @@ def _open_store(args: argparse.Namespace) -> Any:
 def cmd_status(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     remote = _remote(args, quickcluster=True)
     if args.watch:
-        from farm.monitor_cli import watch_status
+        from farm.cli.monitor import watch_status
 
         if args.json:
             raise UsageError("--watch shows a live table; it does not print JSON")
@@ -719,6 +719,3 @@ COMMANDS = {
     "resume": cmd_resume,
 }
 
-
-if __name__ == "__main__":
-    sys.exit(main())
