@@ -277,9 +277,8 @@ class TranscodeProcessor(Processor):
                 params["video_start"] = facts.start + float(origin / rate)
             # The encoder starts before the segment and runs on past its end; what it made
             # there is dropped (joins.py).
-            # (mp4 and mov only for now: a kept piece of Matroska came out two frames long)
             lead, tail = joins.overlap(video.codec, video.params, first, last, total, video.gop_frames(rate),
-                                       float(rate)) if len(cuts) > 1 and settings.box.mp4_like else (0, 0)
+                                       float(rate)) if len(cuts) > 1 else (0, 0)
             if lead or tail:
                 params.update(lead=lead, tail=tail)
                 params["run_end_pts"] = (None if last + tail >= total else
@@ -346,8 +345,8 @@ class TranscodeProcessor(Processor):
         """Encode one video segment; what ffprobe finds in it, and its frame count."""
         assert settings.video is not None
         reads = sources.reads(facts)  # an image sequence's other frames
-        overlapped = params.get("lead") or params.get("tail")
-        encoded = context.scratch / f"overlapped{out.suffix}" if overlapped else out
+        overlapped = joins.overlapped(params)
+        encoded = context.scratch / f"overlapped.{joins.OVERLAPPED_MUXER}" if overlapped else out
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 1),

@@ -175,9 +175,10 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if pass_number == 1:
         options["f"] = "null"
         return _compile(ffmpeg.output(stream, "-", **options))
-    if box.mp4_like and mode != "passthrough":
+    muxer, mp4_like = (joins.OVERLAPPED_MUXER, True) if joins.overlapped(params) else (box.muxer, box.mp4_like)
+    if mp4_like and mode != "passthrough":
         options["video_track_timescale"] = timescale(rate)
-    options["f"] = box.muxer
+    options["f"] = muxer
     return _compile(ffmpeg.output(stream, str(out), **options))
 
 
