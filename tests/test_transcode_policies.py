@@ -163,6 +163,43 @@ def test_interlace_keep_codes_fields_with_their_order_and_flags(farm, farm_env):
     assert changed.returncode == 2 and "interlace: keep" in changed.stderr and "25.000 → 30.000 fps" in changed.stderr
 
 
+def test_an_output_whose_fields_are_not_what_the_plan_promised_is_not_delivered(farm, farm_env):
+    """A progressive plan, and x264 told by the profile's own params to flag fields (tff=1):
+    verification names the flag and the promise, and nothing reaches the destination."""
+    tmp = farm_env["tmp"]
+    source = make(tmp / "prog.mp4", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                  seconds=2)
+    path = transcode(tmp, "flagged", {**X264, "params": {"tff": 1}})
+    code, report = run_json(farm, path, source, "-o", tmp / "out", *FAST)
+    job = report["jobs"][0]
+    assert code == 1 and job["state"] == "failed"
+    assert "video is flagged tt (top field first), the plan promised progressive" in job["error"], job["error"]
+    assert not (tmp / "out" / "prog-flagged.mp4").exists()
+
+
+@pytest.mark.parametrize("stream, promised, fields, said", [
+    ({"pix_fmt": "yuv420p", "field_order": "progressive"}, "yuv422p10le", None,
+     "video is yuv420p, the plan promised yuv422p10le"),
+    ({"pix_fmt": "yuv444p12le", "field_order": "progressive"}, "yuva444p10le", None,
+     "video is yuv444p12le, the plan promised yuva444p10le"),
+    ({"pix_fmt": "yuva444p12le", "field_order": "progressive"}, "yuva444p10le", None, None),  # ProRes decodes 12-bit
+    ({"pix_fmt": "yuv420p", "field_order": "bb"}, "yuv420p", "tff",
+     "video is flagged bb (bottom field first), the plan promised top field first"),
+    ({"pix_fmt": "yuv420p"}, "yuv420p", "tff", "video is not flagged interlaced, the plan promised top field first"),
+    ({"pix_fmt": "yuv420p", "field_order": "bt"}, "yuv420p", "tff", None),  # shown top first
+    ({"pix_fmt": "yuv420p", "field_order": "unknown"}, "yuv420p", None, None),
+])
+def test_the_verifier_holds_the_picture_to_the_plan(stream, promised, fields, said):
+    from farm_transcode.probe import OutputFacts
+    from farm_transcode.verify import Expected, problems
+
+    found = OutputFacts({"duration": "1.0"}, [{"index": 0, "codec_type": "video", "codec_name": "h264",
+                                               "nb_read_packets": "25", "duration": "1.0", **stream}])
+    expected = Expected(video_frames=25, video_duration=1.0, frame_duration=0.04, pix_fmt=promised, fields=fields,
+                        check_fields=True)
+    assert problems(found, expected) == ([said] if said else [])
+
+
 # -- colour and HDR ------------------------------------------------------------------------------
 
 

@@ -487,6 +487,10 @@ class TranscodeProcessor(Processor):
             else:
                 expected.frame_duration = float(1 / rate)
             expected.video_codec = settings.video.encoder.family
+            picture = first.get("picture")
+            if picture is not None:  # planned with a picture decision (policy.py)
+                expected.pix_fmt, expected.fields = picture["pix_fmt"], picture.get("fields")
+                expected.check_fields = True
         if audio is not None and settings.audio is not None:
             by_index = {a.index: a for a in facts.audio}
             expected.audio_durations = [by_index[i].duration for i in audio["params"]["streams"]]
