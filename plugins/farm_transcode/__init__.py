@@ -188,10 +188,25 @@ class TranscodeProcessor(Processor):
             raise PlanError(f"{job.input.name} has no video stream, and profile {job.profile.name!r} makes video; "
                             "use an audio-only profile for it")
         video_plans = self._video_plans(job, facts, summary)
+        self._check_rate(job, video_plans)
         kind = sources.note(facts, settings.video.fps)
         if kind and video_plans:  # said once, on the first video segment
             video_plans[0] = dataclasses.replace(video_plans[0], label=f"{video_plans[0].label}; {kind}")
         return plans + self._with_picture(facts, settings, video_plans)
+
+    @staticmethod
+    def _check_rate(job: Job, plans: list[SegmentPlan]) -> None:
+        """An encoder with a table of frame rates (MPEG-2) is refused a rate outside it at plan time."""
+        video = job.settings.video
+        rates = video.encoder.rates
+        if not rates or not plans:
+            return
+        rate = parse_rate(plans[0].params["rate"])
+        if plans[0].params["mode"] == "passthrough" or rate not in rates:
+            what = "a variable frame rate" if plans[0].params["mode"] == "passthrough" else f"{float(rate):.3f} fps"
+            known = ", ".join(f"{float(r):.3f}".rstrip("0").rstrip(".") for r in rates)
+            raise PlanError(f"{job.input.name} would be encoded at {what}, which {video.codec} cannot encode "
+                            f"(it encodes {known} fps); set video.fps to one of them")
 
     @staticmethod
     def _with_picture(facts: SourceFacts, settings: TranscodeSettings, plans: list[SegmentPlan]) -> list[SegmentPlan]:
@@ -364,7 +379,7 @@ class TranscodeProcessor(Processor):
     def _run_audio(self, segment: Segment, context: Context, facts: SourceFacts, settings: TranscodeSettings,
                    ext: str) -> dict[str, Any]:
         assert settings.audio is not None
-        out = segment.output_dir / f"audio.{ext}"
+        out = segment.output_dir / f"audio.{(settings.box.audio_piece or (None, ext))[1]}"
         streams = segment.params["streams"]
         total = max((a.duration for a in facts.audio), default=0.0) or 1.0
 

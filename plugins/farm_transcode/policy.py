@@ -188,7 +188,7 @@ def decide(facts: SourceFacts, settings: TranscodeSettings, rate: Fraction, mode
     if source.timecode:
         if video.timecode == "drop":
             picture.notes.append(f"timecode {source.timecode} dropped (timecode: drop)")
-        elif not settings.box.mp4_like:
+        elif not settings.box.timecode:
             picture.notes.append(f"timecode {source.timecode} not kept: {settings.container} has no timecode track")
         else:
             picture.timecode = _timecode_at(source.timecode, source.fps, rate)
