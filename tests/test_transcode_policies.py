@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -203,10 +204,11 @@ def test_the_verifier_holds_the_picture_to_the_plan(stream, promised, fields, sa
 # -- colour and HDR ------------------------------------------------------------------------------
 
 
-def hdr10(path: Path) -> Path:
+def hdr10(path: Path, seconds: float = 4) -> Path:
     return make(path, "-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt", "yuv420p10le",
                 "-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "bt2020nc",
-                "-x265-params", f"log-level=error:hdr10=1:master-display={HDR10}:max-cll=1000,400", "-c:a", "aac")
+                "-x265-params", f"log-level=error:hdr10=1:master-display={HDR10}:max-cll=1000,400", "-c:a", "aac",
+                seconds=seconds)
 
 
 @pytest.mark.slow
@@ -234,6 +236,47 @@ def test_hdr10_colour_and_metadata_kept_or_tone_mapped_when_the_profile_says(far
     assert (stream["pix_fmt"], stream["color_primaries"], stream["color_transfer"], stream["color_space"]) == \
         ("yuv420p", "bt709", "bt709", "bt709")
     assert not side_data(first_frame(out), "Mastering display metadata")
+
+
+def _fractions(data: dict) -> dict[str, float]:
+    return {key: float(Fraction(str(value))) for key, value in data.items() if key != "side_data_type"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, vsettings, container, carried", [
+    ("av1", {"codec": "libsvtav1", "crf": 45, "preset": "12", "gop": 25}, "mp4", True),
+    ("vp9", {"codec": "libvpx-vp9", "crf": 45, "speed": 8, "gop": 25}, "webm", False),
+    ("prores", {"codec": "prores_ks", "profile": "proxy"}, "mov", False),
+])
+def test_hdr10_through_encoders_other_than_x26x(farm, farm_env, name, vsettings, container, carried):
+    """Colour tags kept by every encoder; mastering display and light levels by SVT-AV1
+    (its metadata OBUs), and said to be dropped where the encoder cannot write them."""
+    tmp = farm_env["tmp"]
+    source = hdr10(tmp / "hdr.mp4", seconds=3)
+    audio = {"codec": "libopus"} if container == "webm" else None
+    path = transcode(tmp, name, vsettings, container=container, **({"audio": audio} if audio else {}))
+    said = plan_text(farm, path, source)
+    if carried:
+        assert "HDR (PQ) kept: bt2020/smpte2084/bt2020nc, mastering display, light levels" in said, said
+    else:
+        assert (f"HDR (PQ) kept: bt2020/smpte2084/bt2020nc; mastering display and light levels dropped: "
+                f"{vsettings['codec']} cannot write them here") in said, said
+    out = run_one(farm, path, source, tmp / "out")
+    stream = video(out)
+    assert (stream["color_primaries"], stream["color_transfer"], stream["color_space"]) == \
+        ("bt2020", "smpte2084", "bt2020nc")
+    assert stream["pix_fmt"].startswith(("yuv420p10", "yuv422p10"))
+    frame = first_frame(out)
+    mastering = _fractions(side_data(frame, "Mastering display metadata"))
+    if carried:
+        original = _fractions(side_data(first_frame(source), "Mastering display metadata"))
+        assert mastering.keys() == original.keys()
+        assert all(abs(mastering[key] - original[key]) <= max(0.0001, original[key] / 1000) for key in original), \
+            (mastering, original)
+        light = side_data(frame, "Content light level metadata")
+        assert (light.get("max_content"), light.get("max_average")) == (1000, 400)
+    else:
+        assert not mastering
 
 
 # -- timecode, alpha, rotation ---------------------------------------------------------------------

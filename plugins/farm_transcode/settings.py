@@ -29,8 +29,10 @@ class VideoEncoder(BaseModel):
     #: chosen from these at plan time, so every segment of a job is encoded alike.
     pix_fmts: tuple[str, ...] = ("yuv420p",)
     fields: bool = False  # codes interlaced pictures as fields (interlace: keep)
-    #: The params keys that write HDR10 mastering-display and content-light SEI.
+    #: The params keys that write HDR10 mastering-display and content-light SEI (or AV1 metadata OBUs).
     hdr_params: tuple[str, str] | None = None
+    #: How its mastering display is written: x264/x265's integer units, or SVT-AV1's decimals (cd/m²).
+    hdr_decimal: bool = False
     needs_bitrate: bool = False  # no quality mode, and a default bitrate no one wants (mpeg2video: 200k)
     #: The only frame rates it encodes (None: any).
     rates: tuple[Fraction, ...] | None = None
@@ -65,7 +67,8 @@ VIDEO_ENCODERS: dict[str, VideoEncoder] = {
                                pix_fmts=("yuv420p", "yuva420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le",
                                          "yuv444p10le", "yuv420p12le", "yuv422p12le", "yuv444p12le", *_VP9_MORE)),
     "libsvtav1": VideoEncoder(family="av1", crf=(0, 63), presets=tuple(str(n) for n in range(14)),
-                              params_option="svtav1-params", pix_fmts=("yuv420p", "yuv420p10le")),
+                              params_option="svtav1-params", pix_fmts=("yuv420p", "yuv420p10le"),
+                              hdr_params=("mastering-display", "content-light"), hdr_decimal=True),
     "libaom-av1": VideoEncoder(family="av1", crf=(0, 63), speed_option="cpu-used", two_pass=True,
                                pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
                                          "yuv420p12le", "yuv422p12le", "yuv444p12le", *_AOM_MORE)),
