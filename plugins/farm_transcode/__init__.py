@@ -225,14 +225,21 @@ class TranscodeProcessor(Processor):
         assert settings.audio is not None
         tracks = settings.audio.tracks
         if tracks == "all":
-            return [a.index for a in facts.audio]
-        if tracks == "first":
-            return [facts.audio[0].index]
-        missing = [index for index in tracks if index >= len(facts.audio)]
-        if missing:
-            raise PlanError(f"the profile keeps audio track {missing[0]} (counting from 0), but the source has "
-                            f"{len(facts.audio)} audio track(s)")
-        return [facts.audio[index].index for index in tracks]
+            chosen = list(range(len(facts.audio)))
+        elif tracks == "first":
+            chosen = [0]
+        else:
+            missing = [index for index in tracks if index >= len(facts.audio)]
+            if missing:
+                raise PlanError(f"the profile keeps audio track {missing[0]} (counting from 0), but the source has "
+                                f"{len(facts.audio)} audio track(s)")
+            chosen = list(tracks)
+        unknown = [n for n in chosen if facts.audio[n].codec in ("?", "unknown", "none")]
+        if unknown and settings.audio.codec != "copy":
+            raise PlanError(f"{Path(facts.path).name}: its audio track {unknown[0]} (counting from 0; stream "
+                            f"{facts.audio[unknown[0]].index}) is in a codec this ffmpeg does not know, so it cannot "
+                            "be encoded; keep the other tracks (audio.tracks) or copy it (audio.codec: copy)")
+        return [facts.audio[n].index for n in chosen]
 
     def _video_plans(self, job: Job, facts: SourceFacts, summary: dict[str, Any]) -> list[SegmentPlan]:
         settings: TranscodeSettings = job.settings

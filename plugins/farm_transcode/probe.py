@@ -36,6 +36,8 @@ MIN_RATE = Fraction(1, 3600)
 REFUSED_FORMATS = {"hls", "applehttp", "concat", "dash", "sdp", "rtsp", "rtp", "ffmetadata", "tee", "image2"}
 #: Text that marks a playlist or a list of files, whatever the file is called.
 _PLAYLIST_MARKS = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD", b"[playlist]", b"<smil", b"#EXT-X-")
+#: What ffprobe gives as a stream's codec when this ffmpeg does not know it.
+UNKNOWN_CODECS = {None, "", "unknown", "none"}
 TEXT_SUBTITLES = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
 
 
@@ -204,6 +206,10 @@ def probe_source(path: Path) -> SourceFacts:
     proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
                      "-of", "json", str(path)])
     if proc.returncode != 0:
+        if "moov atom not found" in proc.stderr:
+            raise PlanError(f"{path.name} has no index (its moov atom): the recording was cut short or never "
+                            "finished (an mp4 or mov writes its index last); expected a complete file, or one "
+                            "written with +faststart")
         raise PlanError(f"ffprobe cannot read {path.name} as a movie: {last_error(proc.stderr, path)}")
     try:
         data = json.loads(proc.stdout)
@@ -221,6 +227,10 @@ def probe_source(path: Path) -> SourceFacts:
     picture = next((s for s in streams if s.get("codec_type") == "video"
                     and not (s.get("disposition") or {}).get("attached_pic")), None)
     sounds = [s for s in streams if s.get("codec_type") == "audio"]
+    if picture is not None and picture.get("codec_name") in UNKNOWN_CODECS:
+        raise PlanError(f"{path.name}: its video (stream {picture.get('index')}, {_codec_words(picture)}) is in a "
+                        "codec this ffmpeg does not know, so it cannot be decoded; expected a codec that "
+                        "`ffmpeg -decoders` lists")
     packets = _packets(path, [s for s in (picture, *sounds) if s is not None])
     video = _video_facts(path, picture, packets.get(int(picture["index"]), [])) if picture is not None else None
     if video is not None:
@@ -228,13 +238,18 @@ def probe_source(path: Path) -> SourceFacts:
     audio = []
     for s in sounds:
         start, duration = _audio_span(s, packets.get(int(s["index"]), []), container)
-        audio.append(AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name", "?")),
+        audio.append(AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name") or "?"),
                                 channels=int(s.get("channels") or 0), start=start, duration=duration,
                                 language=(s.get("tags") or {}).get("language")))
     subtitles = [SubtitleFacts(int(s["index"]), str(s.get("codec_name", "?")), s.get("codec_name") in TEXT_SUBTITLES)
                  for s in streams if s.get("codec_type") == "subtitle"]
     return SourceFacts(path=str(path), demuxer=format_name.split(",")[0], start=_seconds(container.get("start_time")) or 0.0,
                        duration=_seconds(container.get("duration")) or 0.0, video=video, audio=audio, subtitles=subtitles)
+
+
+def _codec_words(stream: dict[str, Any]) -> str:
+    tag = str(stream.get("codec_tag_string") or "")
+    return f"codec tag {tag!r}" if tag and not tag.startswith("[") else "no codec tag"
 
 
 #: One packet as planning reads it: its stream's fields ``pts,dts,duration,flags`` as text.
