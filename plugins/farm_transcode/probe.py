@@ -172,6 +172,17 @@ def sniff(path: Path) -> None:
         raise PlanError(f"{path.name} is a concat list, not a movie; such sources are refused")
 
 
+def _starts_like_quicktime(path: Path) -> bool:
+    """Whether the file opens with an mp4/mov box (ftyp, or the media data of a recorder
+    that writes its index last): a real movie, unlike a text file called .mov."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[4:8] in (b"ftyp", b"mdat", b"wide", b"free", b"skip")
+
+
 def _seconds(value: Any) -> float | None:
     try:
         number = float(value)
@@ -206,7 +217,7 @@ def probe_source(path: Path) -> SourceFacts:
     proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
                      "-of", "json", str(path)])
     if proc.returncode != 0:
-        if "moov atom not found" in proc.stderr:
+        if "moov atom not found" in proc.stderr and _starts_like_quicktime(path):
             raise PlanError(f"{path.name} has no index (its moov atom): the recording was cut short or never "
                             "finished (an mp4 or mov writes its index last); expected a complete file, or one "
                             "written with +faststart")
