@@ -148,6 +148,10 @@ class TranscodeProcessor(Processor):
     #: Encoder parameters are handed to the encoder as they are (x264's stats=FILE).
     sensitive_settings = frozenset({"video.params"})
 
+    def input_group(self, path: Path) -> tuple[str, int] | None:
+        """The frames of an image sequence make one job, submitted by its first frame."""
+        return sources.sequence_group(path)
+
     # -- what a node needs ---------------------------------------------------------------
 
     def requires(self, job: Job) -> dict[str, str]:
