@@ -56,10 +56,14 @@ def plain_argv(case: Case, source: Path, out: Path) -> list[str]:
         argv += ["-map", "0:a?"]
     if video:
         argv += ["-c:v", video["codec"]]
-        for key, option in (("crf", "-crf"), ("preset", "-preset"), ("profile", "-profile:v"),
-                            ("pix_fmt", "-pix_fmt")):
+        for key, option in (("crf", "-crf"), ("bitrate", "-b:v"), ("maxrate", "-maxrate"), ("bufsize", "-bufsize"),
+                            ("preset", "-preset"), ("profile", "-profile:v"), ("pix_fmt", "-pix_fmt")):
             if key in video:
                 argv += [option, str(video[key])]
+        if video.get("bit_depth") == 8 and video.get("chroma") in (420, 422, 444):
+            argv += ["-pix_fmt", f"yuv{video['chroma']}p"]
+        if video.get("interlace") == "keep":  # coded as fields, in the order the decoder flags
+            argv += ["-flags", "+ildct+ilme"]
         gop = gop_frames(video.get("gop"), video.get("fps") or case.rate)
         if gop:
             argv += ["-g", str(gop)]

@@ -76,6 +76,13 @@ class Processor:
         """How this profile takes inputs: ``file``, ``none`` or ``optional`` (see ``inputs``)."""
         return self.inputs
 
+    def input_group(self, path: Path) -> tuple[str, int] | None:
+        """Files dropped together that make one job, such as an image sequence's frames:
+        the group's name and this file's place in it (the lowest place is the job's input,
+        and the rest go with it). None: the file is a job of its own. A droplet asks this
+        for every settled file; names only, nothing is read."""
+        return None
+
     def requires(self, job: Job) -> dict[str, str]:
         """Capabilities a node must offer to run this job's segments (name -> version spec)."""
         return dict(job.profile.requires)

@@ -157,6 +157,10 @@ PQ = ["-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "b
 
 PRORES = {"codec": "prores_ks", "profile": "hq"}
 PCM = {"codec": "pcm_s16le"}
+#: The shipped xdcam-hd422-mxf profile's settings: MPEG-2 4:2:2 50 Mb/s in MXF OP1a, fields kept.
+XDCAM_MXF = {"container": "mxf", "audio": {"codec": "pcm_s24le"},
+             "video": {"codec": "mpeg2video", "bitrate": "50M", "maxrate": "50M", "bufsize": "17825792", "chroma": 422,
+                       "bit_depth": 8, "gop": 12, "interlace": "keep"}}
 HEVC10 = {"codec": "libx265", "crf": 24, "preset": "ultrafast", "pix_fmt": "yuv420p10le", "gop": "1s"}
 
 
@@ -256,6 +260,10 @@ _CASES = [
     _case("mov-timecode", "MOV with start timecode",
           _av("mov-timecode.mov", [*picture(), *H264, "-timecode", "01:00:00:00"], extra=["-c:a", "aac"]),
           {"container": "mov"}),
+    _case("mxf-out-interlaced-tc", "into XDCAM HD422-like MXF: interlaced, timecode, PCM",
+          _av("mxf-out-interlaced-tc.mov", [*picture(rate="50"), *H264, *INTERLACE_TFF, "-r", "25",
+                                            "-timecode", "10:00:00:00"], extra=["-c:a", "pcm_s16le"]),
+          XDCAM_MXF),
     # Audio timing and layout
     _case("late-audio-0.7", "audio starts 0.7 s after the picture",
           _av("late-audio-0.7.mp4", [*picture(), *H264], audio=[["-itsoffset", "0.7", *tone()]],

@@ -165,6 +165,45 @@ def test_a_dropped_file_becomes_one_job_and_moves_to_done(farm_env, folders, cli
         assert batch["origin"] == f"droplet:{folder}"
 
 
+def test_a_dropped_image_sequence_is_one_job_fingerprinted_by_its_first_frame(farm_env, folders):
+    """Ten PNG frames dropped one by one: one job from the first frame, the other nine go
+    with it (in the ledger, and into done/), and the digest reads the first frame only."""
+    import hashlib
+
+    folder, dest = folders
+    frames = farm_env["tmp"] / "frames"
+    frames.mkdir()
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=96x64:rate=25:duration=0.4", "-start_number", "1", str(frames / "shot_%04d.png")],
+                   check=True)
+    names = sorted(p.name for p in frames.iterdir())
+    assert len(names) == 10
+    profile = write_profile(farm_env["tmp"], "seq", {
+        "processor": "transcode", "retries": 0, "output": "{stem}.{ext}",
+        "settings": {"container": "mp4", "audio": None,
+                     "video": {"codec": "libx264", "preset": "ultrafast", "crf": 30, "fps": "25"}}})
+    with Running(farm_env, profile) as run:
+        for name in names:
+            drop(frames / name, folder)
+        kind, path, job_id, moved = run.wait_kind("processed", timeout=120)[0]
+        assert path == str(folder / "shot_0001.png")
+        assert [(j["id"], j["state"]) for j in run.store.jobs()] == [(job_id, "done")]
+        out = dest / "shot_0001.mp4"
+        counted = subprocess.run(["ffprobe", "-v", "error", "-count_packets", "-show_entries", "stream=nb_read_packets",
+                                  "-of", "csv=p=0", str(out)], capture_output=True, text=True, check=True).stdout
+        assert counted.strip() == "10"
+        wait_for(lambda: sorted(p.name for p in (folder / "done").iterdir()) == names, what="the frames in done/")
+        rows = {Path(r["path"]).name: r for r in run.ledger()}
+        assert sorted(rows) == names
+        assert (rows["shot_0001.png"]["state"], rows["shot_0001.png"]["job_id"]) == ("processed", job_id)
+        assert all((rows[n]["state"], rows[n]["job_id"], rows[n]["reason"]) ==
+                   ("skipped", job_id, "goes with shot_0001.png (one job)") for n in names[1:])
+        first = frames / names[0]
+        alone = fingerprint(first, first.stat().st_size)
+        assert rows["shot_0001.png"]["digest"] == hashlib.sha256(f"{alone}+9".encode()).hexdigest()
+        assert not run.kinds("failed") and not run.kinds("skipped")
+
+
 @pytest.mark.slow
 def test_a_slow_chunked_copy_is_taken_only_once_settled(farm_env, folders, clips, check_profile):
     folder, _ = folders

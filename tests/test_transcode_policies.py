@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -163,13 +164,51 @@ def test_interlace_keep_codes_fields_with_their_order_and_flags(farm, farm_env):
     assert changed.returncode == 2 and "interlace: keep" in changed.stderr and "25.000 → 30.000 fps" in changed.stderr
 
 
+def test_an_output_whose_fields_are_not_what_the_plan_promised_is_not_delivered(farm, farm_env):
+    """A progressive plan, and x264 told by the profile's own params to flag fields (tff=1):
+    verification names the flag and the promise, and nothing reaches the destination."""
+    tmp = farm_env["tmp"]
+    source = make(tmp / "prog.mp4", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                  seconds=2)
+    path = transcode(tmp, "flagged", {**X264, "params": {"tff": 1}})
+    code, report = run_json(farm, path, source, "-o", tmp / "out", *FAST)
+    job = report["jobs"][0]
+    assert code == 1 and job["state"] == "failed"
+    assert "video is flagged tt (top field first), the plan promised progressive" in job["error"], job["error"]
+    assert not (tmp / "out" / "prog-flagged.mp4").exists()
+
+
+@pytest.mark.parametrize("stream, promised, fields, said", [
+    ({"pix_fmt": "yuv420p", "field_order": "progressive"}, "yuv422p10le", None,
+     "video is yuv420p, the plan promised yuv422p10le"),
+    ({"pix_fmt": "yuv444p12le", "field_order": "progressive"}, "yuva444p10le", None,
+     "video is yuv444p12le, the plan promised yuva444p10le"),
+    ({"pix_fmt": "yuva444p12le", "field_order": "progressive"}, "yuva444p10le", None, None),  # ProRes decodes 12-bit
+    ({"pix_fmt": "yuv420p", "field_order": "bb"}, "yuv420p", "tff",
+     "video is flagged bb (bottom field first), the plan promised top field first"),
+    ({"pix_fmt": "yuv420p"}, "yuv420p", "tff", "video is not flagged interlaced, the plan promised top field first"),
+    ({"pix_fmt": "yuv420p", "field_order": "bt"}, "yuv420p", "tff", None),  # shown top first
+    ({"pix_fmt": "yuv420p", "field_order": "unknown"}, "yuv420p", None, None),
+])
+def test_the_verifier_holds_the_picture_to_the_plan(stream, promised, fields, said):
+    from farm_transcode.probe import OutputFacts
+    from farm_transcode.verify import Expected, problems
+
+    found = OutputFacts({"duration": "1.0"}, [{"index": 0, "codec_type": "video", "codec_name": "h264",
+                                               "nb_read_packets": "25", "duration": "1.0", **stream}])
+    expected = Expected(video_frames=25, video_duration=1.0, frame_duration=0.04, pix_fmt=promised, fields=fields,
+                        check_fields=True)
+    assert problems(found, expected) == ([said] if said else [])
+
+
 # -- colour and HDR ------------------------------------------------------------------------------
 
 
-def hdr10(path: Path) -> Path:
+def hdr10(path: Path, seconds: float = 4) -> Path:
     return make(path, "-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt", "yuv420p10le",
                 "-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "bt2020nc",
-                "-x265-params", f"log-level=error:hdr10=1:master-display={HDR10}:max-cll=1000,400", "-c:a", "aac")
+                "-x265-params", f"log-level=error:hdr10=1:master-display={HDR10}:max-cll=1000,400", "-c:a", "aac",
+                seconds=seconds)
 
 
 @pytest.mark.slow
@@ -197,6 +236,47 @@ def test_hdr10_colour_and_metadata_kept_or_tone_mapped_when_the_profile_says(far
     assert (stream["pix_fmt"], stream["color_primaries"], stream["color_transfer"], stream["color_space"]) == \
         ("yuv420p", "bt709", "bt709", "bt709")
     assert not side_data(first_frame(out), "Mastering display metadata")
+
+
+def _fractions(data: dict) -> dict[str, float]:
+    return {key: float(Fraction(str(value))) for key, value in data.items() if key != "side_data_type"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, vsettings, container, carried", [
+    ("av1", {"codec": "libsvtav1", "crf": 45, "preset": "12", "gop": 25}, "mp4", True),
+    ("vp9", {"codec": "libvpx-vp9", "crf": 45, "speed": 8, "gop": 25}, "webm", False),
+    ("prores", {"codec": "prores_ks", "profile": "proxy"}, "mov", False),
+])
+def test_hdr10_through_encoders_other_than_x26x(farm, farm_env, name, vsettings, container, carried):
+    """Colour tags kept by every encoder; mastering display and light levels by SVT-AV1
+    (its metadata OBUs), and said to be dropped where the encoder cannot write them."""
+    tmp = farm_env["tmp"]
+    source = hdr10(tmp / "hdr.mp4", seconds=3)
+    audio = {"codec": "libopus"} if container == "webm" else None
+    path = transcode(tmp, name, vsettings, container=container, **({"audio": audio} if audio else {}))
+    said = plan_text(farm, path, source)
+    if carried:
+        assert "HDR (PQ) kept: bt2020/smpte2084/bt2020nc, mastering display, light levels" in said, said
+    else:
+        assert (f"HDR (PQ) kept: bt2020/smpte2084/bt2020nc; mastering display and light levels dropped: "
+                f"{vsettings['codec']} cannot write them here") in said, said
+    out = run_one(farm, path, source, tmp / "out")
+    stream = video(out)
+    assert (stream["color_primaries"], stream["color_transfer"], stream["color_space"]) == \
+        ("bt2020", "smpte2084", "bt2020nc")
+    assert stream["pix_fmt"].startswith(("yuv420p10", "yuv422p10"))
+    frame = first_frame(out)
+    mastering = _fractions(side_data(frame, "Mastering display metadata"))
+    if carried:
+        original = _fractions(side_data(first_frame(source), "Mastering display metadata"))
+        assert mastering.keys() == original.keys()
+        assert all(abs(mastering[key] - original[key]) <= max(0.0001, original[key] / 1000) for key in original), \
+            (mastering, original)
+        light = side_data(frame, "Content light level metadata")
+        assert (light.get("max_content"), light.get("max_average")) == (1000, 400)
+    else:
+        assert not mastering
 
 
 # -- timecode, alpha, rotation ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ reports ``refused`` naming the holder, and takes the folder once that one has go
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -104,6 +105,10 @@ class Droplet:
     destination: Path
     watch: FolderWatch
     known: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime_ns) already decided
+    #: The processor's grouping of dropped files (Processor.input_group): an image sequence is one job.
+    group: Callable[[Path], tuple[str, int] | None] = lambda path: None
+    #: Settled files of a group that is still arriving: group -> path -> (place, file).
+    waiting: dict[str, dict[str, tuple[int, Settled]]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "processed": 0, "failed": 0, "skipped": 0})
     reported: tuple[str, str] | None = None
     reported_at: float = 0.0
@@ -126,6 +131,7 @@ class Pending:
     mtime_ns: int
     job_id: str
     queued: float
+    members: list[str] = field(default_factory=list)  # the other files of its group (an image sequence's frames)
 
 
 #: ``on_event(kind, droplet, path, job_id, detail)``; kinds: queued, processed, failed, skipped.
@@ -148,10 +154,12 @@ class DropletService:
         self.on_event = on_event
         self._wake = threading.Event()
         state = Path(scheduler.store.path).parent  # named in the folder's lock, for the message that refuses others
+        plugins = getattr(scheduler, "plugins", None)
         self.droplets = [
             Droplet(p.config, p.loaded, p.destination, FolderWatch(
                 p.config, self._wake, mounts, observe=not once,
-                lock=p.lock or FolderLock(p.config.folder, state, p.config.label)))
+                lock=p.lock or FolderLock(p.config.folder, state, p.config.label)),
+                **({"group": plugins.processor(p.loaded.profile.processor).input_group} if plugins else {}))
             for p in droplets
         ]
         self.pending: dict[str, Pending] = {}
@@ -237,7 +245,8 @@ class DropletService:
     @property
     def idle(self) -> bool:
         """Nothing settling, nothing in flight (with ``once``: all the files found at start are handled)."""
-        return not self._busy and not self.pending and all(d.watch.settling == 0 for d in self.droplets)
+        return not self._busy and not self.pending and all(d.watch.settling == 0 and not d.waiting
+                                                           for d in self.droplets)
 
     # -- the droplet thread ------------------------------------------------------------
 
@@ -282,7 +291,28 @@ class DropletService:
 
     # -- taking files ------------------------------------------------------------------
 
+    def _grouped(self, droplet: Droplet, settled: list[Settled]) -> tuple[list[Settled], dict[str, list[Settled]]]:
+        """The files to take on their own, and each group's first file with the others of
+        its group; a group is taken once none of its files is still settling."""
+        alone: list[Settled] = []
+        for item in settled:
+            group = None if item.folder_link else droplet.group(Path(item.path))
+            if group is None:
+                alone.append(item)
+            else:
+                droplet.waiting.setdefault(group[0], {})[item.path] = (group[1], item)
+        arriving = {found[0] for path in droplet.watch.readings if (found := droplet.group(Path(path)))}
+        members: dict[str, list[Settled]] = {}
+        for name in [name for name in droplet.waiting if name not in arriving]:
+            files = [item for _, item in sorted(droplet.waiting.pop(name).values(), key=lambda pair: pair[0])]
+            alone.append(files[0])
+            members[files[0].path] = files[1:]
+            for item in files[1:]:
+                droplet.known[item.path] = (item.size, item.mtime_ns)
+        return alone, members
+
     def _take(self, droplet: Droplet, settled: list[Settled]) -> None:
+        settled, members = self._grouped(droplet, settled)
         fresh: list[tuple[Settled, str]] = []
         batch_digests: dict[str, str] = {}
         for item in settled:
@@ -296,7 +326,9 @@ class DropletService:
             if self._refuse_link(droplet, item):
                 continue
             try:
-                digest = fingerprint(item.path, item.size)
+                digest = fingerprint(item.path, item.size)  # a group's: its first file, and how many go with it
+                if members.get(item.path):
+                    digest = hashlib.sha256(f"{digest}+{len(members[item.path])}".encode()).hexdigest()
                 after = os.stat(item.path)
             except OSError as exc:
                 log.debug("droplet %s: %s is not readable yet: %s", droplet.label, item.path, exc)
@@ -314,7 +346,7 @@ class DropletService:
                 batch_digests[digest] = item.path
                 fresh.append((item, digest))
         if fresh:
-            self._submit(droplet, fresh)
+            self._submit(droplet, fresh, members)
 
     def _refuse_link(self, droplet: Droplet, item: Settled) -> bool:
         """A symbolic link that leads out of the watched folder is never read: whoever may
@@ -354,7 +386,9 @@ class DropletService:
         log.info("droplet %s: %s skipped: %s", droplet.label, item.path, reason)
         self._emit("skipped", droplet, item.path, None, reason)
 
-    def _submit(self, droplet: Droplet, fresh: list[tuple[Settled, str]]) -> None:
+    def _submit(self, droplet: Droplet, fresh: list[tuple[Settled, str]],
+                members: dict[str, list[Settled]] | None = None) -> None:
+        members = members or {}
         ledger = self.scheduler.store
         inputs = [Path(item.path) for item, _ in fresh]
         abandoned = threading.Event()
@@ -367,6 +401,10 @@ class DropletService:
             rows = [ledger.droplet_add(droplet.key, item.path, item.size, item.mtime_ns, digest, "submitted",
                                        job_id=job_id)
                     for (item, digest), job_id in zip(fresh, job_ids, strict=True)]
+            for (item, _), job_id in zip(fresh, job_ids, strict=True):
+                for member in members.get(item.path, []):  # known from now on, never a job of their own
+                    ledger.droplet_add(droplet.key, member.path, member.size, member.mtime_ns, "", "skipped",
+                                       job_id=job_id, reason=f"goes with {Path(item.path).name} (one job)")
             return job_ids, rows
 
         try:
@@ -382,7 +420,8 @@ class DropletService:
             return
         now = time.time()
         for (item, _), job_id, row_id in zip(fresh, job_ids, rows, strict=True):
-            self.pending[job_id] = Pending(row_id, droplet, item.path, item.size, item.mtime_ns, job_id, now)
+            self.pending[job_id] = Pending(row_id, droplet, item.path, item.size, item.mtime_ns, job_id, now,
+                                           [member.path for member in members.get(item.path, [])])
             droplet.known[item.path] = (item.size, item.mtime_ns)
             droplet.counts["queued"] += 1
             self._emit("queued", droplet, item.path, job_id, "")
@@ -437,6 +476,9 @@ class DropletService:
         else:
             reason = error or "the job failed without a reason"
         moved = self._to_failed(droplet, pending.path, pending.size, pending.mtime_ns, reason, pending.job_id)
+        if moved is not None:
+            for path in pending.members:  # the rest of its group goes with it, so it can be dropped again
+                self._move_to(droplet, path, droplet.config.failed_folder)
         self._store.droplet_finish(pending.row_id, "failed", reason=reason, moved_to=moved)
         droplet.counts["failed"] += 1
         self._emit("failed", droplet, pending.path, pending.job_id, reason)
@@ -452,12 +494,16 @@ class DropletService:
             return None
         droplet.known.pop(pending.path, None)
         if after == "delete":
-            try:
-                os.remove(pending.path)
-            except OSError as exc:
-                log.warning("droplet %s: cannot delete %s: %s", droplet.label, pending.path, exc.strerror or exc)
-                return None
+            for path in (*pending.members, pending.path):
+                try:
+                    os.remove(path)
+                except OSError as exc:
+                    log.warning("droplet %s: cannot delete %s: %s", droplet.label, path, exc.strerror or exc)
+                    if path == pending.path:
+                        return None
             return "(deleted)"
+        for path in pending.members:  # the rest of its group goes with it
+            self._move_to(droplet, path, droplet.config.done_folder)
         return self._move_to(droplet, pending.path, droplet.config.done_folder)
 
     def _move_to(self, droplet: Droplet, path: str, folder: Path) -> str | None:

@@ -151,6 +151,10 @@ class TranscodeProcessor(Processor):
     #: Encoder parameters are handed to the encoder as they are (x264's stats=FILE).
     sensitive_settings = frozenset({"video.params"})
 
+    def input_group(self, path: Path) -> tuple[str, int] | None:
+        """The frames of an image sequence make one job, submitted by its first frame."""
+        return sources.sequence_group(path)
+
     # -- what a node needs ---------------------------------------------------------------
 
     def requires(self, job: Job) -> dict[str, str]:
@@ -191,10 +195,25 @@ class TranscodeProcessor(Processor):
             raise PlanError(f"{job.input.name} has no video stream, and profile {job.profile.name!r} makes video; "
                             "use an audio-only profile for it")
         video_plans = self._video_plans(job, facts, summary)
+        self._check_rate(job, video_plans)
         kind = sources.note(facts, settings.video.fps)
         if kind and video_plans:  # said once, on the first video segment
             video_plans[0] = dataclasses.replace(video_plans[0], label=f"{video_plans[0].label}; {kind}")
         return plans + self._with_picture(facts, settings, video_plans)
+
+    @staticmethod
+    def _check_rate(job: Job, plans: list[SegmentPlan]) -> None:
+        """An encoder with a table of frame rates (MPEG-2) is refused a rate outside it at plan time."""
+        video = job.settings.video
+        rates = video.encoder.rates
+        if not rates or not plans:
+            return
+        rate = parse_rate(plans[0].params["rate"])
+        if plans[0].params["mode"] == "passthrough" or rate not in rates:
+            what = "a variable frame rate" if plans[0].params["mode"] == "passthrough" else f"{float(rate):.3f} fps"
+            known = ", ".join(f"{float(r):.3f}".rstrip("0").rstrip(".") for r in rates)
+            raise PlanError(f"{job.input.name} would be encoded at {what}, which {video.codec} cannot encode "
+                            f"(it encodes {known} fps); set video.fps to one of them")
 
     @staticmethod
     def _with_picture(facts: SourceFacts, settings: TranscodeSettings, plans: list[SegmentPlan]) -> list[SegmentPlan]:
@@ -213,14 +232,21 @@ class TranscodeProcessor(Processor):
         assert settings.audio is not None
         tracks = settings.audio.tracks
         if tracks == "all":
-            return [a.index for a in facts.audio]
-        if tracks == "first":
-            return [facts.audio[0].index]
-        missing = [index for index in tracks if index >= len(facts.audio)]
-        if missing:
-            raise PlanError(f"the profile keeps audio track {missing[0]} (counting from 0), but the source has "
-                            f"{len(facts.audio)} audio track(s)")
-        return [facts.audio[index].index for index in tracks]
+            chosen = list(range(len(facts.audio)))
+        elif tracks == "first":
+            chosen = [0]
+        else:
+            missing = [index for index in tracks if index >= len(facts.audio)]
+            if missing:
+                raise PlanError(f"the profile keeps audio track {missing[0]} (counting from 0), but the source has "
+                                f"{len(facts.audio)} audio track(s)")
+            chosen = list(tracks)
+        unknown = [n for n in chosen if facts.audio[n].codec in ("?", "unknown", "none")]
+        if unknown and settings.audio.codec != "copy":
+            raise PlanError(f"{Path(facts.path).name}: its audio track {unknown[0]} (counting from 0; stream "
+                            f"{facts.audio[unknown[0]].index}) is in a codec this ffmpeg does not know, so it cannot "
+                            "be encoded; keep the other tracks (audio.tracks) or copy it (audio.codec: copy)")
+        return [facts.audio[n].index for n in chosen]
 
     def _video_plans(self, job: Job, facts: SourceFacts, summary: dict[str, Any]) -> list[SegmentPlan]:
         settings: TranscodeSettings = job.settings
@@ -280,9 +306,8 @@ class TranscodeProcessor(Processor):
                 params["video_start"] = facts.start + float(origin / rate)
             # The encoder starts before the segment and runs on past its end; what it made
             # there is dropped (joins.py).
-            # (mp4 and mov only for now: a kept piece of Matroska came out two frames long)
             lead, tail = joins.overlap(video.codec, video.params, first, last, total, video.gop_frames(rate),
-                                       float(rate)) if len(cuts) > 1 and settings.box.mp4_like else (0, 0)
+                                       float(rate)) if len(cuts) > 1 else (0, 0)
             if lead or tail:
                 params.update(lead=lead, tail=tail)
                 params["run_end_pts"] = (None if last + tail >= total else
@@ -360,8 +385,8 @@ class TranscodeProcessor(Processor):
         """Encode one video segment; what ffprobe finds in it, and its frame count."""
         assert settings.video is not None
         reads = sources.reads(facts)  # an image sequence's other frames
-        overlapped = params.get("lead") or params.get("tail")
-        encoded = context.scratch / f"overlapped{out.suffix}" if overlapped else out
+        overlapped = joins.overlapped(params)
+        encoded = context.scratch / f"overlapped.{joins.OVERLAPPED_MUXER}" if overlapped else out
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 1),
@@ -379,7 +404,7 @@ class TranscodeProcessor(Processor):
     def _run_audio(self, segment: Segment, context: Context, facts: SourceFacts, settings: TranscodeSettings,
                    ext: str) -> dict[str, Any]:
         assert settings.audio is not None
-        out = segment.output_dir / f"audio.{ext}"
+        out = segment.output_dir / f"audio.{(settings.box.audio_piece or (None, ext))[1]}"
         streams = segment.params["streams"]
         total = max((a.duration for a in facts.audio), default=0.0) or 1.0
 
@@ -503,6 +528,10 @@ class TranscodeProcessor(Processor):
             else:
                 expected.frame_duration = float(1 / rate)
             expected.video_codec = settings.video.encoder.family
+            picture = first.get("picture")
+            if picture is not None:  # planned with a picture decision (policy.py)
+                expected.pix_fmt, expected.fields = picture["pix_fmt"], picture.get("fields")
+                expected.check_fields = True
         if audio is not None and settings.audio is not None:
             by_index = {a.index: a for a in facts.audio}
             expected.audio_durations = [by_index[i].duration for i in audio["params"]["streams"]]

@@ -87,7 +87,7 @@ def _encoder_options(video: VideoSettings, threads: int, picture: Picture | None
     if picture is not None:
         options.update(picture.colour)
         if picture.fields:  # libx264: PAFF/MBAFF; ProRes: interlaced frames; the container says which field leads
-            options.update({"flags": "+ildct+ilme" if video.codec == "libx264" else "+ildct",
+            options.update({"flags": "+ildct+ilme" if video.codec in ("libx264", "mpeg2video") else "+ildct",
                             "field_order": "tt" if picture.fields == "tff" else "bb"})
     if video.crf is not None:
         options["crf"] = f"{video.crf:g}"
@@ -175,9 +175,10 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if pass_number == 1:
         options["f"] = "null"
         return _compile(ffmpeg.output(stream, "-", **options))
-    if box.mp4_like and mode != "passthrough":
+    muxer, mp4_like = (joins.OVERLAPPED_MUXER, True) if joins.overlapped(params) else (box.muxer, box.mp4_like)
+    if mp4_like and mode != "passthrough":
         options["video_track_timescale"] = timescale(rate)
-    options["f"] = box.muxer
+    options["f"] = muxer
     return _compile(ffmpeg.output(stream, str(out), **options))
 
 
@@ -202,7 +203,8 @@ def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, stre
     timestamps are the source's, counted from the source's start, plus ``AUDIO_LEAD``."""
     source = _source(facts)
     chosen = [source[str(index)] for index in streams]
-    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": box.muxer,
+    muxer = box.audio_piece[0] if box.audio_piece else box.muxer
+    options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": muxer,
                                "output_ts_offset": f"{AUDIO_LEAD:g}"}
     if audio.bitrate:
         options["b:a"] = audio.bitrate
@@ -238,7 +240,8 @@ def mux(facts: SourceFacts, settings: TranscodeSettings, out: Path, *, video_lis
     first frame, ``video_offset`` where that frame goes: a negative audio time is an
     encoder's priming, which an mp4 edit list hides and a Matroska muxer shifts with the
     video; sound before the picture is kept by moving the video later instead.
-    ``timecode`` is the output's start timecode (mp4 and mov write it as a timecode track).
+    ``timecode`` is the output's start timecode (mp4 and mov write it as a timecode track,
+    MXF in its material package).
     """
     box = settings.box
     argv = [FFMPEG, *_GLOBAL]

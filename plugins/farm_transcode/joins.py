@@ -18,6 +18,13 @@ interval more than it keeps (10 s segments with 2 s keyframes: a fifth more work
 
 Only for encoders where this was measured and holds (x264 with closed GOPs); the others'
 segments do not overlap.
+
+The wider encode is written to a QuickTime file whatever the output's container: the cut
+back is a seek, which the mov demuxer makes by presentation time onto the keyframe at or
+before the point. For demuxers that cannot (Matroska among them), ffmpeg aims 3/23 s
+earlier when the stream has B-frames, so in a Matroska piece whose lead is shorter than
+that (12 frames at 25 fps) the seek landed on the piece's first frame and kept the lead
+instead of the segment.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from typing import Any
 
 #: Encoders whose segments are given a tail (a forced keyframe there closes the GOP).
 OVERLAPPED_ENCODERS = {"libx264"}
+#: The muxer of the wider encode, which is cut back by seeking onto a keyframe (see above).
+OVERLAPPED_MUXER = "mov"
+
+
+def overlapped(params: dict[str, Any]) -> bool:
+    """Whether a segment's encoder runs wider than the segment."""
+    return bool(params.get("lead") or params.get("tail"))
 
 
 def overlap(codec: str, params: dict[str, Any], first: int, end: int, total: int, gop: int | None,

@@ -119,13 +119,16 @@ def _timecode_at(timecode: str, source_rate: Fraction, rate: Fraction) -> str:
     return f"{hours:02d}:{minutes:02d}:{seconds:02d}:{counted:02d}"
 
 
-def _mastering_param(mastering: dict[str, str]) -> str:
-    """ffprobe's fractions in x264/x265 units: 0.00002 for chromaticity, 0.0001 cd/m² for luminance."""
-    def xy(key: str) -> int:
-        return round(Fraction(mastering[key]) * 50000)
+def _mastering_param(mastering: dict[str, str], decimal: bool = False) -> str:
+    """ffprobe's fractions in x264/x265 units (0.00002 for chromaticity, 0.0001 cd/m² for
+    luminance), or as decimals (chromaticity, cd/m²) for SVT-AV1."""
+    def xy(key: str) -> int | str:
+        value = Fraction(mastering[key])
+        return f"{float(value):.5f}" if decimal else round(value * 50000)
 
-    def lum(key: str) -> int:
-        return round(Fraction(mastering[key]) * 10000)
+    def lum(key: str) -> int | str:
+        value = Fraction(mastering[key])
+        return f"{float(value):.4f}" if decimal else round(value * 10000)
 
     return (f"G({xy('green_x')},{xy('green_y')})B({xy('blue_x')},{xy('blue_y')})R({xy('red_x')},{xy('red_y')})"
             f"WP({xy('white_point_x')},{xy('white_point_y')})L({lum('max_luminance')},{lum('min_luminance')})")
@@ -171,7 +174,7 @@ def decide(facts: SourceFacts, settings: TranscodeSettings, rate: Fraction, mode
             if hdr_params is None:
                 dropped.append(name)
             elif param == 0:
-                picture.params[hdr_params[0]] = _mastering_param(value)
+                picture.params[hdr_params[0]] = _mastering_param(value, video.encoder.hdr_decimal)
                 kept.append(name)
             else:
                 picture.params[hdr_params[1]] = f"{value['max_content']},{value['max_average']}"
@@ -188,7 +191,7 @@ def decide(facts: SourceFacts, settings: TranscodeSettings, rate: Fraction, mode
     if source.timecode:
         if video.timecode == "drop":
             picture.notes.append(f"timecode {source.timecode} dropped (timecode: drop)")
-        elif not settings.box.mp4_like:
+        elif not settings.box.timecode:
             picture.notes.append(f"timecode {source.timecode} not kept: {settings.container} has no timecode track")
         else:
             picture.timecode = _timecode_at(source.timecode, source.fps, rate)

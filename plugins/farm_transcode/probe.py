@@ -37,6 +37,8 @@ MIN_RATE = Fraction(1, 3600)
 REFUSED_FORMATS = {"hls", "applehttp", "concat", "dash", "sdp", "rtsp", "rtp", "ffmetadata", "tee", "image2"}
 #: Text that marks a playlist or a list of files, whatever the file is called.
 _PLAYLIST_MARKS = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD", b"[playlist]", b"<smil", b"#EXT-X-")
+#: What ffprobe gives as a stream's codec when this ffmpeg does not know it.
+UNKNOWN_CODECS = {None, "", "unknown", "none"}
 TEXT_SUBTITLES = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
 
 
@@ -171,6 +173,17 @@ def sniff(path: Path) -> None:
         raise PlanError(f"{path.name} is a concat list, not a movie; such sources are refused")
 
 
+def _starts_like_quicktime(path: Path) -> bool:
+    """Whether the file opens with an mp4/mov box (ftyp, or the media data of a recorder
+    that writes its index last): a real movie, unlike a text file called .mov."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[4:8] in (b"ftyp", b"mdat", b"wide", b"free", b"skip")
+
+
 def _seconds(value: Any) -> float | None:
     try:
         number = float(value)
@@ -205,6 +218,10 @@ def probe_source(path: Path) -> SourceFacts:
     proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
                      "-of", "json", str(path)])
     if proc.returncode != 0:
+        if "moov atom not found" in proc.stderr and _starts_like_quicktime(path):
+            raise PlanError(f"{path.name} has no index (its moov atom): the recording was cut short or never "
+                            "finished (an mp4 or mov writes its index last); expected a complete file, or one "
+                            "written with +faststart")
         raise PlanError(f"ffprobe cannot read {path.name} as a movie: {last_error(proc.stderr, path)}")
     try:
         data = json.loads(proc.stdout)
@@ -222,6 +239,10 @@ def probe_source(path: Path) -> SourceFacts:
     picture = next((s for s in streams if s.get("codec_type") == "video"
                     and not (s.get("disposition") or {}).get("attached_pic")), None)
     sounds = [s for s in streams if s.get("codec_type") == "audio"]
+    if picture is not None and picture.get("codec_name") in UNKNOWN_CODECS:
+        raise PlanError(f"{path.name}: its video (stream {picture.get('index')}, {_codec_words(picture)}) is in a "
+                        "codec this ffmpeg does not know, so it cannot be decoded; expected a codec that "
+                        "`ffmpeg -decoders` lists")
     # The first frame is decoded while the packets are read: two ffprobes at once, not in
     # turn. Never a frame whose header size is refused below (a decoder's memory bomb).
     decodable = picture is not None and all(0 < int(picture.get(side) or 0) <= MAX_SIDE for side in ("width", "height"))
@@ -234,13 +255,18 @@ def probe_source(path: Path) -> SourceFacts:
     audio = []
     for s in sounds:
         start, duration = _audio_span(s, packets.get(int(s["index"]), []), container)
-        audio.append(AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name", "?")),
+        audio.append(AudioFacts(index=int(s["index"]), codec=str(s.get("codec_name") or "?"),
                                 channels=int(s.get("channels") or 0), start=start, duration=duration,
                                 language=(s.get("tags") or {}).get("language")))
     subtitles = [SubtitleFacts(int(s["index"]), str(s.get("codec_name", "?")), s.get("codec_name") in TEXT_SUBTITLES)
                  for s in streams if s.get("codec_type") == "subtitle"]
     return SourceFacts(path=str(path), demuxer=format_name.split(",")[0], start=_seconds(container.get("start_time")) or 0.0,
                        duration=_seconds(container.get("duration")) or 0.0, video=video, audio=audio, subtitles=subtitles)
+
+
+def _codec_words(stream: dict[str, Any]) -> str:
+    tag = str(stream.get("codec_tag_string") or "")
+    return f"codec tag {tag!r}" if tag and not tag.startswith("[") else "no codec tag"
 
 
 #: One packet as planning reads it: its stream's fields ``pts,dts,duration,flags`` as text.

@@ -29,8 +29,13 @@ class VideoEncoder(BaseModel):
     #: chosen from these at plan time, so every segment of a job is encoded alike.
     pix_fmts: tuple[str, ...] = ("yuv420p",)
     fields: bool = False  # codes interlaced pictures as fields (interlace: keep)
-    #: The params keys that write HDR10 mastering-display and content-light SEI.
+    #: The params keys that write HDR10 mastering-display and content-light SEI (or AV1 metadata OBUs).
     hdr_params: tuple[str, str] | None = None
+    #: How its mastering display is written: x264/x265's integer units, or SVT-AV1's decimals (cd/m²).
+    hdr_decimal: bool = False
+    needs_bitrate: bool = False  # no quality mode, and a default bitrate no one wants (mpeg2video: 200k)
+    #: The only frame rates it encodes (None: any).
+    rates: tuple[Fraction, ...] | None = None
 
 
 _X26X_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
@@ -40,6 +45,10 @@ _X264_MORE = ("yuvj420p", "yuvj422p", "yuvj444p", "nv12", "nv16", "nv21", "nv20l
 _X265_MORE = ("yuvj420p", "yuvj422p", "yuvj444p", "gbrp", "gbrp10le", "gbrp12le", "gray", "gray10le", "gray12le")
 _VP9_MORE = ("yuv440p", "yuv440p10le", "yuv440p12le", "gbrp", "gbrp10le", "gbrp12le")
 _AOM_MORE = ("gbrp", "gbrp10le", "gbrp12le", "gray", "gray10le", "gray12le")
+
+#: MPEG-2's frame-rate table (frame_rate_code 1-8).
+_MPEG_RATES = (Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30), Fraction(50),
+               Fraction(60000, 1001), Fraction(60))
 
 VIDEO_ENCODERS: dict[str, VideoEncoder] = {
     "libx264": VideoEncoder(family="h264", crf=(0, 51), presets=_X26X_PRESETS,
@@ -58,10 +67,14 @@ VIDEO_ENCODERS: dict[str, VideoEncoder] = {
                                pix_fmts=("yuv420p", "yuva420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le",
                                          "yuv444p10le", "yuv420p12le", "yuv422p12le", "yuv444p12le", *_VP9_MORE)),
     "libsvtav1": VideoEncoder(family="av1", crf=(0, 63), presets=tuple(str(n) for n in range(14)),
-                              params_option="svtav1-params", pix_fmts=("yuv420p", "yuv420p10le")),
+                              params_option="svtav1-params", pix_fmts=("yuv420p", "yuv420p10le"),
+                              hdr_params=("mastering-display", "content-light"), hdr_decimal=True),
     "libaom-av1": VideoEncoder(family="av1", crf=(0, 63), speed_option="cpu-used", two_pass=True,
                                pix_fmts=("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le",
                                          "yuv420p12le", "yuv422p12le", "yuv444p12le", *_AOM_MORE)),
+    # MPEG-2 as XDCAM HD422 and IMX carry it (4:2:2, fields): long GOPs, closed at every segment's start.
+    "mpeg2video": VideoEncoder(family="mpeg2video", pix_fmt="yuv422p", pix_fmts=("yuv420p", "yuv422p"), fields=True,
+                               needs_bitrate=True, rates=_MPEG_RATES),
     "prores_ks": VideoEncoder(family="prores", profiles=("proxy", "lt", "standard", "hq", "4444", "4444xq"),
                               pix_fmt="yuv422p10le", pix_fmts=("yuv422p10le", "yuv444p10le", "yuva444p10le"),
                               fields=True),
@@ -87,13 +100,21 @@ class Container(BaseModel):
     audio: tuple[str, ...]  # audio encoders it may hold
     subtitles: str | None  # subtitle encoder for text subtitles, or None
     mp4_like: bool = False  # has a per-track timescale and +faststart
+    timecode: bool = False  # keeps a start timecode (a timecode track, or MXF's material package)
+    #: The muxer and extension of the audio piece, for a container that cannot hold audio alone (MXF).
+    audio_piece: tuple[str, str] | None = None
 
 
 CONTAINERS: dict[str, Container] = {
     "mp4": Container(muxer="mp4", ext="mp4", video=("h264", "hevc", "av1", "vp9"),
-                     audio=("aac", "libopus", "libmp3lame", "ac3", "flac", "copy"), subtitles="mov_text", mp4_like=True),
+                     audio=("aac", "libopus", "libmp3lame", "ac3", "flac", "copy"), subtitles="mov_text", mp4_like=True,
+                     timecode=True),
     "mov": Container(muxer="mov", ext="mov", video=("h264", "hevc", "prores"),
-                     audio=("aac", "pcm_s16le", "pcm_s24le", "copy"), subtitles="mov_text", mp4_like=True),
+                     audio=("aac", "pcm_s16le", "pcm_s24le", "copy"), subtitles="mov_text", mp4_like=True,
+                     timecode=True),
+    # OP1a, as broadcasters exchange it: one video track first, PCM audio.
+    "mxf": Container(muxer="mxf", ext="mxf", video=("mpeg2video",), audio=("pcm_s16le", "pcm_s24le"), subtitles=None,
+                     timecode=True, audio_piece=("matroska", "mka")),
     "mkv": Container(muxer="matroska", ext="mkv", video=("h264", "hevc", "vp9", "av1", "prores"),
                      audio=tuple(AUDIO_ENCODERS), subtitles="copy"),
     "webm": Container(muxer="webm", ext="webm", video=("vp9", "av1"), audio=("libopus", "libvorbis"),
@@ -191,12 +212,12 @@ class VideoSettings(BaseModel):
         default="keep", description="a source's alpha channel: kept where the encoder carries it (ProRes 4444, VP9)")
     interlace: Literal["deinterlace", "keep"] = Field(
         default="deinterlace", description="an interlaced source: deinterlace it field-aware (bwdif, same frame rate), "
-                                           "or keep its fields, field order and flags (libx264, prores_ks)")
+                                           "or keep its fields, field order and flags (libx264, mpeg2video, prores_ks)")
     hdr: Literal["keep", "tonemap"] = Field(
         default="keep", description="colour primaries, transfer, matrix, HDR10 mastering display and light levels: "
                                     "keep them, or tone-map a PQ/HLG source to SDR BT.709")
     timecode: Literal["keep", "drop"] = Field(
-        default="keep", description="the source's start timecode, kept in mp4 and mov outputs")
+        default="keep", description="the source's start timecode, kept in mp4, mov and mxf outputs")
     width: int | None = Field(default=None, ge=16, le=16384, description="scale to this width (aspect kept)")
     height: int | None = Field(default=None, ge=16, le=16384, description="scale to this height (aspect kept)")
     fps: str | None = Field(default=None, description="constant output frame rate: 25, 29.97, 30000/1001")
@@ -323,6 +344,8 @@ class VideoSettings(BaseModel):
                 raise ValueError("a two-pass encode needs a bitrate")
             if not VIDEO_ENCODERS[self.codec].two_pass:
                 raise ValueError(f"{self.codec} is not used two-pass here")
+        if self.encoder.needs_bitrate and self.bitrate is None:
+            raise ValueError(f"{self.codec} needs a bitrate (it has no constant-quality mode), e.g. bitrate: 50M")
         if (self.maxrate is None) != (self.bufsize is None):
             raise ValueError("maxrate and bufsize go together")
         carried = self.pix_fmts
@@ -407,7 +430,7 @@ class TranscodeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    container: Literal["mp4", "mov", "mkv", "webm", "m4a"] = "mp4"
+    container: Literal["mp4", "mov", "mxf", "mkv", "webm", "m4a"] = "mp4"
     video: VideoSettings | None = Field(default_factory=VideoSettings, description="null for audio only")
     audio: AudioSettings | None = Field(default_factory=AudioSettings, description="null to drop the audio")
     segmented: bool = Field(default=True, description="false: encode in one segment (two-pass, or codecs that "

@@ -42,6 +42,16 @@ def is_sequence(path: Path) -> bool:
     return _parts(Path(path)) is not None
 
 
+def sequence_group(path: Path) -> tuple[str, int] | None:
+    """A dropped frame's sequence (its folder, the name before the number, the extension)
+    and its number; None for a file that is not a numbered image."""
+    parts = _parts(Path(path))
+    if parts is None:
+        return None
+    prefix, number, ext = parts
+    return f"{Path(path).parent}/{prefix}#{ext.lower()}", int(number)
+
+
 def frame_name(prefix: str, number: int, digits: int, ext: str) -> str:
     return f"{prefix}{number:0{digits}d}{ext}"
 

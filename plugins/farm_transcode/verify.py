@@ -3,7 +3,10 @@
 Figures, not opinions: the frame count equals the source's (or what a frame-rate
 change implies), the video lasts as long as the source's within one frame, every kept
 audio track lasts as long as its source within 50 ms, and the sound plays where it
-played against the picture, within a millisecond (measured by decoding both, see sync.py). Every failed check is one phrase with its figures.
+played against the picture, within a millisecond (measured by decoding both, see sync.py).
+The picture is what the plan promised (policy.py): its bit depth, chroma and alpha, and
+its fields (progressive, or the source's order when they are kept). Every failed check is
+one phrase with its figures.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from farm_transcode.probe import OutputFacts
+from farm_transcode.settings import describe_pix_fmt
 
 AUDIO_TOLERANCE = 0.05  # seconds
 #: How far the sound may play from the source's timing against the picture: an encoder's
 #: delay handled wrongly moves it 6.5 ms (Opus) to 23 ms (MP3), a lossy codec's smear well
 #: under this.
 SYNC_TOLERANCE = 0.0011
+#: ffprobe's field orders (coded, then displayed) by the field shown first; "progressive"
+#: is none, and a file that says nothing ("unknown", or no field_order) flags none.
+SHOWN_FIRST = {"tt": "tff", "bt": "tff", "bb": "bff", "tb": "bff"}
+_FIELD_WORDS = {"tff": "top field first", "bff": "bottom field first", None: "progressive"}
 
 
 @dataclass
@@ -29,6 +37,9 @@ class Expected:
     audio_durations: list[float] = field(default_factory=list)  # one per kept track, from the source
     audio_codec: str | None = None  # None: any (copy)
     av_offset: float = 0.0  # source audio start - source video start
+    pix_fmt: str | None = None  # the planned pixel format; None: not checked
+    fields: str | None = None  # "tff"/"bff": fields kept; None: progressive
+    check_fields: bool = False  # whether the plan decided the fields (policy.Picture)
 
 
 def problems(found: OutputFacts, expected: Expected) -> list[str]:
@@ -60,6 +71,7 @@ def problems(found: OutputFacts, expected: Expected) -> list[str]:
         codec = video.get("codec_name")
         if expected.video_codec and codec != expected.video_codec:
             wrong.append(f"video is {codec}, expected {expected.video_codec}")
+        wrong += _picture_problems(video, expected)
     if len(audios) != len(expected.audio_durations):
         wrong.append(f"it has {len(audios)} audio track(s), expected {len(expected.audio_durations)}")
     for number, (stream, wanted) in enumerate(zip(audios, expected.audio_durations), start=1):
@@ -88,4 +100,22 @@ def problems(found: OutputFacts, expected: Expected) -> list[str]:
                 wrong.append(f"audio track {number} starts {offset * 1000:+.1f} ms from the video, "
                              f"expected {expected.av_offset * 1000:+.1f} ms (± one frame and the encoder's "
                              "priming)")
+    return wrong
+
+
+def _picture_problems(video: dict, expected: Expected) -> list[str]:
+    """The picture against the plan: a decoder may hand out more bits than were coded
+    (ProRes 4444 decodes as 12-bit), never fewer, and the same chroma and alpha."""
+    wrong: list[str] = []
+    found_fmt = video.get("pix_fmt")
+    promised, found = describe_pix_fmt(expected.pix_fmt), describe_pix_fmt(found_fmt)
+    if promised is not None and (found is None or found[0] < promised[0] or found[1:] != promised[1:]):
+        wrong.append(f"video is {found_fmt or 'of an unknown pixel format'}, the plan promised {expected.pix_fmt}")
+    if expected.check_fields:
+        order = video.get("field_order")
+        shown = SHOWN_FIRST.get(order or "")
+        if shown != expected.fields:
+            said = f"flagged {order} ({_FIELD_WORDS[shown]})" if shown else \
+                "flagged progressive" if order == "progressive" else "not flagged interlaced"
+            wrong.append(f"video is {said}, the plan promised {_FIELD_WORDS[expected.fields]}")
     return wrong
