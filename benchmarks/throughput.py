@@ -4,10 +4,11 @@ Farm: plan -> store -> queue -> Dask (pinned, slot-aware) -> result -> store.
 Baseline: the same number of no-op tasks submitted one by one with ``client.submit``
 to the same LocalCluster, in the same run. Also: one-frame ``command`` segments running
 ``true`` through ``farm run`` (sandbox and all) against a pool of as many processes
-running ``/bin/true`` the same number of times; and the store's size and the peak
-memory of a controller holding one job of each size in ``--big``.
+running ``/bin/true`` the same number of times; and, for one job of each size in
+``--big``, its rate, the store's size and the controller's peak memory (the embedded
+Dask scheduler and worker run in the same process, so they are counted too).
 
-    .venv/bin/python benchmarks/throughput.py [--segments 2000] [--true 1000] [--big 1000,10000]
+    .venv/bin/python benchmarks/throughput.py [--segments 2000] [--true 1000] [--big 100,1000,10000,100000]
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segments", type=int, default=2000)
     parser.add_argument("--true", type=int, default=1000, help="true segments through farm run (0: skip)")
-    parser.add_argument("--big", default="1000,10000", help="sizes of the jobs whose controller memory is measured")
+    parser.add_argument("--big", default="100,1000,10000,100000",
+                        help="sizes of the jobs whose rate and controller memory are measured (empty: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     parser.add_argument("--big-job", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

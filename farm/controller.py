@@ -24,7 +24,7 @@ from typing import Any
 
 from farm import __version__
 from farm.config import FarmConfig, state_dir
-from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP, Engine
+from farm.engine import HEALTH_ONLY_HTTP, LEAN_DASK, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
 from farm.errors import Forbidden, IllegalTransition, StoreError, UsageError
 from farm.lease import Lease, LeaseLost
@@ -109,7 +109,7 @@ class Controller:
         else:
             import dask
 
-            with dask.config.set(HEALTH_ONLY_HTTP):
+            with dask.config.set({**LEAN_DASK, **HEALTH_ONLY_HTTP}):
                 cluster = LocalCluster(
                     n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
                     protocol="tls://", security=security, dashboard_address=LOOPBACK_HTTP,

@@ -772,6 +772,14 @@ class Scheduler:
                 self._start_assembly(rt)
             return
         reason = outcome.get("reason") or "unknown failure"
+        if outcome.get("missing_job"):  # the node restarted since it was sent the job: nothing ran
+            self.store.end_attempt(attempt_id, AttemptState.LOST, reason=reason)
+            self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.LOST,
+                                result=None, reason=reason)
+            self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
+            seg.state = SegmentState.QUEUED
+            rt.queue.appendleft(seg.id)
+            return
         if outcome.get("fatal"):  # retrying cannot help (a DeterministicFailure: a parse error, a changed source)
             self.store.end_attempt(attempt_id, AttemptState.FAILED, reason=reason, log=attempt_log)
             self.store.move_segment(seg.id, seg.state, SegmentState.FAILED, error=reason)
@@ -1011,6 +1019,7 @@ class Scheduler:
         self.store.move_job(rt.job.id, rt.state, new, **fields)
         rt.state = new
         if new in TERMINAL_JOB_STATES:
+            self.engine.forget_job(rt.job.id)
             self._reorder()
             self._ended_batches.add(rt.job.batch_id)
 
