@@ -83,7 +83,6 @@ class Controller:
         self.events = EventHub()
         self._nodes_published: list[dict[str, Any]] | None = None
         self._node_documents: list[dict[str, Any]] = []
-        self._segments_done: dict[str, int] = {}
         # Changes are published once the round that made them is committed, so that a list
         # read at event N holds every change up to N.
         self._unpublished: list[tuple[str, dict[str, Any]]] = []
@@ -336,13 +335,7 @@ class Controller:
         if kind == "segment_progress":
             return  # many per segment; the monitor shows segments started and done
         job_id = rt.job.id
-        if kind == "segment_done" and job_id in self._segments_done:
-            self._segments_done[job_id] += 1
-        else:  # re-cuts, re-runs and retries change the count: count again
-            self._segments_done[job_id] = sum(1 for seg in rt.segments.values() if seg.state == "done")
-        done = self._segments_done[job_id]
-        if rt.state in ("done", "failed", "cancelled"):
-            self._segments_done.pop(job_id, None)
+        done = rt.done  # kept by the scheduler as segments finish: no count of every segment per event
         self._unpublished.append((kind, {
             "job": job_id, "batch": rt.job.batch_id, "state": rt.state, "segments": len(rt.segments),
             "segments_done": done, "priority": rt.priority, "error": rt.error, "waiting": rt.waiting,

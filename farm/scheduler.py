@@ -764,7 +764,8 @@ class Scheduler:
             seg.state, seg.result = SegmentState.DONE, outcome.get("result") or {}
             rt.done += 1
             seg.seconds = time.monotonic() - attempt.started
-            self._recut(rt)
+            if rt.done & (rt.done - 1) == 0:  # judged again at 1, 2, 4, 8... done: not a scan of the job per segment
+                self._recut(rt)
             self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})
