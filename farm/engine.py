@@ -88,7 +88,10 @@ class Engine:
 
     def nodes(self) -> list[NodeView]:
         """The nodes connected now; remote ones describe themselves (capabilities, load)."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        # Asked directly: Client.scheduler_info(n_workers=-1) returns a cache that the
+        # client's own periodic refresh (with no workers in it) can replace between the
+        # fetch and the read, and every node would seem to have left at once.
+        workers = self.client.sync(self.client.scheduler.identity, n_workers=-1)["workers"]
         for gone in set(self._sent_jobs) - set(workers):  # a node that comes back holds no job
             del self._sent_jobs[gone]
         if self.cluster is not None and self._capabilities:
