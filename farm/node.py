@@ -666,6 +666,9 @@ def _run_attempt(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
                                   destination=map_path(job.destination, mapping), work_dir=map_path(job.work_dir, mapping))
         segment = dataclasses.replace(segment, job=job, output_dir=map_path(segment.output_dir, mapping))
     cancelled = node._register(segment.attempt_id)
+    if cancelled.is_set():  # cancelled while it waited on this node (pipelined): it never starts
+        node._unregister(segment.attempt_id)
+        return {"ok": False, "cancelled": True, "reason": "cancelled before it started", "log": "", "node": node.name}
     log = AttemptLog()
     # A logger of the attempt's own, not registered with logging: a registered one lives as
     # long as the process, and each new one clears the cache of every other (a cost per

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import queue
+import itertools
 import secrets
 import shutil
 import threading
@@ -53,6 +54,7 @@ class SegmentRuntime:
     failures: int = 0
     result: dict[str, Any] | None = None
     seconds: float | None = None  # how long the successful attempt took
+    avoid: str | None = None  # the node that failed it last: its retry goes elsewhere when a node is free
 
 
 @dataclass
@@ -96,9 +98,13 @@ class AttemptRuntime:
     job_id: str
     segment_id: str
     node: NodeView
-    started: float  # when it was handed out; with prefetch, updated when the node starts it
+    started: float  # when it was handed out; for an announced one, when the node started it
     last_progress: float
     current: bool = True  # False once ended by a timeout or a cancel; its slot stays busy
+    # announced: handed to a node whose slots were all busy, it waits there for one (its
+    # node says when it starts); until then no timeout runs, and it is taken back at no
+    # cost when the node leaves or stops taking work
+    waiting: bool = False
 
 
 def new_id(prefix: str) -> str:
@@ -115,14 +121,18 @@ def cancel_interrupted(store: Store, job_id: str, reason: str) -> None:
 
 
 class Scheduler:
-    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, prefetch: int = 0,
+    def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, pipeline: bool = True,
                  lease: Any = None, keep_work: bool = False):
-        """``prefetch``: segments handed to a node beyond its free slots, so that very short
-        segments do not wait on the round trip; 0 keeps every waiting segment here.
+        """``pipeline``: each node may hold one announced segment per slot besides those it
+        runs, so that a slot that frees starts its next segment without waiting a round
+        trip to the controller; the queue still lives here (Dask never holds more).
         ``lease``: the :class:`farm.lease.Lease` of this process; every batch it submits
         or takes over is owned by it (None: batches without an owner, for tests).
         ``keep_work``: keep a done job's work folder (segment outputs) instead of removing it."""
-        self.prefetch = prefetch
+        self.pipeline = pipeline
+        # announced attempts per node, oldest first: when one of the node's attempts ends,
+        # its freed slot starts the oldest (told by no extra message: a round trip saved)
+        self._announced: dict[str, deque[AttemptRuntime]] = {}
         self.lease = lease
         self.keep_work = keep_work
         self.store = store
@@ -618,16 +628,37 @@ class Scheduler:
             if not attempt.current:
                 continue
             node = nodes.get(attempt.node.address)
-            if node is None:
+            if node is None and attempt.waiting:  # it never started there: nothing against it
+                reason = f"node {attempt.node.name} left the cluster before it started"
+                self._requeue(attempt, AttemptState.LOST, reason, count=False)
+            elif node is None:
                 reason = f"node {attempt.node.name} left the cluster while running it"
                 self._requeue(attempt, AttemptState.LOST, reason, count=True)
+            elif attempt.waiting and not self._takes_work(node):
+                reason = f"node {node.name} stopped taking work before it started ({node.reason or 'paused'})"
+                self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
             elif node.hand_back:
                 reason = f"node {node.name} got busy and handed it back ({node.reason})"
                 self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
 
+    def _slot_freed(self, ended: AttemptRuntime) -> None:
+        """An attempt left its node: if it held a slot, the oldest announced attempt there
+        starts now (its timeout runs from here)."""
+        announced = self._announced.get(ended.node.address)
+        if ended.waiting or not announced:
+            return
+        while announced:
+            attempt = announced.popleft()
+            if attempt.waiting and self.attempts.get(attempt.id) is attempt:
+                attempt.waiting = False
+                attempt.started = attempt.last_progress = time.monotonic()
+                return
+
     def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
         attempt.current = False
         self.attempts.pop(attempt.id, None)
+        if end != AttemptState.LOST:  # a lost one's node is gone: nothing starts there
+            self._slot_freed(attempt)
         self.engine.forget(attempt.id)
         rt = self.jobs[attempt.job_id]
         seg = rt.segments[attempt.segment_id]
@@ -648,7 +679,11 @@ class Scheduler:
 
     def _free_slots_exist(self) -> bool:
         busy = Counter(a.node.address for a in self.attempts.values())
-        return any(busy[n.address] < n.slots + self.prefetch for n in self._current_nodes() if self._takes_work(n))
+        return any(busy[n.address] < self._capacity(n) for n in self._current_nodes() if self._takes_work(n))
+
+    def _capacity(self, node: NodeView) -> int:
+        """Attempts a node may hold: one per slot, and with pipelining one announced per slot."""
+        return node.slots * 2 if self.pipeline else node.slots
 
     def _takes_work(self, node: NodeView) -> bool:
         return node.accepting and node.name not in self.paused_nodes
@@ -669,8 +704,8 @@ class Scheduler:
         for node in nodes:
             if not self._takes_work(node):
                 continue
-            while busy[node.address] < node.slots + self.prefetch:
-                picked = self._next_for(node)
+            while busy[node.address] < self._capacity(node):
+                picked = self._next_for(node, busy, nodes)
                 if picked is None:
                     break
                 handed.append(picked)
@@ -681,13 +716,17 @@ class Scheduler:
             self._fail_unrunnable(nodes)
         return handed
 
-    def _next_for(self, node: NodeView) -> tuple[JobRuntime, Segment, NodeView] | None:
+    def _next_for(self, node: NodeView, busy: Counter[str],
+                  nodes: list[NodeView]) -> tuple[JobRuntime, Segment, NodeView] | None:
         for rt in self._order:
             if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
                 continue
             if node.name in rt.excluded or unmet_requirements(rt.requires, node.capabilities):
                 continue
-            seg = rt.segments[rt.queue.popleft()]
+            segment_id = self._take(rt, node, busy, nodes)
+            if segment_id is None:
+                continue
+            seg = rt.segments[segment_id]
             seg.attempts += 1
             attempt_id = f"{seg.id}.a{seg.attempts}"
             if rt.state == JobState.QUEUED:
@@ -695,14 +734,33 @@ class Scheduler:
             self.store.hand_out(attempt_id, seg.id, rt.job.id, node.name, seg.attempts, seg.state)
             seg.state = SegmentState.RUNNING
             now = time.monotonic()
-            self.attempts[attempt_id] = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
+            attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
+            self.attempts[attempt_id] = attempt
+            if busy[node.address] >= node.slots:  # every slot is taken: it waits on the node
+                attempt.waiting = True
+                self._announced.setdefault(node.address, deque()).append(attempt)
             segment = Segment(
                 id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
                 params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,
-                announce_start=self.prefetch > 0,
             )
             self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
             return rt, segment, node
+        return None
+
+    def _take(self, rt: JobRuntime, node: NodeView, busy: Counter[str], nodes: list[NodeView]) -> str | None:
+        """The next segment of ``rt`` for ``node``: the queue's head, unless ``node`` just
+        failed it and another node that can run it has a free slot now; then the next one
+        it did not fail (from the first few), or none of this job for ``node``."""
+        head = rt.segments[rt.queue[0]]
+        if head.avoid != node.name or not any(
+                other is not node and self._takes_work(other) and busy[other.address] < other.slots
+                and other.name not in rt.excluded and not unmet_requirements(rt.requires, other.capabilities)
+                for other in nodes):
+            return rt.queue.popleft()
+        for position, segment_id in enumerate(itertools.islice(rt.queue, 1, 16), start=1):
+            if rt.segments[segment_id].avoid != node.name:
+                del rt.queue[position]
+                return segment_id
         return None
 
     def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
@@ -740,8 +798,9 @@ class Scheduler:
         if attempt is None or not attempt.current:
             return
         attempt.last_progress = time.monotonic()
-        if message.get("started"):
-            attempt.started = attempt.last_progress  # it waited on the node; time it from now
+        if message.get("started"):  # from a node that says when a segment starts
+            attempt.started = attempt.last_progress
+            attempt.waiting = False
             return
         rt = self.jobs[attempt.job_id]
         self._emit("segment_progress", rt, {"segment": attempt.segment_id, "fraction": message.get("fraction", 0.0),
@@ -751,6 +810,8 @@ class Scheduler:
         attempt = self.attempts.pop(attempt_id, None)
         if attempt is None:
             return
+        if not outcome.get("lost"):  # a lost one's node died with it: nothing starts there
+            self._slot_freed(attempt)
         if not attempt.current:
             self.store.event("late_result_ignored", job_id=attempt.job_id, segment_id=attempt.segment_id,
                              attempt_id=attempt_id, data={"ok": bool(outcome.get("ok"))})
@@ -774,12 +835,7 @@ class Scheduler:
             return
         reason = outcome.get("reason") or "unknown failure"
         if outcome.get("missing_job"):  # the node restarted since it was sent the job: nothing ran
-            self.store.end_attempt(attempt_id, AttemptState.LOST, reason=reason)
-            self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.LOST,
-                                result=None, reason=reason)
-            self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
-            seg.state = SegmentState.QUEUED
-            rt.queue.appendleft(seg.id)
+            self._unrun(rt, seg, attempt_id, reason)
             return
         if outcome.get("fatal"):  # retrying cannot help (a DeterministicFailure: a parse error, a changed source)
             self.store.end_attempt(attempt_id, AttemptState.FAILED, reason=reason, log=attempt_log)
@@ -789,6 +845,9 @@ class Scheduler:
                                 result=None, reason=reason)
             self._fail_job(rt, reason)
             return
+        if outcome.get("lost") and attempt.waiting:  # it never started there: nothing against it
+            self._unrun(rt, seg, attempt_id, f"its node {attempt.node.name} was lost before it started ({reason})")
+            return
         if outcome.get("cancelled"):
             reason = f"cancelled on the node: {reason}"
         end_state = AttemptState.LOST if outcome.get("lost") else AttemptState.FAILED
@@ -796,8 +855,20 @@ class Scheduler:
         self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end_state, result=None, reason=reason)
         self._segment_failed(rt, seg, attempt.node, reason)
 
+    def _unrun(self, rt: JobRuntime, seg: SegmentRuntime, attempt_id: str, reason: str) -> None:
+        """An attempt that never ran is lost and its segment queued again first, without
+        counting against its retries."""
+        self.store.end_attempt(attempt_id, AttemptState.LOST, reason=reason)
+        self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.LOST,
+                            result=None, reason=reason)
+        self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
+        seg.state = SegmentState.QUEUED
+        rt.queue.appendleft(seg.id)
+        self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
+
     def _segment_failed(self, rt: JobRuntime, seg: SegmentRuntime, node: NodeView, reason: str) -> None:
         seg.failures += 1
+        seg.avoid = node.name
         rt.node_failures[node.name] += 1
         rt.error = reason
         if rt.node_failures[node.name] >= rt.job.profile.max_node_failures:
@@ -818,7 +889,7 @@ class Scheduler:
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
         for attempt in list(self.attempts.values()):
-            if not attempt.current:
+            if not attempt.current or attempt.waiting:  # a waiting one has not started: nothing to time
                 continue
             profile = self.jobs[attempt.job_id].job.profile
             reason = None
@@ -1095,6 +1166,7 @@ class Scheduler:
         for attempt_id in list(self.attempts):
             self.engine.forget(attempt_id)
         self.attempts.clear()
+        self._announced.clear()
         self.jobs.clear()
         self._order = []
         self._to_cancel = []
