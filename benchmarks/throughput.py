@@ -1,13 +1,16 @@
 """Dispatch throughput: no-op segments through Farm's whole path against raw Dask.
 
-Farm: plan -> store -> queue -> Dask (pinned, slot-aware) -> result -> store.
+Farm: plan -> store -> queue -> Dask (pinned, slot-aware) -> result -> store, with
+pipelining (each node holds one announced segment per slot) and without it (strict slots).
 Baseline: the same number of no-op tasks submitted one by one with ``client.submit``
 to the same LocalCluster, in the same run. Also: one-frame ``command`` segments running
-``true`` through ``farm run`` (sandbox and all) against a pool of as many processes
-running ``/bin/true`` the same number of times; and the store's size and the peak
-memory of a controller holding one job of each size in ``--big``.
+``true`` through ``farm run`` (sandboxed, and with ``node.sandbox: off``) against a pool
+of as many processes running ``/bin/true`` the same number of times; and, for one job of
+each size in ``--big``, its rate (a hand-out should cost the same whatever the job's size),
+the store's size and the controller's peak memory (the embedded Dask scheduler and worker
+run in the same process, so they are counted too).
 
-    .venv/bin/python benchmarks/throughput.py [--segments 2000] [--true 1000] [--big 1000,10000]
+    .venv/bin/python benchmarks/throughput.py [--segments 2000] [--true 1000] [--big 100,1000,10000,100000]
 """
 
 from __future__ import annotations
@@ -69,9 +72,9 @@ def farm_profile(segments: int) -> LoadedProfile:
     return LoadedProfile(profile, NoOp.settings_model(), None)
 
 
-def run_farm(engine: Engine, plugins, root: Path, segments: int, prefetch: int = 0) -> tuple[float, Scheduler, Store]:
+def run_farm(engine: Engine, plugins, root: Path, segments: int, pipeline: bool = True) -> tuple[float, Scheduler, Store]:
     store = Store(root / "farm.db")
-    scheduler = Scheduler(store, plugins, engine, root / "work", prefetch=prefetch)
+    scheduler = Scheduler(store, plugins, engine, root / "work", pipeline=pipeline)
     started = time.perf_counter()
     _, job_ids = scheduler.submit(farm_profile(segments), [None], root / "out")
     scheduler.run_until_done(job_ids)
@@ -114,11 +117,12 @@ def run_true_pool(count: int, slots: int) -> float:
     return time.perf_counter() - started
 
 
-def run_true_farm(count: int, slots: int) -> float:
+def run_true_farm(count: int, slots: int, sandbox: bool = True) -> float:
     """``farm run`` of ``count`` one-frame command segments running ``true``, from start to exit."""
     with tempfile.TemporaryDirectory(prefix="farm-bench-true-") as tmp:
         home = Path(tmp)
-        (home / "farm.yaml").write_text(yaml.safe_dump({"node": {"allow_commands": ["true"], "slots": slots}}))
+        (home / "farm.yaml").write_text(yaml.safe_dump({"node": {"allow_commands": ["true"], "slots": slots,
+                                                                 "sandbox": sandbox}}))
         (home / "true.yaml").write_text(yaml.safe_dump({
             "name": "true", "processor": "command", "frames": f"1-{count}", "segment": {"frames": 1},
             "settings": {"command": ["true"]}}))  # quoted by the dumper: a bare true is a boolean
@@ -148,7 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segments", type=int, default=2000)
     parser.add_argument("--true", type=int, default=1000, help="true segments through farm run (0: skip)")
-    parser.add_argument("--big", default="1000,10000", help="sizes of the jobs whose controller memory is measured")
+    parser.add_argument("--big", default="100,1000,10000,100000",
+                        help="sizes of the jobs whose rate and controller memory are measured (empty: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     parser.add_argument("--big-job", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,16 +164,15 @@ def main() -> None:
     plugins = load_plugins(extra=[NoOpPlugin()])
     node = install_runtime(NodeConfig(), plugins=plugins)
     engine = Engine.embedded(node.slots, node.capabilities)
-    prefetch = 3 * node.slots
-    times: dict[str, list[float]] = {"dask": [], "dask_limited": [], "farm": [], "farm_prefetch": []}
+    times: dict[str, list[float]] = {"dask": [], "dask_limited": [], "farm": [], "farm_strict": []}
     try:
         run_dask(engine, 200)  # warm up both paths
         for _ in range(args.rounds):
             times["dask"].append(run_dask(engine, args.segments))
             times["dask_limited"].append(run_dask_limited(engine, args.segments, node.slots))
-            for key, extra in (("farm", 0), ("farm_prefetch", prefetch)):
+            for key, pipeline in (("farm", True), ("farm_strict", False)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    elapsed, scheduler, store = run_farm(engine, plugins, Path(tmp), args.segments, extra)
+                    elapsed, scheduler, store = run_farm(engine, plugins, Path(tmp), args.segments, pipeline)
                     scheduler.close()
                     store.close()
                 times[key].append(elapsed)
@@ -180,6 +184,7 @@ def main() -> None:
         true_times["pool"] = run_true_pool(args.true, node.slots)
         true_times["farm_small"] = run_true_farm(args.true // 10, node.slots)
         true_times["farm"] = run_true_farm(args.true, node.slots)
+        true_times["farm_open"] = run_true_farm(args.true, node.slots, sandbox=False)
     bigs = {}
     for size in (int(part) for part in args.big.split(",") if part.strip()):
         child = subprocess.run([sys.executable, __file__, "--big-job", str(size)], capture_output=True, text=True,
@@ -194,8 +199,8 @@ def main() -> None:
     rows = [
         ("dask", "raw Dask: client.submit one by one, all in flight"),
         ("dask_limited", f"raw Dask, at most {node.slots} in flight (Farm's rule)"),
-        ("farm", "Farm: plan, store, queue, Dask, store (strict slots)"),
-        ("farm_prefetch", f"Farm with prefetch={prefetch}"),
+        ("farm", "Farm: plan, store, queue, Dask, store (pipelined: one announced segment a slot)"),
+        ("farm_strict", "Farm, strict slots (no pipelining)"),
     ]
     for key, label in rows:
         table.add_row(label, f"{min(times[key]):.2f}", f"{rate[key]:.0f}", f"{rate[key] / rate['dask']:.2f}")
@@ -211,6 +216,9 @@ def main() -> None:
         farm_rate = args.true / true_times["farm"]
         true_table.add_row("farm run, start to exit (sandboxed)", f"{true_times['farm']:.2f}", f"{farm_rate:.0f}",
                            f"{farm_rate / pool_rate:.2f}")
+        open_rate = args.true / true_times["farm_open"]
+        true_table.add_row("farm run, start to exit, node.sandbox: off", f"{true_times['farm_open']:.2f}",
+                           f"{open_rate:.0f}", f"{open_rate / pool_rate:.2f}")
         # what each segment costs, without the job's fixed cost: the difference of two runs
         small = args.true // 10
         marginal = (args.true - small) / max(true_times["farm"] - true_times["farm_small"], 1e-9)

@@ -23,7 +23,7 @@ from typing import Any
 
 from farm import __version__
 from farm.config import FarmConfig, state_dir
-from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP, Engine
+from farm.engine import HEALTH_ONLY_HTTP, LEAN_DASK, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
 from farm.errors import Forbidden, IllegalTransition, StoreError, UsageError
 from farm.lease import Lease, LeaseLost
@@ -70,7 +70,6 @@ class Controller:
         self.events = EventHub()
         self._nodes_published: list[dict[str, Any]] | None = None
         self._node_documents: list[dict[str, Any]] = []
-        self._segments_done: dict[str, int] = {}
         # Changes are published once the round that made them is committed, so that a list
         # read at event N holds every change up to N.
         self._unpublished: list[tuple[str, dict[str, Any]]] = []
@@ -97,7 +96,7 @@ class Controller:
         else:
             import dask
 
-            with dask.config.set(HEALTH_ONLY_HTTP):
+            with dask.config.set({**LEAN_DASK, **HEALTH_ONLY_HTTP}):
                 cluster = LocalCluster(
                     n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
                     protocol="tls://", security=security, dashboard_address=LOOPBACK_HTTP,
@@ -343,13 +342,7 @@ class Controller:
         if kind == "segment_progress":
             return  # many per segment; the monitor shows segments started and done
         job_id = rt.job.id
-        if kind == "segment_done" and job_id in self._segments_done:
-            self._segments_done[job_id] += 1
-        else:  # re-cuts, re-runs and retries change the count: count again
-            self._segments_done[job_id] = sum(1 for seg in rt.segments.values() if seg.state == "done")
-        done = self._segments_done[job_id]
-        if rt.state in ("done", "failed", "cancelled"):
-            self._segments_done.pop(job_id, None)
+        done = rt.done  # kept by the scheduler as segments finish: no count of every segment per event
         self._unpublished.append((kind, {
             "job": job_id, "batch": rt.job.batch_id, "state": rt.state, "segments": len(rt.segments),
             "segments_done": done, "priority": rt.priority, "error": rt.error, "waiting": rt.waiting,

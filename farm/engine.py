@@ -23,7 +23,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
-from farm.node import cancel_attempt, run_segment
+from farm.node import JobRef, cancel_attempt, run_segment
 from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, SENDER, BadMessage, read_outcome
 
 log = logging.getLogger("farm.engine")
@@ -48,6 +48,11 @@ class NodeView:
 HEALTH_ONLY_HTTP = {"distributed.scheduler.http.routes": ["distributed.http.health"],
                     "distributed.worker.http.routes": ["distributed.http.health"]}
 LOOPBACK_HTTP = "127.0.0.1:0"
+#: Dask keeps 100,000 entries of per-task history by default, and samples every running
+#: thread's stack every 10 ms into a profile it keeps a tree of each second for the last
+#: 1,000: memory that grew with the length of a job (hundreds of MiB for 10,000
+#: segments) and CPU spent on every segment. A render farm's history lives in its store.
+LEAN_DASK = {"distributed.admin.low-level-log-length": 1000, "distributed.worker.profile.enabled": False}
 
 
 class Engine:
@@ -69,6 +74,9 @@ class Engine:
         self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
         self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
         self._names: dict[str, tuple[str, str]] = {}  # address -> (the name it reports, the name it goes by)
+        # which jobs each worker was sent whole: later segments of a job name it by id
+        self._sent_jobs: dict[str, set[str]] = {}
+        self._job_of: dict[str, str] = {}  # attempt -> its job
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         client.subscribe_topic(NODE_TOPIC, self._on_report)
         client.subscribe_topic(RESULT_TOPIC, self._on_outcome)
@@ -81,7 +89,12 @@ class Engine:
 
     def nodes(self) -> list[NodeView]:
         """The nodes connected now; remote ones describe themselves (capabilities, load)."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        # Asked directly: Client.scheduler_info(n_workers=-1) returns a cache that the
+        # client's own periodic refresh (with no workers in it) can replace between the
+        # fetch and the read, and every node would seem to have left at once.
+        workers = self.client.sync(self.client.scheduler.identity, n_workers=-1)["workers"]
+        for gone in set(self._sent_jobs) - set(workers):  # a node that comes back holds no job
+            del self._sent_jobs[gone]
         if self.cluster is not None and self._capabilities:
             return [NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
                     for address, info in workers.items()]
@@ -128,18 +141,36 @@ class Engine:
 
     def forget(self, attempt_id: str) -> None:
         """Stop waiting for an attempt (its node left); Dask may drop the task."""
+        self._unsend(attempt_id)
         self._drop(attempt_id)
         self._arrived.pop(attempt_id, None)
 
     def submit(self, job: Job, segment: Segment, address: str) -> None:
-        future = self.client.submit(
-            run_segment, job, segment,
-            key=f"farm-{segment.attempt_id}", workers=[address], allow_other_workers=False, pure=False,
-        )
-        self._futures[segment.attempt_id] = future
-        self._handed[segment.attempt_id] = address
+        """Hand one attempt to one worker. The job itself (profile, settings, frame list:
+        hundreds of KB for a long job) goes only with the first segment of it that this
+        worker gets; the others carry a :class:`~farm.node.JobRef`, so a hand-out costs
+        the same whatever the job's size, and Dask's scheduler holds no copy per task."""
         attempt_id = segment.attempt_id
+        sent = self._sent_jobs.setdefault(address, set())
+        carried: Job | JobRef
+        if job.id in sent:
+            carried = JobRef(job.id)
+        else:
+            carried = job
+            sent.add(job.id)
+        future = self.client.submit(
+            run_segment, carried, replace(segment, job=carried),
+            key=f"farm-{attempt_id}", workers=[address], allow_other_workers=False, pure=False,
+        )
+        self._futures[attempt_id] = future
+        self._handed[attempt_id] = address
+        self._job_of[attempt_id] = job.id
         future.add_done_callback(lambda _: self.outcomes.put(("finished", attempt_id, None)))
+
+    def forget_job(self, job_id: str) -> None:
+        """The job has ended: later hand-outs of it (a retry) carry it whole again."""
+        for sent in self._sent_jobs.values():
+            sent.discard(job_id)
 
     def _on_outcome(self, event: Any) -> None:
         _, message = event
@@ -172,6 +203,8 @@ class Engine:
             future = self._futures.get(attempt_id)
             if outcome is not None:
                 if future is not None:
+                    if outcome.get("missing_job"):  # it forgot the job (or never got it): send it whole again
+                        self._unsend(attempt_id)
                     self._drop(attempt_id)
                     outcomes[attempt_id] = outcome
                 continue  # not an attempt of this controller's (or already collected)
@@ -185,6 +218,7 @@ class Engine:
                 reason = "the node ended the task without sending its outcome"
             else:
                 reason = self._task_error(future)
+            self._unsend(attempt_id)
             self._drop(attempt_id)
             outcomes[attempt_id] = {"ok": False, "reason": reason, "lost": True, "log": ""}
         return outcomes
@@ -194,7 +228,16 @@ class Engine:
         timer.daemon = True
         timer.start()
 
+    def _unsend(self, attempt_id: str) -> None:
+        """The worker may not hold the job this attempt was to bring it (the attempt was
+        lost, or the node answered that it does not know the job): the next hand-out of
+        that job to that worker carries it whole again."""
+        address, job_id = self._handed.get(attempt_id), self._job_of.get(attempt_id)
+        if address is not None and job_id is not None:
+            self._sent_jobs.get(address, set()).discard(job_id)
+
     def _drop(self, attempt_id: str) -> None:
+        self._job_of.pop(attempt_id, None)
         self._silent_since.pop(attempt_id, None)
         self._handed.pop(attempt_id, None)
         future = self._futures.pop(attempt_id, None)
@@ -236,9 +279,7 @@ class Engine:
 def embedded_cluster(slots: int | None = None) -> tuple[Client, LocalCluster]:
     """An in-process LocalCluster sized to this machine, listening on nothing, and its client."""
     slots = slots or os.cpu_count() or 1
-    # Dask keeps 100,000 entries of per-task history by default: hundreds of MiB for a
-    # long job. A render farm's history lives in its own store.
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.low-level-log-length": 1000}):
+    with dask.config.set({"distributed.worker.daemon": False, **LEAN_DASK}):
         cluster = LocalCluster(
             n_workers=1,
             threads_per_worker=slots,

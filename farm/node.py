@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +61,7 @@ class NodeRuntime:
         self._active: dict[str, threading.Event] = {}
         self._cancelled_early: set[str] = set()
         self._lock = threading.Lock()
+        self.jobs = JobCache()
 
     def info(self) -> NodeInfo:
         return NodeInfo(self.name, self.slots, self.config, self.capabilities)
@@ -86,6 +87,42 @@ class NodeRuntime:
     def _unregister(self, attempt_id: str) -> None:
         with self._lock:
             self._active.pop(attempt_id, None)
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job this node was sent before, named by its id: a hand-out carries the whole
+    :class:`~farm.model.Job` (its profile, settings, frame list) only with the first
+    segment of that job that goes to a node, so that its size is paid once per node
+    rather than once per segment."""
+
+    id: str
+
+
+class JobCache:
+    """The jobs this node has been sent, by id; the oldest go when it holds too many."""
+
+    LIMIT = 256
+    #: how long a segment waits for its job when the segment that carries it was handed
+    #: out just before it and has not started yet (two slots starting at once)
+    WAIT_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._arrived = threading.Condition()
+
+    def keep(self, job: Job) -> None:
+        with self._arrived:
+            self._jobs[job.id] = job
+            self._jobs.move_to_end(job.id)
+            while len(self._jobs) > self.LIMIT:
+                self._jobs.popitem(last=False)
+            self._arrived.notify_all()
+
+    def find(self, job_id: str, wait: float = WAIT_SECONDS) -> Job | None:
+        with self._arrived:
+            self._arrived.wait_for(lambda: job_id in self._jobs, timeout=wait)
+            return self._jobs.get(job_id)
 
 
 _runtime: NodeRuntime | None = None
@@ -597,10 +634,13 @@ def _source_changed(job: Job) -> str | None:
     return None
 
 
-def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
+def run_segment(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
     """Run one attempt; never raises. The outcome (a dict the controller stores) is sent
     to the controller as an event (see :mod:`farm.wire`) and also returned, for callers
-    outside Dask; the controller never fetches the returned value."""
+    outside Dask; the controller never fetches the returned value.
+
+    ``job`` is the whole job the first time this node gets a segment of it, and a
+    :class:`JobRef` after that (``segment.job`` likewise)."""
     outcome = _run_attempt(job, segment)
     message = outcome_message(segment.attempt_id, outcome)
     try:
@@ -612,14 +652,26 @@ def run_segment(job: Job, segment: Segment) -> dict[str, Any]:
     return message["outcome"]
 
 
-def _run_attempt(job: Job, segment: Segment) -> dict[str, Any]:
+def _run_attempt(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
     node = runtime()
+    if isinstance(job, JobRef):
+        found = node.jobs.find(job.id)
+        if found is None:  # this node restarted, or forgot it: the controller sends it again
+            return {"ok": False, "missing_job": True, "node": node.name, "log": "",
+                    "reason": f"node {node.name} does not hold job {job.id} (it restarted or forgot it)"}
+        job = found
+    else:
+        node.jobs.keep(job)
+    segment = dataclasses.replace(segment, job=job)
     mapping = node.config.path_map
     if mapping:
         job = dataclasses.replace(job, input=map_path(job.input, mapping),
                                   destination=map_path(job.destination, mapping), work_dir=map_path(job.work_dir, mapping))
         segment = dataclasses.replace(segment, job=job, output_dir=map_path(segment.output_dir, mapping))
     cancelled = node._register(segment.attempt_id)
+    if cancelled.is_set():  # cancelled while it waited on this node (pipelined): it never starts
+        node._unregister(segment.attempt_id)
+        return {"ok": False, "cancelled": True, "reason": "cancelled before it started", "log": "", "node": node.name}
     log = AttemptLog(attemptfiles.LiveLog(attemptfiles.live_log_path(job.work_dir, segment.attempt_id)))
     # A logger of the attempt's own, not registered with logging: a registered one lives as
     # long as the process, and each new one clears the cache of every other (a cost per
@@ -743,5 +795,5 @@ class _LogHandler(logging.Handler):
         self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
 
 
-__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "cancel_attempt", "runtime", "install_runtime",
+__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "JobRef", "cancel_attempt", "runtime", "install_runtime",
            "attempt_policy", "require_sandbox", "sandbox_state"]

@@ -95,14 +95,13 @@ async def _run_worker(address: str, bundle: Bundle, name: str, slots: int, env: 
     import dask
     from distributed import Nanny
 
-    from farm.engine import HEALTH_ONLY_HTTP, LOOPBACK_HTTP
+    from farm.engine import HEALTH_ONLY_HTTP, LEAN_DASK, LOOPBACK_HTTP
 
     # Whoever answers at the scheduler's address must hold the controller's certificate
     # (the worker process is told so by its preload, dask_setup below).
     farm.daskroles.expect_controller(address)
     quiet = None if log.isEnabledFor(logging.DEBUG) else logging.WARNING  # Dask's INFO lines drown ours
-    with dask.config.set({"distributed.worker.memory.pause": False,
-                          "distributed.admin.low-level-log-length": 1000, **HEALTH_ONLY_HTTP}):
+    with dask.config.set({"distributed.worker.memory.pause": False, **LEAN_DASK, **HEALTH_ONLY_HTTP}):
         nanny = Nanny(address, nthreads=slots, name=name, security=bundle.dask_security(), env=env,
                       preload=["farm.nodeservice"], dashboard=False, dashboard_address=LOOPBACK_HTTP,
                       memory_limit=0, silence_logs=quiet)

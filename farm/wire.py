@@ -25,6 +25,8 @@ SENDER = "farm-sender"
 #: The keys of an outcome and the type each must have; anything else is dropped.
 OUTCOME_FIELDS: dict[str, type | tuple[type, ...]] = {
     "ok": bool, "reason": str, "log": str, "node": str, "result": dict, "fatal": bool, "cancelled": bool,
+    # the node was sent a segment by reference to a job it does not hold (it restarted)
+    "missing_job": bool,
 }
 
 

@@ -1,0 +1,197 @@
+"""Hand-out and pipelining: which node gets which segment, when.
+
+The queue lives in the controller: a segment is handed to Dask only when a node has room
+for it, pinned to that node. With pipelining a node holds, besides one attempt per slot,
+one announced attempt per slot that starts when a slot frees, so a slot never waits a
+round trip; an announced attempt is taken back at no cost if its node leaves or stops
+taking work before it starts.
+
+Part of :class:`farm.scheduler.Scheduler` (a mixin: it works on the scheduler's state).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter, deque
+
+from farm.engine import NodeView
+from farm.model import AttemptState, JobState, Segment, SegmentState
+from farm.requirements import unmet_requirements
+from farm.scheduling.runtime import AttemptRuntime, JobRuntime
+
+NODE_POLL_SECONDS = 1.0  # how often the nodes' list is asked for
+
+
+class HandOut:
+    """Choosing a segment for each node with room, and taking back what nodes cannot run."""
+
+    def _check_nodes(self) -> None:
+        """Attempts on nodes that left, or that hand work back, go back to the queue."""
+        if not self.attempts:
+            return
+        nodes = {node.address: node for node in self._current_nodes()}
+        for attempt in list(self.attempts.values()):
+            if not attempt.current:
+                continue
+            node = nodes.get(attempt.node.address)
+            if node is None and attempt.waiting:  # it never started there: nothing against it
+                reason = f"node {attempt.node.name} left the cluster before it started"
+                self._requeue(attempt, AttemptState.LOST, reason, count=False)
+            elif node is None:
+                reason = f"node {attempt.node.name} left the cluster while running it"
+                self._requeue(attempt, AttemptState.LOST, reason, count=True)
+            elif attempt.waiting and not self._takes_work(node):
+                reason = f"node {node.name} stopped taking work before it started ({node.reason or 'paused'})"
+                self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
+            elif node.hand_back:
+                reason = f"node {node.name} got busy and handed it back ({node.reason})"
+                self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
+
+    def _slot_freed(self, ended: AttemptRuntime) -> None:
+        """An attempt left its node: if it held a slot, the oldest announced attempt there
+        starts now (its timeout runs from here)."""
+        announced = self._announced.get(ended.node.address)
+        if ended.waiting or not announced:
+            return
+        while announced:
+            attempt = announced.popleft()
+            if attempt.waiting and self.attempts.get(attempt.id) is attempt:
+                attempt.waiting = False
+                attempt.started = attempt.last_progress = time.monotonic()
+                return
+
+    def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
+        attempt.current = False
+        self.attempts.pop(attempt.id, None)
+        if end != AttemptState.LOST:  # a lost one's node is gone: nothing starts there
+            self._slot_freed(attempt)
+        self.engine.forget(attempt.id)
+        rt = self.jobs[attempt.job_id]
+        seg = rt.segments[attempt.segment_id]
+        self.store.end_attempt(attempt.id, end, reason=reason)
+        self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=end, result=None, reason=reason)
+        if end == AttemptState.CANCELLED:
+            self._to_cancel.append(attempt)
+        if count:
+            self._segment_failed(rt, seg, attempt.node, reason)
+        else:
+            self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
+            seg.state = SegmentState.QUEUED
+            rt.queue.appendleft(seg.id)
+            self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
+
+    def _can_dispatch(self) -> bool:
+        return any(rt.queue for rt in self._order) and self._free_slots_exist()
+
+    def _free_slots_exist(self) -> bool:
+        busy = Counter(a.node.address for a in self.attempts.values())
+        return any(busy[n.address] < self._capacity(n) for n in self._current_nodes() if self._takes_work(n))
+
+    def _capacity(self, node: NodeView) -> int:
+        """Attempts a node may hold: one per slot, and with pipelining one announced per slot."""
+        return node.slots * 2 if self.pipeline else node.slots
+
+    def _takes_work(self, node: NodeView) -> bool:
+        return node.accepting and node.name not in self.paused_nodes
+
+    def _current_nodes(self) -> list[NodeView]:
+        now = time.monotonic()
+        if now - self._nodes_checked > NODE_POLL_SECONDS or not self._nodes:
+            self._nodes = self.engine.nodes()
+            self._nodes_checked = now
+        return self._nodes
+
+    def _dispatch(self) -> list[tuple[JobRuntime, Segment, NodeView]]:
+        busy = Counter(a.node.address for a in self.attempts.values())
+        nodes = sorted(self._current_nodes(), key=lambda n: busy[n.address] - n.slots)
+        handed: list[tuple[JobRuntime, Segment, NodeView]] = []
+        for node in nodes:
+            if not self._takes_work(node):
+                continue
+            while busy[node.address] < self._capacity(node):
+                picked = self._next_for(node, busy, nodes)
+                if picked is None:
+                    break
+                handed.append(picked)
+                busy[node.address] += 1
+        now = time.monotonic()
+        if now - self._unrunnable_checked > NODE_POLL_SECONDS / 2:
+            self._unrunnable_checked = now
+            self._fail_unrunnable(nodes)
+        return handed
+
+    def _next_for(self, node: NodeView, busy: Counter[str],
+                  nodes: list[NodeView]) -> tuple[JobRuntime, Segment, NodeView] | None:
+        for rt in self._order:
+            if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
+                continue
+            if node.name in rt.excluded or unmet_requirements(rt.requires, node.capabilities):
+                continue
+            segment_id = self._take(rt, node, busy, nodes)
+            if segment_id is None:
+                continue
+            seg = rt.segments[segment_id]
+            seg.attempts += 1
+            attempt_id = f"{seg.id}.a{seg.attempts}"
+            if rt.state == JobState.QUEUED:
+                self._set_job(rt, JobState.RUNNING)
+            self.store.hand_out(attempt_id, seg.id, rt.job.id, node.name, seg.attempts, seg.state)
+            seg.state = SegmentState.RUNNING
+            now = time.monotonic()
+            attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
+            self.attempts[attempt_id] = attempt
+            if busy[node.address] >= node.slots:  # every slot is taken: it waits on the node
+                attempt.waiting = True
+                self._announced.setdefault(node.address, deque()).append(attempt)
+            segment = Segment(
+                id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
+                params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,
+            )
+            self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
+            return rt, segment, node
+        return None
+
+    def _take(self, rt: JobRuntime, node: NodeView, busy: Counter[str], nodes: list[NodeView]) -> str | None:
+        """The next segment of ``rt`` for ``node``: the queue's head, unless ``node`` just
+        failed it and another node that can run it has a free slot now; then the next one
+        it did not fail (from the first few), or none of this job for ``node``."""
+        head = rt.segments[rt.queue[0]]
+        if head.avoid != node.name or not any(
+                other is not node and self._takes_work(other) and busy[other.address] < other.slots
+                and other.name not in rt.excluded and not unmet_requirements(rt.requires, other.capabilities)
+                for other in nodes):
+            return rt.queue.popleft()
+        for position, segment_id in enumerate(itertools.islice(rt.queue, 1, 16), start=1):
+            if rt.segments[segment_id].avoid != node.name:
+                del rt.queue[position]
+                return segment_id
+        return None
+
+    def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
+        """Fail jobs every able node was kept off; say why the others are waiting."""
+        for rt in self._order:
+            if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
+                continue
+            able = [n for n in nodes if not unmet_requirements(rt.requires, n.capabilities)]
+            waiting = None
+            if not nodes:
+                waiting = "no node is connected"
+            elif able and all(n.name in rt.excluded for n in able) and not self._running_of(rt):
+                kept = ", ".join(f'"{name}"' for name in sorted(n.name for n in able))
+                count = f"the only node that can run it (node {kept})" if len(able) == 1 else \
+                    f"all {len(able)} nodes that can run it (nodes {kept})"
+                limit = rt.job.profile.max_node_failures
+                self._fail_job(rt, f"{count} failed it {limit} time{'' if limit == 1 else 's'} "
+                                   f"(max_node_failures) and "
+                                   f"{'was' if len(able) == 1 else 'were'} kept off the job; "
+                                   f"last error: {rt.error or 'unknown'}")
+                continue
+            elif not able:
+                missing = sorted({need for n in nodes for need in unmet_requirements(rt.requires, n.capabilities)})
+                waiting = f"no node offers {', '.join(missing)}"
+            elif not any(self._takes_work(n) for n in able):
+                waiting = "every node that can run it is paused or busy (part-time)"
+            if waiting != rt.waiting:
+                rt.waiting = waiting
+                self.store.set_waiting(rt.job.id, waiting)

@@ -1,0 +1,86 @@
+"""What the controller holds in memory for each job, segment and attempt it runs.
+
+The store is the truth; these are its working copy, rebuilt from it after a restart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.engine import NodeView
+from farm.model import Job, JobState, SegmentState
+from farm.processor import Processor
+from farm.profiles import LoadedProfile
+
+
+@dataclass
+class SegmentRuntime:
+    id: str
+    index: int
+    label: str
+    frames: list[int] | None
+    params: dict[str, Any]
+    state: str = SegmentState.QUEUED
+    attempts: int = 0
+    failures: int = 0
+    result: dict[str, Any] | None = None
+    seconds: float | None = None  # how long the successful attempt took
+    avoid: str | None = None  # the node that failed it last: its retry goes elsewhere when a node is free
+
+
+@dataclass
+class JobRuntime:
+    job: Job
+    processor: Processor
+    seq: int
+    created: float
+    priority: int
+    requires: dict[str, str]
+    state: str = JobState.QUEUED
+    segments: dict[str, SegmentRuntime] = field(default_factory=dict)
+    queue: deque[str] = field(default_factory=deque)
+    node_failures: Counter[str] = field(default_factory=Counter)
+    excluded: set[str] = field(default_factory=set)
+    error: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    waiting: str | None = None
+    verify_rounds: int = 0
+    then: LoadedProfile | None = None  # the profile of the job chained after this one
+    children: list[str] = field(default_factory=list)
+    # Segments done, counted as they finish, so that asking "all done?" after each one
+    # costs the same at 100 and at 1,000,000 segments; recounted where many change at once.
+    done: int = 0
+
+    def recount(self) -> None:
+        self.done = sum(1 for seg in self.segments.values() if seg.state == SegmentState.DONE)
+
+    @property
+    def all_done(self) -> bool:
+        return self.done >= len(self.segments) and all(seg.state == SegmentState.DONE for seg in self.segments.values())
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        return (-self.priority, self.created, self.seq)
+
+
+@dataclass
+class AttemptRuntime:
+    id: str
+    job_id: str
+    segment_id: str
+    node: NodeView
+    started: float  # when it was handed out; for an announced one, when the node started it
+    last_progress: float
+    current: bool = True  # False once ended by a timeout or a cancel; its slot stays busy
+    # announced: handed to a node whose slots were all busy, it waits there for one (its
+    # node says when it starts); until then no timeout runs, and it is taken back at no
+    # cost when the node leaves or stops taking work
+    waiting: bool = False
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(5)}"
+

@@ -1,0 +1,196 @@
+"""Pipelined hand-outs: a node holds one announced segment per slot besides those it runs.
+
+The in-process tests drive a real scheduler, store and Dask LocalCluster (its workers are
+the nodes) with a processor that records every run; the last one kills a real node
+process holding an announced segment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from farm import hookimpl
+from farm.config import NodeConfig
+from farm.engine import Engine
+from farm.errors import ProcessorError
+from farm.frames import chunk_frames
+from farm.model import SegmentPlan
+from farm.node import install_runtime
+from farm.plugins import load_plugins
+from farm.processor import Processor
+from farm.profiles import LoadedProfile, Profile
+from farm.scheduler import Scheduler
+from farm.store import Store
+from tests.cluster_helpers import Cluster
+from tests.conftest import write_profile
+from tests.test_faults import HELD, assert_exact_outputs, finished
+
+RUNS: list[tuple[str, str, str]] = []  # (segment, attempt, node) of every run that started
+GATE = threading.Event()  # "hold" segments wait for it
+
+
+class Recorder(Processor):
+    """Runs one frame a segment; what it does is chosen by the profile's name: ``write``
+    writes its frame, ``hold`` waits for GATE first, ``fail-once`` fails its first attempt."""
+
+    name = "recorder"
+    frame_based = True
+    inputs = "none"
+
+    def plan(self, job):
+        return [SegmentPlan(f"frame {chunk[0]}", chunk) for chunk in chunk_frames(job.frames, 1)]
+
+    def run(self, segment, context):
+        from distributed import get_worker
+
+        RUNS.append((segment.id, segment.attempt_id, str(get_worker().name)))
+        behaviour = segment.job.profile.name
+        if behaviour == "hold":
+            while not GATE.wait(0.05):
+                if context.cancelled.is_set():
+                    raise ProcessorError("cancelled while held")
+        if behaviour == "fail-once" and segment.attempt_id.endswith(".a1"):
+            raise ProcessorError("the first attempt fails")
+        (segment.output_dir / f"frame_{segment.start:04d}.txt").write_text(segment.attempt_id)
+        return {}
+
+
+class RecorderPlugin:
+    @hookimpl
+    def farm_processors(self):
+        return [Recorder()]
+
+
+def recorder_profile(behaviour: str, frames: str, retries: int = 2) -> LoadedProfile:
+    profile = Profile(name=behaviour, processor="recorder", frames=frames, segment={"frames": 1}, retries=retries)
+    return LoadedProfile(profile, Recorder.settings_model(), None)
+
+
+@pytest.fixture
+def farm_of(tmp_path):
+    """``farm_of(nodes, slots)``: a scheduler over a LocalCluster of ``nodes`` workers."""
+    made: list[tuple[Scheduler, Store, Engine]] = []
+    RUNS.clear()
+    GATE.clear()
+
+    def make(nodes: int, slots: int) -> Scheduler:
+        plugins = load_plugins(extra=[RecorderPlugin()])
+        node = install_runtime(NodeConfig(), plugins=plugins)
+        cluster = LocalCluster(n_workers=nodes, threads_per_worker=slots, processes=False,
+                               dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0")
+        engine = Engine(Client(cluster, set_as_default=False), cluster, node.capabilities)
+        store = Store(tmp_path / "farm.db")
+        scheduler = Scheduler(store, plugins, engine, tmp_path / "work", keep_work=True)
+        made.append((scheduler, store, engine))
+        return scheduler
+
+    yield make
+    GATE.set()
+    for scheduler, store, engine in made:
+        scheduler.close()
+        engine.close()
+        store.close()
+
+
+def step_until(scheduler: Scheduler, check, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scheduler.step(wait=0.05)
+        value = check()
+        if value:
+            return value
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_pipelined_hand_outs_never_run_a_segment_twice_into_an_output(farm_of, tmp_path):
+    scheduler = farm_of(nodes=2, slots=2)
+    _, (job_id,) = scheduler.submit(recorder_profile("write", "1-120"), [None], tmp_path / "out")
+    scheduler.run_until_done([job_id])
+    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+    runs = Counter(segment for segment, _, _ in RUNS)
+    assert len(runs) == 120 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
+    attempts = scheduler.store.attempts(job_id=job_id)
+    assert len(attempts) == 120 and {a["state"] for a in attempts} == {"done"}
+    written = sorted(path.name for path in (tmp_path / "work" / job_id).glob("*/frame_*.txt"))
+    assert written == [f"frame_{frame:04d}.txt" for frame in range(1, 121)]
+    assert len({a["node"] for a in attempts}) == 2, "both nodes took part"
+
+
+def test_a_cancelled_announced_segment_never_starts(farm_of, tmp_path):
+    scheduler = farm_of(nodes=1, slots=1)
+    _, (held,) = scheduler.submit(recorder_profile("hold", "1"), [None], tmp_path / "out")
+    _, (waiting,) = scheduler.submit(recorder_profile("write", "1"), [None], tmp_path / "out2")
+    # the one slot runs the held segment; the other job's segment is announced behind it
+    step_until(scheduler, lambda: RUNS and scheduler.store.attempts(job_id=waiting), "a segment announced")
+    (announced,) = scheduler.store.attempts(job_id=waiting)
+    assert announced["state"] == "running" and [run[0] for run in RUNS] == [f"{held}.s00000"]
+    scheduler.cancel(waiting)
+    step_until(scheduler, lambda: scheduler.jobs[waiting].state == "cancelled", "the job to be cancelled")
+    GATE.set()
+    scheduler.run_until_done([held])
+    # the node took the announced task up after the held one, and ended it unstarted
+    step_until(scheduler, lambda: announced["id"] not in scheduler.attempts, "the announced task to come back")
+    assert scheduler.jobs[held].state == "done"
+    assert [run[0] for run in RUNS] == [f"{held}.s00000"], "the cancelled segment ran"
+    assert scheduler.store.attempt(announced["id"])["state"] == "cancelled"
+    assert not (tmp_path / "work" / waiting / announced["id"]).exists()
+
+
+def test_a_retried_segment_goes_to_another_node_when_one_is_free(farm_of, tmp_path):
+    scheduler = farm_of(nodes=2, slots=1)
+    for round_ in range(3):
+        _, (job_id,) = scheduler.submit(recorder_profile("fail-once", "1", retries=1), [None],
+                                        tmp_path / f"out{round_}")
+        scheduler.run_until_done([job_id])
+        assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+        first, second = sorted(scheduler.store.attempts(job_id=job_id), key=lambda a: a["id"])
+        assert (first["state"], second["state"]) == ("failed", "done")
+        assert first["node"] != second["node"], f"the retry ran on {second['node']}, the node that failed it"
+
+
+@pytest.mark.slow
+def test_a_node_killed_with_an_announced_segment_loses_nothing(tmp_path):
+    c = Cluster(tmp_path / "c")
+    try:
+        c.start_controller()
+        c.start_node("steady", "--slots", "1")
+        c.wait_for_nodes("steady")
+        assert c.farm("pause-node", "steady").returncode == 0  # it waits while the victim holds two
+        script, gate = c.root / "held.py", c.root / "gate" / "open"
+        script.write_text(HELD)
+        gate.parent.mkdir()
+        profile = write_profile(c.root, "held", {
+            "processor": "command", "frames": "1-4", "segment": {"frames": 1}, "retries": 1,
+            "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}", str(gate)],
+                         "expect": ["frame_{frame:04d}.txt"]},
+            "sandbox": {"read": [str(gate.parent)]},
+        })
+        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+        c.start_node("victim", "--slots", "1")
+
+        def held_by_victim() -> list[dict]:
+            return [a for s in c.job(job_id)["segment_list"] for a in s["attempts"]
+                    if a["node"] == "victim" and a["state"] == "running"]
+
+        # one segment runs on its one slot, the next is announced behind it
+        c.wait_until(lambda: len(held_by_victim()) == 2, 120, "the victim to hold two segments", every=0.1)
+        c.kill_node("victim")
+        c.wait_until(lambda: not held_by_victim(), 120, "the victim's segments to go back to the queue")
+        gate.touch()
+        assert c.farm("resume-node", "steady").returncode == 0
+        done = finished(c, job_id)
+        assert done["state"] == "done", done["error"]
+        assert_exact_outputs(c.root / "out", 4)
+        lost = [a for s in done["segment_list"] for a in s["attempts"] if a["node"] == "victim"]
+        assert sorted(a["state"] for a in lost) == ["lost", "lost"]
+        assert any("before it started" in (a["reason"] or "") for a in lost), [a["reason"] for a in lost]
+    finally:
+        c.stop()
