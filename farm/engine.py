@@ -77,6 +77,7 @@ class Engine:
         # which jobs each worker was sent whole: later segments of a job name it by id
         self._sent_jobs: dict[str, set[str]] = {}
         self._job_of: dict[str, str] = {}  # attempt -> its job
+        self._carried_whole: set[str] = set()  # attempts that brought their job with them
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
         client.subscribe_topic(NODE_TOPIC, self._on_report)
         client.subscribe_topic(RESULT_TOPIC, self._on_outcome)
@@ -158,6 +159,7 @@ class Engine:
         else:
             carried = job
             sent.add(job.id)
+            self._carried_whole.add(attempt_id)
         future = self.client.submit(
             run_segment, carried, replace(segment, job=carried),
             key=f"farm-{attempt_id}", workers=[address], allow_other_workers=False, pure=False,
@@ -203,7 +205,13 @@ class Engine:
             future = self._futures.get(attempt_id)
             if outcome is not None:
                 if future is not None:
-                    if outcome.get("missing_job"):  # it forgot the job (or never got it): send it whole again
+                    if outcome.get("missing_job") and attempt_id in self._carried_whole:
+                        # it cannot lack what this very task brought: a broken or lying node, whose
+                        # answer would otherwise put the segment back for ever without counting
+                        outcome = {"ok": False, "node": outcome.get("node"), "log": outcome.get("log", ""),
+                                   "reason": f"the node answered that it did not hold job "
+                                             f"{self._job_of.get(attempt_id)}, which this attempt brought it"}
+                    elif outcome.get("missing_job"):  # it forgot the job (or never got it): send it whole again
                         self._unsend(attempt_id)
                     self._drop(attempt_id)
                     outcomes[attempt_id] = outcome
@@ -238,6 +246,7 @@ class Engine:
 
     def _drop(self, attempt_id: str) -> None:
         self._job_of.pop(attempt_id, None)
+        self._carried_whole.discard(attempt_id)
         self._silent_since.pop(attempt_id, None)
         self._handed.pop(attempt_id, None)
         future = self._futures.pop(attempt_id, None)

@@ -329,3 +329,52 @@ def test_a_worker_with_a_stolen_node_certificate_cannot_run_code_in_the_controll
     assert "ignored an outcome a node sent" in log
     assert "a worker it was not handed to" in log
     assert c.controller.poll() is None  # and the controller is still up
+
+
+# A node that answers every segment "I do not hold this job" (the answer a restarted
+# node gives to a segment that names its job by id only), even to the segment that
+# brought the job whole.
+LIAR = r"""
+    import farm.node
+    from farm.wire import NODE_TOPIC, RESULT_TOPIC
+    from tornado.ioloop import PeriodicCallback
+
+    def forgetful_segment(job, segment):
+        from distributed import get_worker
+        get_worker().log_event(RESULT_TOPIC, {"attempt": segment.attempt_id, "outcome": {
+            "ok": False, "missing_job": True, "reason": "no such job here", "node": "liar", "log": ""}})
+
+    farm.node.run_segment = forgetful_segment
+
+    def dask_setup(worker):
+        report = {"name": "liar", "slots": 1, "capabilities": farm.node.node_report()["capabilities"],
+                  "accepting": True, "hand_back": False, "reason": "", "running": 0}
+        worker._liar = PeriodicCallback(lambda: worker.log_event(NODE_TOPIC, {**report, "address": worker.address}), 500)
+        worker._liar.start()
+"""
+
+
+def test_a_node_that_claims_to_lack_the_job_it_was_sent_cannot_hold_the_job_up_for_ever(cluster, tmp_path):
+    c = cluster()
+    c.start_controller()
+    pem = extract_pems(c.bundles / "node.yaml", tmp_path / "stolen")
+    preload = tmp_path / "liar_preload.py"
+    preload.write_text(textwrap.dedent(LIAR))
+    liar = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", f"tls://127.0.0.1:{c.scheduler_port}", "--name", "liar",
+         "--nthreads", "1", "--no-nanny", "--no-dashboard", "--preload", str(preload),
+         "--tls-ca-file", pem / "ca.pem", "--tls-cert", pem / "cert.pem", "--tls-key", pem / "key.pem"],
+        stdout=(tmp_path / "liar.log").open("w"), stderr=subprocess.STDOUT, cwd=tmp_path, env=c.env)
+    try:
+        c.wait_for_nodes("liar")
+        profile = work_profile(c, "1-2", 0.1, retries=1, max_node_failures=1)
+        submitted = c.farm("submit", profile, "-o", c.root / "out", "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.json()["jobs"][0]["id"]
+        c.wait_until(lambda: c.job(job_id)["state"] in ("done", "failed", "cancelled"), 120, "the job to end")
+        job = c.job(job_id)
+        assert job["state"] == "failed", job
+        assert "did not hold job" in job["error"] and "which this attempt brought it" in job["error"], job["error"]
+    finally:
+        liar.kill()
+        liar.wait()
