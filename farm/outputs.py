@@ -153,6 +153,7 @@ class Delivery:
     def __init__(self, job: Job, *, claim: Callable[[list[Path]], None] | None = None, noun: str = "outputs"):
         self.job_id = job.id
         self.destination = job.destination.resolve()
+        self.work = job.work_dir.resolve()
         self.overwrite = job.overwrite
         self.claim = claim
         self.noun = noun
@@ -197,6 +198,11 @@ class Delivery:
         """Copy finished files (``{target: source}``) into the staging folder, after checking
         that the destination's disk has room for them all."""
         for source in files.values():
+            # a segment's result names its files, and a node (or whoever holds its
+            # certificate) writes that result: only what lies in the job's work folder goes out
+            if not source.resolve().is_relative_to(self.work):
+                raise ProcessorError(f"a segment's result names {source}, which is not in the job's work folder "
+                                     f"{self.work}; only files the job's segments wrote are delivered")
             if source.is_symlink():  # copying would deliver whatever the link points at
                 raise ProcessorError(f"the segment's output {source.name} is a symbolic link "
                                      f"(to {os.readlink(source)}); only files a segment writes are delivered")

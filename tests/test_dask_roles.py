@@ -313,7 +313,8 @@ def test_a_worker_with_a_stolen_node_certificate_cannot_run_code_in_the_controll
         job_id = submitted.json()["jobs"][0]["id"]
         # mallory answers segments: a forged result, then a forged exception; each is lost
         c.wait_until(lambda: len(list(calls.iterdir())) >= 2, 120, "mallory to be handed segments")
-        assert c.job(job_id)["state"] == "running"
+        # what it said "done" for without writing a frame is run again (the command's expect)
+        assert c.job(job_id)["state"] in ("running", "assembling")
         mallory.kill()  # it has said all it came to say; a real node does the work
         mallory.wait()
         c.start_node("alpha", "--slots", "1")

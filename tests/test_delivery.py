@@ -341,9 +341,9 @@ def job_for(dest: Path, overwrite: bool) -> Job:
 
 
 def test_a_delivery_failing_part_way_puts_back_what_it_replaced(tmp_path):
-    dest, sources = tmp_path / "dest", tmp_path / "sources"
+    dest, sources = tmp_path / "dest", tmp_path / "work" / "sources"  # the job's work folder, as segments write it
     dest.mkdir()
-    sources.mkdir()
+    sources.mkdir(parents=True)
     for name in ("a.txt", "b.txt", "c.txt"):
         (sources / name).write_text(f"new {name}")
     (dest / "a.txt").write_text("old a")
@@ -359,9 +359,9 @@ def test_a_delivery_failing_part_way_puts_back_what_it_replaced(tmp_path):
 
 
 def test_a_file_that_appears_during_delivery_is_never_replaced(tmp_path):
-    dest, sources = tmp_path / "dest", tmp_path / "sources"
+    dest, sources = tmp_path / "dest", tmp_path / "work" / "sources"  # the job's work folder, as segments write it
     dest.mkdir()
-    sources.mkdir()
+    sources.mkdir(parents=True)
     for name in ("a.txt", "b.txt", "c.txt"):
         (sources / name).write_text(f"new {name}")
 
@@ -379,3 +379,19 @@ def test_a_file_that_appears_during_delivery_is_never_replaced(tmp_path):
     with pytest.raises(FileExistsError):
         rename_noreplace(taken, dest / "b.txt")
     assert taken.exists() and (dest / "b.txt").read_text() == "another job's"
+
+
+def test_a_result_naming_a_file_outside_the_jobs_work_folder_delivers_nothing(tmp_path):
+    """A node writes its segment's result: one that names /etc/passwd, or a file of another
+    job, must not get it copied into a destination the submitter can read."""
+    dest, work, elsewhere = tmp_path / "dest", tmp_path / "work" / "a1", tmp_path / "secret"
+    for folder in (dest, work, elsewhere):
+        folder.mkdir(parents=True)
+    (work / "f_0001.txt").write_text("rendered")
+    (elsewhere / "key").write_text("not yours")
+    for named in (elsewhere / "key", work / ".." / ".." / "secret" / "key"):
+        with pytest.raises(ProcessorError, match=r"not in the job's work folder .*only files the job's segments wrote"):
+            with Delivery(job_for(dest, overwrite=False)) as delivery:
+                delivery.stage({dest / "f_0001.txt": work / "f_0001.txt", dest / "key": named})
+                delivery.commit()
+        assert list(dest.iterdir()) == []

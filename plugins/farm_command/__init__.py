@@ -232,6 +232,20 @@ class CommandProcessor(Processor):
             named.append(segment.job.input.parent)
         return named
 
+    def verify(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[SegmentPlan]:
+        """The frames whose ``expect`` files no segment delivered (a node that said "done"
+        without writing them) are run again."""
+        settings: CommandSettings = job.settings
+        if not settings.expect or any("segment" in template_fields(p) for p in settings.expect):
+            return []
+        made = {name for result in results for name in result.get("files") or []
+                if isinstance(name, str) and (Path(str(result.get("dir") or "")) / name).is_file()}
+        missing = [frame for frame in job.frames or []
+                   if any(expand(p, {"frame": frame, "segment": 0}) not in made for p in settings.expect)]
+        size = job.profile.segment.frames or len(missing) or 1
+        return [SegmentPlan(label=f"frames {format_frames(chunk)} (their files were missing)", frames=chunk)
+                for chunk in chunk_frames(missing, size)]
+
     def assemble(self, job: Job, results: list[dict[str, Any]], context: Context) -> list[str]:
         moves: dict[Path, Path] = {}
         for result in results:
