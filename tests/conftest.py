@@ -27,6 +27,25 @@ class Result:
         return json.loads(self.stdout)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): two workers per core. A test spends most of its
+    time waiting on its child processes (controllers, nodes, Dask start-up, segment
+    scripts that hold until told), so one per core leaves the cores idle half the time.
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides it."""
+    return 2 * (len(os.sched_getaffinity(0)) or 1)
+
+
+@pytest.fixture(autouse=True)
+def private_user_dirs(tmp_path_factory, monkeypatch):
+    """Every test gets its own platform config and state folders (XDG_*), so that no test
+    reads or writes the real user's store, farm.yaml or quickcluster client file, and
+    tests running side by side (pytest-xdist workers) never share one by default."""
+    home = tmp_path_factory.mktemp("xdg")
+    # caches stay shared: fontconfig, Mesa and Blender would rebuild theirs in every test
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+
+
 @pytest.fixture
 def farm_env(tmp_path, monkeypatch):
     """A private state dir and farm.yaml for this test (in the environment of child processes too)."""

@@ -9,6 +9,7 @@ import signal
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -62,10 +63,12 @@ def frames_in(folder: Path) -> list[str]:
 
 
 def test_two_nodes_share_a_batch_and_list_their_capabilities(cluster):
-    c = cluster(advertise=True)
+    # a name of its own: another run of this test (a pytest-xdist worker, another checkout)
+    # may advertise a "testfarm" on this machine at the same time
+    c = cluster(name=f"testfarm-{uuid.uuid4().hex[:6]}", advertise=True)
     c.start_controller()
     c.start_node("alpha", "--slots", "1")
-    c.start_node("beta", "--cluster", "testfarm", "--slots", "1")  # found by zeroconf alone
+    c.start_node("beta", "--cluster", c.name, "--slots", "1")  # found by zeroconf alone
     c.wait_for_nodes("alpha", "beta")
 
     nodes = json.loads(c.farm("nodes", "--json").stdout)

@@ -30,7 +30,9 @@ SETTLE = 0.3
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
+# deadlines: generous, since a loaded machine (both cores busy) is slow to get there; a
+# deadline costs nothing when the state comes
+def wait_for(predicate, timeout=120.0, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -126,7 +128,7 @@ class Running:
     def kinds(self, kind: str) -> list:
         return [event for event in self.events if event[0] == kind]
 
-    def wait_kind(self, kind: str, count: int = 1, timeout: float = 30.0) -> list:
+    def wait_kind(self, kind: str, count: int = 1, timeout: float = 120.0) -> list:
         return wait_for(lambda: len(self.kinds(kind)) >= count and self.kinds(kind), timeout, what=f"{count} {kind}")
 
 

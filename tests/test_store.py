@@ -186,29 +186,40 @@ def test_a_full_disk_is_a_store_error_and_the_store_works_once_there_is_room(tmp
 
 
 OPEN_AT_ONCE = """
-import os, pathlib, sys, time
+import pathlib, sys, traceback
 from farm.store import Store
-store, ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
-ready.touch()
-while not go.exists():
-    time.sleep(0.001)
-Store(store).close()
+folder = pathlib.Path(sys.argv[1])
+print("ready", flush=True)
+for round_, _ in enumerate(sys.stdin):  # one line: go
+    try:
+        Store(folder / f"farm-{round_}.db").close()
+        print("opened", flush=True)
+    except Exception:
+        print(f"round {round_}: " + traceback.format_exc().strip().splitlines()[-1], flush=True)
 """
 
 
 def test_processes_opening_a_new_store_at_the_same_moment_all_open_it(tmp_path):
     # two `farm run` started together on a new state dir: making the store WAL takes an
-    # exclusive lock that SQLite refuses at once ("database is locked") instead of waiting
+    # exclusive lock that SQLite refuses at once ("database is locked") instead of waiting.
+    # Four processes open a new store together, sixty times: each waits on its stdin, and
+    # the go reaches all four back to back. They live through all the rounds, so the test
+    # pays four Python start-ups, not one per opening.
+    rounds, openers = 60, 4
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(openers)]
     failures = []
-    for round_ in range(15):
-        folder = tmp_path / f"r{round_}"
-        folder.mkdir()
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(folder / "farm.db"),
-                                   str(folder / f"ready-{n}"), str(folder / "go")],
-                                  stderr=subprocess.PIPE, text=True) for n in range(4)]
-        deadline = time.monotonic() + 60
-        while len(list(folder.glob("ready-*"))) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        (folder / "go").touch()
-        failures += [proc.communicate()[1].strip().splitlines()[-1] for proc in procs if proc.wait(timeout=120)]
+    try:
+        assert [proc.stdout.readline() for proc in procs] == ["ready\n"] * openers, procs[0].stderr.read()
+        for _ in range(rounds):
+            for proc in procs:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            answers = [proc.stdout.readline().strip() for proc in procs]
+            assert all(answers), "an opener died: " + " ".join(proc.stderr.read() for proc in procs if proc.poll())
+            failures += [answer for answer in answers if answer != "opened"]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     assert failures == []
