@@ -198,14 +198,14 @@ class Delivery:
         """Copy finished files (``{target: source}``) into the staging folder, after checking
         that the destination's disk has room for them all."""
         for source in files.values():
+            if source.is_symlink():  # copying would deliver whatever the link points at
+                raise ProcessorError(f"the segment's output {source.name} is a symbolic link "
+                                     f"(to {os.readlink(source)}); only files a segment writes are delivered")
             # a segment's result names its files, and a node (or whoever holds its
             # certificate) writes that result: only what lies in the job's work folder goes out
             if not source.resolve().is_relative_to(self.work):
                 raise ProcessorError(f"a segment's result names {source}, which is not in the job's work folder "
                                      f"{self.work}; only files the job's segments wrote are delivered")
-            if source.is_symlink():  # copying would deliver whatever the link points at
-                raise ProcessorError(f"the segment's output {source.name} is a symbolic link "
-                                     f"(to {os.readlink(source)}); only files a segment writes are delivered")
         _, need = self.check_room([source.stat().st_size for source in files.values()])
         copied = 0
         ordered = sorted(files.items())

@@ -48,9 +48,10 @@ def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluste
     c.start_node("healthy", "--slots", "1")
     hung = c.start_node("sleepy", "--slots", "1")
     c.wait_for_nodes("healthy", "sleepy")
-    # the timeout leaves a healthy 1 s segment room on a loaded machine (a Python start-up
-    # in a sandbox can take seconds): only the hung node's segment may time out
-    profile = work_profile(c, "1-6", 1.0, timeout="10s", retries=3)
+    # the timeout leaves a healthy 0.2 s segment room on a loaded machine (a Python start-up
+    # in a sandbox can take seconds), and ends the hung one before the controller finds
+    # its node silent (farm.engine.NODE_SILENCE_SECONDS, 10 s) and takes it back as lost
+    profile = work_profile(c, "1-6", 0.2, timeout="6s", retries=3)
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
 
     def on_sleepy():
@@ -71,7 +72,7 @@ def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluste
     assert done["state"] == "done", done["error"]
     assert_exact_outputs(c.root / "out", 6)
     timed_out = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "timed_out"]
-    assert timed_out and all(a["node"] == "sleepy" and "timeout of 10 s" in a["reason"] for a in timed_out)
+    assert timed_out and all(a["node"] == "sleepy" and "timeout of 6 s" in a["reason"] for a in timed_out)
     store = Store(c.root / "state" / "farm.db")
     late = [e["kind"] for e in store.events(job_id) if e["kind"] == "late_result_ignored"]
     store.close()

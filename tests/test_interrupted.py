@@ -98,7 +98,8 @@ def test_a_killed_farm_run_is_interrupted_and_the_same_command_resumes_it(farm_e
     profile = work_profile(tmp, "1-10", first=4)
     out = tmp / "out"
     proc = start_run(profile, "-o", out)
-    wait_until(lambda: segment_states(state).get("done", 0) == 4 and segment_states(state).get("running", 0) == 2,
+    # two slots: two segments wait on the gate, and with pipelining up to two more wait on the node
+    wait_until(lambda: segment_states(state).get("done", 0) == 4 and segment_states(state).get("running", 0) >= 2,
                120, "4 segments done and 2 waiting on the gate")
     kill(proc)
     (tmp / "gate").touch()  # from now on every frame finishes
@@ -112,6 +113,8 @@ def test_a_killed_farm_run_is_interrupted_and_the_same_command_resumes_it(farm_e
     done_before = {s["label"] for s in detail["segment_list"] if s["state"] == "done"}
     assert done_before == {f"frames {i}" for i in range(1, 5)}
     assert not any(s["state"] == "running" for s in detail["segment_list"])  # those attempts are lost
+    handed = {s["label"]: s["attempts"] for s in detail["segment_list"]}
+    assert handed["frames 5"] == handed["frames 6"] == 1, handed  # the two on the gate
 
     again = farm("run", profile, "-o", out, "--json", "--quiet")
     assert again.returncode == 0, again.stderr
@@ -123,10 +126,9 @@ def test_a_killed_farm_run_is_interrupted_and_the_same_command_resumes_it(farm_e
     detail = farm("status", job["id"], "--json").json()
     assert detail["state"] == "done"
     attempts = {s["label"]: s["attempts"] for s in detail["segment_list"]}
-    # done before the kill: not run again; running at the kill: once more; never started: once
+    # done before the kill: not run again; handed out at the kill: once more; never handed out: once
     assert all(attempts[f"frames {i}"] == 1 for i in range(1, 5)), attempts
-    assert [attempts[f"frames {i}"] for i in (5, 6)] == [2, 2], attempts
-    assert all(attempts[f"frames {i}"] == 1 for i in range(7, 11)), attempts
+    assert all(attempts[f"frames {i}"] == handed[f"frames {i}"] + 1 for i in range(5, 11)), (handed, attempts)
     started = runs(tmp)
     assert [started.count(i) for i in range(1, 5)] == [1, 1, 1, 1], started
     # a third run of the same command is a new run (the last one ended): refused before it
