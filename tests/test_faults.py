@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from farm.lease import pid_alive, process_start
 from farm.store import Store
 from tests.cluster_helpers import Cluster
-from tests.conftest import alive, fill_disk, running_with, write_config, write_profile
+from tests.conftest import fill_disk, running_with, write_config, write_profile
 from tests.test_cluster import frames_in, work_profile
 
 pytestmark = pytest.mark.slow
@@ -117,7 +118,10 @@ def test_repeated_node_kills_during_one_batch(cluster):
                             f"a segment to start on {name}", every=0.1)
         assert c.job(job_id)["state"] == "running"
         c.kill_node(name)
-        c.wait_until(lambda: not any(alive(pid) for pid in held), 60,
+        # by pid and start time: with pid_max at 32768 and a suite side by side, a pid can be
+        # another process's within the minute
+        started = {pid: process_start(pid) for pid in held}
+        c.wait_until(lambda: not any(pid_alive(pid, start) for pid, start in started.items() if start), 60,
                      f"the segment processes of {name} to end with it", every=0.1)
         if number + ahead < len(victims):
             c.start_node(victims[number + ahead], "--slots", "1")
