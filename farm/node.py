@@ -712,9 +712,9 @@ def _run_attempt(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
             run=runner.run,
         )
         result = processor.run(segment, context)
-        _keep_preview(processor, segment, result or {}, context, log)
         if cancelled.is_set():
             raise Cancelled("cancelled")
+        _keep_preview(processor, segment, result or {}, context, log)
         if staged is not None:
             result = staged.finish(result or {})
         return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}
@@ -754,7 +754,7 @@ def _keep_preview(processor: Any, segment: Segment, result: dict[str, Any], cont
                                          segment.attempt_id)
         if kept is not None:
             log.write(f"=== preview: {kept[1]}x{kept[2]} {kept[0].suffix[1:].upper()}")
-    except Exception as exc:  # Cancelled too: the check after this one says so
+    except Exception as exc:  # Cancelled too: the segment's own work is done, and kept
         log.write(f"=== preview: none ({type(exc).__name__}: {exc})")
 
 
