@@ -96,6 +96,10 @@ class Engine:
         workers = self.client.sync(self.client.scheduler.identity, n_workers=-1)["workers"]
         for gone in set(self._sent_jobs) - set(workers):  # a node that comes back holds no job
             del self._sent_jobs[gone]
+        # a worker that left takes its report along: the next one to get its address (the
+        # port is free again) is another node, and is not that node until it reports
+        for gone in set(self._reports.copy()) - set(workers):  # copy(): reports arrive on Dask's thread
+            self._reports.pop(gone, None)
         if self.cluster is not None and self._capabilities:
             return [NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
                     for address, info in workers.items()]
