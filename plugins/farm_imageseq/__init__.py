@@ -23,6 +23,7 @@ from farm_imageseq import povray
 from farm_imageseq.patterns import FramePattern
 from farm_imageseq.renderers import RENDERERS, check_template
 from farm_imageseq.blender import FORMATS as BLENDER_FORMATS  # noqa: I001 (after renderers, which it extends)
+from farm_imageseq.blender import linked_files as blender_linked_files
 
 #: With segment.target_seconds and no segment.frames, the first segments are this
 #: small so that the farm learns a frame's cost quickly; the core re-cuts the rest.
@@ -180,9 +181,12 @@ class ImageSequence(Processor):
 
     def input_files(self, job: Job) -> list[Path]:
         """For POV-Ray, the files of the scene's folder (its INI, includes and textures, as
-        the sandbox shows them to POV-Ray); for the others, the input."""
+        the sandbox shows them to POV-Ray); for Blender, the .blend and the files it links
+        (:func:`farm_imageseq.blender.linked_files`); for the others, the input."""
         if job.settings.renderer == "povray" and job.input is not None:
             return povray.scene_files(povray.setup(job), job.input)
+        if job.settings.renderer == "blender" and job.input is not None and job.input.suffix.lower() == ".blend":
+            return blender_linked_files(job)
         return super().input_files(job)
 
     def describe(self, job: Job) -> list[str]:

@@ -16,8 +16,13 @@ missing file fails the segment with its name instead of a wrong picture.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import shutil
 import struct
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +107,137 @@ with open(args["report"], "w") as handle:
 if report["missing"]:
     raise RuntimeError("farm: missing files: " + "; ".join(f"{kind} {written}" for kind, _, written, _ in report["missing"]))
 '''
+
+#: Runs inside Blender on the controller (``--python-expr``, scripts in the file not run:
+#: ``-Y``) when a node without shared storage asks for a job's inputs: every external file
+#: the scene refers to, as written in the file and as an absolute path, on one line of
+#: stdout. It looks at the same blocks as :data:`SETUP`, and an image sequence's frames.
+LINKS = r'''
+import bpy, json, os, re
+found = []
+
+def add(kind, written, library=None):
+    if written and not written.startswith("<"):
+        found.append([kind, written, os.path.normpath(bpy.path.abspath(written, library=library))])
+
+for lib in bpy.data.libraries:
+    add("library", lib.filepath)
+for image in bpy.data.images:
+    if image.packed_file is not None or image.source not in ("FILE", "SEQUENCE", "MOVIE", "TILED"):
+        continue
+    if image.source == "TILED":
+        for tile in image.tiles:
+            add("image", image.filepath.replace("<UDIM>", str(tile.number)), image.library)
+    elif image.source == "SEQUENCE":  # its frames: the numbered files beside the one named
+        add("image", image.filepath, image.library)
+        full = os.path.normpath(bpy.path.abspath(image.filepath, library=image.library))
+        folder, name = os.path.split(full)
+        match = re.match(r"^(.*?)(\d+)(\.[^.]*)$", name)
+        if match and os.path.isdir(folder):
+            frame = re.compile(re.escape(match.group(1)) + r"\d+" + re.escape(match.group(3)) + "$")
+            written_folder = os.path.dirname(image.filepath)
+            for other in sorted(os.listdir(folder)):
+                if other != name and frame.match(other):
+                    add("image", written_folder + "/" + other, image.library)
+    else:
+        add("image", image.filepath, image.library)
+for kind, blocks in (("movie clip", bpy.data.movieclips), ("font", bpy.data.fonts),
+                     ("volume", bpy.data.volumes), ("cache file", bpy.data.cache_files)):
+    for block in blocks:
+        if getattr(block, "packed_file", None) is None:
+            add(kind, block.filepath, block.library)
+for scene in bpy.data.scenes:
+    if scene.sequence_editor is not None:
+        for strip in scene.sequence_editor.sequences_all:
+            if strip.type == "IMAGE":
+                for element in strip.elements:
+                    add("sequencer image", os.path.join(strip.directory, element.filename))
+            elif strip.type == "MOVIE":
+                add("sequencer movie", strip.filepath)
+print("FARM-LINKED " + json.dumps(found))
+'''
+LINKS_TIMEOUT = 300  # seconds: a big .blend on a loaded controller
+#: Without Blender on the controller, a node without shared storage is sent the .blend's
+#: folder, as many files as this at most.
+FOLDER_FILES_LIMIT = 2000
+log = logging.getLogger("farm.imageseq.blender")
+_linked: dict[tuple[str, int, int], list[list[str]]] = {}
+_linked_lock = threading.Lock()
+
+
+def _probe_links(blend: Path, readable: list[Path]) -> list[list[str]]:
+    """[kind, as written, absolute path] of every file ``blend`` refers to, found by
+    Blender itself (sandboxed where bubblewrap works), once per version of the file."""
+    from farm import sandbox
+
+    stat = blend.stat()
+    key = (str(blend), stat.st_size, stat.st_mtime_ns)
+    with _linked_lock:
+        if key in _linked:
+            return _linked[key]
+    argv = ["blender", "-b", "-noaudio", "--factory-startup", "-Y", str(blend), "--python-exit-code", "2",
+            "--python-expr", LINKS]
+    env = dict(os.environ)
+    if sandbox.availability().ok:
+        argv = sandbox.wrap(argv, sandbox.Policy(read=[str(path) for path in readable]), cwd=str(blend.parent))
+        env = sandbox.sandbox_environment(env, "/tmp")
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=LINKS_TIMEOUT,
+                              stdin=subprocess.DEVNULL, env=env)
+    except subprocess.TimeoutExpired:
+        raise ProcessorError(f"blender took longer than {LINKS_TIMEOUT} s to list the files {blend.name} "
+                             "links") from None
+    line = next((line for line in done.stdout.splitlines() if line.startswith("FARM-LINKED ")), None)
+    if done.returncode != 0 or line is None:
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        said = next((x for x in lines if x.startswith("Error:")), None) or \
+            (lines[-1] if lines else f"exit status {done.returncode}")
+        failure = DeterministicFailure if said.startswith(DETERMINISTIC_ERRORS) else ProcessorError
+        raise failure(f"blender could not list the files {blend.name} links: {said}")
+    found = json.loads(line[len("FARM-LINKED "):])
+    with _linked_lock:
+        _linked[key] = found
+    return found
+
+
+def linked_files(job: Any) -> list[Path]:
+    """The .blend and every file it links (libraries, textures, ...), for a node without
+    shared storage. Each must be referred to by a relative path (``//textures/x.png``),
+    so that it is found again beside the .blend the node is sent, and lie under the
+    .blend's folder or the profile's ``sandbox.read``, all a render may read; a file
+    that does not is refused, naming it. A missing file is left to the render, which
+    fails naming it. Without Blender on the controller: every file of the .blend's folder."""
+    blend = Path(job.input)
+    allowed = [blend.parent, *(Path(p) for p in job.profile.sandbox.read)]
+    if shutil.which("blender") is None:
+        log.info("no blender on the controller to list what %s links: sending its folder", blend)
+        files = [blend]
+        for path in sorted(blend.parent.rglob("*")):
+            if path.is_file() and not path.is_symlink() and path != blend:
+                files.append(path)
+            if len(files) > FOLDER_FILES_LIMIT:
+                raise ProcessorError(f"the folder of {blend.name} holds more than {FOLDER_FILES_LIMIT} files, and "
+                                     "without blender on the controller a node without shared storage is sent all "
+                                     "of them: install blender on the controller, or keep the .blend and what it "
+                                     "links in a folder of their own")
+        return files
+    files = [blend]
+    for kind, written, full in _probe_links(blend, allowed):
+        path = Path(full)
+        if not written.startswith("//"):
+            raise DeterministicFailure(
+                f"{blend.name} links {kind} {written} by an absolute path; a node without shared storage is sent "
+                "what a .blend links at the same place beside it: make the paths relative (in Blender: File > "
+                "External Data > Make Paths Relative) and save")
+        if not any(path.is_relative_to(root) for root in allowed):
+            raise DeterministicFailure(  # short: a node passes on the first 300 characters
+                f"{blend.name} links {kind} {written} outside its folder: a node without shared storage is sent "
+                f"only that folder and the profile's sandbox.read; move the file in, or add {path.parent} to the "
+                "profile's sandbox: {read: [...]}")
+        if path.is_file() and path not in files:
+            files.append(path)
+    return files
+
 
 #: What Blender reports for each frame it wrote.
 _SAVED = re.compile(r"^Saved: '(.*)'")

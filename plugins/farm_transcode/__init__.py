@@ -155,6 +155,16 @@ class TranscodeProcessor(Processor):
         """The frames of an image sequence make one job, submitted by its first frame."""
         return sources.sequence_group(path)
 
+    def input_files(self, job: Job) -> list[Path]:
+        """The source; for an image sequence, each of its frames (a node without shared
+        storage is sent them all, beside each other as they are here)."""
+        if job.input is None or not sources.is_sequence(job.input):
+            return super().input_files(job)
+        prefix, number, ext = sources._parts(job.input) or ("", "0", "")
+        digits = len(number) if number.startswith("0") else 1
+        return [job.input.parent / sources.frame_name(prefix, int(number) + n, digits, ext)
+                for n in range(sources.count_frames(job.input))]
+
     # -- what a node needs ---------------------------------------------------------------
 
     def requires(self, job: Job) -> dict[str, str]:
