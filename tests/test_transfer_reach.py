@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_profile
+from tests.test_monitor import browser  # noqa: F401 (a fixture)
 from tests.test_transfer import Farm, farm_without_shared_storage, frame_count, needs_isolation  # noqa: F401
 
 needs_blender = pytest.mark.skipif(shutil.which("blender") is None, reason="Blender is not installed")
@@ -96,3 +97,100 @@ def test_a_linked_file_outside_the_blends_folder_is_refused_unless_the_profile_s
     assert f.nodes_of(job["id"]) == {"island"}
     assert sent_names(f) == ["parts.blend", "shot.blend", "x.png"]
     assert [pixels(f.out / "shown" / f"f_{n:04d}.png")[:2] for n in (1, 2)] == [(64, 48), (64, 48)]
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_a_droplets_batch_runs_on_a_node_without_shared_storage(farm_without_shared_storage):
+    """Files dropped into the controller's watch folder (which the island cannot see)
+    become jobs whose segments run partly on the island; the outputs land exactly in the
+    droplet's destination, and the dropped files move to done/."""
+    import yaml
+
+    from tests.conftest import lavfi
+
+    f = farm_without_shared_storage()
+    drop, destination = f.inputs / "drop", f.out / "dropped"
+    drop.mkdir()
+    config = yaml.safe_load(f.c.config.read_text())
+    config["droplets"] = [{"name": "incoming", "folder": str(drop), "profile": "h264-web-720p", "destination":
+                           str(destination), "settle": 0.5,
+                           "set": {"segment.seconds": 1, "settings.video.height": 120}}]
+    f.c.config.write_text(yaml.safe_dump(config))
+    f.c.controller.terminate()  # started without the droplet: again with it
+    f.c.controller.wait(timeout=60)
+    f.c.start_controller()
+    f.c.start_node("shared", "--slots", "1")
+    f.start_island()
+    f.c.wait_for_nodes("shared", "island")
+
+    for name, seconds in (("dawn", 4), ("dusk", 3)):  # made aside, then moved in whole (two contents: two jobs)
+        clip = lavfi(f.c.root / f"{name}.mp4", seconds=seconds, audio=True, extra=["-c:v", "libx264", "-c:a", "aac"])
+        clip.rename(drop / clip.name)
+
+    def finished() -> list[dict]:
+        jobs = f.c.api("GET", "/api/jobs").json()
+        return jobs if len(jobs) == 2 and all(j["state"] in ("done", "failed", "cancelled") for j in jobs) else []
+
+    jobs = f.c.wait_until(finished, 300, "the two dropped files' jobs to end")
+    assert [j["state"] for j in jobs] == ["done", "done"], [j.get("error") for j in jobs]
+    assert sorted(p.name for p in destination.iterdir()) == ["dawn-720p.mp4", "dusk-720p.mp4"]
+    assert [frame_count(destination / f"{name}-720p.mp4") for name in ("dawn", "dusk")] == [100, 75]
+    f.c.wait_until(lambda: sorted(p.name for p in (drop / "done").iterdir()) == ["dawn.mp4", "dusk.mp4"]
+                   if (drop / "done").is_dir() else False, 60, "the dropped files to move to done/")
+    assert "island" in set().union(*(f.nodes_of(j["id"]) for j in jobs))
+    assert set(sent_names(f)) <= {"dawn.mp4", "dusk.mp4"} and sent_names(f)
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_the_monitor_page_shows_a_running_transfers_bytes_and_rate(farm_without_shared_storage, browser):
+    """A source going to the island at 1 MiB/s: the page's Transfers section shows its
+    bytes growing and a rate, the island's row its totals, and the finished transfer
+    all of the file."""
+    import hashlib
+    import os
+
+    from tests.test_transfer import stamp_profile
+
+    f = farm_without_shared_storage(transfer_rate=1024 * 1024)
+    f.start_island()
+    f.c.wait_for_nodes("island")
+    source = f.inputs / "reel.bin"
+    source.write_bytes(os.urandom(32 * 1024 * 1024))
+
+    page = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{f.c.url}/#token={f.c.token}")
+    page.wait_for_selector("#live[data-state=live]", timeout=20000)
+    assert page.locator("#transfers-section").is_hidden()  # nothing moved yet
+
+    submitted = f.c.farm("submit", stamp_profile(f), source, "-o", f.out / "stamped", "--set", "frames=1-2", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["jobs"][0]["id"]
+    row = page.locator("tr[data-transfer='out:island:reel.bin'][data-state=moving]")
+    row.wait_for(timeout=60000)
+
+    def moved() -> float:
+        text = row.locator(".moved").inner_text()  # "3.0 MiB of 32.0 MiB"
+        assert text.endswith("of 32.0 MiB"), text
+        return float(text.split()[0])
+
+    first = moved()
+    page.wait_for_function("(first) => { const m = document.querySelector(\"tr[data-transfer='out:island:reel.bin'] "
+                           ".moved\"); return m && parseFloat(m.textContent) > first; }", arg=first, timeout=30000)
+    assert row.locator(".rate").inner_text().endswith("MiB/s")
+    assert "MiB sent to it" in page.locator("[data-node-transfers=island]").inner_text()
+    page.screenshot(path=str(f.c.root / "transfer-moving.png"), full_page=True)
+
+    f.c.wait_until(lambda: f.c.job(job_id)["state"] in ("done", "failed"), 180, "the job to end")
+    assert f.c.job(job_id)["state"] == "done", f.c.job(job_id)["error"]
+    done = page.locator("tr[data-transfer='out:island:reel.bin'][data-state=done] .moved")
+    done.wait_for(timeout=30000)
+    assert done.inner_text() == "32.0 MiB of 32.0 MiB"
+    assert page.locator("[data-node-transfers=island]").inner_text().startswith(
+        "no shared storage: 32.0 MiB sent to it")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (f.out / "stamped" / "frame_0001.txt").read_text() == f"1 {digest}"
+    assert not errors, errors

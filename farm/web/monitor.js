@@ -17,7 +17,9 @@ const view = {
   pictures: new Map(), // attempt id -> object URL of its preview (an attempt's preview never changes)
   previews: [], // the selected job's previews, in segment order
   logFollow: null, // { attempt, next } while the log shown is of a running attempt
+  transfers: [], // GET /api/transfers: files moving to and from nodes without shared storage
 };
+const TRANSFERS_SHOWN = 20; // the newest transfers listed; the nodes' totals count all the controller keeps
 
 // -- talking to the controller -----------------------------------------------------------
 
@@ -87,6 +89,23 @@ async function loadAll() {
   view.lastEvent = Math.min(batches.events, jobs.events, nodes.events);
   if (view.selected) await loadDetail();
   render();
+}
+
+// Transfers are not events: they are read once a second while one moves (or a job is
+// unfinished, since its next segment may start one), every five seconds otherwise.
+async function followTransfers() {
+  for (;;) {
+    try {
+      view.transfers = (await api("GET", "/api/transfers")).data;
+      render();
+    } catch (error) {
+      if (error.status === 401) return;
+      console.warn("transfers", error);
+    }
+    const busy = view.transfers.some((t) => t.active)
+      || [...view.jobs.values()].some((j) => !TERMINAL.has(j.state) && j.state !== "paused");
+    await new Promise((resolve) => setTimeout(resolve, busy ? 1000 : 5000));
+  }
 }
 
 async function follow() {
@@ -237,6 +256,7 @@ function render() {
     view.renderQueued = false;
     renderBatches();
     renderNodes();
+    renderTransfers();
     renderDetail();
   });
 }
@@ -341,7 +361,8 @@ function renderNodes() {
   $("nodes").replaceChildren(view.nodes.length ? el("table", { class: "stack" },
     el("thead", {}, el("tr", {}, ["Node", "State", "Load", "Capabilities", ""].map((h) => el("th", {}, h)))),
     el("tbody", {}, view.nodes.map((node) => el("tr", { "data-node": node.name },
-      el("td", { class: "name" }, node.name, el("div", { class: "muted" }, node.address)),
+      el("td", { class: "name" }, node.name, el("div", { class: "muted" }, node.address),
+        nodeTransfers(node.name)),
       el("td", {}, pill(node.state), node.reason ? el("div", { class: "waiting" }, node.reason) : null),
       el("td", {}, el("div", { class: "load", title: `${node.running} of ${node.slots} slots busy` },
         Array.from({ length: node.slots }, (_, i) => el("i", { class: i < node.running ? "on" : "" }))),
@@ -350,6 +371,40 @@ function renderNodes() {
       el("td", { class: "actions" }, node.state === "paused"
         ? el("button", { onclick: () => act(null, "POST", `/api/nodes/${encodeURIComponent(node.name)}/resume`) }, "Resume")
         : el("button", { onclick: () => act(null, "POST", `/api/nodes/${encodeURIComponent(node.name)}/pause`) }, "Pause")))))) : "");
+}
+
+function mib(bytes) { return `${(bytes / 1048576).toFixed(1)} MiB`; }
+
+// What went through the controller for a node without shared storage (as `farm nodes` says it).
+function nodeTransfers(name) {
+  const mine = view.transfers.filter((t) => t.node === name);
+  if (!mine.length) return null;
+  const sum = (way) => mine.filter((t) => t.direction === way).reduce((n, t) => n + t.bytes, 0);
+  const moving = mine.filter((t) => t.active);
+  const now = moving.length ? `, ${moving.length} moving at ${mib(moving.reduce((n, t) => n + t.rate, 0))}/s` : "";
+  return el("div", { class: "transfer-total", "data-node-transfers": name },
+    `no shared storage: ${mib(sum("out"))} sent to it, ${mib(sum("in"))} sent back${now}`);
+}
+
+function transferRow(t) {
+  const way = t.direction === "out" ? `→ ${t.node}` : `← ${t.node}`;
+  const state = t.active ? "moving" : "done";
+  const progress = t.size ? (t.offset + t.bytes) / t.size : 1;
+  return el("tr", { "data-transfer": `${t.direction}:${t.node}:${t.name}`, "data-state": state },
+    el("td", { class: "name" }, t.name, el("div", { class: "muted" }, way)),
+    el("td", { class: "name muted" }, t.job || ""),
+    el("td", {}, bar(progress, t.active ? "running" : "done", `${t.name} ${way}`),
+      el("div", { class: "moved" }, `${mib(t.bytes)} of ${mib(t.size)}${t.offset ? ` (from byte ${t.offset.toLocaleString()})` : ""}`)),
+    el("td", { class: "rate" }, `${mib(t.rate)}/s`),
+    el("td", {}, pill(state)));
+}
+
+function renderTransfers() {
+  const shown = [...view.transfers].sort((a, b) => b.started - a.started).slice(0, TRANSFERS_SHOWN);
+  $("transfers-section").hidden = !shown.length;
+  $("transfers").replaceChildren(shown.length ? el("table", { class: "stack" },
+    el("thead", {}, el("tr", {}, ["File", "Job", "Moved", "Rate", ""].map((h) => el("th", {}, h)))),
+    el("tbody", {}, shown.map(transferRow))) : "");
 }
 
 function capabilities(node) {
@@ -393,7 +448,8 @@ function renderDetail() {
   const state = (view.jobs.get(job.id) || job).state; // events may be newer than this detail
   $("job-summary").replaceChildren(el("p", {}, pill(state), ` ${job.profile} · ${job.input || "(no input)"} → ${job.destination}`),
     job.error ? el("p", { class: "reason" }, job.error) : "",
-    job.outputs.length ? el("p", { class: "muted name" }, `${job.outputs.length} output(s): ${job.outputs.slice(0, 3).join(", ")}${job.outputs.length > 3 ? " …" : ""}`) : "");
+    job.outputs.length ? el("p", { class: "muted name" }, `${job.outputs.length} output(s): ${job.outputs.slice(0, 3).join(", ")}${job.outputs.length > 3 ? " …" : ""}`) : "",
+    jobTransfers(job.id));
   $("strip-title").hidden = !view.previews.length;
   $("strip").replaceChildren(...view.previews.map((p) => el("figure", { "data-attempt": p.attempt },
     el("img", { src: view.pictures.get(p.attempt), alt: `${p.label} on ${p.node}`, title: `${p.label} on ${p.node}`,
@@ -422,6 +478,18 @@ function renderDetail() {
     attempts.length ? "" : el("p", { class: "muted" }, "No segment has started yet."),
     waiting ? el("p", { class: "muted" }, `${waiting} segment(s) waiting`) : "");
   $("legend").replaceChildren(...STATE_COLOURS.map((s) => el("span", {}, el("i", { class: "seg-key", style: { background: `var(--${s === "timed_out" ? "failed" : s})` } }), s)));
+}
+
+// A job's files moved for nodes without shared storage: totals, newest first.
+function jobTransfers(jobId) {
+  const mine = view.transfers.filter((t) => t.job === jobId);
+  if (!mine.length) return "";
+  const out = mine.filter((t) => t.direction === "out").reduce((n, t) => n + t.bytes, 0);
+  const back = mine.filter((t) => t.direction === "in").reduce((n, t) => n + t.bytes, 0);
+  const moving = mine.filter((t) => t.active).length;
+  return el("p", { class: "muted", id: "job-transfers" },
+    `transfers: ${mib(out)} sent to nodes without shared storage, ${mib(back)} sent back`
+    + (moving ? `, ${moving} moving` : ""));
 }
 
 // A node runs several segments at once (its slots): attempts that overlap go on rows of their own.
@@ -520,6 +588,7 @@ async function start() {
   $("login").hidden = true;
   $("monitor").hidden = false;
   follow();
+  followTransfers();
   setInterval(render, 5000); // ETAs and running bars move with the clock
 }
 
