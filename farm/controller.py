@@ -117,6 +117,9 @@ class Controller:
 
             self.droplets = start_droplets(self.scheduler, self.config.droplets, self.plugins)
         self._start_api()
+        from farm.controllerapi import announce
+
+        announce(client, self.api_url)  # workers started outside `farm node` learn where to fetch inputs
         self.dask_address = self._reachable(client.scheduler.address)
         if self.advertise:
             from farm.discovery import Advertised, Advertiser

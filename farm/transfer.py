@@ -569,7 +569,8 @@ def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: thread
     if link is None:
         where = job.input if inputs else job.work_dir
         raise TransferError(f"node {node_name} cannot see {where} and has no controller to fetch it from "
-                             "(nodes without shared storage must be started with `farm node`)")
+                             "(a worker started outside `farm node` needs FARM_NODE_BUNDLE, a copy of the node bundle: see "
+                             "docs/cluster.md)")
     cache = node_cache(config)
     folder = cache.root / "attempts" / segment.attempt_id
     shutil.rmtree(folder, ignore_errors=True)

@@ -194,3 +194,69 @@ def test_the_monitor_page_shows_a_running_transfers_bytes_and_rate(farm_without_
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     assert (f.out / "stamped" / "frame_0001.txt").read_text() == f"1 {digest}"
     assert not errors, errors
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_a_plain_dask_worker_without_shared_storage_fetches_through_the_controller(tmp_path):
+    """A worker started as `dask worker … --preload farm.nodeservice` (the line `farm
+    cluster export-tls` prints), in a mount namespace without the input, destination and
+    storage folders, with only the node bundle beside it: the controller's API address
+    comes through the cluster, and it runs a whole job through the controller."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import yaml
+
+    from tests.cluster_helpers import Cluster, free_port
+    from tests.conftest import FARM
+    from tests.test_outside_dask import listening, printed_command, start
+    from tests.test_transfer import HIDE, stamp_profile
+
+    c = Cluster(tmp_path / "farm")
+    try:
+        port = free_port()
+        address = f"tls://127.0.0.1:{port}"
+        exported = c.farm("cluster", "export-tls", c.root / "tls", "--dir", c.bundles, "--scheduler", address)
+        assert exported.returncode == 0, exported.stderr
+        assert f"FARM_NODE_BUNDLE=/path/node.yaml: a copy of the node bundle {c.bundles / 'node.yaml'}" in \
+            exported.stdout
+        env, argv = printed_command(exported.stdout, "scheduler")
+        start(c, "scheduler", [*argv, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], env)
+        c.wait_until(lambda: listening(port), 90, "the dask scheduler to listen")
+        log = open(c.root / "controller.log", "a")
+        c.controller = subprocess.Popen([*FARM, "controller", "--bundle", str(c.bundles / "controller.yaml"),
+                                         "--scheduler", address], env=c.env, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=c.root)
+        c.wait_until(c.api_up, 90, "the controller's API")
+
+        inputs, out = c.root / "in", c.root / "out"
+        inputs.mkdir()
+        out.mkdir()
+        config = yaml.safe_load(c.config.read_text())
+        config["node"].update({"storage": "local", "cache": str(c.root / "worker-cache")})
+        island_config = c.root / "worker.yaml"
+        island_config.write_text(yaml.safe_dump(config))
+        env, argv = printed_command(exported.stdout, "worker", NODE_NAME="plain-island", SLOTS="1")
+        hidden = [str(inputs), str(out), str(c.root / "storage")]
+        start(c, "plain-island", ["unshare", "--mount", "--propagation", "private", "sh", "-c", HIDE, "sh", *hidden,
+                                  "--", *argv, "--host", "127.0.0.1"],
+              {**env, "FARM_CONFIG": str(island_config), "FARM_NODE_BUNDLE": str(c.bundles / "node.yaml")})
+        c.wait_until(lambda: c.node_names() == ["plain-island"], 180, "the plain worker to report as a node")
+
+        source = inputs / "clip.bin"
+        source.write_bytes(b"frames" * 100_000)
+        f = SimpleNamespace(c=c)
+        result = c.farm("submit", stamp_profile(f), source, "-o", out / "stamped", "--set", "frames=1-3", "--wait",
+                        "--json", timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        job = json.loads(result.stdout)["jobs"][0]
+        assert job["state"] == "done", job["error"]
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        assert [(out / "stamped" / f"frame_{n:04d}.txt").read_text() for n in (1, 2, 3)] == \
+            [f"{n} {digest}" for n in (1, 2, 3)]
+        moved = c.api("GET", "/api/transfers").json()
+        assert [(t["direction"], t["node"], t["name"]) for t in moved if t["direction"] == "out"] == \
+            [("out", "plain-island", "clip.bin")]
+    finally:
+        c.stop()

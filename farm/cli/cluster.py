@@ -281,6 +281,10 @@ def cmd_export_tls(args: argparse.Namespace, folder: Path, stdout: TextIO) -> Ex
     print(f"  {http.format('WORKER')} dask worker {address} --name NODE_NAME --nthreads SLOTS --memory-limit 0 "
           f"--no-dashboard {tls.format(files['ca.pem'], files['worker.pem'], files['worker.key'])} "
           "--preload farm.nodeservice --preload-nanny farm.daskroles", file=stdout)
+    print("  without shared storage with the controller (node.storage: local, or auto and the inputs not seen), "
+          "also FARM_NODE_BUNDLE=/path/node.yaml: a copy of the node bundle "
+          f"{shlex.quote(str(folder / 'node.yaml'))} (its node token and its pin of the controller's certificate; "
+          "the controller's API address comes through the cluster)", file=stdout)
     print("\nthe controller (its own bundle; farm node can join the same scheduler too):", file=stdout)
     print(f"  farm controller --scheduler {address}", file=stdout)
     return ExitStatus.OK
