@@ -260,3 +260,43 @@ def test_a_plain_dask_worker_without_shared_storage_fetches_through_the_controll
             [("out", "plain-island", "clip.bin")]
     finally:
         c.stop()
+
+
+@pytest.mark.slow
+def test_farm_nodes_lists_a_connected_dask_worker_that_is_no_farm_node(tmp_path):
+    """A plain `dask worker` with the cluster's certificate but without the farm preload
+    connects to the controller's scheduler: `farm nodes` lists it, marked, and it gets no
+    segment."""
+    from tests.cluster_helpers import Cluster
+    from tests.test_cluster import work_profile
+    from tests.test_outside_dask import printed_command, start
+
+    c = Cluster(tmp_path / "farm")
+    try:
+        c.start_controller()
+        c.start_node("alpha", "--slots", "1")
+        c.wait_for_nodes("alpha")
+        exported = c.farm("cluster", "export-tls", c.root / "tls", "--dir", c.bundles, "--scheduler",
+                          f"tls://127.0.0.1:{c.scheduler_port}")
+        assert exported.returncode == 0, exported.stderr
+        env, argv = printed_command(exported.stdout, "worker", NODE_NAME="bare", SLOTS="2")
+        at = argv.index("farm.nodeservice")
+        start(c, "bare", [*argv[:at - 1], *argv[at + 1:], "--host", "127.0.0.1"], env)  # no --preload farm.nodeservice
+
+        def listed() -> list[str]:
+            lines = c.farm("nodes").stdout.splitlines()
+            return lines if any(line.startswith("bare  not a farm node  2 thread(s)") for line in lines) else []
+
+        lines = c.wait_until(listed, 120, "farm nodes to list the plain worker")
+        at = next(n for n, line in enumerate(lines) if line.startswith("bare  "))
+        assert "never reported as a farm node" in lines[at + 1] and "gets no segments" in lines[at + 1]
+        assert any(line.startswith("alpha  idle") for line in lines), lines
+        nodes = {node["name"]: node for node in c.api("GET", "/api/nodes").json()}
+        assert nodes["bare"]["farm"] is False and "farm" not in nodes["alpha"]
+
+        submitted = c.farm("submit", work_profile(c, "1-4", 0), "-o", c.root / "out", "--wait", "--json")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job = json.loads(submitted.stdout)["jobs"][0]
+        assert {a["node"] for s in c.job(job["id"])["segment_list"] for a in s["attempts"]} == {"alpha"}
+    finally:
+        c.stop()

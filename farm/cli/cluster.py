@@ -471,6 +471,10 @@ def cmd_nodes(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     if not nodes:
         print("no nodes connected", file=stdout)
     for node in nodes:
+        if node.get("farm") is False:  # a Dask worker connected to the scheduler without a farm node in it
+            print(f"{node['name']}  {node['state']}  {node['slots']} thread(s)  {node['address']}", file=stdout)
+            print(f"    {node['reason']}", file=stdout)
+            continue
         offers = ", ".join(f"{k} {v}".strip() for k, v in sorted(node["capabilities"].items()))
         reason = f" ({node['reason']})" if node["reason"] else ""
         print(f"{node['name']}  {node['state']}{reason}  {node['running']}/{node['slots']} slots  {offers}", file=stdout)

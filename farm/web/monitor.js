@@ -368,7 +368,7 @@ function renderNodes() {
         Array.from({ length: node.slots }, (_, i) => el("i", { class: i < node.running ? "on" : "" }))),
         el("div", { class: "muted" }, `${node.running}/${node.slots}`)),
       el("td", { class: "muted name", title: Object.keys(node.capabilities).join(", ") }, capabilities(node)),
-      el("td", { class: "actions" }, node.state === "paused"
+      el("td", { class: "actions" }, node.farm === false ? null : node.state === "paused"
         ? el("button", { onclick: () => act(null, "POST", `/api/nodes/${encodeURIComponent(node.name)}/resume`) }, "Resume")
         : el("button", { onclick: () => act(null, "POST", `/api/nodes/${encodeURIComponent(node.name)}/pause`) }, "Pause")))))) : "");
 }
