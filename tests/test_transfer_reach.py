@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,40 @@ def test_a_node_without_shared_storage_transcodes_an_image_sequence(farm_without
     assert "island" in f.nodes_of(job["id"])
     # every frame went to the island once, whatever number of its segments read it
     assert sent_names(f) == [f"plate_{n:04d}.png" for n in range(1, 101)]
+
+
+#: Copies frame N of its input's sequence (a printf pattern) to frame_N.txt.
+SEQUENCE_COPY = """
+import pathlib, sys
+pattern, out, first, last = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for frame in range(first, last + 1):
+    (out / f"frame_{frame:04d}.txt").write_text(pathlib.Path(pattern % frame).read_text())
+"""
+
+
+@pytest.mark.slow
+@needs_isolation
+def test_a_command_reading_its_inputs_sequence_runs_on_a_node_without_shared_storage(farm_without_shared_storage):
+    f = farm_without_shared_storage()
+    f.start_island()  # the only node: every frame it read came through the controller
+    f.c.wait_for_nodes("island")
+    shots = f.inputs / "shots"
+    shots.mkdir()
+    for n in range(1, 7):
+        (shots / f"shot_{n:04d}.txt").write_text(f"picture {n}")
+    (shots / "notes.txt").write_text("not a frame")
+    script = f.c.root / "sequence_copy.py"
+    script.write_text(SEQUENCE_COPY)
+    profile = write_profile(f.c.root, "copy-sequence", {
+        "processor": "command", "frames": "1-6", "segment": {"frames": 2},
+        "settings": {"command": [sys.executable, str(script), "{input_sequence}", "{output_dir}", "{start}", "{end}"],
+                     "expect": ["frame_{frame:04d}.txt"]}})
+
+    job = f.submit(profile, shots / "shot_0001.txt", "-o", f.out / "copied")
+    assert [(f.out / "copied" / f"frame_{n:04d}.txt").read_text() for n in range(1, 7)] == \
+        [f"picture {n}" for n in range(1, 7)]
+    assert f.nodes_of(job["id"]) == {"island"}
+    assert sent_names(f) == [f"shot_{n:04d}.txt" for n in range(1, 7)]  # the sequence, not the folder
 
 
 def blend_job(f: Farm, blend: Path, out: Path, frames: str, **profile) -> subprocess.CompletedProcess:

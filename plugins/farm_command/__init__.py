@@ -146,6 +146,20 @@ class CommandProcessor(Processor):
         if profile.frames is None:
             raise ProfileError("frames: the command processor needs a frame range, such as frames: 1-100")
 
+    def input_files(self, job: Job) -> list[Path]:
+        """The input; for a command that reads its numbered input's sequence
+        (``{input_sequence}``), every file of that sequence beside it (a node without
+        shared storage is sent them all)."""
+        used = {name for item in job.settings.command for name in template_fields(item)}
+        match = _NUMBERED.match(job.input.name) if job.input is not None else None
+        if match is None or not used & {"input_sequence", "input_number", "sequence_name"}:
+            return super().input_files(job)
+        digits = match["digits"]
+        frame = re.compile(re.escape(match["prefix"]) + (rf"\d{{{len(digits)},}}" if digits.startswith("0") else r"\d+")
+                           + re.escape(match["ext"]) + "$")
+        return sorted({job.input, *(path for path in job.input.parent.iterdir()
+                                    if frame.match(path.name) and path.is_file())})
+
     def requires(self, job: Job) -> dict[str, str]:
         return {**job.profile.requires, f"command:{executable_name(job.settings.command[0])}": ""}
 
