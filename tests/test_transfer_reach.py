@@ -335,3 +335,43 @@ def test_farm_nodes_lists_a_connected_dask_worker_that_is_no_farm_node(tmp_path)
         assert {a["node"] for s in c.job(job["id"])["segment_list"] for a in s["attempts"]} == {"alpha"}
     finally:
         c.stop()
+
+
+ABSOLUTE = """
+import bpy
+bpy.ops.file.make_paths_absolute()
+bpy.ops.wm.save_mainfile()
+"""
+
+
+@needs_blender
+def test_what_a_blend_links_is_listed_by_blender_and_absolute_links_are_refused(tmp_path, monkeypatch):
+    """What a node without shared storage would be sent for a .blend (the controller's side,
+    no cluster): its library and texture, as Blender lists them; a missing texture is
+    left to the render; a file linked by an absolute path is refused, naming it."""
+    from types import SimpleNamespace
+
+    from farm.errors import DeterministicFailure
+    from farm_imageseq import blender
+    from tests.test_blender_scenes import build_scene
+
+    blend = build_scene(tmp_path / "shot")
+    (blend.parent / "notes.txt").write_text("not linked")
+    job = SimpleNamespace(input=blend, profile=SimpleNamespace(sandbox=SimpleNamespace(read=[])))
+    assert blender.linked_files(job) == [blend, blend.parent / "lib" / "parts.blend", blend.parent / "textures" / "x.png"]
+    with monkeypatch.context() as patched:  # no Blender on the controller: the .blend's folder
+        patched.setattr(blender.shutil, "which", lambda name: None)
+        assert sorted(p.name for p in blender.linked_files(job)) == ["notes.txt", "parts.blend", "shot.blend", "x.png"]
+
+    (blend.parent / "textures" / "x.png").unlink()
+    blender._linked.clear()
+    assert blender.linked_files(job) == [blend, blend.parent / "lib" / "parts.blend"]  # the render names it missing
+
+    made = subprocess.run(["blender", "-b", "-noaudio", "--factory-startup", str(blend), "--python-exit-code", "3",
+                           "--python-expr", ABSOLUTE], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    with pytest.raises(DeterministicFailure) as refused:
+        blender.linked_files(job)
+    said = str(refused.value)
+    assert said.startswith(f"shot.blend links library {blend.parent / 'lib' / 'parts.blend'} by an absolute path")
+    assert "Make Paths Relative" in said

@@ -163,18 +163,32 @@ FOLDER_FILES_LIMIT = 2000
 log = logging.getLogger("farm.imageseq.blender")
 _linked: dict[tuple[str, int, int], list[list[str]]] = {}
 _linked_lock = threading.Lock()
+_probing: dict[tuple[str, int, int], threading.Lock] = {}
 
 
 def _probe_links(blend: Path, readable: list[Path]) -> list[list[str]]:
     """[kind, as written, absolute path] of every file ``blend`` refers to, found by
     Blender itself (sandboxed where bubblewrap works), once per version of the file."""
-    from farm import sandbox
-
     stat = blend.stat()
     key = (str(blend), stat.st_size, stat.st_mtime_ns)
     with _linked_lock:
         if key in _linked:
             return _linked[key]
+        one = _probing.setdefault(key, threading.Lock())
+    with one:  # nodes asking at once for a new file: Blender runs once, the others wait for it
+        with _linked_lock:
+            if key in _linked:
+                return _linked[key]
+        try:
+            return _run_probe(blend, readable, key)
+        finally:
+            with _linked_lock:
+                _probing.pop(key, None)
+
+
+def _run_probe(blend: Path, readable: list[Path], key: tuple[str, int, int]) -> list[list[str]]:
+    from farm import sandbox
+
     argv = ["blender", "-b", "-noaudio", "--factory-startup", "-Y", str(blend), "--python-exit-code", "2",
             "--python-expr", LINKS]
     env = dict(os.environ)
@@ -196,6 +210,8 @@ def _probe_links(blend: Path, readable: list[Path]) -> list[list[str]]:
         raise failure(f"blender could not list the files {blend.name} links: {said}")
     found = json.loads(line[len("FARM-LINKED "):])
     with _linked_lock:
+        if len(_linked) >= 256:  # one entry per version of a .blend: forget the oldest
+            del _linked[next(iter(_linked))]
         _linked[key] = found
     return found
 
