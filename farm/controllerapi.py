@@ -28,6 +28,11 @@ log = logging.getLogger("farm.controllerapi")
 NAME = "farm-controller-api"
 
 
+#: Set beside ``FARM_CONTROLLER_API`` when the address came from this plugin, so that a
+#: controller that comes back at another address replaces it (``farm node``'s stays).
+GIVEN_ENV = "FARM_CONTROLLER_API_FROM_CLUSTER"
+
+
 class ControllerAPI(WorkerPlugin):
     """Sets ``FARM_CONTROLLER_API`` in a worker that has none (``farm node`` sets its own)."""
 
@@ -37,8 +42,9 @@ class ControllerAPI(WorkerPlugin):
         self.url = url
 
     def setup(self, worker: Any) -> None:
-        if not os.environ.get(API_ENV):
+        if not os.environ.get(API_ENV) or os.environ.get(GIVEN_ENV):
             os.environ[API_ENV] = self.url
+            os.environ[GIVEN_ENV] = "1"
 
 
 def announce(client: Any, url: str) -> None:
