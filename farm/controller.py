@@ -373,13 +373,11 @@ class Controller:
                               "running": len(segments), "segments": segments, "state": state,
                               "reason": view.reason, "capabilities": view.capabilities})
         for worker in getattr(self.engine, "silent_workers", []):  # connected, and no farm node: listed, given nothing
-            never = worker["silent_for"] is None
             documents.append({
                 "name": worker["name"], "address": worker["address"], "slots": worker["slots"], "running": 0,
-                "segments": [], "state": "not a farm node" if never else "silent", "farm": False, "capabilities": {},
+                "segments": [], "state": "not a farm node", "farm": False, "capabilities": {},
                 "reason": "a Dask worker that never reported as a farm node (started without --preload "
-                          "farm.nodeservice?); it gets no segments" if never else
-                          f"no report for {worker['silent_for']} s; it gets no segments until it reports again"})
+                          "farm.nodeservice?); it gets no segments"})
         self._node_documents = documents
         if documents != self._nodes_published:
             self._nodes_published = documents

@@ -78,8 +78,8 @@ class Engine:
         self._sent_jobs: dict[str, set[str]] = {}
         self._job_of: dict[str, str] = {}  # attempt -> its job
         self._carried_whole: set[str] = set()  # attempts that brought their job with them
-        #: Dask workers connected without a farm node's report (a plain `dask worker` without the
-        #: farm.nodeservice preload, or a node that fell silent), as of the last nodes()
+        #: Dask workers connected that never reported as farm nodes (a plain `dask worker`
+        #: without the farm.nodeservice preload), as of the last nodes()
         self.silent_workers: list[dict[str, Any]] = []
         self._first_seen: dict[str, float] = {}  # worker address -> when nodes() first saw it without a report
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
@@ -116,11 +116,11 @@ class Engine:
             heard, view = self._reports.get(address, (0.0, None))
             if view is not None and now - heard <= NODE_SILENCE_SECONDS:
                 views.append(view)
-            elif view is not None or now - self._first_seen.setdefault(address, now) > NODE_SILENCE_SECONDS:
-                # connected to Dask, and no farm node (or no longer): `farm nodes` lists it, it gets nothing
+            elif view is None and now - self._first_seen.setdefault(address, now) > NODE_SILENCE_SECONDS:
+                # connected to Dask and never a farm node: `farm nodes` lists it, it gets nothing
+                # (a node that fell silent is left out, as one that is gone)
                 silent.append({"address": address, "name": str(info.get("name", address)),
-                               "slots": int(info.get("nthreads", 1)),
-                               "silent_for": round(now - heard) if view is not None else None})
+                               "slots": int(info.get("nthreads", 1))})
         self._first_seen = {address: seen for address, seen in self._first_seen.items() if address in workers}
         self.silent_workers = silent
         return self._unique_names(views)
