@@ -480,7 +480,7 @@ function renderDetail() {
   $("legend").replaceChildren(...STATE_COLOURS.map((s) => el("span", {}, el("i", { class: "seg-key", style: { background: `var(--${s === "timed_out" ? "failed" : s})` } }), s)));
 }
 
-// A job's files moved for nodes without shared storage: totals, newest first.
+// A job's files moved for nodes without shared storage: its totals (from the transfers the page follows).
 function jobTransfers(jobId) {
   const mine = view.transfers.filter((t) => t.job === jobId);
   if (!mine.length) return "";
