@@ -198,6 +198,13 @@ def keep_frames(settings: TranscodeSettings, params: dict[str, Any], encoded: Pa
 AUDIO_LEAD = 10.0
 
 
+#: Muxers that write an mp4/QuickTime movie, and the movie timescale given to an audio
+#: piece: 7,056,000 ticks a second hold a sample of 8, 11.025, 16, 22.05, 44.1, 48 and 96 kHz
+#: exactly (and 32 kHz to 0.2 µs).
+MOVIE_MUXERS = frozenset({"mp4", "mov", "ipod"})
+MOVIE_TIMESCALE = 7_056_000
+
+
 def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:
     """Encode the chosen audio tracks once, over the whole duration, into one file whose
     timestamps are the source's, counted from the source's start, plus ``AUDIO_LEAD``."""
@@ -206,6 +213,11 @@ def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, stre
     muxer = box.audio_piece[0] if box.audio_piece else box.muxer
     options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": muxer,
                                "output_ts_offset": f"{AUDIO_LEAD:g}"}
+    if muxer in MOVIE_MUXERS:
+        # An mp4's edit list counts in the movie's timescale, 1/1000 s unless told: the
+        # encoder's priming (1024 samples, 21.333 ms) was written as 21 ms, and the sound
+        # landed 0.667 ms off at assembly, which then joined everything again to correct it.
+        options["movie_timescale"] = MOVIE_TIMESCALE
     if audio.bitrate:
         options["b:a"] = audio.bitrate
     if audio.channels:
