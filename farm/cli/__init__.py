@@ -264,7 +264,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.lease import describe
-    from farm.local import EarlyCluster, LocalFarm, check_destination, check_inputs, check_runnable, run_fingerprint
+    from farm.local import (EarlyCluster, LocalFarm, check_destination, check_inputs, check_runnable, plan_ahead,
+                            run_fingerprint)
     from farm.node import install_runtime, require_sandbox
     from farm.profiles import load_profile
 
@@ -278,6 +279,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
         require_sandbox(config.node)
         node = install_runtime(config.node)
         check_runnable(loaded, plugins, inputs, node.capabilities)
+        plan_ahead(loaded, plugins, inputs)  # probes the sources while Dask starts
         fingerprint = run_fingerprint(loaded, inputs, destination)
         farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, early=early)
     finally:
