@@ -8,15 +8,17 @@
 (c) parallel efficiency: the same batch on 1 slot and on 2 slots, each segment encoder
     limited to one thread: speedup, target >= 1.8 on 2 cores;
 (d) a job's fixed cost: ``farm run`` of a one-frame source minus one plain ffmpeg
-    process encoding it: target <= 1 s. With ``--repeat N`` each is run N times, one after
-    the other, and the medians are compared (a shared machine's load comes and goes).
+    process encoding it, and the same for 10 s of sound (``aac-audio``): target <= 1 s of
+    wall time. With ``--repeat N`` each is run N times, taking turns, and the medians are
+    compared (a shared machine's load comes and goes; the load average is printed beside).
     CPU seconds (user + system, the processes' children included) are printed beside.
+    ``--tree /work/main`` measures another checkout's ``farm run`` (before/after in one run).
 (e) with ``--controller-cost N``: a controller and one node as real processes; N
     one-frame jobs submitted at once through the API; the controller process's own CPU
     seconds per job, less what it spends idle in the same time (target <= 0.2 s).
 
     .venv/bin/python benchmarks/transcode.py [--seconds 60] [--size 1280x720] [--profile h264-web-720p]
-    .venv/bin/python benchmarks/transcode.py --fixed-only --repeat 7 [--controller-cost 20]
+    .venv/bin/python benchmarks/transcode.py --fixed-only --repeat 7 [--controller-cost 20] [--tree /work/main]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 FARM = [sys.executable, "-m", "farm.cli"]
+TREE = ROOT  # the Farm whose ``farm run`` is measured (--tree: another checkout, e.g. main, in the same run)
 
 
 def make_source(path: Path, seconds: int, size: str) -> None:
@@ -51,13 +54,13 @@ def make_source(path: Path, seconds: int, size: str) -> None:
 
 def plain_ffmpeg_argv(settings: dict, source: Path, out: Path, threads: int | None = None) -> list[str]:
     """The profile's settings as one ffmpeg command, written out by hand (not by Farm's code)."""
-    video, audio = settings["video"], settings.get("audio") or {}
-    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(source),
-            "-c:v", video["codec"]]
+    video, audio = settings.get("video") or {}, settings.get("audio") or {}
+    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(source)]
+    argv += ["-c:v", video["codec"]] if video else ["-vn"]
     for key, option in (("crf", "-crf"), ("preset", "-preset"), ("profile", "-profile:v"), ("pix_fmt", "-pix_fmt")):
         if key in video:
             argv += [option, str(video[key])]
-    if "height" in video:
+    if video and "height" in video:
         argv += ["-vf", f"scale=-2:{video['height']}"]
     gop = video.get("gop")
     if gop:
@@ -66,7 +69,7 @@ def plain_ffmpeg_argv(settings: dict, source: Path, out: Path, threads: int | No
         argv += ["-threads", str(threads)]
     if audio:
         argv += ["-c:a", audio["codec"]] + (["-b:a", audio["bitrate"]] if audio.get("bitrate") else [])
-    return argv + ["-movflags", "+faststart", str(out)]
+    return argv + (["-movflags", "+faststart"] if video else []) + [str(out)]
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -88,7 +91,7 @@ def farm_run(work: Path, name: str, profile: str, source: Path, slots: int | Non
     env = {**os.environ, "FARM_STATE": str(home / "state"), "FARM_CONFIG": str(home / "farm.yaml")}
     argv = [*FARM, "run", profile, str(source), "-o", str(home / "out"), "--json", "--quiet", *extra]
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=TREE)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"farm run failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
@@ -115,7 +118,7 @@ def psnr(path: Path, source: Path, rate: str = "25") -> list[float]:
 def cut_frames(profile: str, source: Path, extra: list[str]) -> list[int]:
     """The first frame (from 0) of every video segment after the first, from ``farm plan``."""
     proc = subprocess.run([*FARM, "plan", profile, str(source), "--json", *extra], capture_output=True, text=True,
-                          cwd=ROOT, check=True)
+                          cwd=TREE, check=True)
     segments = json.loads(proc.stdout)["jobs"][0]["segments"]
     return [s["params"]["first"] for s in segments if s["params"].get("kind") == "video" and s["params"]["first"]]
 
@@ -142,10 +145,17 @@ def main() -> None:
     parser.add_argument("--skip-fixed", action="store_true", help="skip (d), the fixed cost of a job")
     parser.add_argument("--fixed-only", action="store_true", help="only (d), the fixed cost of a job")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each side of (d); medians compared")
+    parser.add_argument("--tree", help="measure the farm run of this checkout (its .venv), e.g. /work/main")
+    parser.add_argument("--farm-set", action="append", default=[], type=lambda text: f"--set={text}",
+                        metavar="KEY=VALUE", help="(d): a --set for farm run, e.g. preview=false")
     parser.add_argument("--controller-cost", type=int, default=0, metavar="N",
                         help="(e): N one-frame jobs through a running controller")
     args = parser.parse_args()
-    console = Console()
+    if args.tree:
+        global TREE
+        TREE = Path(args.tree).resolve()
+        FARM[0] = str(TREE / ".venv" / "bin" / "python")
+    console = Console(width=150)
     settings = yaml.safe_load((ROOT / "profiles" / f"{args.profile}.yaml").read_text())["settings"]
     segment = ["--set", f"segment.seconds={args.segment_seconds}"] if args.segment_seconds else []
     with tempfile.TemporaryDirectory(prefix="farm-bench-transcode-") as tmp:
@@ -153,7 +163,7 @@ def main() -> None:
         source = work / "source.mp4"
         rows: list[tuple[str, ...]] = []
         if args.fixed_only:
-            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat)
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat, args.farm_set)
             if args.controller_cost:
                 rows += controller_cost(work, args.profile, args.controller_cost)
             return print_table(console, args, rows, "fixed cost")
@@ -181,30 +191,48 @@ def main() -> None:
     print_table(console, args, rows, f"{args.seconds} s {args.size}")
 
 
-def fixed_cost(work: Path, profile: str, settings: dict, size: str, repeat: int) -> list[tuple[str, ...]]:
-    """(d): ``farm run`` of a one-frame source against one plain ffmpeg encoding it, each
-    ``repeat`` times in turn; the medians."""
+def fixed_cost(work: Path, profile: str, settings: dict, size: str, repeat: int,
+               extra: list[str] | None = None) -> list[tuple[str, ...]]:
+    """(d): ``farm run`` against one plain ffmpeg doing the same encode, each ``repeat``
+    times in turn (plain, farm, plain, farm, ...), wall time by the clock on the wall: the
+    medians, their difference and the load average while they ran. Two sources: a one-frame
+    movie with the given profile, and 10 s of sound with ``aac-audio``."""
     tiny = work / "tiny.mp4"
     make_source(tiny, 1, size)
     one = work / "one.mp4"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(tiny), "-frames:v", "1",
                     "-c:v", "libx264", "-c:a", "aac", "-t", "0.04", str(one)], check=True)
+    sound = work / "sound.mp4"
+    make_source(sound, 10, "320x240")
+    audio_settings = yaml.safe_load((ROOT / "profiles" / "aac-audio.yaml").read_text())["settings"]
+    rows: list[tuple[str, ...]] = []
+    for label, source, name, how in (("one-frame movie", one, profile, settings),
+                                     ("10 s of sound", sound, "aac-audio", audio_settings)):
+        rows += _fixed_case(work, label, source, name, how, repeat, extra or [])
+    return rows
+
+
+def _fixed_case(work: Path, label: str, source: Path, profile: str, settings: dict, repeat: int,
+                extra: list[str]) -> list[tuple[str, ...]]:
     plains, farms, plain_cpu, farm_cpu = [], [], [], []
+    load_before = os.getloadavg()[0]
+    ext = "m4a" if settings.get("video") is None else "mp4"
     for turn in range(max(1, repeat)):
         before = children_cpu()
-        plains.append(timed(plain_ffmpeg_argv(settings, one, work / "plain-one.mp4")))
+        plains.append(timed(plain_ffmpeg_argv(settings, source, work / f"plain-{profile}.{ext}")))
         middle = children_cpu()
-        farms.append(farm_run(work, f"one-{turn}", profile, one, None, [])[0])
+        farms.append(farm_run(work, f"{profile}-{turn}", profile, source, None, extra)[0])
         plain_cpu.append(middle - before)
         farm_cpu.append(children_cpu() - middle)
-    plain_one, farm_one = statistics.median(plains), statistics.median(farms)
+    load = f"load {load_before:.1f}-{os.getloadavg()[0]:.1f}"
+    plain, farm = statistics.median(plains), statistics.median(farms)
     cpu_plain, cpu_farm = statistics.median(plain_cpu), statistics.median(farm_cpu)
-    runs = f"median of {len(farms)}" if len(farms) > 1 else ""
-    return [("(d1) one-frame source, one plain ffmpeg", f"{plain_one:.2f}", "", "1",
-             f"CPU {cpu_plain:.2f} s" + (f"; {runs}" if runs else "")),
-            ("(d2) one-frame source, farm run", f"{farm_one:.2f}", f"{farm_one / plain_one:.2f}", "1",
-             f"fixed cost {farm_one - plain_one:.2f} s (target <= 1 s); CPU {cpu_farm:.2f} s, "
-             f"{cpu_farm - cpu_plain:.2f} s more than ffmpeg's" + (f"; {runs}" if runs else ""))]
+    runs = f"median of {len(farms)} (farm {min(farms):.2f}-{max(farms):.2f} s)"
+    return [(f"(d) {label}, one plain ffmpeg", f"{plain:.2f}", "", "",
+             f"CPU {cpu_plain:.2f} s; {load}"),
+            (f"(d) {label}, farm run {profile}", f"{farm:.2f}", f"{farm / plain:.2f}", "",
+             f"fixed cost {farm - plain:.2f} s of wall (target <= 1 s); CPU {cpu_farm:.2f} s, "
+             f"{cpu_farm - cpu_plain:.2f} s more than ffmpeg's; {runs}")]
 
 
 def process_cpu(pid: int) -> tuple[float, float]:
@@ -268,7 +296,7 @@ def children_cpu() -> float:
 
 
 def print_table(console: Console, args: argparse.Namespace, rows: list[tuple[str, ...]], what: str) -> None:
-    table = Table(title=f"transcode: {what}, profile {args.profile}, {os.cpu_count()} cores, "
+    table = Table(title=f"transcode: {what}, profile {args.profile}, farm in {TREE}, {os.cpu_count()} cores, "
                         f"load {os.getloadavg()[0]:.1f}")
     for column in ("run", "wall s", "/ plain", "frames", "note"):
         table.add_column(column)

@@ -113,6 +113,22 @@ def check_runnable(loaded: LoadedProfile, plugins: Plugins, inputs: list[Path | 
         )
 
 
+def plan_ahead(loaded: LoadedProfile, plugins: Plugins, inputs: list[Path | None]) -> None:
+    """Let the processor learn what planning these inputs needs (probe them) while the
+    cluster starts; the plans themselves are made at submission. Nothing here fails a run:
+    what is wrong is said by the plan."""
+    from farm.model import Job
+
+    processor = plugins.processor(loaded.profile.processor)
+    for source in inputs[:8]:  # a run of many inputs plans the rest in turn
+        job = Job(id="ahead", batch_id="ahead", input=source, profile=loaded.profile, settings=loaded.settings,
+                  destination=Path("."), work_dir=Path("."), frames=loaded.profile.frame_list)
+        try:
+            processor.plan_ahead(job)
+        except Exception:  # noqa: BLE001 - said again, properly, by the plan
+            logging.getLogger(__name__).debug("planning ahead of %s failed", source, exc_info=True)
+
+
 class EarlyCluster:
     """The embedded Dask cluster, started in a background thread as soon as a run is
     known to be well formed, while the node probes what it offers (programs asked for

@@ -714,7 +714,8 @@ def _run_attempt(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
         result = processor.run(segment, context)
         if cancelled.is_set():
             raise Cancelled("cancelled")
-        _keep_preview(processor, segment, result or {}, context, log)
+        if job.profile.preview:
+            _keep_preview(processor, segment, result or {}, context, log)
         if staged is not None:
             result = staged.finish(result or {})
         return {"ok": True, "result": unmap_values(result or {}, mapping), "log": log.text(), "node": node.name}

@@ -121,6 +121,11 @@ class Processor:
         """Cut a job into segments; cheap and pure (may probe, never writes outputs)."""
         return [SegmentPlan(label="whole job")]
 
+    def plan_ahead(self, job: Job) -> None:
+        """Called by ``farm run`` before :meth:`plan`, while its cluster starts: learn what
+        planning ``job`` will need (probe the source) and keep it for that plan, so that
+        the two waits overlap. Errors are ignored here; :meth:`plan` says them."""
+
     def run(self, segment: Segment, context: Context) -> dict[str, Any]:
         """Process one segment into ``segment.output_dir``; return a JSON-serialisable result."""
         raise NotImplementedError(f"processor {self.name!r} does not implement run()")

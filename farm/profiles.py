@@ -151,6 +151,8 @@ class Profile(BaseModel):
                                                       "from -1000000 to 1000000")
     requires: dict[str, str] = Field(default_factory=dict, description="what a node must offer: {povray: '>=3.7'}")
     then: str | None = Field(default=None, description="a profile to run on this job's first output when it is done")
+    preview: bool = Field(default=True, description="make a small picture of each finished segment for the "
+                                                     "Batch Monitor (false: none, and no time spent on it)")
     max_node_failures: int = Field(
         default=3, ge=1, description="failures on one node before it is kept off the job"
     )

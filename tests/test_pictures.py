@@ -92,6 +92,25 @@ def test_a_transcode_keeps_a_poster_frame_of_each_video_segment(farm, farm_env):
         assert all(abs(a - b) < 6 for a, b in zip(real, shown)), (attempt, real, shown)
 
 
+def test_a_profile_with_preview_false_makes_no_picture(farm, farm_env):
+    tmp, state = farm_env["tmp"], farm_env["state"]
+    source = tmp / "clip.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25:duration=2",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(source)], check=True)
+    profile = write_profile(tmp, "nopics", {
+        "processor": "transcode", "preview": False, "output": "{stem}-small.mp4",
+        "settings": {"container": "mp4", "video": {"codec": "libx264", "crf": 23, "preset": "ultrafast"}},
+    })
+    ran = farm("run", profile, source, "-o", tmp / "out", "--json", "--quiet")
+    assert ran.returncode == 0, ran.stderr
+    job = ran.json()["jobs"][0]
+    assert job["state"] == "done" and Path(job["outputs"][0]).is_file()
+    assert previews_of(state, job["id"]) == {}
+    log = farm("logs", job["id"], "0").stdout
+    assert "=== finished: exit status 0" in log, log  # the segment ran and its log was kept
+    assert "=== preview" not in log
+
+
 class _Log:
     def __init__(self) -> None:
         self.lines: list[str] = []

@@ -167,6 +167,42 @@ def test_short_sources_and_unsegmented_profiles_are_one_segment(farm, farm_env):
     assert "2 segment(s)" in two_pass.stdout and "frames 1-150" in two_pass.stdout
 
 
+def test_a_one_segment_job_is_exact_in_frames_duration_and_sound(farm, farm_env):
+    """A one-frame movie and a one-second one with a beep, each one video segment: the output
+    holds every frame, lasts what the source lasts, and its beep plays where the source's did
+    against the picture (measured to 0.125 ms, as a player decodes both)."""
+    from farm_transcode import sync
+
+    tmp = farm_env["tmp"]
+    beep = "aevalsrc=if(between(t\\,0.3\\,0.5)\\,sin(2*PI*440*t)\\,0):s=48000:d={d}"
+    cases = {"one-frame": 0.04, "one-second": 1.0}
+    for name, seconds in cases.items():
+        source = tmp / f"{name}.mp4"
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=25:duration={seconds}",
+                        "-f", "lavfi", "-i", beep.format(d=seconds), "-c:v", "libx264", "-preset", "ultrafast",
+                        "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(source)], check=True)
+        status, report = run_json(farm, profile(tmp, seconds=10), source, "-o", tmp / "out")
+        assert status == 0, json.dumps(report)
+        job = report["jobs"][0]
+        assert job["segments"] == 2, json.dumps(report)  # its sound and its one video segment
+        out = Path(job["outputs"][0])
+        video, = streams(out, "video")
+        source_video, = streams(source, "video")
+        assert int(video["nb_read_packets"]) == int(source_video["nb_read_packets"]) == round(seconds * 25)
+        assert abs(duration(video) - duration(source_video)) < 0.001, (duration(video), duration(source_video))
+        sound, = streams(out, "audio")
+        assert abs(duration(sound) - duration(streams(source, "audio")[0])) < 0.03
+        if seconds >= 1:  # a beep to measure by
+            def run(argv, on_line=None, check=False):
+                proc = subprocess.run(argv, capture_output=True, text=True)
+                for line in proc.stderr.splitlines():
+                    on_line(line)
+                return type("Result", (), {"exit_status": proc.returncode})()
+
+            lag = sync.lag(source, None, 1, out, 0, run, tmp)
+            assert lag is not None and abs(lag) <= 1 / sync.RATE, lag
+
+
 # -- runs: frame-exact joins --------------------------------------------------------------------
 
 

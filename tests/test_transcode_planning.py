@@ -81,3 +81,27 @@ def test_settings_that_cannot_work_are_refused(data, words):
 def test_gop_in_seconds_follows_the_rate():
     video = TranscodeSettings.model_validate({"video": {"codec": "libx264", "gop": "2s"}}).video
     assert video.gop_frames(Fraction(30000, 1001)) == 60 and video.gop_frames(Fraction(25)) == 50
+
+
+def test_a_source_probed_ahead_is_planned_as_it_is_when_planned(tmp_path):
+    """`farm run` probes while its cluster starts; a source replaced meanwhile is probed
+    again, and facts kept ahead serve one plan only."""
+    import os
+    import subprocess
+
+    from farm_transcode import sources
+
+    def movie(seconds: int) -> None:
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                        f"testsrc2=size=160x120:rate=25:duration={seconds}", "-c:v", "libx264", "-preset",
+                        "ultrafast", str(tmp_path / "clip.mp4")], check=True)
+
+    clip = tmp_path / "clip.mp4"
+    movie(1)
+    ahead = sources.probe(clip, None, ahead=True)
+    assert sources.probe(clip, None) is ahead  # the plan takes what was probed ahead
+    assert sources.probe(clip, None) is not ahead  # once
+    sources.probe(clip, None, ahead=True)
+    movie(2)  # replaced before it was planned
+    os.utime(clip, ns=(1, 1))  # whatever the clock's grain, the stamp differs
+    assert sources.probe(clip, None).video.frames == 50

@@ -47,6 +47,7 @@ import re
 import shutil
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,13 @@ class TranscodeProcessor(Processor):
             video_plans[0] = dataclasses.replace(video_plans[0], label=f"{video_plans[0].label}; {kind}")
         return plans + self._with_picture(facts, settings, video_plans)
 
+    def plan_ahead(self, job: Job) -> None:
+        """Probe the source now and keep its facts for :meth:`plan` (``farm run`` does this
+        while its cluster starts)."""
+        if job.input is not None:
+            settings: TranscodeSettings = job.settings
+            sources.probe(job.input, settings.video.fps if settings.video else None, ahead=True)
+
     @staticmethod
     def _check_rate(job: Job, plans: list[SegmentPlan]) -> None:
         """An encoder with a table of frame rates (MPEG-2) is refused a rate outside it at plan time."""
@@ -362,14 +370,15 @@ class TranscodeProcessor(Processor):
                 done = int(line[6:].strip() or 0)
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
-        found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line)
+        preview = segment.job.profile.preview
+        found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line, preview)
         if frames != count and params.get("seek") is not None:
             # The demuxer's seek landed after the segment's first frame: read from the
             # beginning instead (slower, always exact).
             context.logger.warning("segment %s: seeking to %.3f s gave %d frames instead of %d; reading the source "
                                    "from its beginning", segment.label, params["seek"], frames, count)
             params = {**params, "seek": None}
-            found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line)
+            found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line, preview)
         streams = found.of_type("video")
         if frames != count:
             raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
@@ -379,11 +388,14 @@ class TranscodeProcessor(Processor):
                 "duration": found.duration(streams[0]), "params": params}
 
     def preview(self, segment: Segment, result: dict[str, Any], context: Context) -> Path | None:
-        """A poster frame of a video segment: its piece's first frame, at most 320 px wide."""
+        """A poster frame of a video segment: its piece's first frame, at most 320 px wide,
+        as the encoding process wrote it, or else decoded from the piece."""
         if result.get("kind") != "video" or not result.get("file"):
             return None
-        piece = Path(result["file"])
         made = context.scratch / "poster.jpg"
+        if made.is_file() and made.stat().st_size:
+            return made
+        piece = Path(result["file"])
         context.run([ffmpeg_io.FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(piece),
                      "-map", "0:v:0", "-vf", f"scale='min({PREVIEW_WIDTH},iw)':-2", "-frames:v", "1", "-q:v", "4",
                      "-y", str(made)], read=[piece])
@@ -391,19 +403,22 @@ class TranscodeProcessor(Processor):
 
     @staticmethod
     def _encode_video(context: Context, facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any],
-                      out: Path, threads: int, on_line: Callable[[str], None]) -> tuple[Any, int]:
+                      out: Path, threads: int, on_line: Callable[[str], None], preview: bool = False) -> tuple[Any, int]:
         """Encode one video segment; what ffprobe finds in it, and its frame count."""
         assert settings.video is not None
         reads = sources.reads(facts)  # an image sequence's other frames
         overlapped = joins.overlapped(params)
         encoded = context.scratch / f"overlapped.{joins.OVERLAPPED_MUXER}" if overlapped else out
+        picture = params.get("picture") or {}
+        poster = ((context.scratch / "poster.jpg", PREVIEW_WIDTH) if preview and params["mode"] != "passthrough"
+                  and picture.get("pix_fmt") in ffmpeg_io.POSTER_PIX_FMTS and not picture.get("fields") else None)
         if settings.video.passes == 2:
             passlog = context.scratch / "pass"
             run_ffmpeg(context, ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 1),
                        cwd=context.scratch, on_line=on_line, read=reads)
-            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 2)
+            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 2, poster=poster)
         else:
-            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads)
+            argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, poster=poster)
         run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line, read=reads)
         if overlapped:
             run_ffmpeg(context, ffmpeg_io.keep_frames(settings, params, encoded, out), cwd=context.scratch)
@@ -487,6 +502,16 @@ class TranscodeProcessor(Processor):
             delivery.check_room([sum(Path(r["file"]).stat().st_size for r in pieces.values())])
             temporary = delivery.staged(target)
             source_sound: dict[str, Any] = {}  # decoded once, whichever join measures it
+            measured = bool(audio is not None and videos and job.input is not None)
+            # The processes that do not wait for each other run side by side: the source's
+            # sound is decoded while the pieces are joined, the output probed while its
+            # sound is measured.
+            helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"farm-assemble-{job.id}")
+
+            def measure() -> float | None:
+                assert audio is not None and job.input is not None
+                return sync.lag(job.input, facts.demuxer, audio["params"]["streams"][0], temporary, 0,
+                                context.run, context.scratch, ffmpeg_io.FFMPEG, kept=source_sound)
 
             def join(offset: float) -> Any:
                 run_ffmpeg(context, ffmpeg_io.mux(facts, settings, temporary, video_list=video_list,
@@ -495,18 +520,27 @@ class TranscodeProcessor(Processor):
                                                   audio_offset=offset, video_offset=video_offset,
                                                   timecode=start_timecode),
                            cwd=context.scratch)
+                if measured:
+                    source_decoded.result()
+                    lag = helper.submit(measure)
                 found = probe_output(temporary, context.run, context.scratch, span=expected.video_span is not None)
-                if audio is not None and videos and job.input is not None:
-                    found.audio_lag = sync.lag(job.input, facts.demuxer, audio["params"]["streams"][0], temporary,
-                                               0, context.run, context.scratch, ffmpeg_io.FFMPEG, kept=source_sound)
+                if measured:
+                    found.audio_lag = lag.result()
                 return found
 
-            found = join(offset)
-            if found.audio_lag is not None and abs(found.audio_lag) > SYNC_CORRECTED:
-                # A muxer's own handling of an encoder's delay (Opus in Matroska) can move
-                # the sound: joined again with the difference taken off.
-                context.logger.info("the sound played %+.2f ms off the source's; joining again", found.audio_lag * 1000)
-                found = join(offset - found.audio_lag)
+            with helper:
+                if measured:
+                    assert audio is not None and job.input is not None
+                    source_decoded = helper.submit(sync.decode_source, job.input, facts.demuxer,
+                                                   audio["params"]["streams"][0], context.run, context.scratch,
+                                                   ffmpeg_io.FFMPEG, source_sound)
+                found = join(offset)
+                if found.audio_lag is not None and abs(found.audio_lag) > SYNC_CORRECTED:
+                    # A muxer's own handling of an encoder's delay (Opus in Matroska) can move
+                    # the sound: joined again with the difference taken off.
+                    context.logger.info("the sound played %+.2f ms off the source's; joining again",
+                                        found.audio_lag * 1000)
+                    found = join(offset - found.audio_lag)
             wrong = problems(found, expected)
             if wrong:
                 raise ProcessorError(f"the joined output failed verification, so it was not delivered: {'; '.join(wrong)}")

@@ -120,9 +120,18 @@ def _encoder_options(video: VideoSettings, threads: int, picture: Picture | None
     return options
 
 
+#: Pictures whose first frame the encoding process also writes as the segment's poster
+#: (8-bit, no alpha: what the JPEG encoder takes as it is); others get one made afterwards.
+POSTER_PIX_FMTS = frozenset({"yuv420p", "yuv422p", "yuv444p", "yuvj420p", "yuvj422p", "yuvj444p", "nv12"})
+
+
 def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any], out: Path,
-                  threads: int, passlog: Path | None = None, pass_number: int | None = None) -> list[str]:
-    """Encode one segment's frames, video only, into ``out`` (see the processor's docs for the modes)."""
+                  threads: int, passlog: Path | None = None, pass_number: int | None = None,
+                  poster: tuple[Path, int] | None = None) -> list[str]:
+    """Encode one segment's frames, video only, into ``out`` (see the processor's docs for the modes).
+
+    ``poster``: (a JPEG, the most pixels wide) that the same process also writes from the
+    segment's first frame, so that no second process decodes the piece for its preview."""
     video = settings.video
     assert video is not None and facts.video is not None
     mode = params["mode"]
@@ -179,7 +188,14 @@ def video_segment(facts: SourceFacts, settings: TranscodeSettings, params: dict[
     if mp4_like and mode != "passthrough":
         options["video_track_timescale"] = timescale(rate)
     options["f"] = muxer
-    return _compile(ffmpeg.output(stream, str(out), **options))
+    if poster is None:
+        return _compile(ffmpeg.output(stream, str(out), **options))
+    path, width = poster
+    branches = stream.split()
+    picture = branches[1].filter("trim", start_frame=params.get("lead", 0)).filter("scale", f"min({width},iw)", -2)
+    return _compile(ffmpeg.merge_outputs(
+        ffmpeg.output(branches[0], str(out), **options),
+        ffmpeg.output(picture, str(path), **{"frames:v": 1, "q:v": 4, "f": "image2", "update": 1})))
 
 
 def keep_frames(settings: TranscodeSettings, params: dict[str, Any], encoded: Path, out: Path) -> list[str]:
@@ -198,6 +214,13 @@ def keep_frames(settings: TranscodeSettings, params: dict[str, Any], encoded: Pa
 AUDIO_LEAD = 10.0
 
 
+#: Muxers that write an mp4/QuickTime movie, and the movie timescale given to an audio
+#: piece: 7,056,000 ticks a second hold a sample of 8, 11.025, 16, 22.05, 44.1, 48 and 96 kHz
+#: exactly (and 32 kHz to 0.2 µs).
+MOVIE_MUXERS = frozenset({"mp4", "mov", "ipod"})
+MOVIE_TIMESCALE = 7_056_000
+
+
 def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, streams: list[int], out: Path) -> list[str]:
     """Encode the chosen audio tracks once, over the whole duration, into one file whose
     timestamps are the source's, counted from the source's start, plus ``AUDIO_LEAD``."""
@@ -206,6 +229,11 @@ def audio_segment(facts: SourceFacts, audio: AudioSettings, box: Container, stre
     muxer = box.audio_piece[0] if box.audio_piece else box.muxer
     options: dict[str, Any] = {"c:a": audio.codec, "vn": None, "sn": None, "dn": None, "f": muxer,
                                "output_ts_offset": f"{AUDIO_LEAD:g}"}
+    if muxer in MOVIE_MUXERS:
+        # An mp4's edit list counts in the movie's timescale, 1/1000 s unless told: the
+        # encoder's priming (1024 samples, 21.333 ms) was written as 21 ms, and the sound
+        # landed 0.667 ms off at assembly, which then joined everything again to correct it.
+        options["movie_timescale"] = MOVIE_TIMESCALE
     if audio.bitrate:
         options["b:a"] = audio.bitrate
     if audio.channels:

@@ -118,11 +118,36 @@ def probe_sequence(first: Path, rate: Fraction | None) -> SourceFacts:
                        audio=[], subtitles=[], input_options=options)
 
 
-def probe(path: Path, fps: str | None) -> SourceFacts:
-    """What planning needs to know about any source: an image sequence or a movie file."""
-    if is_sequence(path):
-        return probe_sequence(path, Fraction(fps) if fps else None)
-    return probe_source(path)
+#: Facts probed ahead (``farm run`` plans once while its cluster starts), each taken by the
+#: next plan of the same file as it is now; a few at most, never kept past that plan.
+_AHEAD: dict[tuple[Any, ...], SourceFacts] = {}
+_AHEAD_MOST = 16
+
+
+def probe(path: Path, fps: str | None, ahead: bool = False) -> SourceFacts:
+    """What planning needs to know about any source: an image sequence or a movie file.
+
+    ``ahead``: keep the facts for the next plan of this file, as long as the file does not
+    change meanwhile (its size, mtime and inode); that plan probes nothing."""
+    key = _stamp(path, fps)
+    if key is not None and not ahead and key in _AHEAD:
+        return _AHEAD.pop(key)
+    facts = probe_sequence(path, Fraction(fps) if fps else None) if is_sequence(path) else probe_source(path)
+    if ahead and key is not None:
+        while len(_AHEAD) >= _AHEAD_MOST:
+            _AHEAD.pop(next(iter(_AHEAD)))
+        _AHEAD[key] = facts
+    return facts
+
+
+def _stamp(path: Path, fps: str | None) -> tuple[Any, ...] | None:
+    if is_sequence(path):  # its other frames are not in the first one's stamp
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (str(path), fps, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def input_for(facts: SourceFacts) -> tuple[str, dict[str, Any]]:

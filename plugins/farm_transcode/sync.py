@@ -85,6 +85,15 @@ def _piece_of(samples: array.array, begin: int, length: int) -> list[int]:
     return [0] * before + list(samples[max(0, begin):max(0, begin + length)]) + [0] * after
 
 
+def decode_source(source: Path, source_demuxer: str | None, source_stream: int, run: Callable[..., Any],
+                  scratch: Path, ffmpeg: str, kept: dict[str, Any]) -> None:
+    """Decode the source's sound into ``kept`` for :func:`lag`, ahead of the output it is
+    compared with (while that output is being made)."""
+    key = f"{source}|{source_stream}"
+    if key not in kept:
+        kept[key] = _decoded(source, source_demuxer, str(source_stream), run, scratch, ffmpeg, "source")
+
+
 def lag(source: Path, source_demuxer: str | None, source_stream: int, output: Path, output_track: int,
         run: Callable[..., Any], scratch: Path, ffmpeg: str = "ffmpeg",
         kept: dict[str, Any] | None = None) -> float | None:
