@@ -13,13 +13,14 @@ its order (``queue``), taking over jobs (``recovery``), hand-out and pipelining
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
 import shutil
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,11 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._order: list[JobRuntime] = []
         self._nodes: list[NodeView] = []
         self._nodes_checked = 0.0
+        self._nodes_version = 0  # counts each fresh look at the nodes (and each pause): _check_nodes runs on a change
+        self._nodes_seen = -1
+        self._busy: Counter[str] = Counter()  # attempts held per node address, kept as they come and go
+        self._deadlines: list[tuple[float, int, AttemptRuntime]] = []  # started attempts by when to time them out
+        self._deadline_seq = itertools.count()
         self._cancel_checked = 0.0
         self._assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-assemble")
         self._cancel_local: set[str] = set()
@@ -119,6 +125,8 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         for attempt in list(self.attempts.values()):
             self.engine.cancel(attempt.id, attempt.node.address)
         self.attempts.clear()
+        self._busy.clear()
+        self._deadlines = []
         self.jobs.clear()
         self._order = []
         raise self.lease.lost_error()
@@ -267,6 +275,8 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         for attempt_id in list(self.attempts):
             self.engine.forget(attempt_id)
         self.attempts.clear()
+        self._busy.clear()
+        self._deadlines = []
         self._announced.clear()
         self.jobs.clear()
         self._order = []
