@@ -140,7 +140,8 @@ class SimulatedDask:
     def scheduler_info(self, n_workers: int = -1) -> dict[str, Any]:
         if not self.live.is_set():
             return {"workers": {}}
-        return {"workers": {address: {"name": name, "nthreads": self.slots} for address, name in self.workers}}
+        return {"workers": {address: {"name": name, "nthreads": self.slots, "id": f"Worker-{name}"}
+                            for address, name in self.workers}}
 
     def sync(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)  # the scheduler is asked directly (farm.engine.Engine.nodes)

@@ -41,6 +41,10 @@ from farm.scheduling.runtime import AttemptRuntime, JobRuntime, SegmentRuntime, 
 
 log = logging.getLogger("farm.scheduler")
 
+# Outcomes taken per round at most: a round writes them, then refills the slots they freed,
+# so a slot waits for the outcomes before its own in the round, not for every one queued.
+ROUND_ITEMS = 128
+
 class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
     """The controller's queue and its rounds; see the module's text for where each step is."""
 
@@ -136,7 +140,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         items = []
         try:
             items.append(self.engine.outcomes.get(timeout=wait if not self._can_dispatch() else 0.001))
-            while True:
+            while len(items) < ROUND_ITEMS:  # the rest waits for the next round: freed slots are refilled sooner
                 items.append(self.engine.outcomes.get_nowait())
         except queue.Empty:
             pass

@@ -39,6 +39,8 @@ class HandOut:
             if not attempt.current:
                 continue
             node = nodes.get(attempt.node.address)
+            if node is not None and node.worker != attempt.node.worker:  # another worker on its port
+                node = None
             if node is None and attempt.waiting:  # it never started there: nothing against it
                 reason = f"node {attempt.node.name} left the cluster before it started"
                 self._requeue(attempt, AttemptState.LOST, reason, count=False)
