@@ -108,7 +108,7 @@ class SimulatedDask:
         self._names = dict(self.workers)
         self.slots, self.mean, self.sample_every = slots, mean, sample_every
         self.stats_path = stats_path
-        self.scheduler = SimpleNamespace(address="tls://127.0.0.1:8786")
+        self.scheduler = SimpleNamespace(address="tls://127.0.0.1:8786", identity=self.scheduler_info)
         self._handlers: dict[str, Any] = {}
         self._heap: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count()
@@ -140,7 +140,11 @@ class SimulatedDask:
     def scheduler_info(self, n_workers: int = -1) -> dict[str, Any]:
         if not self.live.is_set():
             return {"workers": {}}
-        return {"workers": {address: {"name": name, "nthreads": self.slots} for address, name in self.workers}}
+        return {"workers": {address: {"name": name, "nthreads": self.slots, "id": f"Worker-{name}"}
+                            for address, name in self.workers}}
+
+    def sync(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)  # the scheduler is asked directly (farm.engine.Engine.nodes)
 
     def submit(self, fn: Any, job: Any, segment: Any, key: str, workers: list[str], **_: Any) -> SimulatedFuture:
         cpu = time.thread_time()

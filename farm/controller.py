@@ -39,6 +39,7 @@ from farm.tokens import TOKENS_NAME, Principal, TokenTable
 
 log = logging.getLogger("farm.controller")
 STORE_BUSY_SECONDS = 5.0  # a locked store is reported after this, not after SQLite's 30 s
+NODES_PUBLISH_SECONDS = 0.25  # the nodes' view (farm nodes, the monitor) is rebuilt at most this often, or when the nodes change
 TAKEOVER_SECONDS = 5.0  # how often the store is looked at for jobs whose owner is gone
 RETENTION_SECONDS = 3600.0  # how often controller.retention is applied (and once at start)
 
@@ -69,6 +70,7 @@ class Controller:
         self.droplets: Any = None
         self.events = EventHub()
         self._nodes_published: list[dict[str, Any]] | None = None
+        self._nodes_built_at, self._nodes_built_version = 0.0, -1
         self._node_documents: list[dict[str, Any]] = []
         # Changes are published once the round that made them is committed, so that a list
         # read at event N holds every change up to N.
@@ -358,8 +360,13 @@ class Controller:
             self.events.publish(kind, data)
 
     def _publish_nodes(self) -> None:
-        """Refresh the nodes' view (in the scheduler's thread) and publish it when it changed."""
+        """Refresh the nodes' view (in the scheduler's thread) and publish it when it changed;
+        at most every NODES_PUBLISH_SECONDS (it reads every attempt: not once per round)."""
         scheduler = self.scheduler
+        now = time.monotonic()
+        if now - self._nodes_built_at < NODES_PUBLISH_SECONDS and self._nodes_built_version == scheduler._nodes_version:
+            return
+        self._nodes_built_at, self._nodes_built_version = now, scheduler._nodes_version
         running: dict[str, list[str]] = {}
         for attempt in list(scheduler.attempts.values()):
             if attempt.current:

@@ -41,6 +41,9 @@ class NodeView:
     hand_back: bool = False  # True when it also wants its running segments taken back
     reason: str = ""
     running: int = 0
+    # Dask's id of the worker at this address: a new worker given a dead one's freed port
+    # has the same address and another id, and is never taken for the dead one
+    worker: str = ""
 
 
 #: Dask serves HTTP beside its TLS comms (task info, JSON, a proxy to workers) with no
@@ -74,6 +77,7 @@ class Engine:
         self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
         self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
         self._names: dict[str, tuple[str, str]] = {}  # address -> (the name it reports, the name it goes by)
+        self._worker_ids: dict[str, str] = {}  # address -> Dask's id of the worker there when last asked
         # which jobs each worker was sent whole: later segments of a job name it by id
         self._sent_jobs: dict[str, set[str]] = {}
         self._job_of: dict[str, str] = {}  # attempt -> its job
@@ -98,6 +102,14 @@ class Engine:
         # client's own periodic refresh (with no workers in it) can replace between the
         # fetch and the read, and every node would seem to have left at once.
         workers = self.client.sync(self.client.scheduler.identity, n_workers=-1)["workers"]
+        ids = {address: str(info.get("id") or "") for address, info in workers.items()}
+        for address, worker_id in ids.items():
+            if self._worker_ids.get(address, worker_id) != worker_id:
+                # another worker on a freed port: what the one before said or held is not its
+                self._reports.pop(address, None)
+                self._sent_jobs.pop(address, None)
+                self._names.pop(address, None)
+        self._worker_ids = ids
         for gone in set(self._sent_jobs) - set(workers):  # a node that comes back holds no job
             del self._sent_jobs[gone]
         # a worker that left takes its report along: the next one to get its address (the
@@ -105,7 +117,8 @@ class Engine:
         for gone in set(self._reports.copy()) - set(workers):  # copy(): reports arrive on Dask's thread
             self._reports.pop(gone, None)
         if self.cluster is not None and self._capabilities:
-            return [NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities)
+            return [NodeView(address, str(info.get("name", address)), int(info.get("nthreads", 1)), self._capabilities,
+                             worker=ids[address])
                     for address, info in workers.items()]
         # Nodes push a report every second; one that falls silent (hung, stopped, cut
         # off) is treated as gone, so a stuck node can never stall the controller.
@@ -115,7 +128,7 @@ class Engine:
         for address, info in workers.items():
             heard, view = self._reports.get(address, (0.0, None))
             if view is not None and now - heard <= NODE_SILENCE_SECONDS:
-                views.append(view)
+                views.append(replace(view, worker=ids[address]) if view.worker != ids[address] else view)
             elif view is None and now - self._first_seen.setdefault(address, now) > NODE_SILENCE_SECONDS:
                 # connected to Dask and never a farm node: `farm nodes` lists it, it gets nothing
                 # (a node that fell silent is left out, as one that is gone)

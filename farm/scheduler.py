@@ -13,13 +13,14 @@ its order (``queue``), taking over jobs (``recovery``), hand-out and pipelining
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
 import shutil
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,10 @@ from farm.scheduling.recovery import Recovery, cancel_interrupted
 from farm.scheduling.runtime import AttemptRuntime, JobRuntime, SegmentRuntime, new_id
 
 log = logging.getLogger("farm.scheduler")
+
+# Outcomes taken per round at most: a round writes them, then refills the slots they freed,
+# so a slot waits for the outcomes before its own in the round, not for every one queued.
+ROUND_ITEMS = 128
 
 class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
     """The controller's queue and its rounds; see the module's text for where each step is."""
@@ -67,6 +72,11 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._order: list[JobRuntime] = []
         self._nodes: list[NodeView] = []
         self._nodes_checked = 0.0
+        self._nodes_version = 0  # counts each fresh look at the nodes (and each pause): _check_nodes runs on a change
+        self._nodes_seen = -1
+        self._busy: Counter[str] = Counter()  # attempts held per node address, kept as they come and go
+        self._deadlines: list[tuple[float, int, AttemptRuntime]] = []  # started attempts by when to time them out
+        self._deadline_seq = itertools.count()
         self._cancel_checked = 0.0
         self._assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-assemble")
         self._cancel_local: set[str] = set()
@@ -119,6 +129,8 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         for attempt in list(self.attempts.values()):
             self.engine.cancel(attempt.id, attempt.node.address)
         self.attempts.clear()
+        self._busy.clear()
+        self._deadlines = []
         self.jobs.clear()
         self._order = []
         raise self.lease.lost_error()
@@ -128,7 +140,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         items = []
         try:
             items.append(self.engine.outcomes.get(timeout=wait if not self._can_dispatch() else 0.001))
-            while True:
+            while len(items) < ROUND_ITEMS:  # the rest waits for the next round: freed slots are refilled sooner
                 items.append(self.engine.outcomes.get_nowait())
         except queue.Empty:
             pass
@@ -267,6 +279,8 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         for attempt_id in list(self.attempts):
             self.engine.forget(attempt_id)
         self.attempts.clear()
+        self._busy.clear()
+        self._deadlines = []
         self._announced.clear()
         self.jobs.clear()
         self._order = []

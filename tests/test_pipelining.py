@@ -69,8 +69,9 @@ class RecorderPlugin:
         return [Recorder()]
 
 
-def recorder_profile(behaviour: str, frames: str, retries: int = 2) -> LoadedProfile:
-    profile = Profile(name=behaviour, processor="recorder", frames=frames, segment={"frames": 1}, retries=retries)
+def recorder_profile(behaviour: str, frames: str, retries: int = 2, timeout: float | None = None) -> LoadedProfile:
+    profile = Profile(name=behaviour, processor="recorder", frames=frames, segment={"frames": 1}, retries=retries,
+                      timeout=timeout)
     return LoadedProfile(profile, Recorder.settings_model(), None)
 
 
@@ -194,3 +195,31 @@ def test_a_node_killed_with_an_announced_segment_loses_nothing(tmp_path):
         assert any("before it started" in (a["reason"] or "") for a in lost), [a["reason"] for a in lost]
     finally:
         c.stop()
+
+
+def test_a_job_on_one_slot_runs_each_segment_once(farm_of, tmp_path):
+    # one slot and its announced segment: every freed slot is refilled from the queue kept here
+    scheduler = farm_of(nodes=1, slots=1)
+    _, (job_id,) = scheduler.submit(recorder_profile("write", "1-60"), [None], tmp_path / "out")
+    scheduler.run_until_done([job_id])
+    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+    runs = Counter(segment for segment, _, _ in RUNS)
+    assert len(runs) == 60 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
+    attempts = scheduler.store.attempts(job_id=job_id)
+    assert len(attempts) == 60 and {a["state"] for a in attempts} == {"done"}
+    assert not scheduler.attempts, "an attempt was left held"
+
+
+def test_an_announced_segments_timeout_runs_from_its_start_not_its_hand_out(farm_of, tmp_path):
+    scheduler = farm_of(nodes=1, slots=1)
+    held_profile = recorder_profile("hold", "1", retries=0, timeout=3)
+    waiting_profile = recorder_profile("write", "1", retries=0, timeout=2)
+    _, (held,) = scheduler.submit(held_profile, [None], tmp_path / "out")
+    _, (waiting,) = scheduler.submit(waiting_profile, [None], tmp_path / "out2")
+    # the held segment runs past its 3 s; the other waited behind it for longer than its own 2 s
+    scheduler.run_until_done([held, waiting])
+    assert scheduler.jobs[held].state == "failed"
+    assert "timeout of 3 s" in scheduler.jobs[held].error
+    assert scheduler.jobs[waiting].state == "done", scheduler.jobs[waiting].error
+    (attempt,) = scheduler.store.attempts(job_id=waiting)
+    assert attempt["state"] == "done"

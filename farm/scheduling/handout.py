@@ -30,11 +30,17 @@ class HandOut:
         """Attempts on nodes that left, or that hand work back, go back to the queue."""
         if not self.attempts:
             return
-        nodes = {node.address: node for node in self._current_nodes()}
+        current = self._current_nodes()
+        if self._nodes_seen == self._nodes_version:  # nothing new about the nodes since the last look
+            return
+        self._nodes_seen = self._nodes_version
+        nodes = {node.address: node for node in current}
         for attempt in list(self.attempts.values()):
             if not attempt.current:
                 continue
             node = nodes.get(attempt.node.address)
+            if node is not None and node.worker != attempt.node.worker:  # another worker on its port
+                node = None
             if node is None and attempt.waiting:  # it never started there: nothing against it
                 reason = f"node {attempt.node.name} left the cluster before it started"
                 self._requeue(attempt, AttemptState.LOST, reason, count=False)
@@ -63,7 +69,7 @@ class HandOut:
 
     def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
         attempt.current = False
-        self.attempts.pop(attempt.id, None)
+        self._drop(attempt.id)
         if end != AttemptState.LOST:  # a lost one's node is gone: nothing starts there
             self._slot_freed(attempt)
         self.engine.forget(attempt.id)
@@ -81,11 +87,26 @@ class HandOut:
             rt.queue.appendleft(seg.id)
             self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
 
+    def _hold(self, attempt: AttemptRuntime) -> None:
+        """``attempt`` is handed out: its node holds one more."""
+        self.attempts[attempt.id] = attempt
+        self._busy[attempt.node.address] += 1
+
+    def _drop(self, attempt_id: str) -> AttemptRuntime | None:
+        """``attempt_id`` left its node (ended, lost or taken back); its slot is free."""
+        attempt = self.attempts.pop(attempt_id, None)
+        if attempt is not None:
+            address = attempt.node.address
+            self._busy[address] -= 1
+            if self._busy[address] <= 0:
+                del self._busy[address]
+        return attempt
+
     def _can_dispatch(self) -> bool:
-        return any(rt.queue for rt in self._order) and self._free_slots_exist()
+        return self._free_slots_exist() and any(rt.queue for rt in self._order)
 
     def _free_slots_exist(self) -> bool:
-        busy = Counter(a.node.address for a in self.attempts.values())
+        busy = self._busy
         return any(busy[n.address] < self._capacity(n) for n in self._current_nodes() if self._takes_work(n))
 
     def _capacity(self, node: NodeView) -> int:
@@ -100,10 +121,11 @@ class HandOut:
         if now - self._nodes_checked > NODE_POLL_SECONDS or not self._nodes:
             self._nodes = self.engine.nodes()
             self._nodes_checked = now
+            self._nodes_version += 1
         return self._nodes
 
     def _dispatch(self) -> list[tuple[JobRuntime, Segment, NodeView]]:
-        busy = Counter(a.node.address for a in self.attempts.values())
+        busy = self._busy
         nodes = sorted(self._current_nodes(), key=lambda n: busy[n.address] - n.slots)
         handed: list[tuple[JobRuntime, Segment, NodeView]] = []
         for node in nodes:
@@ -114,7 +136,6 @@ class HandOut:
                 if picked is None:
                     break
                 handed.append(picked)
-                busy[node.address] += 1
         now = time.monotonic()
         if now - self._unrunnable_checked > NODE_POLL_SECONDS / 2:
             self._unrunnable_checked = now
@@ -140,10 +161,11 @@ class HandOut:
             seg.state = SegmentState.RUNNING
             now = time.monotonic()
             attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
-            self.attempts[attempt_id] = attempt
             if busy[node.address] >= node.slots:  # every slot is taken: it waits on the node
                 attempt.waiting = True
                 self._announced.setdefault(node.address, deque()).append(attempt)
+            self._hold(attempt)
+            self._watch(attempt, rt.job.profile)
             segment = Segment(
                 id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
                 params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,

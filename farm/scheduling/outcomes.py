@@ -8,6 +8,7 @@ Part of :class:`farm.scheduler.Scheduler` (a mixin: it works on the scheduler's 
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Any
 
@@ -35,7 +36,7 @@ class Outcomes:
                                             "message": message.get("message", "")})
 
     def _on_finished(self, attempt_id: str, outcome: dict[str, Any]) -> None:
-        attempt = self.attempts.pop(attempt_id, None)
+        attempt = self._drop(attempt_id)
         if attempt is None:
             return
         if not outcome.get("lost"):  # a lost one's node died with it: nothing starts there
@@ -112,12 +113,24 @@ class Outcomes:
         rt.queue.appendleft(seg.id)
         self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
 
+    def _watch(self, attempt: AttemptRuntime, profile: Any) -> None:
+        """Time ``attempt`` out by its profile's limits: it is looked at again when the
+        nearest could have passed (a heap of deadlines, not a scan of every attempt)."""
+        limits = [limit for limit in (profile.timeout, profile.stall_timeout) if limit]
+        if limits:
+            heapq.heappush(self._deadlines, (time.monotonic() + min(limits), next(self._deadline_seq), attempt))
+
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
-        for attempt in list(self.attempts.values()):
-            if not attempt.current or attempt.waiting:  # a waiting one has not started: nothing to time
-                continue
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, attempt = heapq.heappop(deadlines)
+            if not attempt.current or self.attempts.get(attempt.id) is not attempt:
+                continue  # it ended: nothing to time
             profile = self.jobs[attempt.job_id].job.profile
+            if attempt.waiting:  # it has not started: its limits run from its start, not before now
+                self._watch(attempt, profile)
+                continue
             reason = None
             if profile.timeout and now - attempt.started > profile.timeout:
                 reason = f"ran longer than the profile's timeout of {profile.timeout:g} s on {attempt.node.name}; ended"
@@ -132,6 +145,11 @@ class Outcomes:
                                     state=AttemptState.TIMED_OUT, result=None, reason=reason)
                 self._to_cancel.append(attempt)
                 self._segment_failed(rt, seg, attempt.node, reason)
+            else:  # looked at when its nearest limit can pass, as it stands now
+                due = [at for at in ((attempt.started + profile.timeout) if profile.timeout else None,
+                                     (attempt.last_progress + profile.stall_timeout) if profile.stall_timeout else None)
+                       if at is not None]
+                heapq.heappush(deadlines, (max(min(due), now + 0.001), next(self._deadline_seq), attempt))
 
     def _apply_cancels(self) -> None:
         with self._lock:

@@ -227,6 +227,7 @@ class JobQueue:
             self.paused_nodes.add(name)
         else:
             self.paused_nodes.discard(name)
+        self._nodes_version += 1  # its attempts are looked at again
 
     def _add_segments(self, rt: JobRuntime, plans: list[SegmentPlan]) -> None:
         start = max((seg.index for seg in rt.segments.values()), default=-1) + 1
