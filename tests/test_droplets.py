@@ -612,6 +612,7 @@ def test_farm_watch_runs_until_sigterm_and_farm_droplets_lists_it(farm, farm_env
         [item["state"] for item in doc["recent"]] == ["processed", "failed"]
 
 
+@pytest.mark.slow
 def test_farm_watch_once(farm, farm_env, folders, clips, check_profile):
     folder, dest = folders
     drop(clips[0], folder, "one.mp4")

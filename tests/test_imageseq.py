@@ -34,6 +34,7 @@ EXAMPLE = ROOT / "examples" / "povray" / "bouncing.yaml"
 SMALL = ("--set", "settings.width=64", "--set", "settings.height=48")
 
 
+@pytest.mark.slow
 def test_a_48_frame_animation_in_segments_of_5_renders_each_frame_once(farm, farm_env):
     out = farm_env["tmp"] / "out"
     result = farm("run", EXAMPLE, SCENE, "-o", out, *SMALL, "--json")

@@ -313,7 +313,10 @@ def test_the_api_answers_no_500_and_matches_its_schema_under_schemathesis(tmp_pa
             [str(schemathesis), "run", f"{c.url}/openapi.json", "--tls-verify", "false",
              *(["-H", f"Authorization: Bearer {token}"] if token else []),
              "--checks", "not_a_server_error,response_schema_conformance",
-             "--max-examples", "40" if role == "admin" else "15", "--exclude-path", "/api/events/stream",
+             # every operation keeps its schema-derived coverage cases; the random part is
+             # fewer examples per operation, from a fixed seed (the same cases on every run)
+             "--max-examples", "20" if role == "admin" else "8", "--seed", "19",
+             "--exclude-path", "/api/events/stream",
              "--request-timeout", "30", "--suppress-health-check", "all", "--no-color"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     finally:

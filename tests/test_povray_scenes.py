@@ -136,6 +136,7 @@ def test_an_ini_with_antialiasing_and_clock_settings_renders_as_povray_does(farm
     assert_same_pixels(farm_env["tmp"] / "out", "f_{:04d}.png", hand, list(range(1, 9)))
 
 
+@pytest.mark.slow
 def test_the_inis_library_path_and_the_profiles_renderer_args_are_honoured(farm, farm_env):
     scene = make_scene(farm_env["tmp"] / "shot", "orbit.pov", include="parts.inc")
     (scene.parent / "lib").mkdir()
@@ -150,6 +151,7 @@ def test_the_inis_library_path_and_the_profiles_renderer_args_are_honoured(farm,
     assert pixels(plain[2]) != pixels(farm_env["tmp"] / "out" / "f_0002.png")  # the arguments made a difference
 
 
+@pytest.mark.slow
 def test_a_sub_range_of_an_ini_animation_is_the_same_frames_as_the_whole_render(farm, farm_env):
     scene = make_scene(farm_env["tmp"] / "shot", "orbit.pov")
     scene.with_suffix(".ini").write_text("Initial_Frame=1\nFinal_Frame=12\nWidth=32\nHeight=24\n")

@@ -239,6 +239,7 @@ def listener():
     server.close()
 
 
+@pytest.mark.slow
 def test_no_network_unless_the_profile_asks_for_it(farm, farm_env, listener):
     port, accepted = listener
     tmp = farm_env["tmp"]

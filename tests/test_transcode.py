@@ -155,6 +155,7 @@ def test_plan_shows_each_segments_frames_and_times(farm, farm_env):
     assert video[1]["start_pts"] == 50 * 512 and video[1]["end_pts"] == 100 * 512  # mp4 at 25 fps: 1/12800
 
 
+@pytest.mark.slow
 def test_short_sources_and_unsegmented_profiles_are_one_segment(farm, farm_env):
     source = movie(farm_env["tmp"] / "short.mp4", seconds=3)
     path = profile(farm_env["tmp"], seconds=2)  # 3 s is less than two segments of 2 s
@@ -206,6 +207,7 @@ def test_a_one_segment_job_is_exact_in_frames_duration_and_sound(farm, farm_env)
 # -- runs: frame-exact joins --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_segmented_encode_is_frame_exact_and_as_good_as_one_process(farm, farm_env):
     """No frame of the joined output is more than 1 dB below a single-process encode with
     the same settings (x264's macroblock-tree off: with it on, see the next test)."""

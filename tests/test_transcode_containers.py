@@ -220,6 +220,7 @@ def test_audio_that_starts_with_the_picture_in_a_ts_stays_there(farm, farm_env):
         assert abs(sound_at(tmp / container / f"cam-t.{container}") - sound_at(source)) <= 0.001
 
 
+@pytest.mark.slow
 def test_vp9_webm_of_a_source_whose_audio_starts_late(farm, farm_env):
     """Was: "audio track 1 lasts +218 ms against the video, the source's -279 ms"."""
     tmp = farm_env["tmp"]
@@ -234,6 +235,7 @@ def test_vp9_webm_of_a_source_whose_audio_starts_late(farm, farm_env):
 # -- bad input: converted exactly, in fewer segments, with the reason in the plan -----------------------
 
 
+@pytest.mark.slow
 def test_ts_recordings_joined_end_to_end_are_read_straight_through(farm, farm_env):
     """Two .ts files joined with cat: timestamps start again halfway, so no cut can be
     placed by time. The plan says so, and the output holds every frame of both."""

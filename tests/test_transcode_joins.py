@@ -49,6 +49,7 @@ def test_frames_next_to_every_cut_are_within_1_db_of_one_encode(farm, farm_env):
                 f"frame {frame} (cut at {cut}) is {theirs[frame] - ours[frame]:.2f} dB below the single encode"
 
 
+@pytest.mark.slow
 def test_matroska_segments_overlap_and_keep_exactly_their_frames(farm, farm_env):
     """Was: overlapped only into mp4/mov, since the cut back by seeking into a Matroska piece
     landed on its first frame (ffmpeg aims 3/23 s early in Matroska with B-frames) and kept

@@ -37,6 +37,7 @@ def deliver(farm, source: Path, out: Path, *more: str) -> Path:
     return Path(job["outputs"][0])
 
 
+@pytest.mark.slow
 def test_xdcam_mxf_is_joined_frame_exact_with_its_timecode_and_pcm(farm, farm_env):
     tmp = farm_env["tmp"]
     source = make(tmp / "tc.mov", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",

@@ -123,6 +123,7 @@ def interlaced(path: Path) -> Path:
                 "-pix_fmt", "yuv420p", "-c:a", "aac", rate=50, vf="tinterlace=mode=interleave_top,setfield=tff")
 
 
+@pytest.mark.slow
 def test_an_interlaced_source_is_deinterlaced_field_aware_never_woven(farm, farm_env):
     tmp = farm_env["tmp"]
     source = interlaced(tmp / "tff.mp4")
