@@ -20,6 +20,7 @@ folder on the controller, so relative references keep working.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import functools
@@ -41,7 +42,7 @@ from typing import Any
 from farm.errors import FarmError, SourceChanged
 
 log = logging.getLogger("farm.transfer")
-CHUNK = 1 << 20  # bytes read, hashed and sent at once
+CHUNK = 4 << 20  # bytes read, hashed and sent at once
 ROUTE = "/api/transfer"
 API_ENV = "FARM_CONTROLLER_API"  # set by `farm node` for its worker process
 BUNDLE_ENV = "FARM_NODE_BUNDLE"
@@ -220,12 +221,22 @@ class Depot:
         partial = target.with_name(f".{target.name}.part")
         record = self._record(TransferRecord("in", node, relative, size, 0, job=self._attempt(attempt_id)[0]))
         digest = hashlib.sha256()
+
+        def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
+            digest.update(batch)
+            handle.write(batch)
+
         try:
             with open(partial, "wb") as handle:
-                async for chunk in chunks:
-                    handle.write(chunk)
-                    digest.update(chunk)
+                batch = bytearray()
+                async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
+                    batch += chunk
                     record.sent += len(chunk)
+                    if len(batch) >= CHUNK:
+                        await asyncio.to_thread(store, batch)
+                        batch = bytearray()
+                if batch:
+                    await asyncio.to_thread(store, batch)
             if digest.hexdigest() != expected_sha:
                 partial.unlink(missing_ok=True)
                 raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
@@ -337,12 +348,13 @@ class ControllerLink:
                 partial.unlink(missing_ok=True)
                 digest.__init__()  # type: ignore[misc]
             started, moved = time.monotonic(), 0
-            buffer = bytearray(CHUNK)
-            with open(partial, "ab") as handle:
-                while count := response.readinto(buffer):
-                    view = memoryview(buffer)[:count]
-                    handle.write(view)
-                    digest.update(view)
+            with open(partial, "ab") as handle, _Sink(handle, digest) as sink:
+                while True:
+                    buffer = sink.free()
+                    count = _read_full(response, buffer)
+                    if not count:
+                        break
+                    sink.put(buffer, count)
                     moved += count
                     if progress is not None:
                         progress(offset + moved)
@@ -374,6 +386,68 @@ class ControllerLink:
             connection.close()
         if response.status != 200:
             raise TransferError(f"the controller refused {relative}: {response.status} {_error_of(answer)}")
+
+
+def _read_full(response: Any, buffer: bytearray) -> int:
+    """Fill ``buffer`` from ``response`` (TLS records come 16 KiB at a time); the count
+    read, short only at the end."""
+    view, filled = memoryview(buffer), 0
+    while filled < len(buffer):
+        count = response.readinto(view[filled:])
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+class _Sink:
+    """Hashes and writes received chunks in a thread of its own, so that decrypting the
+    next chunk (in the caller's thread) and hashing and writing this one run side by side:
+    hashlib and file writes let go of the GIL. A few reused buffers of CHUNK bytes, no
+    per-chunk objects beyond them."""
+
+    DEPTH = 3
+
+    def __init__(self, handle: Any, digest: Any):
+        import queue
+
+        self.handle, self.digest = handle, digest
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        for _ in range(self.DEPTH):
+            self._free.put(bytearray(CHUNK))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="farm-transfer-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, count = item
+            if self._error is None:
+                try:
+                    view = memoryview(buffer)[:count]
+                    self.digest.update(view)
+                    self.handle.write(view)
+                except BaseException as exc:  # handed to the caller at its next put
+                    self._error = exc
+            self._free.put(buffer)
+
+    def free(self) -> bytearray:
+        if self._error is not None:
+            raise self._error
+        return self._free.get()
+
+    def put(self, buffer: bytearray, count: int) -> None:
+        self._full.put((buffer, count))
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._full.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def _error_of(body: bytes) -> str:
