@@ -49,6 +49,7 @@ BUNDLE_ENV = "FARM_NODE_BUNDLE"
 HASH_HEADER = "X-Farm-Sha256"
 NODE_HEADER = "X-Farm-Node"
 JOB_HEADER = "X-Farm-Job"
+OFFSET_HEADER = "X-Farm-Offset"  # where an upload continues
 #: Written by the controller in its cluster storage folder: a node that sees it shares that storage
 #: (an empty folder at the same path, or a mount point with nothing mounted, does not).
 STORAGE_MARK = ".farm-cluster-storage"
@@ -210,16 +211,36 @@ class Depot:
             raise TransferError(f"{relative!r} leaves the attempt's folder")
         return target
 
+    def _partial(self, attempt_id: str, relative: str, sha: str) -> Path:
+        """Where an output arrives before its hash is checked: one per attempt, file and
+        content, kept when the connection breaks so that the node sends only the rest."""
+        if not _SHA.match(sha or ""):
+            raise TransferError(f"{HASH_HEADER} (or ?sha=) must be the file's sha256 in hex")
+        target = self.output_target(attempt_id, relative)
+        return target.with_name(f".{target.name}.{sha[:16]}.part")
+
+    def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
+        """How many bytes of an output have arrived so far (the node sends the rest)."""
+        partial = self._partial(attempt_id, relative, sha)
+        try:
+            return partial.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     async def receive(self, attempt_id: str, relative: str, expected_sha: str, chunks: Any, node: str,
-                      size: int) -> dict[str, Any]:
-        """Write an output file from ``chunks`` (an async iterator) to a temporary name,
-        then, when its hash is the one the node gave, to its name."""
-        if not _SHA.match(expected_sha or ""):
-            raise TransferError(f"{HASH_HEADER} must be the file's sha256 in hex")
+                      size: int, offset: int = 0) -> dict[str, Any]:
+        """Write an output file from ``chunks`` (an async iterator) from byte ``offset`` on
+        into its partial file, then, when the whole has the hash the node gave, to its
+        name. A broken connection leaves the partial file for the node to resume; a hash
+        that comes out wrong deletes it (the node sends the file again from its start)."""
+        partial = self._partial(attempt_id, relative, expected_sha)
         target = self.output_target(attempt_id, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.part")
-        record = self._record(TransferRecord("in", node, relative, size, 0, job=self._attempt(attempt_id)[0]))
+        have = self.arrived(attempt_id, relative, expected_sha)
+        if offset < 0 or offset > have:
+            raise TransferError(f"{relative}: cannot continue at byte {offset}: {have} bytes have arrived")
+        record = self._record(TransferRecord("in", node, relative, offset + size, offset,
+                                             job=self._attempt(attempt_id)[0]))
         digest = hashlib.sha256()
 
         def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
@@ -227,7 +248,11 @@ class Depot:
             handle.write(batch)
 
         try:
-            with open(partial, "wb") as handle:
+            with open(partial, "r+b" if offset else "wb") as handle:
+                if offset:
+                    handle.truncate(offset)
+                    await asyncio.to_thread(sha256_file, partial, offset, digest)
+                    handle.seek(offset)
                 batch = bytearray()
                 async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
                     batch += chunk
@@ -243,8 +268,7 @@ class Depot:
             os.replace(partial, target)
         finally:
             record.ended = time.time()
-            partial.unlink(missing_ok=True)
-        return {"path": relative, "size": record.sent}
+        return {"path": relative, "size": offset + record.sent}
 
     def _record(self, record: TransferRecord) -> TransferRecord:
         with self._lock:
@@ -369,15 +393,30 @@ class ControllerLink:
         finally:
             connection.close()
 
-    def upload(self, attempt_id: str, relative: str, path: Path) -> None:
+    def upload(self, attempt_id: str, relative: str, path: Path, tries: int = 3) -> None:
+        """Send an output file; after a broken connection, ask how much arrived and send
+        the rest; when the controller refuses the whole (its hash came out wrong), send
+        it again from its start."""
         sha = sha256_file(path)
         size = path.stat().st_size
-        quoted = urllib.parse.quote(relative)
+        where = f"{ROUTE}/attempts/{attempt_id}/files/{urllib.parse.quote(relative)}"
+        for attempt in range(tries):
+            try:
+                offset = self.get_json(f"{where}?sha={sha}")["arrived"] if attempt else 0
+                self._put(where, relative, path, sha, size, offset)
+                return
+            except TransferError as exc:
+                if attempt == tries - 1 or getattr(exc, "status", None) == 404:
+                    raise
+                log.warning("%s; sending the rest of %s again", exc, relative)
+
+    def _put(self, where: str, relative: str, path: Path, sha: str, size: int, offset: int) -> None:
         connection = self._connection(timeout=300)
         try:
             with open(path, "rb") as body:
-                connection.request("PUT", f"{ROUTE}/attempts/{attempt_id}/files/{quoted}", body=body,
-                                   headers={**self.headers, HASH_HEADER: sha, "Content-Length": str(size)})
+                body.seek(offset)
+                connection.request("PUT", where, body=body, headers={
+                    **self.headers, HASH_HEADER: sha, OFFSET_HEADER: str(offset), "Content-Length": str(size - offset)})
             response = connection.getresponse()
             answer = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -385,7 +424,9 @@ class ControllerLink:
         finally:
             connection.close()
         if response.status != 200:
-            raise TransferError(f"the controller refused {relative}: {response.status} {_error_of(answer)}")
+            error = TransferError(f"the controller refused {relative}: {response.status} {_error_of(answer)}")
+            error.status = response.status  # type: ignore[attr-defined]
+            raise error
 
 
 def _read_full(response: Any, buffer: bytearray) -> int:
