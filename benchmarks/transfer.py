@@ -52,9 +52,15 @@ with bundle.pem_paths() as files:
     while not server.started:
         time.sleep(0.01)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"port": server.servers[0].sockets[0].getsockname()[1], "rss_kib": before}), flush=True)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"port": server.servers[0].sockets[0].getsockname()[1], "rss_kib": before,
+                  "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
+sys.stdin.readline()  # the manifest was asked for (the source hashed): the transfer starts
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 sys.stdin.readline()
-print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"peak_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 """
 
 
@@ -70,6 +76,7 @@ def main() -> None:
     from farm.security import Bundle, init_cluster
     from farm.transfer import ControllerLink, NodeCache, sha256_file
 
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory(prefix="farm-bench-transfer-", dir=os.environ.get("FARM_BENCH_DIR")) as root:
         base = Path(root)
         bundles = init_cluster("bench", base / "bundles")
@@ -97,6 +104,9 @@ def main() -> None:
             link = ControllerLink(f"https://127.0.0.1:{hello['port']}", Bundle.load(bundles["node"]), "bench")
             manifest = link.get_json("/api/transfer/jobs/jbench/inputs")  # the controller hashes the source here
             sha = manifest["files"][0]["sha256"]
+            server.stdin.write("\n")
+            server.stdin.flush()
+            hashed = json.loads(server.stdout.readline())["cpu"]
             cache = NodeCache(base / "cache", limit=4 * size)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             cpu_before = _cpu()
@@ -107,14 +117,17 @@ def main() -> None:
             rss_node = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
             server.stdin.write("\n")
             server.stdin.flush()
-            rss_controller = json.loads(server.stdout.readline())["peak_kib"] - hello["rss_kib"]
+            bye = json.loads(server.stdout.readline())
+            rss_controller = bye["peak_kib"] - hello["rss_kib"]
+            controller_cpu = bye["cpu"] - hashed
+            hash_cpu = hashed - hello["cpu"]
         finally:
             server.terminate()
             server.wait()
         assert sha256_file(fetched) == sha
 
     rate = size / 2**20
-    table = Table(title=f"moving a {args.mib} MiB source")
+    table = Table(title=f"moving a {args.mib} MiB source (load {load_before})")
     for column in ("way", "seconds", "MiB/s", "extra peak RSS"):
         table.add_column(column)
     table.add_row("cat SRC > DEST (baseline)", f"{cat_seconds:.2f}", f"{rate / cat_seconds:.0f}", "")
@@ -122,7 +135,11 @@ def main() -> None:
     table.add_row("farm transfer (TLS, sha256, cache)", f"{farm_seconds:.2f}", f"{rate / farm_seconds:.0f}",
                   f"node {rss_node / 1024:.1f} MiB, controller {rss_controller / 1024:.1f} MiB")
     Console().print(table)
-    print(f"node CPU for the transfer: {node_cpu:.2f} s ({node_cpu / farm_seconds * 100:.0f}% of its wall time; "
+    gib = size / 2**30
+    print(f"load average before / after: {load_before} / {os.getloadavg()[0]:.2f}")
+    print(f"controller CPU: hashing the source once {hash_cpu:.2f} s (kept for later manifests); serving it "
+          f"{controller_cpu:.2f} s = {controller_cpu / gib:.2f} s per GiB")
+    print(f"node CPU for the transfer: {node_cpu:.2f} s = {node_cpu / gib:.2f} s per GiB ({node_cpu / farm_seconds * 100:.0f}% of its wall time; "
           f"a busy machine shows as a low share)")
     print(f"throughput ratio farm/cat: {cat_seconds / farm_seconds:.2f} (goal >= 0.8); "
           f"farm/piped cat: {pipe_seconds / farm_seconds:.2f}")

@@ -20,6 +20,7 @@ folder on the controller, so relative references keep working.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import functools
@@ -41,13 +42,14 @@ from typing import Any
 from farm.errors import FarmError, SourceChanged
 
 log = logging.getLogger("farm.transfer")
-CHUNK = 1 << 20  # bytes read, hashed and sent at once
+CHUNK = 4 << 20  # bytes read, hashed and sent at once
 ROUTE = "/api/transfer"
 API_ENV = "FARM_CONTROLLER_API"  # set by `farm node` for its worker process
 BUNDLE_ENV = "FARM_NODE_BUNDLE"
 HASH_HEADER = "X-Farm-Sha256"
 NODE_HEADER = "X-Farm-Node"
 JOB_HEADER = "X-Farm-Job"
+OFFSET_HEADER = "X-Farm-Offset"  # where an upload continues
 #: Written by the controller in its cluster storage folder: a node that sees it shares that storage
 #: (an empty folder at the same path, or a mount point with nothing mounted, does not).
 STORAGE_MARK = ".farm-cluster-storage"
@@ -209,31 +211,64 @@ class Depot:
             raise TransferError(f"{relative!r} leaves the attempt's folder")
         return target
 
+    def _partial(self, attempt_id: str, relative: str, sha: str) -> Path:
+        """Where an output arrives before its hash is checked: one per attempt, file and
+        content, kept when the connection breaks so that the node sends only the rest."""
+        if not _SHA.match(sha or ""):
+            raise TransferError(f"{HASH_HEADER} (or ?sha=) must be the file's sha256 in hex")
+        target = self.output_target(attempt_id, relative)
+        return target.with_name(f".{target.name}.{sha[:16]}.part")
+
+    def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
+        """How many bytes of an output have arrived so far (the node sends the rest)."""
+        partial = self._partial(attempt_id, relative, sha)
+        try:
+            return partial.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     async def receive(self, attempt_id: str, relative: str, expected_sha: str, chunks: Any, node: str,
-                      size: int) -> dict[str, Any]:
-        """Write an output file from ``chunks`` (an async iterator) to a temporary name,
-        then, when its hash is the one the node gave, to its name."""
-        if not _SHA.match(expected_sha or ""):
-            raise TransferError(f"{HASH_HEADER} must be the file's sha256 in hex")
+                      size: int, offset: int = 0) -> dict[str, Any]:
+        """Write an output file from ``chunks`` (an async iterator) from byte ``offset`` on
+        into its partial file, then, when the whole has the hash the node gave, to its
+        name. A broken connection leaves the partial file for the node to resume; a hash
+        that comes out wrong deletes it (the node sends the file again from its start)."""
+        partial = self._partial(attempt_id, relative, expected_sha)
         target = self.output_target(attempt_id, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.part")
-        record = self._record(TransferRecord("in", node, relative, size, 0, job=self._attempt(attempt_id)[0]))
+        have = self.arrived(attempt_id, relative, expected_sha)
+        if offset < 0 or offset > have:
+            raise TransferError(f"{relative}: cannot continue at byte {offset}: {have} bytes have arrived")
+        record = self._record(TransferRecord("in", node, relative, offset + size, offset,
+                                             job=self._attempt(attempt_id)[0]))
         digest = hashlib.sha256()
+
+        def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
+            digest.update(batch)
+            handle.write(batch)
+
         try:
-            with open(partial, "wb") as handle:
-                async for chunk in chunks:
-                    handle.write(chunk)
-                    digest.update(chunk)
+            with open(partial, "r+b" if offset else "wb") as handle:
+                if offset:
+                    handle.truncate(offset)
+                    await asyncio.to_thread(sha256_file, partial, offset, digest)
+                    handle.seek(offset)
+                batch = bytearray()
+                async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
+                    batch += chunk
                     record.sent += len(chunk)
+                    if len(batch) >= CHUNK:
+                        await asyncio.to_thread(store, batch)
+                        batch = bytearray()
+                if batch:
+                    await asyncio.to_thread(store, batch)
             if digest.hexdigest() != expected_sha:
                 partial.unlink(missing_ok=True)
                 raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
             os.replace(partial, target)
         finally:
             record.ended = time.time()
-            partial.unlink(missing_ok=True)
-        return {"path": relative, "size": record.sent}
+        return {"path": relative, "size": offset + record.sent}
 
     def _record(self, record: TransferRecord) -> TransferRecord:
         with self._lock:
@@ -337,12 +372,13 @@ class ControllerLink:
                 partial.unlink(missing_ok=True)
                 digest.__init__()  # type: ignore[misc]
             started, moved = time.monotonic(), 0
-            buffer = bytearray(CHUNK)
-            with open(partial, "ab") as handle:
-                while count := response.readinto(buffer):
-                    view = memoryview(buffer)[:count]
-                    handle.write(view)
-                    digest.update(view)
+            with open(partial, "ab") as handle, _Sink(handle, digest) as sink:
+                while True:
+                    buffer = sink.free()
+                    count = _read_full(response, buffer)
+                    if not count:
+                        break
+                    sink.put(buffer, count)
                     moved += count
                     if progress is not None:
                         progress(offset + moved)
@@ -357,15 +393,30 @@ class ControllerLink:
         finally:
             connection.close()
 
-    def upload(self, attempt_id: str, relative: str, path: Path) -> None:
+    def upload(self, attempt_id: str, relative: str, path: Path, tries: int = 3) -> None:
+        """Send an output file; after a broken connection, ask how much arrived and send
+        the rest; when the controller refuses the whole (its hash came out wrong), send
+        it again from its start."""
         sha = sha256_file(path)
         size = path.stat().st_size
-        quoted = urllib.parse.quote(relative)
+        where = f"{ROUTE}/attempts/{attempt_id}/files/{urllib.parse.quote(relative)}"
+        for attempt in range(tries):
+            try:
+                offset = self.get_json(f"{where}?sha={sha}")["arrived"] if attempt else 0
+                self._put(where, relative, path, sha, size, offset)
+                return
+            except TransferError as exc:
+                if attempt == tries - 1 or getattr(exc, "status", None) == 404:
+                    raise
+                log.warning("%s; sending the rest of %s again", exc, relative)
+
+    def _put(self, where: str, relative: str, path: Path, sha: str, size: int, offset: int) -> None:
         connection = self._connection(timeout=300)
         try:
             with open(path, "rb") as body:
-                connection.request("PUT", f"{ROUTE}/attempts/{attempt_id}/files/{quoted}", body=body,
-                                   headers={**self.headers, HASH_HEADER: sha, "Content-Length": str(size)})
+                body.seek(offset)
+                connection.request("PUT", where, body=body, headers={
+                    **self.headers, HASH_HEADER: sha, OFFSET_HEADER: str(offset), "Content-Length": str(size - offset)})
             response = connection.getresponse()
             answer = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -373,7 +424,71 @@ class ControllerLink:
         finally:
             connection.close()
         if response.status != 200:
-            raise TransferError(f"the controller refused {relative}: {response.status} {_error_of(answer)}")
+            error = TransferError(f"the controller refused {relative}: {response.status} {_error_of(answer)}")
+            error.status = response.status  # type: ignore[attr-defined]
+            raise error
+
+
+def _read_full(response: Any, buffer: bytearray) -> int:
+    """Fill ``buffer`` from ``response`` (TLS records come 16 KiB at a time); the count
+    read, short only at the end."""
+    view, filled = memoryview(buffer), 0
+    while filled < len(buffer):
+        count = response.readinto(view[filled:])
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+class _Sink:
+    """Hashes and writes received chunks in a thread of its own, so that decrypting the
+    next chunk (in the caller's thread) and hashing and writing this one run side by side:
+    hashlib and file writes let go of the GIL. A few reused buffers of CHUNK bytes, no
+    per-chunk objects beyond them."""
+
+    DEPTH = 3
+
+    def __init__(self, handle: Any, digest: Any):
+        import queue
+
+        self.handle, self.digest = handle, digest
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        for _ in range(self.DEPTH):
+            self._free.put(bytearray(CHUNK))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="farm-transfer-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, count = item
+            if self._error is None:
+                try:
+                    view = memoryview(buffer)[:count]
+                    self.digest.update(view)
+                    self.handle.write(view)
+                except BaseException as exc:  # handed to the caller at its next put
+                    self._error = exc
+            self._free.put(buffer)
+
+    def free(self) -> bytearray:
+        if self._error is not None:
+            raise self._error
+        return self._free.get()
+
+    def put(self, buffer: bytearray, count: int) -> None:
+        self._full.put((buffer, count))
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._full.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def _error_of(body: bytes) -> str:

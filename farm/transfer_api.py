@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from farm.errors import DeterministicFailure, FarmError
 from farm.model import TERMINAL_JOB_STATES
-from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, ROUTE, STORAGE_MARK, Depot, parse_range
+from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, OFFSET_HEADER, ROUTE, STORAGE_MARK, Depot, parse_range
 
 log = logging.getLogger("farm.transfer")
 
@@ -67,13 +67,26 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         return StreamingResponse(chunks, status_code=206 if request.headers.get("range") else 200,
                                  media_type="application/octet-stream", headers=headers)
 
+    @app.get(f"{ROUTE}/attempts/{{attempt_id}}/files/{{relative:path}}", dependencies=[Depends(node_only)],
+             include_in_schema=False)
+    def arrived(attempt_id: str, relative: str, sha: str = "") -> Any:
+        """How much of an output has arrived: a node whose upload broke sends the rest."""
+        try:
+            return {"arrived": depot.arrived(attempt_id, relative, sha)}
+        except (LookupError, FarmError) as exc:
+            return refused(exc)
+
     @app.put(f"{ROUTE}/attempts/{{attempt_id}}/files/{{relative:path}}", dependencies=[Depends(node_only)],
              include_in_schema=False)
     async def output(attempt_id: str, relative: str, request: Request) -> Any:
         try:
             size = int(request.headers.get("content-length") or 0)
+            offset = int(request.headers.get(OFFSET_HEADER) or 0)
+        except ValueError:
+            return refused(FarmError(f"Content-Length and {OFFSET_HEADER} must be whole numbers"))
+        try:
             return await depot.receive(attempt_id, relative, request.headers.get(HASH_HEADER, ""), request.stream(),
-                                       request.headers.get(NODE_HEADER, "?")[:100], size)
+                                       request.headers.get(NODE_HEADER, "?")[:100], size, offset)
         except (LookupError, FarmError) as exc:
             return refused(exc)
 
