@@ -239,7 +239,10 @@ def test_a_farm_run_killed_during_assembly_resumes_with_assembly(farm_env, farm)
     (tmp / "gate").touch()
     profile = work_profile(tmp, "1-6", first=6, processor="slow-assembly")
     proc = start_run(profile, "-o", tmp / "out", env=env)
-    wait_until(lambda: (tmp / "assemblies.log").exists(), 120, "the assembly to start")
+    # the line, not the file: open() makes the file before the line is written, and a kill
+    # between the two would leave the first assembly unrecorded
+    log = tmp / "assemblies.log"
+    wait_until(lambda: log.exists() and log.read_text() == "assembling\n", 120, "the assembly to start")
     assert store_rows(state, "SELECT state FROM jobs") == [("assembling",)]
     kill(proc)
     (tmp / "assembly-gate").touch()

@@ -19,7 +19,7 @@ import yaml
 
 from farm.attemptfiles import image_size
 from farm.credentials import ClientFile
-from tests.cluster_helpers import Cluster
+from tests.cluster_helpers import FARM, Cluster
 from tests.conftest import ROOT, write_config, write_profile
 from tests.test_cluster import work_profile
 
@@ -458,12 +458,40 @@ def test_farm_monitor_prints_the_page_address_and_keeps_the_token_out_unless_ask
 
 def test_status_watch_follows_a_job_live_until_it_ends(farm_cluster):
     c = farm_cluster
-    job_id = submit(c, work_profile(c, "1-8", 0.3), dest="out-watch")["jobs"][0]["id"]
-    watched = c.farm("status", job_id, "--watch", timeout=120)
-    assert watched.returncode == 0, watched.stderr
-    lines = [line for line in watched.stdout.splitlines() if line.startswith(job_id)]
+    # frames 1-4 wait for one gate, 5-8 for another, opened as the watch shows each stage:
+    # the watch must show the job part-done however fast or slow the machine is
+    gates = c.root / "watch-gates"
+    gates.mkdir()
+    script = c.root / "gated.py"
+    script.write_text("import pathlib, sys, time\n"
+                      "out, frame, gates = pathlib.Path(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3])\n"
+                      "while not (gates / ('first' if frame <= 4 else 'second')).exists():\n    time.sleep(0.05)\n"
+                      "(out / f'frame_{frame:04d}.txt').write_text(str(frame))\n")
+    profile = write_profile(c.root, "gated", {
+        "processor": "command", "frames": "1-8", "segment": {"frames": 1},
+        "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}", str(gates)],
+                     "expect": ["frame_{frame:04d}.txt"]},
+        "sandbox": {"read": [str(gates)]},
+    })
+    job_id = submit(c, profile, dest="out-watch")["jobs"][0]["id"]
+    watch = subprocess.Popen([*FARM, "status", job_id, "--watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=c.env, cwd=c.root)
+    lines: list[str] = []
+    try:
+        for line in watch.stdout:
+            if not line.startswith(job_id):
+                continue
+            lines.append(line)
+            done = int(line.split()[2].split("/")[0])
+            if done == 0:
+                (gates / "first").touch()
+            elif done == 4:
+                (gates / "second").touch()
+        assert watch.wait(timeout=120) == 0, watch.stderr.read()
+    finally:
+        watch.kill() if watch.poll() is None else None
     done_counts = [int(line.split()[2].split("/")[0]) for line in lines]
-    assert done_counts == sorted(done_counts) and done_counts[-1] == 8 and len(set(done_counts)) >= 3
+    assert done_counts == sorted(done_counts) and {0, 4, 8} <= set(done_counts) and done_counts[-1] == 8
     assert lines[-1].split()[1] == "done"
 
     flag = c.root / "never"
