@@ -205,7 +205,8 @@ def test_the_lock_file_is_never_a_drop_and_is_made_again_when_deleted(farm_env, 
         lock = folder / LOCK_NAME
         assert lock.exists() and watch.state == "watching"
         lock.unlink()  # a person tidying up, or a sync tool
-        wait_for(lambda: lock.exists(), 60, 0.05, "the lock file to be made again")
+        # made, then written: wait for its record, not for the bare file
+        wait_for(lambda: lock.exists() and lock.read_text().strip(), 60, 0.05, "the lock file to be made again")
         assert record(folder)["pid"] == os.getpid()
         (tmp / "x.bin").write_bytes(b"x")
         drop(tmp / "x.bin", folder)
