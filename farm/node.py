@@ -744,7 +744,10 @@ def _run_attempt(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
         if staged is not None:
             staged.close()
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                os.rmdir(scratch)  # most segments leave their scratch empty: one call, not a tree walk
+            except OSError:
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _keep_preview(processor: Any, segment: Segment, result: dict[str, Any], context: Context, log: AttemptLog) -> None:

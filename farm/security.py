@@ -371,12 +371,9 @@ def allowed_executable(argv0: str, allow: list[str]) -> str | None:
     An entry is a name looked up on PATH (``ffmpeg`` allows the ffmpeg on PATH, not any
     file called ffmpeg) or an absolute path; symlinks are resolved on both sides.
     """
-    import shutil
-
-    resolved = shutil.which(argv0)
+    resolved = _resolved_executable(argv0)
     if resolved is None:
         return None
-    resolved = os.path.realpath(resolved)
     for entry in allow:
         if os.sep in entry:
             if os.path.realpath(entry) == resolved:
@@ -384,6 +381,30 @@ def allowed_executable(argv0: str, allow: list[str]) -> str | None:
         elif os.sep not in argv0 and entry == argv0:
             return resolved
     return None
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def _resolved_executable(argv0: str) -> str | None:
+    """The real path of what ``argv0`` runs on PATH. A node looks the same few names up for
+    every segment, and a PATH search plus realpath costs more than running ``true``: the
+    answer is kept while the file it names is still an executable there."""
+    import shutil
+
+    key = (argv0, os.environ.get("PATH", os.defpath))
+    known = _RESOLVED.get(key)
+    if known is not None and os.access(known, os.X_OK) and os.path.isfile(known):
+        return known
+    found = shutil.which(argv0)
+    if found is None:
+        _RESOLVED.pop(key, None)
+        return None
+    resolved = os.path.realpath(found)
+    if len(_RESOLVED) > 256:
+        _RESOLVED.clear()
+    _RESOLVED[key] = resolved
+    return resolved
 
 
 def token_matches(expected: str, given: str | None) -> bool:

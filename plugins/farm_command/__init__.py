@@ -10,6 +10,7 @@ node's sandbox; the files the profile's own command names (a script) are readabl
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import string
@@ -217,8 +218,11 @@ class CommandProcessor(Processor):
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ProcessorError(f"the command exited 0 but did not write {shown} in {segment.output_dir}")
-        files = sorted(
-            str(path.relative_to(segment.output_dir)) for path in segment.output_dir.rglob("*") if path.is_file()
+        files = sorted(  # os.walk: a fraction of rglob's cost, paid by every segment
+            os.path.relpath(os.path.join(folder, name), segment.output_dir)
+            for folder, _, names in os.walk(segment.output_dir)
+            for name in names
+            if os.path.isfile(os.path.join(folder, name))
         )
         return {"dir": str(segment.output_dir), "files": files}
 
