@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import selectors
@@ -326,6 +327,11 @@ def node_capabilities(config: NodeConfig, plugins: Any) -> dict[str, str]:
 # -- running commands -----------------------------------------------------------------
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
@@ -429,7 +435,15 @@ class CommandRunner:
         else:
             workdir = os.getcwd()
         started_argv, started_env = argv, ({**os.environ, **env} if env else None)
-        if self.policy is not None:
+        die_with_parent = None
+        if self.policy is None:
+            die_with_parent = _die_with_parent
+            setpriv = _setpriv()
+            if setpriv and os.path.isabs(argv[0]) and os.path.isfile(argv[0]) and os.access(argv[0], os.X_OK):
+                # the same parent-death signal, set by setpriv before it execs the command:
+                # no preexec_fn, so Python vfork-s instead of copying the whole node
+                started_argv, die_with_parent = [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+        else:
             if shutil.which(argv[0]) is None:
                 self.log.write(f"=== could not start: {argv[0]} not found")
                 raise ProcessorError(f"cannot start {argv[0]!r}: not found on node {socket.gethostname()}")
@@ -453,7 +467,7 @@ class CommandRunner:
                 # bwrap --die-with-parent ties a sandboxed process to this node; only an
                 # unsandboxed one needs the parent-death signal set in the child, and a
                 # preexec_fn makes Python fork the whole node instead of vfork-ing.
-                preexec_fn=_die_with_parent if self.policy is None else None,
+                preexec_fn=die_with_parent,
             )
         except FileNotFoundError:
             self.log.write(f"=== could not start: {argv[0]} not found")

@@ -326,6 +326,39 @@ def test_sandbox_off_shows_in_doctor_and_segments_then_run_uncontained(farm, far
     assert refused.returncode == 2 and "LD_PRELOAD" in refused.stderr  # the vocabulary holds either way
 
 
+# A node process running one unsandboxed command, in a thread as a segment does: it prints
+# the command's pid once the command runs, then waits to be killed.
+UNSANDBOXED_NODE = """
+import os, sys, threading, time
+from farm.node import AttemptLog, CommandRunner
+runner = CommandRunner(AttemptLog(), threading.Event(), "test", 5.0, policy=None)
+threading.Thread(target=runner.run, args=([sys.argv[1], os.environ["SLEEP_FOR"]],), daemon=True).start()
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize("executable", ["/bin/sleep", "sleep"])
+def test_an_unsandboxed_command_dies_with_its_node_killed_by_sigkill(tmp_path, executable):
+    # an absolute path is started through setpriv, a bare name by a forked child: both set
+    # the parent-death signal, so a node killed -9 leaves no command running on
+    marker = f"6{uuid.uuid4().int % 10**6:06d}"  # sleep's argument: tells this test's sleep from others
+    # the marker goes by the environment: the node's own command line must not hold it
+    node = subprocess.Popen([sys.executable, "-c", UNSANDBOXED_NODE, executable], env={**os.environ, "SLEEP_FOR": marker})
+    try:
+        deadline = time.monotonic() + 60
+        while not (sleepers := running_with(marker)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleepers, "the command never started"
+    finally:
+        node.kill()
+        node.wait()
+    deadline = time.monotonic() + 30
+    while running_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_with(marker) == [], "the command outlived its node"
+
+
 @pytest.mark.slow
 def test_a_node_that_cannot_sandbox_says_so_and_runs_nothing(farm, farm_env):
     tmp = farm_env["tmp"]
