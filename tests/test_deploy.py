@@ -121,6 +121,7 @@ def test_the_containerfile_installs_what_setup_installs_less_the_tests_own():
         assert ignored in (ROOT / ".dockerignore").read_text().split()
 
 
+@pytest.mark.slow
 def test_the_slurm_script_gives_its_jobs_the_worker_files_and_the_preloads(tmp_path, farm_env):
     pytest.importorskip("dask_jobqueue")
     folder = tmp_path / "cluster"

@@ -117,6 +117,7 @@ def test_a_quickcluster_is_reached_with_no_options_and_its_file_goes_with_it(qui
     assert gone.returncode == 2 and "no client file" in gone.stderr and "quickcluster" in gone.stderr
 
 
+@pytest.mark.slow
 def test_a_quickcluster_killed_outright_takes_its_node_with_it(quick):
     quick.wait_until_ready()
     family = psutil.Process(quick.proc.pid).children(recursive=True)
@@ -174,6 +175,7 @@ def talk_profile(tmp: Path, name: str, frames: str, *, hang_from: int = 10**6, f
     })
 
 
+@pytest.mark.slow
 def test_farm_logs_shows_the_segments_logs_of_a_farm_run_job(farm, farm_env):
     tmp = farm_env["tmp"]
     ran = farm("run", talk_profile(tmp, "talk", "1-4"), "-o", tmp / "out", "--json", "--quiet")

@@ -102,6 +102,7 @@ def test_a_profile_of_many_plain_values_is_refused_before_it_is_composed(farm, f
     assert "holds more than 10,000 values" in one_line_error(farm("plan", many))
 
 
+@pytest.mark.slow
 def test_the_limits_are_set_in_farm_yaml(farm, farm_env):
     profile, _, _ = hostile_profiles(farm_env["tmp"] / "p")["10^7 frames"]
     data = yaml.safe_load(farm_env["config"].read_text())
@@ -291,6 +292,7 @@ def test_cluster_init_refuses_a_folder_that_is_not_empty(farm, tmp_path):
     assert os.listdir(folder) == ["notes.txt"] and mode(folder) == 0o755
 
 
+@pytest.mark.slow
 def test_cluster_init_into_an_empty_folder_leaves_its_mode_and_a_new_one_is_private(farm, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

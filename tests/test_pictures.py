@@ -213,6 +213,7 @@ def test_farm_logs_follow_prints_a_running_segments_lines_as_it_writes_them(farm
 # -- a purge shrinks the store ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("older_store", [False, True], ids=["store", "store-made-before-incremental-vacuum"])
 def test_a_purge_shrinks_the_store_file(farm, farm_env, older_store):
     tmp, state = farm_env["tmp"], farm_env["state"]

@@ -94,6 +94,7 @@ def test_names_with_a_leading_dash_or_beyond_ascii_render(farm, farm_env, name):
     assert_same_pixels(farm_env["tmp"] / "out", "f_{:04d}.png", hand, [1, 2])
 
 
+@pytest.mark.slow
 def test_an_include_beside_the_scene_is_found_from_the_scenes_folder(farm, farm_env):
     scene = make_scene(farm_env["tmp"] / "project" / "scenes", "orbit.pov", include="shared parts.inc")
     result = farm("run", profile(farm_env["tmp"], frames="1-3", settings={"width": 32, "height": 24}), scene,

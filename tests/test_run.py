@@ -58,6 +58,7 @@ def test_plan_shows_segments_and_runs_nothing(farm, farm_env):
     assert not farm_env["state"].exists()
 
 
+@pytest.mark.slow
 def test_existing_outputs_are_not_overwritten_unless_asked(farm, farm_env):
     dest = farm_env["tmp"] / "frames"
     args = ("run", ROOT / "examples" / "testsrc-frames.yaml", "-o", dest, "--set", "frames=1-4", "--json")

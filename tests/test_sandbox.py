@@ -185,6 +185,7 @@ def test_an_allowed_ffmpeg_cannot_write_a_passlog_or_a_tee_outside(farm, farm_en
 # -- an allowed ffmpeg reads nothing it was not given --------------------------------------
 
 
+@pytest.mark.slow
 def test_an_allowed_ffmpeg_reads_nothing_it_was_not_given(farm, farm_env, tmp_path_factory):
     tmp = farm_env["tmp"]
     secret = tmp_path_factory.mktemp("elsewhere") / "secret.txt"

@@ -199,6 +199,7 @@ for round_, _ in enumerate(sys.stdin):  # one line: go
 """
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_store_at_the_same_moment_all_open_it(tmp_path):
     # two `farm run` started together on a new state dir: making the store WAL takes an
     # exclusive lock that SQLite refuses at once ("database is locked") instead of waiting.

@@ -168,6 +168,7 @@ def test_short_sources_and_unsegmented_profiles_are_one_segment(farm, farm_env):
     assert "2 segment(s)" in two_pass.stdout and "frames 1-150" in two_pass.stdout
 
 
+@pytest.mark.slow
 def test_a_one_segment_job_is_exact_in_frames_duration_and_sound(farm, farm_env):
     """A one-frame movie and a one-second one with a beep, each one video segment: the output
     holds every frame, lasts what the source lasts, and its beep plays where the source's did

@@ -87,6 +87,7 @@ def assert_frame_exact(out: Path, source: Path, rate: str, count: int) -> None:
 # -- item 1: cutting works on every container -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, muxer", [("cam.ts", []), ("disc.m2ts", ["-mpegts_m2ts_mode", "1"]),
                                          ("clip.mts", ["-f", "mpegts", "-mpegts_m2ts_mode", "1"])])
 def test_mpeg_ts_with_its_usual_start_is_cut_frame_exact(farm, farm_env, name, muxer):
@@ -102,6 +103,7 @@ def test_mpeg_ts_with_its_usual_start_is_cut_frame_exact(farm, farm_env, name, m
     assert_frame_exact(out, source, "25", 150)
 
 
+@pytest.mark.slow
 def test_mpeg_ts_whose_timestamps_wrap_midway(farm, farm_env):
     """33-bit timestamps wrap 2.7 s in (a recorder running for 26.5 hours): cut frame-exact,
     the audio as long as it is (the header's length is a guess that the wrap spoils)."""
@@ -130,6 +132,7 @@ def test_matroska_with_a_start_offset(farm, farm_env):
         assert audio["codec_name"] == "aac"
 
 
+@pytest.mark.slow
 def test_mp4_with_an_edit_list_that_starts_between_keyframes(farm, farm_env):
     """Stream copy from 1.3 s: the file holds the frames from the keyframe before and an
     edit list that hides them; the output has exactly the frames shown."""

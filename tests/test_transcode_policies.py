@@ -98,6 +98,7 @@ def test_10_bit_422_kept_where_the_codec_carries_it_and_every_loss_said(farm, fa
     assert min(psnr(x264, source)) > 35  # every frame in its place across the joins
 
 
+@pytest.mark.slow
 def test_a_pixel_format_the_encoder_cannot_make_is_refused_at_load(farm, farm_env):
     tmp = farm_env["tmp"]
     source = make(tmp / "in.mp4", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", seconds=1)
@@ -165,6 +166,7 @@ def test_interlace_keep_codes_fields_with_their_order_and_flags(farm, farm_env):
     assert changed.returncode == 2 and "interlace: keep" in changed.stderr and "25.000 → 30.000 fps" in changed.stderr
 
 
+@pytest.mark.slow
 def test_an_output_whose_fields_are_not_what_the_plan_promised_is_not_delivered(farm, farm_env):
     """A progressive plan, and x264 told by the profile's own params to flag fields (tff=1):
     verification names the flag and the promise, and nothing reaches the destination."""
@@ -327,6 +329,7 @@ def test_prores_4444_keeps_its_alpha_and_a_proxy_says_it_drops_it(farm, farm_env
     assert min(psnr(*planes)) > 40
 
 
+@pytest.mark.slow
 def test_rotation_is_said_and_the_picture_shown_the_same_way(farm, farm_env):
     tmp = farm_env["tmp"]
     plain = make(tmp / "plain.mp4", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",

@@ -40,6 +40,7 @@ def whole(farm_env) -> Path:
     return movie(farm_env["tmp"] / "whole.mp4", seconds=2, size="192x108")
 
 
+@pytest.mark.slow
 def test_an_unfinished_mp4_is_refused_as_cut_short(farm, farm_env, whole):
     tmp = farm_env["tmp"]
     cut = tmp / "cut.mp4"  # the index (moov) comes last, and is gone

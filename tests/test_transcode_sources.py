@@ -42,6 +42,7 @@ def transcode(farm, tmp: Path, source: Path, settings: dict, seconds: float) -> 
     return job, Path(job["outputs"][0]) if job["outputs"] else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["png-sequence", "tiff-sequence", "dpx-sequence", "exr-sequence"])
 def test_image_sequences_are_sources_at_the_profiles_rate(farm, farm_env, name):
     tmp = farm_env["tmp"]

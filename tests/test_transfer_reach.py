@@ -344,6 +344,7 @@ bpy.ops.wm.save_mainfile()
 """
 
 
+@pytest.mark.slow
 @needs_blender
 def test_what_a_blend_links_is_listed_by_blender_and_absolute_links_are_refused(tmp_path, monkeypatch):
     """What a node without shared storage would be sent for a .blend (the controller's side,
