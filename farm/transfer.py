@@ -126,6 +126,7 @@ class Depot:
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._served: dict[str, tuple[Path, int, int]] = {}  # sha -> (path, size, mtime_ns)
         self._declared_by: dict[str, set[str]] = {}  # sha -> the jobs that declared it
+        self._arriving: dict[Path, _Arrival] = {}  # partial output -> the upload writing it
         self._lock = threading.Lock()
         self.records: list[TransferRecord] = []
 
@@ -219,55 +220,58 @@ class Depot:
         target = self.output_target(attempt_id, relative)
         return target.with_name(f".{target.name}.{sha[:16]}.part")
 
-    def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
-        """How many bytes of an output have arrived so far (the node sends the rest)."""
+    async def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
+        """How many bytes of an output have arrived so far (the node sends the rest). A node
+        asks after its connection broke, which this side may not have noticed yet: an
+        upload of the same file still going stops first, keeping what it wrote."""
         partial = self._partial(attempt_id, relative, sha)
+        await self._supersede(partial)
         try:
             return partial.stat().st_size
         except FileNotFoundError:
             return 0
 
+    async def _supersede(self, partial: Path) -> None:
+        arrival = self._arriving.get(partial)
+        if arrival is not None:
+            arrival.superseded = True
+            arrival.task.cancel()
+            await asyncio.wait([arrival.task])
+
     async def receive(self, attempt_id: str, relative: str, expected_sha: str, chunks: Any, node: str,
                       size: int, offset: int = 0) -> dict[str, Any]:
         """Write an output file from ``chunks`` (an async iterator) from byte ``offset`` on
         into its partial file, then, when the whole has the hash the node gave, to its
-        name. A broken connection leaves the partial file for the node to resume; a hash
-        that comes out wrong deletes it (the node sends the file again from its start)."""
+        name. A broken connection leaves the partial file (every byte that arrived) for the
+        node to resume; a hash that comes out wrong deletes it (the node sends the file
+        again from its start)."""
         partial = self._partial(attempt_id, relative, expected_sha)
         target = self.output_target(attempt_id, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        have = self.arrived(attempt_id, relative, expected_sha)
+        await self._supersede(partial)
+        have = partial.stat().st_size if partial.exists() else 0
         if offset < 0 or offset > have:
             raise TransferError(f"{relative}: cannot continue at byte {offset}: {have} bytes have arrived")
         record = self._record(TransferRecord("in", node, relative, offset + size, offset,
                                              job=self._attempt(attempt_id)[0]))
         digest = hashlib.sha256()
-
-        def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
-            digest.update(batch)
-            handle.write(batch)
-
+        # the body is read in a task of its own, which a later request for the same file cancels
+        arrival = _Arrival(asyncio.create_task(_consume(partial, offset, chunks, digest, record)))
+        self._arriving[partial] = arrival
         try:
-            with open(partial, "r+b" if offset else "wb") as handle:
-                if offset:
-                    handle.truncate(offset)
-                    await asyncio.to_thread(sha256_file, partial, offset, digest)
-                    handle.seek(offset)
-                batch = bytearray()
-                async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
-                    batch += chunk
-                    record.sent += len(chunk)
-                    if len(batch) >= CHUNK:
-                        await asyncio.to_thread(store, batch)
-                        batch = bytearray()
-                if batch:
-                    await asyncio.to_thread(store, batch)
-            if digest.hexdigest() != expected_sha:
-                partial.unlink(missing_ok=True)
-                raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
-            os.replace(partial, target)
+            await arrival.task
+        except asyncio.CancelledError:
+            if not arrival.superseded:
+                raise
+            raise TransferError(f"{relative}: the node sends it again on a new connection") from None
         finally:
+            if self._arriving.get(partial) is arrival:
+                del self._arriving[partial]
             record.ended = time.time()
+        if digest.hexdigest() != expected_sha:
+            partial.unlink(missing_ok=True)
+            raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
+        os.replace(partial, target)
         return {"path": relative, "size": offset + record.sent}
 
     def _record(self, record: TransferRecord) -> TransferRecord:
@@ -290,6 +294,50 @@ class Depot:
                 entry["active"] += 1
                 entry["rate"] += record["rate"]
         return summary
+
+
+@dataclass
+class _Arrival:
+    task: asyncio.Task[None]
+    superseded: bool = False
+
+
+async def _settled(work: Any) -> Any:
+    """Await work done in a thread to its end even when cancelled: the thread goes on
+    anyway, and the file it writes must not be closed under it."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+async def _consume(partial: Path, offset: int, chunks: Any, digest: Any, record: TransferRecord) -> None:
+    """An upload's body into its partial file from ``offset``, hashed on the way; whatever
+    stops it (a broken connection, a newer upload of the file), the bytes that arrived are
+    written: they are the file's, and the node sends only the rest."""
+
+    def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
+        digest.update(batch)
+        handle.write(batch)
+        record.sent += len(batch)
+
+    with open(partial, "r+b" if offset else "wb") as handle:
+        if offset:
+            handle.truncate(offset)
+            await _settled(asyncio.to_thread(sha256_file, partial, offset, digest))
+            handle.seek(offset)
+        batch = bytearray()
+        try:
+            async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
+                batch += chunk
+                if len(batch) >= CHUNK:
+                    full, batch = batch, bytearray()
+                    await _settled(asyncio.to_thread(store, full))
+        finally:
+            if batch:
+                store(batch)
 
 
 def _mib(count: int) -> str:

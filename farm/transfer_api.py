@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from farm.errors import DeterministicFailure, FarmError
 from farm.model import TERMINAL_JOB_STATES
@@ -69,10 +70,10 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
 
     @app.get(f"{ROUTE}/attempts/{{attempt_id}}/files/{{relative:path}}", dependencies=[Depends(node_only)],
              include_in_schema=False)
-    def arrived(attempt_id: str, relative: str, sha: str = "") -> Any:
+    async def arrived(attempt_id: str, relative: str, sha: str = "") -> Any:
         """How much of an output has arrived: a node whose upload broke sends the rest."""
         try:
-            return {"arrived": depot.arrived(attempt_id, relative, sha)}
+            return {"arrived": await depot.arrived(attempt_id, relative, sha)}
         except (LookupError, FarmError) as exc:
             return refused(exc)
 
@@ -89,6 +90,9 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
                                        request.headers.get(NODE_HEADER, "?")[:100], size, offset)
         except (LookupError, FarmError) as exc:
             return refused(exc)
+        except ClientDisconnect:  # what arrived is kept: the node asks how much and sends the rest
+            log.info("the upload of %s for attempt %s broke off", relative, attempt_id)
+            return Response(status_code=400)
 
     @app.get("/api/transfers", dependencies=[Depends(readers)])
     def transfers(job: str | None = None) -> list[dict[str, Any]]:

@@ -273,48 +273,74 @@ def test_the_node_cache_evicts_the_least_recently_used_files_but_never_one_in_us
 
 class _Cutter:
     """A TCP relay to ``port`` that cuts the first connection after ``limit`` bytes from
-    the client, and relays later ones whole."""
+    the client (a reset to the client, the end of the stream to the server, as when a
+    network breaks), and relays later ones whole."""
 
     def __init__(self, port: int, limit: int):
         import socket
         import threading
 
-        self.port, self.limit, self.cuts = port, limit, 0
+        self.port, self.limit, self.connections = port, limit, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
 
     def _accept(self) -> None:
         import socket
         import threading
 
         while True:
-            client, _ = self.listener.accept()
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
             server = socket.create_connection(("127.0.0.1", self.port))
-            limit = self.limit if self.cuts == 0 else None
-            self.cuts += 1
-            threading.Thread(target=self._pipe, args=(client, server, limit), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+            limit = self.limit if self.connections == 0 else None
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(client, server, limit), daemon=True).start()
+
+    def _relay(self, client, server, limit) -> None:
+        import socket
+        import struct
+        import threading
+
+        back = threading.Thread(target=self._pipe, args=(server, client, None), daemon=True)
+        back.start()
+        cut = self._pipe(client, server, limit)
+        # shutting down wakes the other direction's recv (closing would not), then both close
+        for end in (client, server):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        back.join()
+        if cut:  # a reset: the client's next send fails at once instead of filling a buffer nobody reads
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        server.close()
 
     @staticmethod
-    def _pipe(source, target, limit) -> None:
+    def _pipe(source, target, limit) -> bool:
+        """Copy until the source ends (False) or ``limit`` bytes would be passed (True)."""
         moved = 0
         try:
             while data := source.recv(1 << 16):
                 if limit is not None and moved + len(data) > limit:
-                    break
+                    return True
                 target.sendall(data)
                 moved += len(data)
         except OSError:
             pass
-        for end in (source, target):
-            try:
-                end.shutdown(2)
-            except OSError:
-                pass
+        try:
+            target.shutdown(1)  # the end of one direction passes on, as TCP would
+        except OSError:
+            pass
+        return False
 
 
-@pytest.mark.skip(reason="unfinished: this test hangs (the relay that cuts the connection, or the server after the cut, not yet found); the resumable upload it checks is not yet shown to work")
 def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_sent_again(tmp_path):
     import threading
     import time
@@ -353,6 +379,7 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
         cutter = _Cutter(port, 9 << 20)
         link = ControllerLink(f"https://127.0.0.1:{cutter.address}", Bundle.load(bundles["node"]), "island")
         link.upload("att1", "part/segment.bin", output)
+        cutter.close()
         landed = work / "att1" / "part" / "segment.bin"
         assert hashlib.sha256(landed.read_bytes()).hexdigest() == sha
         first, second = [doc for doc in depot.documents() if doc["direction"] == "in"]
@@ -377,6 +404,7 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
 
         link._put = put_after_damage
         link.upload("att1", "damaged.bin", damaged)
+        cutter.close()
         assert (work / "att1" / "damaged.bin").read_bytes() == damaged.read_bytes()
         moves = [(doc["offset"], doc["bytes"]) for doc in depot.documents() if doc["name"] == "damaged.bin"]
         assert len(moves) == 3 and moves[1][0] == moves[0][1] > 0  # cut, resumed (refused), again
