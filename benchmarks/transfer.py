@@ -102,7 +102,7 @@ def main() -> None:
         try:
             hello = json.loads(server.stdout.readline())
             link = ControllerLink(f"https://127.0.0.1:{hello['port']}", Bundle.load(bundles["node"]), "bench")
-            manifest = link.get_json("/api/transfer/jobs/jbench/inputs")  # the controller hashes the source here
+            manifest = link.manifest("jbench")  # the controller hashes the source here
             sha = manifest["files"][0]["sha256"]
             server.stdin.write("\n")
             server.stdin.flush()

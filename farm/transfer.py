@@ -21,6 +21,7 @@ folder on the controller, so relative references keep working.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -50,6 +51,9 @@ HASH_HEADER = "X-Farm-Sha256"
 NODE_HEADER = "X-Farm-Node"
 JOB_HEADER = "X-Farm-Job"
 OFFSET_HEADER = "X-Farm-Offset"  # where an upload continues
+#: Seconds the controller holds a node's request for a job's inputs before answering
+#: "still listing" (202): well within the node's 60 s timeout, so a listing of any length works.
+MANIFEST_WAIT = 20
 #: Written by the controller in its cluster storage folder: a node that sees it shares that storage
 #: (an empty folder at the same path, or a mount point with nothing mounted, does not).
 STORAGE_MARK = ".farm-cluster-storage"
@@ -127,6 +131,8 @@ class Depot:
         self._served: dict[str, tuple[Path, int, int]] = {}  # sha -> (path, size, mtime_ns)
         self._declared_by: dict[str, set[str]] = {}  # sha -> the jobs that declared it
         self._arriving: dict[Path, _Arrival] = {}  # partial output -> the upload writing it
+        self._listings: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}  # job -> its manifest
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-transfer-listing")
         self._lock = threading.Lock()
         self.records: list[TransferRecord] = []
 
@@ -141,7 +147,12 @@ class Depot:
                 self._hashes[key] = known
         return known, stat.st_size, stat.st_mtime_ns
 
-    def manifest(self, job_id: str) -> dict[str, Any]:
+    def manifest(self, job_id: str) -> concurrent.futures.Future[dict[str, Any]]:
+        """The job's inputs, as a future: listing them may be slow (Blender lists what a
+        .blend links, up to its own timeout), and hashing a big source too, so it runs
+        once per job in a thread of its own while nodes ask again (a long poll), instead
+        of once per segment and within one request's time. Checked cheaply each time: a
+        source that changed fails (SourceChanged), a file that changed is hashed again."""
         found = self._jobs(job_id)
         if found is None:
             raise LookupError(f"job {job_id} is not running on this controller")
@@ -149,6 +160,29 @@ class Depot:
         from farm.node import check_source
 
         check_source(job)  # SourceChanged: the node fails the job with its reason, as on shared storage
+        with self._lock:
+            for gone in [other for other in self._listings if other != job_id and self._jobs(other) is None]:
+                del self._listings[gone]
+            listing = self._listings.get(job_id)
+            if listing is not None and listing.done() and (listing.exception() is not None or not self._current(listing)):
+                listing = None  # a failure is told once, then tried again; a changed file is hashed again
+            if listing is None:
+                listing = self._listings[job_id] = self._pool.submit(self._list, job_id, job, processor)
+        return listing
+
+    def _current(self, listing: concurrent.futures.Future[dict[str, Any]]) -> bool:
+        root = Path(listing.result()["root"])
+        for entry in listing.result()["files"]:
+            path, size, mtime = self._served.get(entry["sha256"], (root / entry["path"], -1, -1))  # under _lock
+            try:
+                stat = path.stat()
+            except OSError:
+                return False
+            if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+                return False
+        return True
+
+    def _list(self, job_id: str, job: Any, processor: Any) -> dict[str, Any]:
         files = [Path(p) for p in processor.input_files(job)]
         root = common_root(files)
         entries = []
@@ -387,6 +421,17 @@ class ControllerLink:
         return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout,
                                            blocksize=CHUNK)
 
+    def manifest(self, job_id: str, cancelled: threading.Event | None = None) -> dict[str, Any]:
+        """A job's inputs: the controller may take minutes to list them (a .blend's
+        links), and answers 202 after a while of it; asked again until it is done."""
+        while True:
+            answer = self.get_json(f"{ROUTE}/jobs/{job_id}/inputs?wait={MANIFEST_WAIT}")
+            if answer.get("pending") is None:
+                return answer
+            if cancelled is not None and cancelled.is_set():
+                raise TransferError("cancelled")
+            log.info("the controller is still listing the inputs of job %s: %s", job_id, answer["pending"])
+
     def get_json(self, path: str) -> Any:
         connection = self._connection()
         try:
@@ -399,7 +444,7 @@ class ControllerLink:
             connection.close()
         if response.status == 409:
             raise SourceChanged(_error_of(body))
-        if response.status != 200:
+        if response.status not in (200, 202):
             raise TransferError(f"the controller refused {path}: {response.status} {_error_of(body)}")
         return json.loads(body)
 
@@ -742,7 +787,7 @@ def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: thread
                       segment.output_dir if outputs else None)
     try:
         if inputs:
-            manifest = link.get_json(f"{ROUTE}/jobs/{job.id}/inputs")
+            manifest = link.manifest(job.id, cancelled)
             staged_root = folder / "in"
             total = sum(entry["size"] for entry in manifest["files"]) or 1
             done_before = 0

@@ -3,6 +3,7 @@ by hash with HTTP ranges, outputs back into a running attempt's folder, and the 
 transfers. Annotations here are real (no ``from __future__ import annotations``): FastAPI
 reads them to inject the request."""
 
+import asyncio
 import logging
 from typing import Any
 
@@ -12,7 +13,17 @@ from starlette.requests import ClientDisconnect
 
 from farm.errors import DeterministicFailure, FarmError
 from farm.model import TERMINAL_JOB_STATES
-from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, OFFSET_HEADER, ROUTE, STORAGE_MARK, Depot, parse_range
+from farm.transfer import (
+    HASH_HEADER,
+    JOB_HEADER,
+    MANIFEST_WAIT,
+    NODE_HEADER,
+    OFFSET_HEADER,
+    ROUTE,
+    STORAGE_MARK,
+    Depot,
+    parse_range,
+)
 
 log = logging.getLogger("farm.transfer")
 
@@ -47,9 +58,13 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         return JSONResponse({"error": str(exc).strip("'\"")}, status_code=status)
 
     @app.get(f"{ROUTE}/jobs/{{job_id}}/inputs", dependencies=[Depends(node_only)], include_in_schema=False)
-    def inputs(job_id: str) -> Any:
+    async def inputs(job_id: str, wait: float = MANIFEST_WAIT) -> Any:
+        """A job's inputs, by hash; 202 while they are still being listed (the node asks again)."""
         try:
-            return depot.manifest(job_id)
+            listing = depot.manifest(job_id)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(listing)), min(max(wait, 0), 50))
+        except TimeoutError:
+            return JSONResponse({"pending": f"listing the inputs of job {job_id}"}, status_code=202)
         except (LookupError, FarmError) as exc:
             return refused(exc)
 

@@ -411,3 +411,49 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
         assert moves[2] == (0, damaged.stat().st_size)
     finally:
         server.should_exit = True
+
+
+def test_a_slow_listing_of_a_jobs_inputs_is_done_once_and_the_node_is_told_to_ask_again(tmp_path):
+    # Blender may take minutes to list what a .blend links: longer than a node's request
+    import threading
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from farm.transfer_api import add_routes
+
+    scene = tmp_path / "scene.blend"
+    scene.write_bytes(b"blend")
+    texture = tmp_path / "textures" / "wood.png"
+    texture.parent.mkdir()
+    texture.write_bytes(b"png")
+    listed, release = [], threading.Event()
+
+    def input_files(job):
+        listed.append(job.input)
+        assert release.wait(60)
+        return [scene, texture]
+
+    job = SimpleNamespace(input=scene, input_stamp=None, work_dir=tmp_path / "work" / "job1")
+    controller = SimpleNamespace(scheduler=SimpleNamespace(
+        jobs={"job1": SimpleNamespace(state="running", job=job, processor=SimpleNamespace(input_files=input_files))},
+        attempts={}, work_root=tmp_path))
+    app = FastAPI()
+    add_routes(app, controller, lambda: None, lambda: None)
+    client = TestClient(app)
+
+    first = client.get("/api/transfer/jobs/job1/inputs?wait=0")
+    assert first.status_code == 202 and "listing the inputs of job job1" in first.json()["pending"]
+    assert client.get("/api/transfer/jobs/job1/inputs?wait=0").status_code == 202
+    release.set()
+    done = client.get("/api/transfer/jobs/job1/inputs?wait=30")
+    assert done.status_code == 200, done.text
+    assert [entry["path"] for entry in done.json()["files"]] == ["scene.blend", "textures/wood.png"]
+    assert client.get("/api/transfer/jobs/job1/inputs").json() == done.json()
+    assert listed == [scene]  # listed once, for every segment's request
+
+    texture.write_bytes(b"another png")  # a file changed since: hashed again
+    again = client.get("/api/transfer/jobs/job1/inputs?wait=30").json()
+    assert again["files"][1]["sha256"] == hashlib.sha256(b"another png").hexdigest()
+    assert client.get("/api/transfer/jobs/job9/inputs").status_code == 404
