@@ -58,6 +58,10 @@ MANIFEST_WAIT = 20
 #: (an empty folder at the same path, or a mount point with nothing mounted, does not).
 STORAGE_MARK = ".farm-cluster-storage"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+#: In a job's work folder: outputs on their way back, until whole and checked
+INCOMING = ".farm-incoming"
+#: A partial transfer nothing was added to for this long is removed (nodes and controller)
+STALE_SECONDS = 24 * 3600
 
 
 class TransferError(FarmError):
@@ -248,11 +252,31 @@ class Depot:
 
     def _partial(self, attempt_id: str, relative: str, sha: str) -> Path:
         """Where an output arrives before its hash is checked: one per attempt, file and
-        content, kept when the connection breaks so that the node sends only the rest."""
+        content, kept when the connection breaks so that the node sends only the rest.
+        Outside the attempt's folder, so that nothing that reads it takes a part for a file."""
         if not _SHA.match(sha or ""):
             raise TransferError(f"{HASH_HEADER} (or ?sha=) must be the file's sha256 in hex")
-        target = self.output_target(attempt_id, relative)
-        return target.with_name(f".{target.name}.{sha[:16]}.part")
+        target = self.output_target(attempt_id, relative)  # refuses a path that leaves the folder
+        folder = target.parents[len(safe_relative(relative).parts) - 1]
+        return folder.parent / INCOMING / folder.name / f"{safe_relative(relative)}.{sha[:16]}.part"
+
+    def sweep(self, work_root: Path, now: float | None = None) -> list[Path]:
+        """Remove the partial outputs that no node will continue: their attempt is not
+        running, or nothing was added to them for :data:`STALE_SECONDS` (a controller or
+        node killed part-way leaves them). Returns what was removed."""
+        now = time.time() if now is None else now
+        removed = []
+        for incoming in work_root.glob(f"*/{INCOMING}"):
+            for folder in list(incoming.iterdir()):
+                newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+                if self._attempt(folder.name) is None or now - newest > STALE_SECONDS:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+            with contextlib.suppress(OSError):
+                incoming.rmdir()  # when empty
+        if removed:
+            log.info("removed %d stale partial upload folder(s) under %s", len(removed), work_root)
+        return removed
 
     async def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
         """How many bytes of an output have arrived so far (the node sends the rest). A node
@@ -282,6 +306,7 @@ class Depot:
         partial = self._partial(attempt_id, relative, expected_sha)
         target = self.output_target(attempt_id, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
         await self._supersede(partial)
         have = partial.stat().st_size if partial.exists() else 0
         if offset < 0 or offset > have:
@@ -603,6 +628,30 @@ class NodeCache:
         self._in_use: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.sweep()
+
+    def sweep(self, now: float | None = None) -> list[Path]:
+        """Remove what a killed node left that nothing was added to for
+        :data:`STALE_SECONDS`: partial blobs (a younger one is continued by the next
+        fetch), their locks, and attempts' staging folders. A ``SHA.part`` is never taken
+        for the blob: only a whole file whose hash was checked is renamed to ``SHA``."""
+        now = time.time() if now is None else now
+        removed = []
+        for entry in os.scandir(self.blobs):
+            stale = now - entry.stat().st_mtime > STALE_SECONDS
+            if entry.name.endswith(".part") or (entry.name.endswith(".lock") and not (self.blobs / entry.name[:-5]).exists()):
+                if stale:
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(Path(entry.path))
+        attempts = self.root / "attempts"
+        for folder in attempts.iterdir() if attempts.is_dir() else ():
+            newest = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+            if now - newest > STALE_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        if removed:
+            log.info("removed %d stale partial transfer(s) from %s", len(removed), self.root)
+        return removed
 
     @contextlib.contextmanager
     def _exclusive(self, sha: str) -> Iterator[None]:

@@ -46,6 +46,10 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         return attempt.job_id, runtime.job.work_dir / attempt_id
 
     depot = Depot(running_job, running_attempt)
+    try:  # partial outputs of attempts that ended while the controller was down
+        depot.sweep(controller.scheduler.work_root)
+    except OSError as exc:
+        log.warning("cannot clear partial uploads under %s: %s", controller.scheduler.work_root, exc)
     try:  # nodes with node.storage auto look for it to know whether they share the storage
         (controller.scheduler.work_root / STORAGE_MARK).write_text(
             "Farm's cluster storage: a node that sees this file writes segment outputs here\n")

@@ -386,7 +386,7 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
         assert first["bytes"] > 0 and not first["active"]
         assert second["offset"] == first["bytes"]  # resumed where the first stopped
         assert second["bytes"] == output.stat().st_size - first["bytes"]  # and only the rest sent
-        assert not list((work / "att1" / "part").glob(".*.part"))
+        assert not list(work.rglob("*.part"))  # the partial went to its name
 
         # a partial file damaged on the controller: the whole is refused and sent again from byte 0
         damaged = tmp_path / "damaged.bin"
@@ -397,7 +397,7 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
 
         def put_after_damage(where, relative, path, sha, size, offset):
             if offset:  # the retry: damage what arrived before it continues
-                partial = next((work / "att1").glob(".damaged.bin.*.part"))
+                partial = next((work / ".farm-incoming" / "att1").glob("damaged.bin.*.part"))
                 with open(partial, "r+b") as handle:
                     handle.write(b"\0" * 16)
             return real_put(where, relative, path, sha, size, offset)
@@ -457,3 +457,41 @@ def test_a_slow_listing_of_a_jobs_inputs_is_done_once_and_the_node_is_told_to_as
     again = client.get("/api/transfer/jobs/job1/inputs?wait=30").json()
     assert again["files"][1]["sha256"] == hashlib.sha256(b"another png").hexdigest()
     assert client.get("/api/transfer/jobs/job9/inputs").status_code == 404
+
+
+def test_partial_transfers_left_by_killed_processes_are_cleared_and_never_taken_for_whole_files(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from farm.transfer import STALE_SECONDS, Depot, NodeCache
+
+    # a node: a partial blob and an attempt's staging folder from a node killed long ago
+    cache = NodeCache(tmp_path / "cache", limit=1 << 30)
+    old, young = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"young").hexdigest()
+    (cache.blobs / f"{old}.part").write_bytes(b"ol")
+    (cache.blobs / f"{old}.lock").touch()
+    (cache.blobs / f"{young}.part").write_bytes(b"yo")
+    staged = cache.root / "attempts" / "job1.s0.a1" / "in"
+    staged.mkdir(parents=True)
+    (staged / "clip.mp4").write_bytes(b"x")
+    later = time.time() + STALE_SECONDS + 60
+    for path in [cache.blobs / f"{young}.part"]:
+        os.utime(path, (later - 10, later - 10))  # written to a moment ago
+    removed = {p.name for p in cache.sweep(now=later)}
+    assert removed == {f"{old}.part", f"{old}.lock", "job1.s0.a1"}
+    assert sorted(p.name for p in cache.blobs.iterdir()) == [f"{young}.part"]  # kept: the next fetch continues it
+    cache.evict()  # a part is not a cached file: not counted, not evicted, not served
+    assert (cache.blobs / f"{young}.part").exists() and not (cache.blobs / young).exists()
+
+    # the controller: uploads of an attempt that no longer runs, and of one that does
+    work = tmp_path / "work"
+    for attempt in ("job1.s0.a1", "job1.s1.a1"):
+        incoming = work / "job1" / ".farm-incoming" / attempt
+        incoming.mkdir(parents=True)
+        (incoming / "frame_0001.png.0123456789abcdef.part").write_bytes(b"half")
+    running = {"job1.s1.a1": ("job1", work / "job1" / "job1.s1.a1")}
+    depot = Depot(lambda job_id: None, running.get)
+    assert [p.name for p in depot.sweep(work)] == ["job1.s0.a1"]
+    assert [p.name for p in (work / "job1" / ".farm-incoming").iterdir()] == ["job1.s1.a1"]
+    assert [p.name for p in depot.sweep(work, now=later)] == ["job1.s1.a1"]  # nothing added for a day
+    assert not (work / "job1" / ".farm-incoming").exists()
