@@ -461,7 +461,6 @@ def test_a_slow_listing_of_a_jobs_inputs_is_done_once_and_the_node_is_told_to_as
 
 def test_partial_transfers_left_by_killed_processes_are_cleared_and_never_taken_for_whole_files(tmp_path):
     import time
-    from types import SimpleNamespace
 
     from farm.transfer import STALE_SECONDS, Depot, NodeCache
 
