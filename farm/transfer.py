@@ -136,7 +136,6 @@ class Depot:
         self._declared_by: dict[str, set[str]] = {}  # sha -> the jobs that declared it
         self._arriving: dict[Path, _Arrival] = {}  # partial output -> the upload writing it
         self._listings: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}  # job -> its manifest
-        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="farm-transfer-listing")
         self._lock = threading.Lock()
         self.records: list[TransferRecord] = []
 
@@ -171,8 +170,18 @@ class Depot:
             if listing is not None and listing.done() and (listing.exception() is not None or not self._current(listing)):
                 listing = None  # a failure is told once, then tried again; a changed file is hashed again
             if listing is None:
-                listing = self._listings[job_id] = self._pool.submit(self._list, job_id, job, processor)
+                listing = self._listings[job_id] = concurrent.futures.Future()
+                # a daemon thread: a controller that stops does not wait for a listing
+                threading.Thread(target=self._fill, args=(listing, job_id, job, processor), daemon=True,
+                                 name=f"farm-transfer-listing-{job_id}").start()
         return listing
+
+    def _fill(self, listing: concurrent.futures.Future[dict[str, Any]], *args: Any) -> None:
+        listing.set_running_or_notify_cancel()
+        try:
+            listing.set_result(self._list(*args))
+        except BaseException as exc:  # noqa: BLE001 (handed to the nodes that ask)
+            listing.set_exception(exc)
 
     def _current(self, listing: concurrent.futures.Future[dict[str, Any]]) -> bool:
         root = Path(listing.result()["root"])
