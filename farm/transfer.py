@@ -21,6 +21,7 @@ folder on the controller, so relative references keep working.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -50,10 +51,17 @@ HASH_HEADER = "X-Farm-Sha256"
 NODE_HEADER = "X-Farm-Node"
 JOB_HEADER = "X-Farm-Job"
 OFFSET_HEADER = "X-Farm-Offset"  # where an upload continues
+#: Seconds the controller holds a node's request for a job's inputs before answering
+#: "still listing" (202): well within the node's 60 s timeout, so a listing of any length works.
+MANIFEST_WAIT = 20
 #: Written by the controller in its cluster storage folder: a node that sees it shares that storage
 #: (an empty folder at the same path, or a mount point with nothing mounted, does not).
 STORAGE_MARK = ".farm-cluster-storage"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+#: In a job's work folder: outputs on their way back, until whole and checked
+INCOMING = ".farm-incoming"
+#: A partial transfer nothing was added to for this long is removed (nodes and controller)
+STALE_SECONDS = 24 * 3600
 
 
 class TransferError(FarmError):
@@ -126,6 +134,8 @@ class Depot:
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._served: dict[str, tuple[Path, int, int]] = {}  # sha -> (path, size, mtime_ns)
         self._declared_by: dict[str, set[str]] = {}  # sha -> the jobs that declared it
+        self._arriving: dict[Path, _Arrival] = {}  # partial output -> the upload writing it
+        self._listings: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}  # job -> its manifest
         self._lock = threading.Lock()
         self.records: list[TransferRecord] = []
 
@@ -140,7 +150,12 @@ class Depot:
                 self._hashes[key] = known
         return known, stat.st_size, stat.st_mtime_ns
 
-    def manifest(self, job_id: str) -> dict[str, Any]:
+    def manifest(self, job_id: str) -> concurrent.futures.Future[dict[str, Any]]:
+        """The job's inputs, as a future: listing them may be slow (Blender lists what a
+        .blend links, up to its own timeout), and hashing a big source too, so it runs
+        once per job in a thread of its own while nodes ask again (a long poll), instead
+        of once per segment and within one request's time. Checked cheaply each time: a
+        source that changed fails (SourceChanged), a file that changed is hashed again."""
         found = self._jobs(job_id)
         if found is None:
             raise LookupError(f"job {job_id} is not running on this controller")
@@ -148,6 +163,39 @@ class Depot:
         from farm.node import check_source
 
         check_source(job)  # SourceChanged: the node fails the job with its reason, as on shared storage
+        with self._lock:
+            for gone in [other for other in self._listings if other != job_id and self._jobs(other) is None]:
+                del self._listings[gone]
+            listing = self._listings.get(job_id)
+            if listing is not None and listing.done() and (listing.exception() is not None or not self._current(listing)):
+                listing = None  # a failure is told once, then tried again; a changed file is hashed again
+            if listing is None:
+                listing = self._listings[job_id] = concurrent.futures.Future()
+                # a daemon thread: a controller that stops does not wait for a listing
+                threading.Thread(target=self._fill, args=(listing, job_id, job, processor), daemon=True,
+                                 name=f"farm-transfer-listing-{job_id}").start()
+        return listing
+
+    def _fill(self, listing: concurrent.futures.Future[dict[str, Any]], *args: Any) -> None:
+        listing.set_running_or_notify_cancel()
+        try:
+            listing.set_result(self._list(*args))
+        except BaseException as exc:  # noqa: BLE001 (handed to the nodes that ask)
+            listing.set_exception(exc)
+
+    def _current(self, listing: concurrent.futures.Future[dict[str, Any]]) -> bool:
+        root = Path(listing.result()["root"])
+        for entry in listing.result()["files"]:
+            path, size, mtime = self._served.get(entry["sha256"], (root / entry["path"], -1, -1))  # under _lock
+            try:
+                stat = path.stat()
+            except OSError:
+                return False
+            if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+                return False
+        return True
+
+    def _list(self, job_id: str, job: Any, processor: Any) -> dict[str, Any]:
         files = [Path(p) for p in processor.input_files(job)]
         root = common_root(files)
         entries = []
@@ -213,61 +261,85 @@ class Depot:
 
     def _partial(self, attempt_id: str, relative: str, sha: str) -> Path:
         """Where an output arrives before its hash is checked: one per attempt, file and
-        content, kept when the connection breaks so that the node sends only the rest."""
+        content, kept when the connection breaks so that the node sends only the rest.
+        Outside the attempt's folder, so that nothing that reads it takes a part for a file."""
         if not _SHA.match(sha or ""):
             raise TransferError(f"{HASH_HEADER} (or ?sha=) must be the file's sha256 in hex")
-        target = self.output_target(attempt_id, relative)
-        return target.with_name(f".{target.name}.{sha[:16]}.part")
+        target = self.output_target(attempt_id, relative)  # refuses a path that leaves the folder
+        folder = target.parents[len(safe_relative(relative).parts) - 1]
+        return folder.parent / INCOMING / folder.name / f"{safe_relative(relative)}.{sha[:16]}.part"
 
-    def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
-        """How many bytes of an output have arrived so far (the node sends the rest)."""
+    def sweep(self, work_root: Path, now: float | None = None) -> list[Path]:
+        """Remove the partial outputs that no node will continue: their attempt is not
+        running, or nothing was added to them for :data:`STALE_SECONDS` (a controller or
+        node killed part-way leaves them). Returns what was removed."""
+        now = time.time() if now is None else now
+        removed = []
+        for incoming in work_root.glob(f"*/{INCOMING}"):
+            for folder in list(incoming.iterdir()):
+                newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+                if self._attempt(folder.name) is None or now - newest > STALE_SECONDS:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+            with contextlib.suppress(OSError):
+                incoming.rmdir()  # when empty
+        if removed:
+            log.info("removed %d stale partial upload folder(s) under %s", len(removed), work_root)
+        return removed
+
+    async def arrived(self, attempt_id: str, relative: str, sha: str) -> int:
+        """How many bytes of an output have arrived so far (the node sends the rest). A node
+        asks after its connection broke, which this side may not have noticed yet: an
+        upload of the same file still going stops first, keeping what it wrote."""
         partial = self._partial(attempt_id, relative, sha)
+        await self._supersede(partial)
         try:
             return partial.stat().st_size
         except FileNotFoundError:
             return 0
 
+    async def _supersede(self, partial: Path) -> None:
+        arrival = self._arriving.get(partial)
+        if arrival is not None:
+            arrival.superseded = True
+            arrival.task.cancel()
+            await asyncio.wait([arrival.task])
+
     async def receive(self, attempt_id: str, relative: str, expected_sha: str, chunks: Any, node: str,
                       size: int, offset: int = 0) -> dict[str, Any]:
         """Write an output file from ``chunks`` (an async iterator) from byte ``offset`` on
         into its partial file, then, when the whole has the hash the node gave, to its
-        name. A broken connection leaves the partial file for the node to resume; a hash
-        that comes out wrong deletes it (the node sends the file again from its start)."""
+        name. A broken connection leaves the partial file (every byte that arrived) for the
+        node to resume; a hash that comes out wrong deletes it (the node sends the file
+        again from its start)."""
         partial = self._partial(attempt_id, relative, expected_sha)
         target = self.output_target(attempt_id, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        have = self.arrived(attempt_id, relative, expected_sha)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        await self._supersede(partial)
+        have = partial.stat().st_size if partial.exists() else 0
         if offset < 0 or offset > have:
             raise TransferError(f"{relative}: cannot continue at byte {offset}: {have} bytes have arrived")
         record = self._record(TransferRecord("in", node, relative, offset + size, offset,
                                              job=self._attempt(attempt_id)[0]))
         digest = hashlib.sha256()
-
-        def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
-            digest.update(batch)
-            handle.write(batch)
-
+        # the body is read in a task of its own, which a later request for the same file cancels
+        arrival = _Arrival(asyncio.create_task(_consume(partial, offset, chunks, digest, record)))
+        self._arriving[partial] = arrival
         try:
-            with open(partial, "r+b" if offset else "wb") as handle:
-                if offset:
-                    handle.truncate(offset)
-                    await asyncio.to_thread(sha256_file, partial, offset, digest)
-                    handle.seek(offset)
-                batch = bytearray()
-                async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
-                    batch += chunk
-                    record.sent += len(chunk)
-                    if len(batch) >= CHUNK:
-                        await asyncio.to_thread(store, batch)
-                        batch = bytearray()
-                if batch:
-                    await asyncio.to_thread(store, batch)
-            if digest.hexdigest() != expected_sha:
-                partial.unlink(missing_ok=True)
-                raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
-            os.replace(partial, target)
+            await arrival.task
+        except asyncio.CancelledError:
+            if not arrival.superseded:
+                raise
+            raise TransferError(f"{relative}: the node sends it again on a new connection") from None
         finally:
+            if self._arriving.get(partial) is arrival:
+                del self._arriving[partial]
             record.ended = time.time()
+        if digest.hexdigest() != expected_sha:
+            partial.unlink(missing_ok=True)
+            raise TransferError(f"{relative}: the bytes that arrived do not have the sha256 the node sent")
+        os.replace(partial, target)
         return {"path": relative, "size": offset + record.sent}
 
     def _record(self, record: TransferRecord) -> TransferRecord:
@@ -290,6 +362,50 @@ class Depot:
                 entry["active"] += 1
                 entry["rate"] += record["rate"]
         return summary
+
+
+@dataclass
+class _Arrival:
+    task: asyncio.Task[None]
+    superseded: bool = False
+
+
+async def _settled(work: Any) -> Any:
+    """Await work done in a thread to its end even when cancelled: the thread goes on
+    anyway, and the file it writes must not be closed under it."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+async def _consume(partial: Path, offset: int, chunks: Any, digest: Any, record: TransferRecord) -> None:
+    """An upload's body into its partial file from ``offset``, hashed on the way; whatever
+    stops it (a broken connection, a newer upload of the file), the bytes that arrived are
+    written: they are the file's, and the node sends only the rest."""
+
+    def store(batch: bytearray) -> None:  # in a worker thread: the event loop never waits on the disk
+        digest.update(batch)
+        handle.write(batch)
+        record.sent += len(batch)
+
+    with open(partial, "r+b" if offset else "wb") as handle:
+        if offset:
+            handle.truncate(offset)
+            await _settled(asyncio.to_thread(sha256_file, partial, offset, digest))
+            handle.seek(offset)
+        batch = bytearray()
+        try:
+            async for chunk in chunks:  # the server's pieces (64 KiB or so), gathered into CHUNK
+                batch += chunk
+                if len(batch) >= CHUNK:
+                    full, batch = batch, bytearray()
+                    await _settled(asyncio.to_thread(store, full))
+        finally:
+            if batch:
+                store(batch)
 
 
 def _mib(count: int) -> str:
@@ -339,6 +455,17 @@ class ControllerLink:
         return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout,
                                            blocksize=CHUNK)
 
+    def manifest(self, job_id: str, cancelled: threading.Event | None = None) -> dict[str, Any]:
+        """A job's inputs: the controller may take minutes to list them (a .blend's
+        links), and answers 202 after a while of it; asked again until it is done."""
+        while True:
+            answer = self.get_json(f"{ROUTE}/jobs/{job_id}/inputs?wait={MANIFEST_WAIT}")
+            if answer.get("pending") is None:
+                return answer
+            if cancelled is not None and cancelled.is_set():
+                raise TransferError("cancelled")
+            log.info("the controller is still listing the inputs of job %s: %s", job_id, answer["pending"])
+
     def get_json(self, path: str) -> Any:
         connection = self._connection()
         try:
@@ -351,7 +478,7 @@ class ControllerLink:
             connection.close()
         if response.status == 409:
             raise SourceChanged(_error_of(body))
-        if response.status != 200:
+        if response.status not in (200, 202):
             raise TransferError(f"the controller refused {path}: {response.status} {_error_of(body)}")
         return json.loads(body)
 
@@ -510,6 +637,30 @@ class NodeCache:
         self._in_use: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.sweep()
+
+    def sweep(self, now: float | None = None) -> list[Path]:
+        """Remove what a killed node left that nothing was added to for
+        :data:`STALE_SECONDS`: partial blobs (a younger one is continued by the next
+        fetch), their locks, and attempts' staging folders. A ``SHA.part`` is never taken
+        for the blob: only a whole file whose hash was checked is renamed to ``SHA``."""
+        now = time.time() if now is None else now
+        removed = []
+        for entry in os.scandir(self.blobs):
+            stale = now - entry.stat().st_mtime > STALE_SECONDS
+            if entry.name.endswith(".part") or (entry.name.endswith(".lock") and not (self.blobs / entry.name[:-5]).exists()):
+                if stale:
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(Path(entry.path))
+        attempts = self.root / "attempts"
+        for folder in attempts.iterdir() if attempts.is_dir() else ():
+            newest = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+            if now - newest > STALE_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        if removed:
+            log.info("removed %d stale partial transfer(s) from %s", len(removed), self.root)
+        return removed
 
     @contextlib.contextmanager
     def _exclusive(self, sha: str) -> Iterator[None]:
@@ -694,7 +845,7 @@ def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: thread
                       segment.output_dir if outputs else None)
     try:
         if inputs:
-            manifest = link.get_json(f"{ROUTE}/jobs/{job.id}/inputs")
+            manifest = link.manifest(job.id, cancelled)
             staged_root = folder / "in"
             total = sum(entry["size"] for entry in manifest["files"]) or 1
             done_before = 0

@@ -3,15 +3,27 @@ by hash with HTTP ranges, outputs back into a running attempt's folder, and the 
 transfers. Annotations here are real (no ``from __future__ import annotations``): FastAPI
 reads them to inject the request."""
 
+import asyncio
 import logging
 from typing import Any
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from farm.errors import DeterministicFailure, FarmError
 from farm.model import TERMINAL_JOB_STATES
-from farm.transfer import HASH_HEADER, JOB_HEADER, NODE_HEADER, OFFSET_HEADER, ROUTE, STORAGE_MARK, Depot, parse_range
+from farm.transfer import (
+    HASH_HEADER,
+    JOB_HEADER,
+    MANIFEST_WAIT,
+    NODE_HEADER,
+    OFFSET_HEADER,
+    ROUTE,
+    STORAGE_MARK,
+    Depot,
+    parse_range,
+)
 
 log = logging.getLogger("farm.transfer")
 
@@ -34,6 +46,10 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         return attempt.job_id, runtime.job.work_dir / attempt_id
 
     depot = Depot(running_job, running_attempt)
+    try:  # partial outputs of attempts that ended while the controller was down
+        depot.sweep(controller.scheduler.work_root)
+    except OSError as exc:
+        log.warning("cannot clear partial uploads under %s: %s", controller.scheduler.work_root, exc)
     try:  # nodes with node.storage auto look for it to know whether they share the storage
         (controller.scheduler.work_root / STORAGE_MARK).write_text(
             "Farm's cluster storage: a node that sees this file writes segment outputs here\n")
@@ -46,9 +62,13 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         return JSONResponse({"error": str(exc).strip("'\"")}, status_code=status)
 
     @app.get(f"{ROUTE}/jobs/{{job_id}}/inputs", dependencies=[Depends(node_only)], include_in_schema=False)
-    def inputs(job_id: str) -> Any:
+    async def inputs(job_id: str, wait: float = MANIFEST_WAIT) -> Any:
+        """A job's inputs, by hash; 202 while they are still being listed (the node asks again)."""
         try:
-            return depot.manifest(job_id)
+            listing = depot.manifest(job_id)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(listing)), min(max(wait, 0), 50))
+        except TimeoutError:
+            return JSONResponse({"pending": f"listing the inputs of job {job_id}"}, status_code=202)
         except (LookupError, FarmError) as exc:
             return refused(exc)
 
@@ -69,10 +89,10 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
 
     @app.get(f"{ROUTE}/attempts/{{attempt_id}}/files/{{relative:path}}", dependencies=[Depends(node_only)],
              include_in_schema=False)
-    def arrived(attempt_id: str, relative: str, sha: str = "") -> Any:
+    async def arrived(attempt_id: str, relative: str, sha: str = "") -> Any:
         """How much of an output has arrived: a node whose upload broke sends the rest."""
         try:
-            return {"arrived": depot.arrived(attempt_id, relative, sha)}
+            return {"arrived": await depot.arrived(attempt_id, relative, sha)}
         except (LookupError, FarmError) as exc:
             return refused(exc)
 
@@ -89,6 +109,9 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
                                        request.headers.get(NODE_HEADER, "?")[:100], size, offset)
         except (LookupError, FarmError) as exc:
             return refused(exc)
+        except ClientDisconnect:  # what arrived is kept: the node asks how much and sends the rest
+            log.info("the upload of %s for attempt %s broke off", relative, attempt_id)
+            return Response(status_code=400)
 
     @app.get("/api/transfers", dependencies=[Depends(readers)])
     def transfers(job: str | None = None) -> list[dict[str, Any]]:

@@ -273,48 +273,74 @@ def test_the_node_cache_evicts_the_least_recently_used_files_but_never_one_in_us
 
 class _Cutter:
     """A TCP relay to ``port`` that cuts the first connection after ``limit`` bytes from
-    the client, and relays later ones whole."""
+    the client (a reset to the client, the end of the stream to the server, as when a
+    network breaks), and relays later ones whole."""
 
     def __init__(self, port: int, limit: int):
         import socket
         import threading
 
-        self.port, self.limit, self.cuts = port, limit, 0
+        self.port, self.limit, self.connections = port, limit, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
 
     def _accept(self) -> None:
         import socket
         import threading
 
         while True:
-            client, _ = self.listener.accept()
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
             server = socket.create_connection(("127.0.0.1", self.port))
-            limit = self.limit if self.cuts == 0 else None
-            self.cuts += 1
-            threading.Thread(target=self._pipe, args=(client, server, limit), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+            limit = self.limit if self.connections == 0 else None
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(client, server, limit), daemon=True).start()
+
+    def _relay(self, client, server, limit) -> None:
+        import socket
+        import struct
+        import threading
+
+        back = threading.Thread(target=self._pipe, args=(server, client, None), daemon=True)
+        back.start()
+        cut = self._pipe(client, server, limit)
+        # shutting down wakes the other direction's recv (closing would not), then both close
+        for end in (client, server):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        back.join()
+        if cut:  # a reset: the client's next send fails at once instead of filling a buffer nobody reads
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        server.close()
 
     @staticmethod
-    def _pipe(source, target, limit) -> None:
+    def _pipe(source, target, limit) -> bool:
+        """Copy until the source ends (False) or ``limit`` bytes would be passed (True)."""
         moved = 0
         try:
             while data := source.recv(1 << 16):
                 if limit is not None and moved + len(data) > limit:
-                    break
+                    return True
                 target.sendall(data)
                 moved += len(data)
         except OSError:
             pass
-        for end in (source, target):
-            try:
-                end.shutdown(2)
-            except OSError:
-                pass
+        try:
+            target.shutdown(1)  # the end of one direction passes on, as TCP would
+        except OSError:
+            pass
+        return False
 
 
-@pytest.mark.skip(reason="unfinished: this test hangs (the relay that cuts the connection, or the server after the cut, not yet found); the resumable upload it checks is not yet shown to work")
 def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_sent_again(tmp_path):
     import threading
     import time
@@ -353,13 +379,14 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
         cutter = _Cutter(port, 9 << 20)
         link = ControllerLink(f"https://127.0.0.1:{cutter.address}", Bundle.load(bundles["node"]), "island")
         link.upload("att1", "part/segment.bin", output)
+        cutter.close()
         landed = work / "att1" / "part" / "segment.bin"
         assert hashlib.sha256(landed.read_bytes()).hexdigest() == sha
         first, second = [doc for doc in depot.documents() if doc["direction"] == "in"]
         assert first["bytes"] > 0 and not first["active"]
         assert second["offset"] == first["bytes"]  # resumed where the first stopped
         assert second["bytes"] == output.stat().st_size - first["bytes"]  # and only the rest sent
-        assert not list((work / "att1" / "part").glob(".*.part"))
+        assert not list(work.rglob("*.part"))  # the partial went to its name
 
         # a partial file damaged on the controller: the whole is refused and sent again from byte 0
         damaged = tmp_path / "damaged.bin"
@@ -370,16 +397,100 @@ def test_an_output_upload_cut_half_way_sends_only_the_rest_and_a_corrupt_one_is_
 
         def put_after_damage(where, relative, path, sha, size, offset):
             if offset:  # the retry: damage what arrived before it continues
-                partial = next((work / "att1").glob(".damaged.bin.*.part"))
+                partial = next((work / ".farm-incoming" / "att1").glob("damaged.bin.*.part"))
                 with open(partial, "r+b") as handle:
                     handle.write(b"\0" * 16)
             return real_put(where, relative, path, sha, size, offset)
 
         link._put = put_after_damage
         link.upload("att1", "damaged.bin", damaged)
+        cutter.close()
         assert (work / "att1" / "damaged.bin").read_bytes() == damaged.read_bytes()
         moves = [(doc["offset"], doc["bytes"]) for doc in depot.documents() if doc["name"] == "damaged.bin"]
         assert len(moves) == 3 and moves[1][0] == moves[0][1] > 0  # cut, resumed (refused), again
         assert moves[2] == (0, damaged.stat().st_size)
     finally:
         server.should_exit = True
+
+
+def test_a_slow_listing_of_a_jobs_inputs_is_done_once_and_the_node_is_told_to_ask_again(tmp_path):
+    # Blender may take minutes to list what a .blend links: longer than a node's request
+    import threading
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from farm.transfer_api import add_routes
+
+    scene = tmp_path / "scene.blend"
+    scene.write_bytes(b"blend")
+    texture = tmp_path / "textures" / "wood.png"
+    texture.parent.mkdir()
+    texture.write_bytes(b"png")
+    listed, release = [], threading.Event()
+
+    def input_files(job):
+        listed.append(job.input)
+        assert release.wait(60)
+        return [scene, texture]
+
+    job = SimpleNamespace(input=scene, input_stamp=None, work_dir=tmp_path / "work" / "job1")
+    controller = SimpleNamespace(scheduler=SimpleNamespace(
+        jobs={"job1": SimpleNamespace(state="running", job=job, processor=SimpleNamespace(input_files=input_files))},
+        attempts={}, work_root=tmp_path))
+    app = FastAPI()
+    add_routes(app, controller, lambda: None, lambda: None)
+    client = TestClient(app)
+
+    first = client.get("/api/transfer/jobs/job1/inputs?wait=0")
+    assert first.status_code == 202 and "listing the inputs of job job1" in first.json()["pending"]
+    assert client.get("/api/transfer/jobs/job1/inputs?wait=0").status_code == 202
+    release.set()
+    done = client.get("/api/transfer/jobs/job1/inputs?wait=30")
+    assert done.status_code == 200, done.text
+    assert [entry["path"] for entry in done.json()["files"]] == ["scene.blend", "textures/wood.png"]
+    assert client.get("/api/transfer/jobs/job1/inputs").json() == done.json()
+    assert listed == [scene]  # listed once, for every segment's request
+
+    texture.write_bytes(b"another png")  # a file changed since: hashed again
+    again = client.get("/api/transfer/jobs/job1/inputs?wait=30").json()
+    assert again["files"][1]["sha256"] == hashlib.sha256(b"another png").hexdigest()
+    assert client.get("/api/transfer/jobs/job9/inputs").status_code == 404
+
+
+def test_partial_transfers_left_by_killed_processes_are_cleared_and_never_taken_for_whole_files(tmp_path):
+    import time
+
+    from farm.transfer import STALE_SECONDS, Depot, NodeCache
+
+    # a node: a partial blob and an attempt's staging folder from a node killed long ago
+    cache = NodeCache(tmp_path / "cache", limit=1 << 30)
+    old, young = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"young").hexdigest()
+    (cache.blobs / f"{old}.part").write_bytes(b"ol")
+    (cache.blobs / f"{old}.lock").touch()
+    (cache.blobs / f"{young}.part").write_bytes(b"yo")
+    staged = cache.root / "attempts" / "job1.s0.a1" / "in"
+    staged.mkdir(parents=True)
+    (staged / "clip.mp4").write_bytes(b"x")
+    later = time.time() + STALE_SECONDS + 60
+    for path in [cache.blobs / f"{young}.part"]:
+        os.utime(path, (later - 10, later - 10))  # written to a moment ago
+    removed = {p.name for p in cache.sweep(now=later)}
+    assert removed == {f"{old}.part", f"{old}.lock", "job1.s0.a1"}
+    assert sorted(p.name for p in cache.blobs.iterdir()) == [f"{young}.part"]  # kept: the next fetch continues it
+    cache.evict()  # a part is not a cached file: not counted, not evicted, not served
+    assert (cache.blobs / f"{young}.part").exists() and not (cache.blobs / young).exists()
+
+    # the controller: uploads of an attempt that no longer runs, and of one that does
+    work = tmp_path / "work"
+    for attempt in ("job1.s0.a1", "job1.s1.a1"):
+        incoming = work / "job1" / ".farm-incoming" / attempt
+        incoming.mkdir(parents=True)
+        (incoming / "frame_0001.png.0123456789abcdef.part").write_bytes(b"half")
+    running = {"job1.s1.a1": ("job1", work / "job1" / "job1.s1.a1")}
+    depot = Depot(lambda job_id: None, running.get)
+    assert [p.name for p in depot.sweep(work)] == ["job1.s0.a1"]
+    assert [p.name for p in (work / "job1" / ".farm-incoming").iterdir()] == ["job1.s1.a1"]
+    assert [p.name for p in depot.sweep(work, now=later)] == ["job1.s1.a1"]  # nothing added for a day
+    assert not (work / "job1" / ".farm-incoming").exists()
