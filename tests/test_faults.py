@@ -53,6 +53,9 @@ def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluste
     # in a sandbox can take seconds), and ends the hung one before the controller finds
     # its node silent (farm.engine.NODE_SILENCE_SECONDS, 10 s) and takes it back as lost
     profile = work_profile(c, "1-6", 0.2, timeout="6s", retries=3)
+    # the healthy node waits until the sleepy one holds a segment: on a busy machine it
+    # could otherwise take the whole job before the sleepy one starts one
+    assert c.farm("pause-node", "healthy").returncode == 0
     job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
 
     def on_sleepy():
@@ -61,6 +64,7 @@ def test_a_hung_node_times_out_its_segment_and_its_late_result_is_ignored(cluste
 
     c.wait_until(on_sleepy, 60, "a segment on the node about to hang", every=0.1)
     os.killpg(hung.pid, signal.SIGSTOP)  # the supervisor and its Dask worker hang
+    assert c.farm("resume-node", "healthy").returncode == 0
 
     def timed_out_on_sleepy():
         detail = c.job(job_id)
