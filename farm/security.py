@@ -392,6 +392,9 @@ def _resolved_executable(argv0: str) -> str | None:
     answer is kept while the file it names is still an executable there."""
     import shutil
 
+    if os.sep in argv0:  # a path, not a name: no PATH search to save, and a relative one moves with the cwd
+        found = shutil.which(argv0)
+        return os.path.realpath(found) if found else None
     key = (argv0, os.environ.get("PATH", os.defpath))
     known = _RESOLVED.get(key)
     if known is not None and os.access(known, os.X_OK) and os.path.isfile(known):
