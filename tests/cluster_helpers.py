@@ -47,6 +47,8 @@ class Cluster:
                     "FARM_BUNDLE": str(self.bundles / "node.yaml"), "FARM_CLIENT": str(self.bundles / "admin.yaml"),
                     "FARM_CONTROLLER": self.url, "DASK_LOGGING__DISTRIBUTED": "warning"}
         self.controller: subprocess.Popen | None = None
+        self._looks: httpx.Client | None = None  # the connection that GETs reuse (api), to _looks_url
+        self._looks_url = self.url
         self.nodes: dict[str, subprocess.Popen] = {}
         subprocess.run([*FARM, "cluster", "init", name, "--dir", str(self.bundles)], env=self.env, check=True,
                        capture_output=True)
@@ -78,10 +80,30 @@ class Cluster:
         this: a `farm` command per look costs a Python start-up, CPU that the controller
         and nodes under test need on a 2-core machine. What the commands print is tested
         where a test runs them (``farm``)."""
+        if method != "GET":  # never sent twice: a fresh connection, and no retry
+            with self._client() as client:
+                return client.request(method, path, **kwargs)
+        # Looks reuse one connection: a TLS handshake per look costs both sides CPU. A
+        # controller killed and started again leaves it dead: one new connection then.
+        for attempt in (1, 2):
+            if self._looks is not None and self._looks_url != self.url:  # a test pointed it elsewhere
+                self._looks.close()
+                self._looks = None
+            if self._looks is None:
+                self._looks, self._looks_url = self._client(), self.url
+            try:
+                return self._looks.request(method, path, **kwargs)
+            except httpx.TransportError:
+                self._looks.close()
+                self._looks = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _client(self) -> httpx.Client:
         credentials = load_credentials(self.env.get("FARM_CLIENT") or self.env["FARM_BUNDLE"])
-        with httpx.Client(base_url=self.url, verify=credentials.client_ssl_context(), timeout=60,
-                          headers={"Authorization": f"Bearer {credentials.token}"}) as client:
-            return client.request(method, path, **kwargs)
+        return httpx.Client(base_url=self.url, verify=credentials.client_ssl_context(), timeout=60,
+                            headers={"Authorization": f"Bearer {credentials.token}"})
 
     def api_up(self) -> bool:
         try:
@@ -135,6 +157,9 @@ class Cluster:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
+        if self._looks is not None:
+            self._looks.close()
+            self._looks = None
         for proc in self.nodes.values():
             proc.terminate()
         if self.controller is not None:
