@@ -50,6 +50,7 @@ class Cluster:
         self._looks: httpx.Client | None = None  # the connection that GETs reuse (api), to _looks_url
         self._looks_url = self.url
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.schedulers: list[subprocess.Popen] = []  # plain Dask schedulers a test started: stopped last
         subprocess.run([*FARM, "cluster", "init", name, "--dir", str(self.bundles)], env=self.env, check=True,
                        capture_output=True)
         #: the admin's token, from the admin client file that `farm cluster init` wrote
@@ -160,22 +161,29 @@ class Cluster:
         if self._looks is not None:
             self._looks.close()
             self._looks = None
-        for proc in self.nodes.values():
-            proc.terminate()
-        if self.controller is not None:
-            self.controller.terminate()
-        for proc in [*self.nodes.values(), *([self.controller] if self.controller else [])]:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for proc in self.nodes.values():  # whatever a node's session left
+        # A plain Dask worker whose scheduler went first waits seconds for it (8 s on a quiet
+        # machine, 28 s in a busy suite): a scheduler a test started stops after the rest.
+        _end([*self.nodes.values(), *([self.controller] if self.controller else [])])
+        _end(self.schedulers)
+        for proc in [*self.nodes.values(), *self.schedulers]:  # whatever a node's session left
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.nodes.clear()
+        self.schedulers.clear()
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to all, then wait for each; what is still there after 20 s is killed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class FakeClusterAPI:

@@ -157,7 +157,10 @@ def start(c: Cluster, name: str, argv: list[str], env: dict[str, str]) -> subpro
     log = open(c.root / f"{name}.log", "a")
     proc = subprocess.Popen(argv, env={**c.env, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=c.root,
                             start_new_session=True)
-    c.nodes[name] = proc  # stopped with the cluster
+    if name == "scheduler":
+        c.schedulers.append(proc)  # stopped with the cluster, after its workers
+    else:
+        c.nodes[name] = proc  # stopped with the cluster
     return proc
 
 
