@@ -84,22 +84,21 @@ class Cluster:
         if method != "GET":  # never sent twice: a fresh connection, and no retry
             with self._client() as client:
                 return client.request(method, path, **kwargs)
-        # Looks reuse one connection: a TLS handshake per look costs both sides CPU. A
-        # controller killed and started again leaves it dead: one new connection then.
-        for attempt in (1, 2):
-            if self._looks is not None and self._looks_url != self.url:  # a test pointed it elsewhere
-                self._looks.close()
-                self._looks = None
-            if self._looks is None:
-                self._looks, self._looks_url = self._client(), self.url
-            try:
-                return self._looks.request(method, path, **kwargs)
-            except httpx.TransportError:
-                self._looks.close()
-                self._looks = None
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # Looks reuse one connection: a TLS handshake per look costs both sides CPU.
+        if self._looks is None or self._looks_url != self.url:  # none yet, or a test pointed it elsewhere
+            self._close_looks()
+            self._looks, self._looks_url = self._client(), self.url
+        try:
+            return self._looks.request(method, path, **kwargs)
+        except httpx.TransportError:  # a controller killed and started again leaves it dead
+            self._close_looks()
+            self._looks = self._client()
+            return self._looks.request(method, path, **kwargs)
+
+    def _close_looks(self) -> None:
+        if self._looks is not None:
+            self._looks.close()
+            self._looks = None
 
     def _client(self) -> httpx.Client:
         credentials = load_credentials(self.env.get("FARM_CLIENT") or self.env["FARM_BUNDLE"])
@@ -158,9 +157,7 @@ class Cluster:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self._looks is not None:
-            self._looks.close()
-            self._looks = None
+        self._close_looks()
         # A plain Dask worker whose scheduler went first waits seconds for it (8 s on a quiet
         # machine, 28 s in a busy suite): a scheduler a test started stops after the rest.
         _end([*self.nodes.values(), *([self.controller] if self.controller else [])])

@@ -29,9 +29,8 @@ class Result:
 
 
 def pytest_sessionstart(session):
-    """Farm's bytecode brought up to date once, before the workers start: the suite starts
-    some thousand farm processes, and where PYTHONDONTWRITEBYTECODE is set (containers,
-    CI) each would otherwise compile every module it imports (0.2 s of CPU each)."""
+    """Farm's bytecode brought up to date before the workers start, as ./setup made it
+    (see there why): files edited since are compiled once, not in every farm process."""
     if not hasattr(session.config, "workerinput"):
         for package in ("farm", "plugins"):
             compileall.compile_dir(ROOT / package, quiet=1, workers=0)

@@ -153,11 +153,11 @@ def printed_command(stdout: str, program: str, **fill: str) -> tuple[dict[str, s
     return env, [sys.executable, "-m", f"distributed.cli.dask_{program}", *argv]
 
 
-def start(c: Cluster, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+def start(c: Cluster, name: str, argv: list[str], env: dict[str, str], scheduler: bool = False) -> subprocess.Popen:
     log = open(c.root / f"{name}.log", "a")
     proc = subprocess.Popen(argv, env={**c.env, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=c.root,
                             start_new_session=True)
-    if name == "scheduler":
+    if scheduler:
         c.schedulers.append(proc)  # stopped with the cluster, after its workers
     else:
         c.nodes[name] = proc  # stopped with the cluster
@@ -184,7 +184,7 @@ def test_plain_dask_scheduler_and_worker_with_exported_files_run_a_batch(cluster
 
     # The scheduler and the worker exactly as printed, kept to loopback for the test.
     env, argv = printed_command(exported.stdout, "scheduler")
-    start(c, "scheduler", [*argv, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], env)
+    start(c, "scheduler", [*argv, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], env, scheduler=True)
     c.wait_until(lambda: listening(port), 90, "the dask scheduler to listen")
     env, argv = printed_command(exported.stdout, "worker", NODE_NAME="outside-1", SLOTS="1")
     start(c, "outside-1", [*argv, "--host", "127.0.0.1"], {**env, "DASK_LOGGING__DISTRIBUTED": "info"})

@@ -258,7 +258,8 @@ def test_a_plain_dask_worker_without_shared_storage_fetches_through_the_controll
         assert f"FARM_NODE_BUNDLE=/path/node.yaml: a copy of the node bundle {c.bundles / 'node.yaml'}" in \
             exported.stdout
         env, argv = printed_command(exported.stdout, "scheduler")
-        start(c, "scheduler", [*argv, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], env)
+        start(c, "scheduler", [*argv, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"], env,
+              scheduler=True)
         c.wait_until(lambda: listening(port), 90, "the dask scheduler to listen")
         log = open(c.root / "controller.log", "a")
         c.controller = subprocess.Popen([*FARM, "controller", "--bundle", str(c.bundles / "controller.yaml"),

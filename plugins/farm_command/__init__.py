@@ -207,8 +207,8 @@ class CommandProcessor(Processor):
             if not cwd.resolve().is_relative_to(segment.output_dir.resolve()):
                 raise ProcessorError(f"settings.cwd {settings.cwd!r} leads out of the attempt's folder")
             cwd.mkdir(parents=True, exist_ok=True)
-        # No "100 %" report here: the segment's result follows at once and says it, and
-        # that one event less per segment was a quarter of a short segment's cost.
+        # No "100 %" report here: the segment's result follows at once and says it; the
+        # report was one more event through Dask and one more store write per segment.
         context.run(argv, cwd=cwd, env=settings.env or None, read=self._named_files(settings, segment))
         missing = [
             name
