@@ -119,6 +119,8 @@ class SimulatedDask:
         self._random = random.Random(19)
         self.live = threading.Event()
         self.stopped = threading.Event()
+        self._stats_lock = threading.Lock()  # the final document is never overwritten by a last count
+        self._stats_final = False
         # figures
         self.histogram = array("l", bytes(8 * (BUCKETS + 1)))
         self.fill_latency_max = 0.0
@@ -272,9 +274,13 @@ class SimulatedDask:
                 "pickle_seconds": self.pickle_seconds, "sim_cpu": self.sim_cpu, "handler_cpu": self.handler_cpu,
                 "histogram": list(self.histogram), "finished_at": self.finished_at,
             })
-        temporary = self.stats_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(document))
-        temporary.replace(self.stats_path)
+        with self._stats_lock:
+            if self._stats_final:
+                return
+            self._stats_final = final
+            temporary = self.stats_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(document))
+            temporary.replace(self.stats_path)
 
 
 class SimulatedCluster:

@@ -349,7 +349,7 @@ class Controller:
         job_id = rt.job.id
         done = rt.done  # kept by the scheduler as segments finish: no count of every segment per event
         self._unpublished.append((kind, {
-            "job": job_id, "batch": rt.job.batch_id, "state": rt.state, "segments": len(rt.segments),
+            "job": job_id, "batch": rt.job.batch_id, "state": rt.state, "segments": rt.total,
             "segments_done": done, "priority": rt.priority, "error": rt.error, "waiting": rt.waiting,
             **{key: value for key, value in data.items() if key in ("segment", "node", "reason", "outputs")},
         }))

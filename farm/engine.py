@@ -11,6 +11,7 @@ made. The task's future only says that the attempt ended, or that it was lost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -73,6 +74,7 @@ class Engine:
         self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._capabilities = capabilities or {}
         self._futures: dict[str, Any] = {}
+        self._handouts = itertools.count()
         self._arrived: dict[str, dict[str, Any]] = {}  # outcomes not yet collected
         self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
         self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -192,6 +194,10 @@ class Engine:
         future = self.client.submit(
             run_segment, carried, replace(segment, job=carried),
             key=f"farm-{attempt_id}", workers=[address], allow_other_workers=False, pure=False,
+            # A node starts what it holds in the order it was handed out: Dask ranks tasks
+            # sent within 100 ms of each other alike, and a node then ran a later segment
+            # before an earlier one (which could wait behind long renders).
+            priority=-next(self._handouts),
         )
         self._futures[attempt_id] = future
         self._handed[attempt_id] = address

@@ -596,6 +596,25 @@ class Store:
     def segments(self, job_id: str) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM segments WHERE job_id = ? ORDER BY idx", (job_id,))
 
+    def segments_from(self, job_id: str, first: int, limit: int | None = None) -> list[sqlite3.Row]:
+        """A job's segments from index ``first`` on, in order (``limit`` of them at most)."""
+        return self._rows("SELECT * FROM segments WHERE job_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
+                          (job_id, first, -1 if limit is None else limit))
+
+    def fresh_from(self, job_id: str) -> tuple[int, int]:
+        """Where a job's segments that never ran begin: the index after the last one that
+        ran or left the queue, and how many come from there."""
+        row = self._one("SELECT COALESCE(MAX(idx), -1) + 1 AS tail FROM segments"
+                        " WHERE job_id = ? AND (state != 'queued' OR attempts > 0)", (job_id,))
+        tail = row["tail"] if row else 0
+        count = self._one("SELECT COUNT(*) AS n FROM segments WHERE job_id = ? AND idx >= ?", (job_id, tail))
+        return tail, count["n"] if count else 0
+
+    def cancel_queued_from(self, job_id: str, first: int) -> None:
+        """Cancel a job's queued segments from index ``first`` on (those never loaded)."""
+        self._write("UPDATE segments SET state = 'cancelled', updated = ? WHERE job_id = ? AND idx >= ?"
+                    " AND state = 'queued'", (time.time(), job_id, first))
+
     def attempts(self, *, segment_id: str | None = None, job_id: str | None = None) -> list[sqlite3.Row]:
         if segment_id is not None:
             return self._rows(

@@ -337,8 +337,8 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
             stale = []
         if stale and batch_id is not None:
             job_ids = scheduler.recover(stale)
-            done = sum(1 for j in job_ids for seg in scheduler.jobs[j].segments.values() if seg.state == "done")
-            total = sum(len(scheduler.jobs[j].segments) for j in job_ids)
+            done = sum(scheduler.jobs[j].done for j in job_ids)
+            total = sum(scheduler.jobs[j].total for j in job_ids)
             print(f"farm: resuming interrupted batch {batch_id}: {done} of {total} segment(s) already done "
                   "(--fresh starts over)", file=stderr)
             every = [row["id"] for row in farm.store.jobs(batch_id)]
@@ -456,7 +456,7 @@ def _report_job(scheduler: Any, job_id: str) -> dict[str, Any]:
     rt = scheduler.jobs.get(job_id)
     if rt is not None:
         return {"id": rt.job.id, "input": str(rt.job.input) if rt.job.input else None, "state": str(rt.state),
-                "outputs": rt.outputs, "segments": len(rt.segments),
+                "outputs": rt.outputs, "segments": rt.total,
                 "error": rt.error if rt.state != JobState.DONE else None}
     row = scheduler.store.job(job_id)
     return {"id": row["id"], "input": row["input"], "state": row["state"],
@@ -517,9 +517,9 @@ class _progress:
         for job_id in self.job_ids:
             rt = self.scheduler.jobs[job_id]
             name = rt.job.input.name if rt.job.input else rt.job.profile.name
-            self.tasks[job_id] = self.progress.add_task(f"{job_id} {name}", total=max(len(rt.segments), 1),
+            self.tasks[job_id] = self.progress.add_task(f"{job_id} {name}", total=max(rt.total, 1),
                                                         state=str(rt.state))
-            self.done[job_id] = sum(1 for seg in rt.segments.values() if seg.state == "done")  # resumed
+            self.done[job_id] = rt.done  # resumed
             self.progress.update(self.tasks[job_id], completed=self.done[job_id])
         self.scheduler.listeners.append(self.on_event)
         self.progress.start()
@@ -533,7 +533,7 @@ class _progress:
             self.done[rt.job.id] += 1
             self.progress.update(task, completed=self.done[rt.job.id], state=str(rt.state))
         elif kind == "job_done":
-            self.progress.update(task, completed=max(len(rt.segments), 1), state="done")
+            self.progress.update(task, completed=max(rt.total, 1), state="done")
         else:
             self.progress.update(task, state=str(rt.state))
 

@@ -103,7 +103,7 @@ class HandOut:
         return attempt
 
     def _can_dispatch(self) -> bool:
-        return self._free_slots_exist() and any(rt.queue for rt in self._order)
+        return self._free_slots_exist() and any(rt.has_queued for rt in self._order)
 
     def _free_slots_exist(self) -> bool:
         busy = self._busy
@@ -145,9 +145,12 @@ class HandOut:
     def _next_for(self, node: NodeView, busy: Counter[str],
                   nodes: list[NodeView]) -> tuple[JobRuntime, Segment, NodeView] | None:
         for rt in self._order:
-            if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
+            if not rt.has_queued or rt.state not in (JobState.QUEUED, JobState.RUNNING):
                 continue
             if node.name in rt.excluded or unmet_requirements(rt.requires, node.capabilities):
+                continue
+            self._top_up(rt)
+            if not rt.queue:  # what was left in the store had been cancelled
                 continue
             segment_id = self._take(rt, node, busy, nodes)
             if segment_id is None:
@@ -196,7 +199,7 @@ class HandOut:
         # per job (1,000 jobs x 1,000 nodes cost 240 ms a round in benchmarks/scale.py).
         able_for: dict[tuple[tuple[str, str], ...], list[NodeView]] = {}
         for rt in self._order:
-            if not rt.queue or rt.state not in (JobState.QUEUED, JobState.RUNNING):
+            if not rt.has_queued or rt.state not in (JobState.QUEUED, JobState.RUNNING):
                 continue
             key = tuple(sorted(rt.requires.items()))
             able = able_for.get(key)

@@ -175,6 +175,8 @@ class Outcomes:
             if seg.state in (SegmentState.QUEUED, SegmentState.RUNNING):
                 self.store.move_segment(seg.id, seg.state, SegmentState.CANCELLED)
                 seg.state = SegmentState.CANCELLED
+        if rt.unloaded:
+            self.store.cancel_queued_from(rt.job.id, rt.tail)
         rt.queue.clear()
         self._set_job(rt, final, error=reason if final == JobState.FAILED else None)
         if final == JobState.FAILED:

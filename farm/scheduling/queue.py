@@ -23,8 +23,13 @@ from farm.model import Job, JobState, SegmentPlan, SegmentState, TERMINAL_JOB_ST
 from farm.node import input_stamp
 from farm.outputs import already_there, real_paths
 from farm.profiles import LoadedProfile, load_profile
-from farm.scheduling.runtime import JobRuntime, SegmentRuntime, new_id
+from farm.scheduling.runtime import JobRuntime, SegmentRuntime, new_id, segment_from_row
 
+
+# A job's queue holds this many segments at least while the store has more (the hand-out
+# looks up to 16 ahead for one its node did not fail), loaded this many at a time.
+LOAD_BELOW = 32
+LOAD_COUNT = 128
 
 
 class JobQueue:
@@ -91,12 +96,10 @@ class JobQueue:
                 gone = _stamp(source)[1] if rt.state == JobState.FAILED else None
                 if gone:  # the plan failed because the source went away meanwhile: say that first
                     rt.error = f"{gone} (planning it said: {rt.error})"
-            for index, plan in enumerate(plans):
-                seg = SegmentRuntime(f"{job_id}.s{index:05d}", index, plan.label, plan.frames, dict(plan.params))
-                rt.segments[seg.id] = seg
-                rt.queue.append(seg.id)
-                segment_rows.append({"id": seg.id, "job_id": job_id, "idx": index, "label": seg.label,
-                                     "frames": seg.frames, "params": seg.params})
+            for index, plan in enumerate(plans):  # to the store only: loaded as the queue reaches them
+                segment_rows.append({"id": f"{job_id}.s{index:05d}", "job_id": job_id, "idx": index,
+                                     "label": plan.label, "frames": plan.frames, "params": plan.params})
+            rt.unloaded = len(plans)
             job_rows.append({
                 "id": job_id, "batch_id": batch_id, "seq": seq, "input": str(source) if source else None,
                 "profile_name": profile.name, "profile": profile.model_dump_json(), "processor": processor.name,
@@ -115,7 +118,7 @@ class JobQueue:
             if rt.state == JobState.FAILED:
                 self._notify_later("farm_job_failed", job=rt.job, reason=rt.error)
                 self._emit("job_failed", rt)
-            elif not rt.segments:
+            elif not rt.total:
                 with self.store.transaction():
                     self._set_job(rt, JobState.RUNNING)
                     self._start_assembly(rt)
@@ -162,6 +165,7 @@ class JobQueue:
         if rt.state not in (JobState.FAILED, JobState.CANCELLED):
             raise FarmError(f"job {job_id} is {rt.state}; only failed or cancelled jobs can be retried")
         self._claim(rt.job.batch_id)
+        self._load_all(rt)
         again = [seg for seg in sorted(rt.segments.values(), key=lambda s: s.index)
                  if whole or seg.state in (SegmentState.FAILED, SegmentState.CANCELLED)]
         outputs = rt.processor.outputs(rt.job)
@@ -202,7 +206,7 @@ class JobQueue:
         self._set_job(rt, JobState.RUNNING if started else JobState.QUEUED)
         self._reorder()
         self._emit("job_resumed", rt, {})
-        if rt.segments and all(seg.state == SegmentState.DONE for seg in rt.segments.values()):
+        if rt.total and rt.all_done:
             self._start_assembly(rt)
 
     def set_priority(self, job_id: str, priority: int) -> None:
@@ -229,7 +233,27 @@ class JobQueue:
             self.paused_nodes.discard(name)
         self._nodes_version += 1  # its attempts are looked at again
 
+    def _top_up(self, rt: JobRuntime) -> None:
+        """Load the next segments of a job from the store when its queue runs short."""
+        if rt.unloaded and len(rt.queue) < LOAD_BELOW:
+            self._load(rt, LOAD_COUNT)
+
+    def _load_all(self, rt: JobRuntime) -> None:
+        if rt.unloaded:
+            self._load(rt, None)
+
+    def _load(self, rt: JobRuntime, limit: int | None) -> None:
+        rows = self.store.segments_from(rt.job.id, rt.tail, limit)
+        for row in rows:
+            seg = segment_from_row(row)
+            rt.segments[seg.id] = seg
+            if seg.state == SegmentState.QUEUED:
+                rt.queue.append(seg.id)
+        rt.unloaded = 0 if limit is None or len(rows) < limit else max(0, rt.unloaded - len(rows))
+        rt.tail = rows[-1]["idx"] + 1 if rows else rt.tail
+
     def _add_segments(self, rt: JobRuntime, plans: list[SegmentPlan]) -> None:
+        self._load_all(rt)  # new segments come last: everything before them is in memory
         start = max((seg.index for seg in rt.segments.values()), default=-1) + 1
         rows = []
         for offset, plan in enumerate(plans):
@@ -240,13 +264,15 @@ class JobQueue:
             rows.append({"id": seg.id, "job_id": rt.job.id, "idx": index, "label": seg.label,
                          "frames": seg.frames, "params": seg.params})
         self.store.add_segments(rows)
+        rt.tail = start + len(plans)
 
     def _recut(self, rt: JobRuntime) -> None:
         """With ``segment.target_seconds``, re-cut the frames nobody has started so that
         each segment takes about that long, judged by the segments already done."""
         target = rt.job.profile.segment.target_seconds
-        if not target or not rt.queue:
+        if not target or not rt.has_queued:
             return
+        self._load_all(rt)
         timed = [s for s in rt.segments.values() if s.state == SegmentState.DONE and s.seconds and s.frames]
         unstarted = [rt.segments[sid] for sid in rt.queue if rt.segments[sid].attempts == 0 and rt.segments[sid].frames]
         if not timed or not unstarted:

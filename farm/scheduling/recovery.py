@@ -13,7 +13,7 @@ from typing import Any
 from farm.errors import FarmError, IllegalTransition
 from farm.model import AttemptState, Job, JobState, SegmentState, TERMINAL_JOB_STATES
 from farm.profiles import load_profile
-from farm.scheduling.runtime import JobRuntime, SegmentRuntime
+from farm.scheduling.runtime import JobRuntime, segment_from_row
 from farm.store import Store
 
 
@@ -131,11 +131,12 @@ class Recovery:
                 self.store.event("chain_lost", job_id=job.id, data={"reason": str(exc)})
         rt = JobRuntime(job, processor, row["seq"], row["created"], row["priority"],
                         {f"processor:{processor.name}": "", **processor.requires(job)}, state=row["state"], then=then)
-        for seg_row in self.store.segments(job.id):
-            seg = SegmentRuntime(seg_row["id"], seg_row["idx"], seg_row["label"],
-                                 json.loads(seg_row["frames"]) if seg_row["frames"] else None,
-                                 json.loads(seg_row["params"]), state=seg_row["state"], attempts=seg_row["attempts"],
-                                 result=json.loads(seg_row["result"]) if seg_row["result"] else None)
+        # the segments that never ran stay in the store until the queue reaches them
+        rt.tail, rt.unloaded = self.store.fresh_from(job.id)
+        for seg_row in self.store.segments_from(job.id, 0, rt.tail):
+            if seg_row["idx"] >= rt.tail:
+                break
+            seg = segment_from_row(seg_row)
             attempts = self.store.attempts(segment_id=seg.id)
             seg.failures = sum(1 for a in attempts if a["state"] in (AttemptState.FAILED, AttemptState.TIMED_OUT))
             for attempt in attempts:
@@ -156,12 +157,11 @@ class Recovery:
                 rt.queue.append(seg.id)
         rt.recount()
         self.jobs[job.id] = rt
-        self.store.event("job_recovered", job_id=job.id, data={"queued": len(rt.queue)})
+        self.store.event("job_recovered", job_id=job.id, data={"queued": len(rt.queue) + rt.unloaded})
         if rt.state == JobState.ASSEMBLING:
             results = [seg.result or {} for seg in sorted(rt.segments.values(), key=lambda s: s.index)]
             self._assembler.submit(self._assemble, rt, results)
-        elif rt.state in (JobState.QUEUED, JobState.RUNNING) and rt.segments and all(
-                seg.state == SegmentState.DONE for seg in rt.segments.values()):
+        elif rt.state in (JobState.QUEUED, JobState.RUNNING) and rt.total and rt.all_done:
             if rt.state == JobState.QUEUED:
                 self._set_job(rt, JobState.RUNNING)
             self._start_assembly(rt)

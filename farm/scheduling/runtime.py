@@ -5,6 +5,7 @@ The store is the truth; these are its working copy, rebuilt from it after a rest
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -53,13 +54,27 @@ class JobRuntime:
     # Segments done, counted as they finish, so that asking "all done?" after each one
     # costs the same at 100 and at 1,000,000 segments; recounted where many change at once.
     done: int = 0
+    # Segments never handed out are kept in the store, not here, until the queue nears
+    # them: ``unloaded`` of them, every one from index ``tail`` on (a million queued
+    # segments held as objects took 0.5 KiB each).
+    tail: int = 0
+    unloaded: int = 0
 
     def recount(self) -> None:
         self.done = sum(1 for seg in self.segments.values() if seg.state == SegmentState.DONE)
 
     @property
+    def total(self) -> int:
+        return len(self.segments) + self.unloaded
+
+    @property
+    def has_queued(self) -> bool:
+        return bool(self.queue) or self.unloaded > 0
+
+    @property
     def all_done(self) -> bool:
-        return self.done >= len(self.segments) and all(seg.state == SegmentState.DONE for seg in self.segments.values())
+        return not self.unloaded and self.done >= len(self.segments) and all(
+            seg.state == SegmentState.DONE for seg in self.segments.values())
 
     @property
     def sort_key(self) -> tuple[int, float, int]:
@@ -79,6 +94,13 @@ class AttemptRuntime:
     # node says when it starts); until then no timeout runs, and it is taken back at no
     # cost when the node leaves or stops taking work
     waiting: bool = False
+
+
+def segment_from_row(row: Any) -> SegmentRuntime:
+    """A segment as the store holds it (a row of its ``segments`` table)."""
+    return SegmentRuntime(row["id"], row["idx"], row["label"], json.loads(row["frames"]) if row["frames"] else None,
+                          json.loads(row["params"]), state=row["state"], attempts=row["attempts"],
+                          result=json.loads(row["result"]) if row["result"] else None)
 
 
 def new_id(prefix: str) -> str:
