@@ -176,9 +176,8 @@ def _interrupt(store: Any, lease: Any, batch_ids: list[str]) -> list[str]:
                     continue
                 for attempt in store.running_attempts(job["id"]):
                     store.end_attempt(attempt["id"], AttemptState.LOST, reason=f"{why}; it runs again on resume")
-                for seg in store.segments(job["id"]):
-                    if seg["state"] == SegmentState.RUNNING:
-                        store.move_segment(seg["id"], seg["state"], SegmentState.QUEUED)
+                for seg in store.segments_in(job["id"], SegmentState.RUNNING):
+                    store.move_segment(seg["id"], seg["state"], SegmentState.QUEUED)
                 store.move_job(job["id"], job["state"], JobState.INTERRUPTED, error=f"interrupted: {why}")
                 done.append(job["id"])
     if done:

@@ -596,6 +596,9 @@ class Store:
     def segments(self, job_id: str) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM segments WHERE job_id = ? ORDER BY idx", (job_id,))
 
+    def segments_in(self, job_id: str, state: str) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM segments WHERE job_id = ? AND state = ? ORDER BY idx", (job_id, state))
+
     def segments_from(self, job_id: str, first: int, limit: int | None = None) -> list[sqlite3.Row]:
         """A job's segments from index ``first`` on, in order (``limit`` of them at most)."""
         return self._rows("SELECT * FROM segments WHERE job_id = ? AND idx >= ? ORDER BY idx LIMIT ?",

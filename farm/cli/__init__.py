@@ -460,7 +460,7 @@ def _report_job(scheduler: Any, job_id: str) -> dict[str, Any]:
                 "error": rt.error if rt.state != JobState.DONE else None}
     row = scheduler.store.job(job_id)
     return {"id": row["id"], "input": row["input"], "state": row["state"],
-            "outputs": json.loads(row["outputs"] or "[]"), "segments": len(scheduler.store.segments(job_id)),
+            "outputs": json.loads(row["outputs"] or "[]"), "segments": row["segments_total"],
             "error": row["error"] if row["state"] != JobState.DONE else None}
 
 

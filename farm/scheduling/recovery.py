@@ -80,7 +80,7 @@ class Recovery:
         """Own an interrupted job's batch and put the job back to work (in a transaction)."""
         if not ours:
             self.store.set_batch_owner(row["batch_id"], self.owner)
-        started = any(seg["attempts"] for seg in self.store.segments(row["id"]))
+        started = self.store.fresh_from(row["id"])[0] > 0  # a segment ran or left the queue
         state = JobState.RUNNING if started else JobState.QUEUED
         self.store.move_job(row["id"], JobState.INTERRUPTED, state, error=None)
         self.store.event("job_taken_over", job_id=row["id"], data={"owner": self.owner})
@@ -133,11 +133,14 @@ class Recovery:
                         {f"processor:{processor.name}": "", **processor.requires(job)}, state=row["state"], then=then)
         # the segments that never ran stay in the store until the queue reaches them
         rt.tail, rt.unloaded = self.store.fresh_from(job.id)
+        attempts_of: dict[str, list[Any]] = {}
+        for attempt in self.store.attempts(job_id=job.id) if rt.tail else ():
+            attempts_of.setdefault(attempt["segment_id"], []).append(attempt)
         for seg_row in self.store.segments_from(job.id, 0, rt.tail):
             if seg_row["idx"] >= rt.tail:
                 break
             seg = segment_from_row(seg_row)
-            attempts = self.store.attempts(segment_id=seg.id)
+            attempts = attempts_of.get(seg.id, [])
             seg.failures = sum(1 for a in attempts if a["state"] in (AttemptState.FAILED, AttemptState.TIMED_OUT))
             for attempt in attempts:
                 if attempt["state"] == AttemptState.RUNNING:
@@ -176,7 +179,7 @@ class Recovery:
 def cancel_interrupted(store: Store, job_id: str, reason: str) -> None:
     """End an interrupted job as cancelled at once: nobody runs it, so nobody is asked."""
     with store.transaction():
-        for seg in store.segments(job_id):
-            if seg["state"] in (SegmentState.QUEUED, SegmentState.RUNNING):
-                store.move_segment(seg["id"], seg["state"], SegmentState.CANCELLED)
+        for seg in store.segments_in(job_id, SegmentState.RUNNING):
+            store.move_segment(seg["id"], seg["state"], SegmentState.CANCELLED)
+        store.cancel_queued_from(job_id, 0)
         store.move_job(job_id, JobState.INTERRUPTED, JobState.CANCELLED, error=reason)
