@@ -309,7 +309,7 @@ def create_app(controller: ControllerView) -> FastAPI:
         cached = listed.get(key)
         if cached is None or cached[0] != version:
             mark = controller.events.last_id
-            body = json.dumps([job_document(row) for row in reader.job_summaries(batch, state)]).encode()
+            body = reader.job_summaries_json(batch, state)
             if len(listed) > 64:
                 listed.clear()
             cached = listed[key] = (version, mark, body)

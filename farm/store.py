@@ -630,11 +630,29 @@ class Store:
         many jobs need: the API and the monitor)."""
         return self._summaries(batch_id, state)
 
+    def job_summaries_json(self, batch_id: str | None = None, state: str | None = None) -> bytes:
+        """The list :meth:`job_summaries` gives, as the JSON array of
+        :func:`farm.api.job_document`'s, written by SQLite: the longest list the API serves,
+        read by every open monitor, costs a third of the CPU this way, and SQLite writes it
+        without holding Python's lock. Times keep 17 digits (SQLite writes 15), so that
+        they read back as the same floats."""
+        def exact(column: str) -> str:
+            return f"CASE WHEN {column} IS NULL THEN NULL ELSE json(printf('%!.17g', {column})) END"
+
+        document = (
+            "json_object('id', id, 'batch', batch_id, 'input', input, 'profile', profile_name,"
+            " 'processor', processor, 'destination', destination, 'priority', priority, 'state', state,"
+            " 'error', error, 'waiting', waiting, 'outputs', json(COALESCE(outputs, '[]')),"
+            f" 'created', {exact('created')}, 'updated', {exact('updated')}, 'started', {exact('first_start')},"
+            " 'segments', segments_total, 'segments_done', COALESCE(segments_done, 0))")
+        rows = self._summaries(batch_id, state, select=document)
+        return b"[" + b",".join(row[0].encode() for row in rows) + b"]"
+
     def job_summaries_of(self, job_ids: list[str]) -> list[sqlite3.Row]:
         return self._summaries(ids=job_ids) if job_ids else []
 
     def _summaries(self, batch_id: str | None = None, state: str | None = None,
-                   ids: list[str] | None = None) -> list[sqlite3.Row]:
+                   ids: list[str] | None = None, select: str = "*") -> list[sqlite3.Row]:
         conditions: list[str] = []
         params: list[Any] = []
         if ids is not None:
@@ -649,13 +667,13 @@ class Store:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return self._rows(
             # every column but the stored profile, which lists never show and which is the bulk of a row
-            "SELECT j.id, j.batch_id, j.seq, j.input, j.profile_name, j.processor, j.destination, j.priority,"
-            " j.state, j.created, j.updated, j.error, j.outputs, j.waiting,"
+            f"SELECT {select} FROM (SELECT j.id, j.batch_id, j.seq, j.input, j.profile_name, j.processor,"
+            " j.destination, j.priority, j.state, j.created, j.updated, j.error, j.outputs, j.waiting,"
             # counted by the store's triggers; the first start through an index: a job costs
             # the same to list whatever number of segments it has
             " j.segments_total, j.segments_done,"
             " (SELECT MIN(started) FROM attempts WHERE job_id = j.id) AS first_start"
-            f" FROM jobs j {where} ORDER BY j.created, j.seq", params)
+            f" FROM jobs j {where}) ORDER BY created, seq", params)
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (SQLite's data_version): what this

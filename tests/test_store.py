@@ -124,6 +124,34 @@ def test_a_jobs_segment_counts_follow_every_change(store):
     assert counts(store) == (len(store.segments("j1")), sum(seg["state"] == "done" for seg in store.segments("j1")))
 
 
+def test_the_api_list_of_jobs_written_by_sqlite_is_the_documents_python_writes(store):
+    import json
+
+    from farm.api import job_document
+
+    job = {"id": "j2", "batch_id": "b2", "seq": 0, "input": "/in/ünïcode \"quoted\".mov", "profile_name": "p",
+           "profile": "{}", "processor": "transcode", "destination": "/d", "work_dir": "/w", "priority": -3,
+           "state": "queued"}
+    store.add_batch("b2", "test", [job], [{"id": f"j2.s{i}", "job_id": "j2", "idx": i, "label": f"part {i}",
+                                           "frames": None, "params": {}} for i in range(3)])
+    store.move_job("j1", "queued", "running")
+    store.move_segment("j1.s0", "queued", "running")
+    store.start_attempt("j1.s0.a1", "j1.s0", "j1", "node-a", 1)
+    store.end_attempt("j1.s0.a1", "done", exit_status=0, log="ok")
+    store.move_segment("j1.s0", "running", "done", result={})
+    store.move_job("j1", "running", "assembling")
+    store.move_job("j1", "assembling", "done", outputs=["/d/é \"a\".mp4", "/d/b\nc.mp4"])
+    store.set_waiting("j2", "no node offers ffmpeg ≥ 6")
+    store.move_job("j2", "queued", "failed", error='line 1\n\t"quoted" ✗')
+    for batch, state in ((None, None), ("b2", None), (None, "done"), ("nope", None)):
+        written = json.loads(store.job_summaries_json(batch, state))
+        assert written == [job_document(row) for row in store.job_summaries(batch, state)]
+    everything = json.loads(store.job_summaries_json())
+    assert [job["id"] for job in everything] == ["j1", "j2"]
+    assert everything[0]["started"] is not None and everything[1]["started"] is None
+    assert everything[1]["segments"] == 3 and everything[0]["segments_done"] == 1
+
+
 def test_a_store_made_before_the_counts_gets_them_when_opened(tmp_path):
     import sqlite3
 
