@@ -633,9 +633,10 @@ class Store:
     def job_summaries_json(self, batch_id: str | None = None, state: str | None = None) -> bytes:
         """The list :meth:`job_summaries` gives, as the JSON array of
         :func:`farm.api.job_document`'s, written by SQLite: the longest list the API serves,
-        read by every open monitor, costs a third of the CPU this way, and SQLite writes it
-        without holding Python's lock. Times keep 17 digits (SQLite writes 15), so that
-        they read back as the same floats."""
+        read by every open monitor, costs less than half the time this way (1,000 jobs: 4 ms
+        against 10 ms built and encoded in Python). Times keep 17 digits (SQLite writes 15),
+        so that they read back as the same floats; tests/test_store.py holds the two to the
+        same documents."""
         def exact(column: str) -> str:
             return f"CASE WHEN {column} IS NULL THEN NULL ELSE json(printf('%!.17g', {column})) END"
 
