@@ -73,13 +73,16 @@ def test_a_cancelled_job_cancels_the_segments_never_loaded_and_a_retry_runs_them
 def test_a_restart_from_the_store_keeps_what_was_done_and_runs_the_rest_once(farm_of, tmp_path):
     scheduler = farm_of(nodes=1, slots=1)
     scheduler.lease = Lease(scheduler.store, "test")  # the owner that rebuilds its own jobs
-    _, (job_id,) = scheduler.submit(recorder_profile("write", "1-30"), [None], tmp_path / "out")
-    step_until(scheduler, lambda: states(scheduler, job_id)["done"] >= 8, "8 segments done")
-    done_before = {row["id"] for row in scheduler.store.segments(job_id) if row["state"] == "done"}
+    try:
+        _, (job_id,) = scheduler.submit(recorder_profile("write", "1-30"), [None], tmp_path / "out")
+        step_until(scheduler, lambda: states(scheduler, job_id)["done"] >= 8, "8 segments done")
+        done_before = {row["id"] for row in scheduler.store.segments(job_id) if row["state"] == "done"}
 
-    scheduler.reset()  # everything in memory forgotten, as after a store error
-    assert scheduler.recover() == [job_id]
-    scheduler.run_until_done([job_id])
+        scheduler.reset()  # everything in memory forgotten, as after a store error
+        assert scheduler.recover() == [job_id]
+        scheduler.run_until_done([job_id])
+    finally:  # its heartbeat thread must not outlive the store the fixture closes
+        scheduler.lease.release()
     assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
     assert states(scheduler, job_id) == {"done": 30}
     runs = Counter(segment for segment, _, _ in RUNS)
