@@ -51,9 +51,27 @@ def runs(tmp: Path) -> list[int]:
     return sorted(int(line.split()[0]) for line in path.read_text().splitlines()) if path.exists() else []
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind():
+    """A test that fails before its kill would leave its `farm run` waiting on the gate for
+    ever, with its segments, taking CPU from every test after it: killed here."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def start_run(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*FARM, "run", *map(str, args), "--json", "--quiet"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen([*FARM, "run", *map(str, args), "--json", "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            start_new_session=True)  # its group: the segments too, if a test ends early
+    STARTED.append(proc)
+    return proc
 
 
 def wait_until(check, timeout: float, what: str, every: float = 0.05):
