@@ -605,6 +605,14 @@ def attempt_policy(config: NodeConfig, job: Job, write: list[Path]) -> sandbox.P
     )
 
 
+def kill_active_groups() -> None:
+    """SIGKILL every running segment's process group (the worker is leaving without its node)."""
+    with _ACTIVE_GROUPS_LOCK:
+        groups = set(_ACTIVE_GROUPS)
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

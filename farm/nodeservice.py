@@ -163,7 +163,9 @@ def serve_node(config: FarmConfig, bundle: Bundle, *, controller_url: str | None
     if parent is not None:
         threading.Thread(target=_watch_parent_then, args=(parent, stopping), name="farm-node-parent",
                          daemon=True).start()
-    env = {"FARM_CONFIG": str(config_path), "FARM_NODE_SUPERVISED": "1"}
+    # The node's own pid, not the worker's parent as read later: a node killed before its
+    # worker's preload ran would otherwise be mistaken for init, and never followed.
+    env = {"FARM_CONFIG": str(config_path), "FARM_NODE_SUPERVISED": str(os.getpid())}
     if not log.isEnabledFor(logging.DEBUG):
         # Dask's per-task INFO lines would drown the node's own messages.
         env["DASK_LOGGING__DISTRIBUTED"] = os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -227,9 +229,14 @@ def _name_taken(exc: BaseException | None) -> bool:
 
 
 def _watch_parent(parent: int) -> None:
+    from farm.node import kill_active_groups
+
     while True:
         if os.getppid() != parent:
-            # The supervisor died without closing us: end our segments and ourselves.
+            # The supervisor died without closing us: end our segments and ourselves. The
+            # segments are killed here rather than left to their parent-death signals, which
+            # a segment still starting (bwrap between clone and prctl) can miss.
+            kill_active_groups()
             os._exit(1)
         time.sleep(0.5)
 
@@ -259,5 +266,6 @@ def dask_setup(worker: Any) -> None:
 
     worker._farm_reporter = PeriodicCallback(report, REPORT_MS)
     worker._farm_reporter.start()
-    if os.environ.get("FARM_NODE_SUPERVISED"):
-        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="farm-parent-watch", daemon=True).start()
+    supervisor = os.environ.get("FARM_NODE_SUPERVISED", "")
+    if supervisor.isdigit():
+        threading.Thread(target=_watch_parent, args=(int(supervisor),), name="farm-parent-watch", daemon=True).start()
