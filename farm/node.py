@@ -605,10 +605,21 @@ def attempt_policy(config: NodeConfig, job: Job, write: list[Path]) -> sandbox.P
     )
 
 
-def kill_active_groups() -> None:
-    """SIGKILL every running segment's process group (the worker is leaving without its node)."""
+def kill_segments() -> None:
+    """SIGKILL every segment's process group: the worker is leaving without its node.
+
+    Besides the groups recorded, every child of this process leads one (segments start in
+    a session of their own): a segment whose Popen has returned but is not recorded yet, on
+    a loaded machine, is found among the children, and so is a bwrap killed before it set
+    its own parent-death signal."""
     with _ACTIVE_GROUPS_LOCK:
         groups = set(_ACTIVE_GROUPS)
+    for task in Path("/proc/self/task").glob("*/children"):
+        try:
+            groups.update(int(pid) for pid in task.read_text().split())
+        except OSError:
+            continue
+    groups.discard(os.getpgrp())  # never our own group
     for pgid in groups:
         _signal_group(pgid, signal.SIGKILL)
 

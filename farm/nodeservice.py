@@ -229,14 +229,14 @@ def _name_taken(exc: BaseException | None) -> bool:
 
 
 def _watch_parent(parent: int) -> None:
-    from farm.node import kill_active_groups
+    from farm.node import kill_segments
 
     while True:
         if os.getppid() != parent:
             # The supervisor died without closing us: end our segments and ourselves. The
             # segments are killed here rather than left to their parent-death signals, which
             # a segment still starting (bwrap between clone and prctl) can miss.
-            kill_active_groups()
+            kill_segments()
             os._exit(1)
         time.sleep(0.5)
 

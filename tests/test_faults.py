@@ -125,8 +125,12 @@ def test_repeated_node_kills_during_one_batch(cluster):
         # by pid and start time: with pid_max at 32768 and a suite side by side, a pid can be
         # another process's within the minute
         started = {pid: process_start(pid) for pid in held}
-        c.wait_until(lambda: not any(pid_alive(pid, start) for pid, start in started.items() if start), 60,
-                     f"the segment processes of {name} to end with it", every=0.1)
+        try:
+            c.wait_until(lambda: not any(pid_alive(pid, start) for pid, start in started.items() if start), 60,
+                         f"the segment processes of {name} to end with it", every=0.1)
+        except AssertionError as exc:
+            survivors = [pid for pid, start in started.items() if start and pid_alive(pid, start)]
+            raise AssertionError(f"{exc}; still there: {describe_processes(survivors)}") from None
         if number + ahead < len(victims):
             c.start_node(victims[number + ahead], "--slots", "1")
     gate.touch()
@@ -138,6 +142,38 @@ def test_repeated_node_kills_during_one_batch(cluster):
     assert lost == set(victims), "every killed node's segment was lost and run again"
     assert {a["node"] for s in done["segment_list"] for a in s["attempts"] if a["state"] == "done"} == {"steady"}
     assert running_with(str(script)) == [], "segment processes of killed nodes survived"
+
+
+def describe_processes(pids: list[int]) -> str:
+    described = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        described.append(f"pid {pid} state {stat[0]} parent {stat[1]} group {stat[2]}: {command[:160]}")
+    return "; ".join(described) or "none"
+
+
+NOT_RECORDED = """
+import subprocess, sys, time
+from farm.node import kill_segments
+# a segment started and not recorded yet: in a session of its own, as segments are
+held = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print(held.pid, flush=True)
+kill_segments()
+print(held.wait(timeout=30), flush=True)
+"""
+
+
+def test_a_worker_leaving_without_its_node_kills_a_segment_it_has_not_recorded_yet():
+    """What a worker does when its node is gone: a segment just started (its Popen returned,
+    its group not yet recorded; on a loaded machine that can last) goes with it."""
+    done = subprocess.run([sys.executable, "-c", NOT_RECORDED], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pid, status = done.stdout.split()
+    assert int(status) == -signal.SIGKILL, f"segment {pid} ended with {status}, not killed"
 
 
 def test_the_controller_killed_five_times_during_one_batch(cluster):
