@@ -121,7 +121,7 @@ class SimulatedDask:
         # first fill), and segments handed to a node whose slots are all busy: a Dask worker
         # runs ``slots`` tasks at once and keeps the rest (pipelined hand-outs) until a slot frees.
         self._free: dict[str, deque[tuple[float, bool]]] = {address: deque() for address, _ in self.workers}
-        self._held: dict[str, deque[tuple[float, tuple[Any, ...]]]] = {address: deque() for address in self._free}
+        self._held: dict[str, deque[tuple[Any, ...]]] = {address: deque() for address in self._free}
         self._running: dict[str, int] = dict.fromkeys(self._free, 0)
         self._freed_at: dict[str, deque[float]] = {address: deque() for address in self._free}
         self._cancelled: set[str] = set()
@@ -174,7 +174,7 @@ class SimulatedDask:
         if self._free[address]:
             self._start(now, task)
         else:
-            self._held[address].append((now, task))
+            self._held[address].append(task)
         return future
 
     def _start(self, now: float, task: tuple[Any, ...]) -> None:
@@ -280,7 +280,7 @@ class SimulatedDask:
             self._freed_at[address].append(now)
             held = self._held[address]
             while held and self._free[address]:  # the node starts what it holds at once
-                self._start(now, held.popleft()[1])
+                self._start(now, held.popleft())
         if sampled(segment_id, self.sample_every):
             self.finished_at[segment_id] = time.time()
         self._deliver(result_topic, message)
