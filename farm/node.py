@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from farm import attemptfiles, sandbox, transfer
 from farm.config import NodeConfig, load_config
@@ -614,14 +614,37 @@ def kill_segments() -> None:
     its own parent-death signal."""
     with _ACTIVE_GROUPS_LOCK:
         groups = set(_ACTIVE_GROUPS)
+    children: set[int] = set()
     for task in Path("/proc/self/task").glob("*/children"):
         try:
-            groups.update(int(pid) for pid in task.read_text().split())
+            children.update(int(pid) for pid in task.read_text().split())
         except OSError:
             continue
-    groups.discard(os.getpgrp())  # never our own group
-    for pgid in groups:
+    for pgid in (groups | children) - {os.getpgrp()}:  # never our own group
         _signal_group(pgid, signal.SIGKILL)
+    for pid in children:  # ours until reaped, so never another's pid; one between fork and setsid leads no group yet
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def leave_no_segments_on_exit() -> None:
+    """Make every ``os._exit`` of this process (a node's Dask worker) kill its segments first.
+
+    Dask ends a worker whose nanny died with ``os._exit`` as soon as a pipe tells it, before
+    any watcher of ours runs; the segments were then left to bubblewrap's parent-death
+    signal, which a sandbox still being set up misses (seen: a segment alive under init a
+    minute after its node was killed)."""
+    real_exit = os._exit
+
+    def exit_killing_segments(status: int) -> NoReturn:
+        try:
+            kill_segments()
+        finally:
+            real_exit(status)
+
+    os._exit = exit_killing_segments
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -229,14 +229,11 @@ def _name_taken(exc: BaseException | None) -> bool:
 
 
 def _watch_parent(parent: int) -> None:
-    from farm.node import kill_segments
-
     while True:
         if os.getppid() != parent:
-            # The supervisor died without closing us: end our segments and ourselves. The
-            # segments are killed here rather than left to their parent-death signals, which
-            # a segment still starting (bwrap between clone and prctl) can miss.
-            kill_segments()
+            # The supervisor died without closing us: end ourselves, and with us our segments
+            # (os._exit kills them first: farm.node.leave_no_segments_on_exit). Dask's own
+            # pipe from the nanny usually ends us sooner; this covers a nanny that never gave one.
             os._exit(1)
         time.sleep(0.5)
 
@@ -248,7 +245,7 @@ def dask_setup(worker: Any) -> None:
     """Dask preload: build this node's runtime, then report to the controller every second."""
     from tornado.ioloop import PeriodicCallback
 
-    from farm.node import node_report, runtime
+    from farm.node import leave_no_segments_on_exit, node_report, runtime
     from farm.wire import NODE_TOPIC
 
     # Before the worker registers: only the controller may answer at its scheduler's address.
@@ -264,6 +261,7 @@ def dask_setup(worker: Any) -> None:
         if worker.status.name == "running":
             worker.log_event(NODE_TOPIC, {**node_report(), "address": worker.address})
 
+    leave_no_segments_on_exit()
     worker._farm_reporter = PeriodicCallback(report, REPORT_MS)
     worker._farm_reporter.start()
     supervisor = os.environ.get("FARM_NODE_SUPERVISED", "")

@@ -15,7 +15,7 @@ import pytest
 from farm.lease import pid_alive, process_start
 from farm.store import Store
 from tests.cluster_helpers import Cluster
-from tests.conftest import fill_disk, running_with, write_config, write_profile
+from tests.conftest import alive, fill_disk, running_with, write_config, write_profile
 from tests.test_cluster import frames_in, work_profile
 
 pytestmark = pytest.mark.slow
@@ -174,6 +174,25 @@ def test_a_worker_leaving_without_its_node_kills_a_segment_it_has_not_recorded_y
     assert done.returncode == 0, done.stderr
     pid, status = done.stdout.split()
     assert int(status) == -signal.SIGKILL, f"segment {pid} ended with {status}, not killed"
+
+
+EXITED = """
+import os, subprocess, sys
+from farm.node import leave_no_segments_on_exit
+leave_no_segments_on_exit()  # what a node's worker does at its start
+held = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print(held.pid, flush=True)
+os._exit(1)  # how Dask ends a worker whose nanny died
+"""
+
+
+def test_a_worker_ended_by_dask_at_once_takes_its_segments_with_it():
+    """Dask ends a worker whose node died with os._exit, before any watcher of Farm's runs:
+    the segments it started end with it all the same."""
+    done = subprocess.run([sys.executable, "-c", EXITED], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    pid = int(done.stdout)
+    assert not alive(pid), f"segment {pid} outlived its worker"  # killed: gone, or a zombie until init reaps it
 
 
 def test_the_controller_killed_five_times_during_one_batch(cluster):
