@@ -606,7 +606,7 @@ def attempt_policy(config: NodeConfig, job: Job, write: list[Path]) -> sandbox.P
 
 
 def kill_segments() -> None:
-    """SIGKILL every segment's process group: the worker is leaving without its node.
+    """SIGKILL every segment's process group: the worker is leaving (its node is gone).
 
     Besides the groups recorded, every child of this process leads one (segments start in
     a session of their own): a segment whose Popen has returned but is not recorded yet, on
