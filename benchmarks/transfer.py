@@ -50,7 +50,7 @@ job = SimpleNamespace(input=source, input_stamp=None)
 processor = SimpleNamespace(input_files=lambda job: [job.input])
 controller = SimpleNamespace(scheduler=SimpleNamespace(
     jobs={"jbench": SimpleNamespace(state="running", job=job, processor=processor)}, attempts={},
-    work_root=source.parent))
+    work_root=source.parent, listeners=[]))
 app = FastAPI()
 add_routes(app, controller, lambda: None, lambda: None)
 with bundle.pem_paths() as files:

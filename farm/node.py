@@ -827,15 +827,21 @@ async def cancel_attempt(attempt_id: str) -> bool:
     return runtime().cancel(attempt_id)
 
 
-def _progress_reporter(attempt_id: str) -> Callable[[float, str], None]:
+def _progress_reporter(attempt_id: str) -> Callable[..., None]:
     last = [0.0]
 
-    def report(fraction: float, message: str = "", started: bool = False) -> None:
+    def report(fraction: float, message: str = "", started: bool = False,
+               fetched: tuple[str, int, int] | None = None) -> None:
+        """``fetched``: (sha, bytes held, size) of an input coming from the controller."""
         now = time.monotonic()
-        if now - last[0] < 0.25 and fraction < 1.0 and not started:
+        whole = fetched is not None and fetched[1] >= fetched[2]
+        if now - last[0] < 0.25 and fraction < 1.0 and not started and not whole:
             return
         last[0] = now
-        event = {"attempt": attempt_id, "fraction": float(fraction), "message": message, "started": started}
+        event: dict[str, Any] = {"attempt": attempt_id, "fraction": float(fraction), "message": message,
+                                 "started": started}
+        if fetched is not None:
+            event["fetched"] = {"sha": fetched[0], "bytes": fetched[1]}
         try:
             from distributed import get_worker
 

@@ -62,6 +62,10 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 INCOMING = ".farm-incoming"
 #: A partial transfer nothing was added to for this long is removed (nodes and controller)
 STALE_SECONDS = 24 * 3600
+#: A file sent whose node has not said how much it has for this long counts as ended
+#: (the node went, or its segment was cancelled): its last word is what it received
+NODE_SILENT = 10.0
+PROGRESS_EVERY = 0.5  # seconds between a node's words on how much of a file it has
 
 
 class TransferError(FarmError):
@@ -112,12 +116,32 @@ class TransferRecord:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     job: str | None = None
+    sha: str = ""
+    #: For a file sent to a node: what the node says it has (its reports). What the
+    #: controller has sent runs ahead of it by what both ends' socket buffers hold (about
+    #: 10 MiB on loopback), so a file shorter than that would seem sent at once.
+    received: int | None = None
+    heard: float = 0.0  # when the node last said
+    whole: bool = False  # every byte was handed over (not cut off by either end)
+
+    def moved(self) -> int:
+        return self.sent if self.received is None else min(self.sent, self.received)
+
+    def finished(self, now: float) -> float | None:
+        """When the transfer ended, or None while it moves."""
+        if self.ended is None or self.received is None or not self.whole:
+            return self.ended  # a transfer cut off is over: the node gets nothing more of it
+        if self.received >= self.sent or now - self.heard > NODE_SILENT:  # all there, or the node stopped saying
+            return max(self.ended, self.heard)
+        return None
 
     def document(self) -> dict[str, Any]:
-        seconds = max((self.ended or time.time()) - self.started, 1e-6)
+        now = time.time()
+        ended, moved = self.finished(now), self.moved()
+        seconds = max((ended or now) - self.started, 1e-6)
         return {"direction": self.direction, "node": self.node, "name": self.name, "size": self.size,
-                "offset": self.offset, "bytes": self.sent, "rate": round(self.sent / seconds), "job": self.job,
-                "started": self.started, "ended": self.ended, "active": self.ended is None}
+                "offset": self.offset, "bytes": moved, "rate": round(moved / seconds), "job": self.job,
+                "started": self.started, "ended": ended, "active": ended is None}
 
 
 class Depot:
@@ -231,7 +255,7 @@ class Depot:
     def send(self, sha: str, offset: int, node: str, job: str | None = None) -> Iterator[bytes]:
         """The bytes of a declared input from ``offset``, in chunks, counted."""
         path, size = self.blob(sha)
-        record = self._record(TransferRecord("out", node, path.name, size, offset, job=job))
+        record = self._record(TransferRecord("out", node, path.name, size, offset, job=job, sha=sha))
         handle = open(path, "rb")
 
         def chunks() -> Iterator[bytes]:
@@ -243,6 +267,7 @@ class Depot:
                         break
                     record.sent += len(chunk)
                     yield chunk
+                record.whole = True
             finally:
                 handle.close()
                 record.ended = time.time()
@@ -347,6 +372,14 @@ class Depot:
             self.records.append(record)
             del self.records[:-self.KEEP_RECORDS]
         return record
+
+    def fetched(self, node: str, sha: str, have: int) -> None:
+        """``node`` says it holds the first ``have`` bytes of blob ``sha`` (its newest fetch of it)."""
+        with self._lock:
+            for record in reversed(self.records):
+                if record.direction == "out" and record.node == node and record.sha == sha:
+                    record.received, record.heard = max(have - record.offset, record.received or 0), time.time()
+                    return
 
     def documents(self, job: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -498,23 +531,31 @@ class ControllerLink:
                 offset = 0
                 partial.unlink(missing_ok=True)
                 digest.__init__()  # type: ignore[misc]
-            started, moved = time.monotonic(), 0
+            started, moved, told = time.monotonic(), 0, 0.0
+
+            def on_read(filled: int) -> None:
+                """After each read (a TLS record): keep to the rate, and say how much is here."""
+                nonlocal told
+                if self.rate:  # a node told to leave bandwidth for others: the socket waits unread
+                    ahead = (moved + filled) / self.rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                if progress is not None and (now := time.monotonic()) - told >= PROGRESS_EVERY:
+                    told = now
+                    progress(offset + moved + filled)
+
             with open(partial, "ab") as handle, _Sink(handle, digest) as sink:
                 while True:
                     buffer = sink.free()
-                    count = _read_full(response, buffer)
+                    count = _read_full(response, buffer, on_read)
                     if not count:
                         break
                     sink.put(buffer, count)
                     moved += count
-                    if progress is not None:
-                        progress(offset + moved)
                     if cancelled is not None and cancelled.is_set():
                         raise TransferError("cancelled")
-                    if self.rate:  # a node told to leave bandwidth for others
-                        ahead = moved / self.rate - (time.monotonic() - started)
-                        if ahead > 0:
-                            time.sleep(ahead)
+            if progress is not None:
+                progress(offset + moved)
         except (OSError, http.client.HTTPException) as exc:
             raise TransferError(f"fetching blob {sha[:12]} from the controller stopped: {exc}") from None
         finally:
@@ -556,7 +597,7 @@ class ControllerLink:
             raise error
 
 
-def _read_full(response: Any, buffer: bytearray) -> int:
+def _read_full(response: Any, buffer: bytearray, on_read: Callable[[int], None] | None = None) -> int:
     """Fill ``buffer`` from ``response`` (TLS records come 16 KiB at a time); the count
     read, short only at the end."""
     view, filled = memoryview(buffer), 0
@@ -565,6 +606,8 @@ def _read_full(response: Any, buffer: bytearray) -> int:
         if not count:
             break
         filled += count
+        if on_read is not None:
+            on_read(filled)
     return filled
 
 
@@ -823,7 +866,7 @@ def needs_staging(config: Any, job: Any) -> tuple[bool, bool]:
 
 
 def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: threading.Event,
-          report: Callable[[float, str], None]) -> Staging | None:
+          report: Callable[..., None]) -> Staging | None:
     """Fetch what ``segment`` needs and point it at a local output folder, when this node
     does not share storage with the controller; None when it does."""
     inputs, outputs = needs_staging(config, job)
@@ -852,8 +895,9 @@ def stage(config: Any, node_name: str, job: Any, segment: Any, cancelled: thread
             for entry in manifest["files"]:
                 relative = safe_relative(entry["path"])
 
-                def progress(moved: int, size: int, name: str = relative.name, base: int = done_before) -> None:
-                    report(0.0, f"fetching {name}: {(base + moved) * 100 // total}%")
+                def progress(moved: int, size: int, name: str = relative.name, base: int = done_before,
+                             sha: str = entry["sha256"]) -> None:
+                    report(0.0, f"fetching {name}: {(base + moved) * 100 // total}%", fetched=(sha, moved, size))
 
                 blob = cache.ensure(link, entry["sha256"], entry["size"], cancelled, progress, job.id)
                 staging.held.append(entry["sha256"])

@@ -57,6 +57,13 @@ def add_routes(app: Any, controller: Any, node_only: Any, readers: Any) -> Depot
         log.warning("cannot mark the cluster storage %s: %s; nodes with node.storage auto will send their "
                     "outputs through the controller", controller.scheduler.work_root, exc)
 
+    def heard(kind: str, _runtime: Any, data: dict[str, Any]) -> None:
+        if kind == "segment_progress" and "fetched" in data:
+            fetched = data["fetched"]
+            depot.fetched(fetched["node"], fetched["sha"], fetched["bytes"])
+
+    controller.scheduler.listeners.append(heard)
+
     def refused(exc: Exception) -> JSONResponse:
         status = 404 if isinstance(exc, LookupError) else 409 if isinstance(exc, DeterministicFailure) else 400
         return JSONResponse({"error": str(exc).strip("'\"")}, status_code=status)

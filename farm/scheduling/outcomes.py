@@ -32,8 +32,12 @@ class Outcomes:
             attempt.waiting = False
             return
         rt = self.jobs[attempt.job_id]
-        self._emit("segment_progress", rt, {"segment": attempt.segment_id, "fraction": message.get("fraction", 0.0),
-                                            "message": message.get("message", "")})
+        data = {"segment": attempt.segment_id, "fraction": message.get("fraction", 0.0),
+                "message": message.get("message", "")}
+        fetched = message.get("fetched")  # how much of an input the node holds (nodes without shared storage)
+        if isinstance(fetched, dict) and isinstance(fetched.get("sha"), str) and isinstance(fetched.get("bytes"), int):
+            data["fetched"] = {"node": attempt.node.name, "sha": fetched["sha"], "bytes": fetched["bytes"]}
+        self._emit("segment_progress", rt, data)
 
     def _on_finished(self, attempt_id: str, outcome: dict[str, Any]) -> None:
         attempt = self._drop(attempt_id)
