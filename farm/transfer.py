@@ -538,7 +538,7 @@ class ControllerLink:
                 nonlocal told
                 if self.rate:  # a node told to leave bandwidth for others: the socket waits unread
                     ahead = (moved + filled) / self.rate - (time.monotonic() - started)
-                    if ahead > 0:
+                    if ahead > 0.01:  # not a sleep per record at high rates
                         time.sleep(ahead)
                 if progress is not None and (now := time.monotonic()) - told >= PROGRESS_EVERY:
                     told = now
