@@ -346,6 +346,9 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
             batch_id, job_ids = scheduler.submit(loaded, inputs, destination, origin="cli", overwrite=args.overwrite,
                                                  fingerprint=fingerprint)
             every = job_ids
+        from farm.scheduler import tune_collector_for_a_queue
+
+        tune_collector_for_a_queue()  # the batch is planned: it is never scanned again
         report, status = _run_jobs(farm, batch_id, job_ids, every, args, stderr)
     finally:
         farm.close()

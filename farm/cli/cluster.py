@@ -293,6 +293,7 @@ def cmd_export_tls(args: argparse.Namespace, folder: Path, stdout: TextIO) -> Ex
 def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.client import default_bundle_path
     from farm.controller import Controller
+    from farm.scheduler import tune_collector_for_a_queue
     from farm.security import Bundle
 
     config = _config(args)
@@ -306,6 +307,7 @@ def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
                             advertise=False if args.no_advertise else None)
     try:
         controller.start()
+        tune_collector_for_a_queue()
         print(f"controller of cluster {bundle.cluster}: API {controller.api_url}, scheduler "
               f"{controller.dask_address}", file=stdout, flush=True)
         controller.serve_forever()
