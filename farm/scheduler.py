@@ -46,7 +46,7 @@ log = logging.getLogger("farm.scheduler")
 #: allocations) runs a young collection hundreds of times a second under a busy queue, each
 #: promoting what is alive at that instant (attempts in flight, events not yet published), and
 #: the promoted pile up into full collections that scan the whole backlog: at 1,000 nodes and
-#: 100,000 segments, 27 pauses of 200-290 ms in 45 s (benchmarks/scale.py). With this, one.
+#: 100,000 segments, 24 to 27 pauses of 200-300 ms in 45 s (benchmarks/scale.py); with this, two.
 QUEUE_GC_THRESHOLD = (50_000, 20, 10)
 
 
