@@ -423,8 +423,8 @@ def create_app(controller: ControllerView) -> FastAPI:
                 if not batch:
                     yield ": keep-alive\n\n"
                     continue
-                seen = batch[-1]["id"]
-                yield "".join(f"id: {event['id']}\ndata: {json.dumps(event, default=str)}\n\n" for event in batch)
+                seen = batch[-1].id
+                yield "".join(entry.encoded() for entry in batch)
 
         return StreamingResponse(feed(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
