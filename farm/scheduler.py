@@ -91,6 +91,9 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._nodes_version = 0  # counts each fresh look at the nodes (and each pause): _check_nodes runs on a change
         self._nodes_seen = -1
         self._busy: Counter[str] = Counter()  # attempts held per node address, kept as they come and go
+        self._taking: dict[str, NodeView] = {}  # nodes that take work, by address, as of _room_version
+        self._room: set[str] = set()  # addresses of those that may be handed more (see HandOut._see_room)
+        self._room_version = -1
         self._deadlines: list[tuple[float, int, AttemptRuntime]] = []  # started attempts by when to time them out
         self._deadline_seq = itertools.count()
         self._cancel_checked = 0.0
@@ -146,6 +149,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
             self.engine.cancel(attempt.id, attempt.node.address)
         self.attempts.clear()
         self._busy.clear()
+        self._room_version = -1  # worked out again from the nodes
         self._deadlines = []
         self.jobs.clear()
         self._order = []
@@ -296,6 +300,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
             self.engine.forget(attempt_id)
         self.attempts.clear()
         self._busy.clear()
+        self._room_version = -1  # worked out again from the nodes
         self._deadlines = []
         self._announced.clear()
         self.jobs.clear()

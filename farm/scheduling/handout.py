@@ -90,7 +90,11 @@ class HandOut:
     def _hold(self, attempt: AttemptRuntime) -> None:
         """``attempt`` is handed out: its node holds one more."""
         self.attempts[attempt.id] = attempt
-        self._busy[attempt.node.address] += 1
+        address = attempt.node.address
+        self._busy[address] += 1
+        node = self._taking.get(address)
+        if node is None or self._busy[address] >= self._capacity(node):
+            self._room.discard(address)
 
     def _drop(self, attempt_id: str) -> AttemptRuntime | None:
         """``attempt_id`` left its node (ended, lost or taken back); its slot is free."""
@@ -100,14 +104,30 @@ class HandOut:
             self._busy[address] -= 1
             if self._busy[address] <= 0:
                 del self._busy[address]
+            node = self._taking.get(address)
+            if node is not None and self._busy[address] < self._capacity(node):
+                self._room.add(address)
         return attempt
 
     def _can_dispatch(self) -> bool:
         return self._free_slots_exist() and any(rt.has_queued for rt in self._order)
 
     def _free_slots_exist(self) -> bool:
+        self._see_room()
+        return bool(self._room)
+
+    def _see_room(self) -> None:
+        """Which nodes take work (``_taking``) and which of them hold fewer attempts than
+        they may (``_room``): worked out again when the nodes' view changes, and kept as
+        attempts come and go, so that a round on a full farm of thousands of nodes looks
+        at the few that a slot freed on, not at every node."""
+        nodes = self._current_nodes()
+        if self._room_version == self._nodes_version:
+            return
+        self._room_version = self._nodes_version
+        self._taking = {node.address: node for node in nodes if self._takes_work(node)}
         busy = self._busy
-        return any(busy[n.address] < self._capacity(n) for n in self._current_nodes() if self._takes_work(n))
+        self._room = {address for address, node in self._taking.items() if busy[address] < self._capacity(node)}
 
     def _capacity(self, node: NodeView) -> int:
         """Attempts a node may hold: one per slot, and with pipelining one announced per slot."""
@@ -126,11 +146,10 @@ class HandOut:
 
     def _dispatch(self) -> list[tuple[JobRuntime, Segment, NodeView]]:
         busy = self._busy
-        nodes = sorted(self._current_nodes(), key=lambda n: busy[n.address] - n.slots)
+        self._see_room()
+        nodes = sorted((self._taking[address] for address in self._room), key=lambda n: busy[n.address] - n.slots)
         handed: list[tuple[JobRuntime, Segment, NodeView]] = []
         for node in nodes:
-            if not self._takes_work(node):
-                continue
             while busy[node.address] < self._capacity(node):
                 picked = self._next_for(node, busy, nodes)
                 if picked is None:
@@ -139,7 +158,7 @@ class HandOut:
         now = time.monotonic()
         if now - self._unrunnable_checked > NODE_POLL_SECONDS / 2:
             self._unrunnable_checked = now
-            self._fail_unrunnable(nodes)
+            self._fail_unrunnable(self._current_nodes())
         return handed
 
     def _next_for(self, node: NodeView, busy: Counter[str],
