@@ -93,6 +93,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._busy: Counter[str] = Counter()  # attempts held per node address, kept as they come and go
         self._taking: dict[str, NodeView] = {}  # nodes that take work, by address, as of _room_version
         self._room: set[str] = set()  # addresses of those that may be handed more (see HandOut._see_room)
+        self._listed: dict[str, int] = {}  # each node's place in the nodes' list
         self._room_version = -1
         self._deadlines: list[tuple[float, int, AttemptRuntime]] = []  # started attempts by when to time them out
         self._deadline_seq = itertools.count()

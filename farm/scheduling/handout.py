@@ -126,6 +126,7 @@ class HandOut:
             return
         self._room_version = self._nodes_version
         self._taking = {node.address: node for node in nodes if self._takes_work(node)}
+        self._listed = {node.address: position for position, node in enumerate(nodes)}
         busy = self._busy
         self._room = {address for address, node in self._taking.items() if busy[address] < self._capacity(node)}
 
@@ -147,7 +148,9 @@ class HandOut:
     def _dispatch(self) -> list[tuple[JobRuntime, Segment, NodeView]]:
         busy = self._busy
         self._see_room()
-        nodes = sorted((self._taking[address] for address in self._room), key=lambda n: busy[n.address] - n.slots)
+        listed = self._listed  # equal loads go in the nodes' own order, as when every node was sorted
+        nodes = sorted((self._taking[address] for address in self._room),
+                       key=lambda n: (busy[n.address] - n.slots, listed[n.address]))
         handed: list[tuple[JobRuntime, Segment, NodeView]] = []
         for node in nodes:
             while busy[node.address] < self._capacity(node):
