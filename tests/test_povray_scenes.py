@@ -269,3 +269,34 @@ def test_a_job_every_node_was_kept_off_says_how_many_nodes_which_and_why(farm, f
     assert error.startswith("the only node that can run it (node \""), error
     assert "failed it 1 time (max_node_failures) and was kept off the job; last error: " in error
     assert "exit status 3" in error
+
+
+# What POV-Ray 3.7 printed for a frame whose scene does not parse, as a node read it: its
+# threads put the parse error after the "==== [Parsing...]" banner or, on a busy machine, before it.
+OPTIONS_PRINTED = """Rendering frame 1 of 2
+
+Image Output Options
+  Image resolution.....640 by 480 (rows 1 to 480, columns 1 to 640).
+  Output file........../tmp/pytest-of-root/pytest-52/popen-gw0/test_a_parse_erro
+r_fails_the_j0/state/work/jef4d7131c4/jef4d7131c4.s00000.a1/povray-render1.png,
+ 24 bpp PNG
+Information Output Options
+  All Streams to console..........On 
+  Fatal Stream to console.........On 
+  Warning Stream to console.......On """.splitlines()
+PARSE_ERROR = ["File 'broken scene.pov' line 3: Parse Error: No matching } in 'sphere', End of",
+               " File found instead"]
+BANNER = ["==== [Parsing...] =========================================================="]
+ENDING = ["Fatal error in parser: Cannot parse input.", "Render failed", ""]
+
+
+@pytest.mark.parametrize("printed", [OPTIONS_PRINTED + BANNER + PARSE_ERROR + ENDING,
+                                     OPTIONS_PRINTED + PARSE_ERROR + BANNER + ENDING,
+                                     BANNER + PARSE_ERROR + ENDING],
+                         ids=["after the banner", "before the banner", "no options printed"])
+def test_povrays_parse_error_is_the_reason_whole_wherever_its_threads_print_it(printed):
+    from farm_imageseq.povray import failure_reason
+
+    said, deterministic = failure_reason(printed, Path("/scenes/shot"))
+    assert said == "File 'broken scene.pov' line 3: Parse Error: No matching } in 'sphere', End of File found instead"
+    assert deterministic

@@ -275,13 +275,23 @@ def scene_files(pov: PovSetup, source: Path) -> list[Path]:
 def failure_reason(lines: list[str], folder: Path) -> tuple[str, bool]:
     """POV-Ray's own error from its console output, lines it wrapped at 80 columns joined
     again; and whether it is deterministic (a parse or option error: no retry mends it)."""
-    start = max((i for i, line in enumerate(lines) if line.startswith("==== [")), default=-1) + 1
+    # The last frame's messages follow its options (whose list ends with the warning
+    # stream's line). POV-Ray's threads print a parse error before or after the
+    # "==== [Parsing...]" banner, so the banner does not mark where they start.
+    ends = [i for i, line in enumerate(lines) if line.lstrip().startswith("Warning Stream to console")]
+    start = (ends[-1] if ends else max((i for i, line in enumerate(lines) if line.startswith("==== [")), default=-1)) + 1
     joined: list[str] = []
+    previous = ""
     for line in lines[start:]:
-        if joined and (line.startswith(" ") and not line.startswith("  ") or len(joined[-1]) >= 79):
+        if line.startswith("==== ["):
+            previous = ""
+            continue
+        # a line POV-Ray wrapped: the one before it filled the 80 columns, or it starts with one space
+        if joined and previous and (line.startswith(" ") and not line.startswith("  ") or len(previous) >= 79):
             joined[-1] += line
         elif line.strip():
             joined.append(line.rstrip())
+        previous = line if line.strip() else ""
     messages = [line for line in joined if line.strip() not in ("Render failed",)]
     said = next((m for m in messages if "Parse Error:" in m and "Possible Parse Error" not in m), None) \
         or next((m for m in messages if "Parse Error" in m), None) \
