@@ -544,6 +544,13 @@ def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tm
         segment.output_dir.mkdir(parents=True)
         results.append(processor.run(segment, context))
     assert "-threads 1" in log.text()  # 2 slots on this 2-core machine: one thread per encoder
+    # A piece's frames are what its ffmpeg reported writing (no ffprobe per piece): they
+    # must be what ffprobe counts in the file, for the cut-back pieces as for the encodes.
+    pieces = [(r["frames"], r["params"]["count"], int(streams(Path(r["file"]), "video")[0]["nb_read_packets"]))
+              for r in results if r["kind"] == "video"]
+    assert [reported for reported, _, _ in pieces] == [planned for _, planned, _ in pieces] == \
+        [counted for _, _, counted in pieces] == [25, 25, 25, 25]
+    assert log.text().count("-c copy -frames:v 25") == 4  # every piece was cut back from a wider encode
     # Swap the third video piece for one that is 5 frames short.
     short = results[3]
     good = Path(short["file"])

@@ -371,21 +371,19 @@ class TranscodeProcessor(Processor):
                 context.progress(min(done / count, 1.0), f"frame {done}/{count}")
 
         preview = segment.job.profile.preview
-        found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line, preview)
+        frames = self._encode_video(context, facts, settings, params, out, threads, on_line, preview)
         if frames != count and params.get("seek") is not None:
             # The demuxer's seek landed after the segment's first frame: read from the
             # beginning instead (slower, always exact).
             context.logger.warning("segment %s: seeking to %.3f s gave %d frames instead of %d; reading the source "
                                    "from its beginning", segment.label, params["seek"], frames, count)
             params = {**params, "seek": None}
-            found, frames = self._encode_video(context, facts, settings, params, out, threads, on_line, preview)
-        streams = found.of_type("video")
+            frames = self._encode_video(context, facts, settings, params, out, threads, on_line, preview)
         if frames != count:
             raise ProcessorError(f"segment {segment.label} came out with {frames} frames instead of {count}; "
                                  "the source may be damaged at that point")
         context.progress(1.0, f"{count} frames")
-        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label,
-                "duration": found.duration(streams[0]), "params": params}
+        return {"kind": "video", "file": str(out), "frames": frames, "label": segment.label, "params": params}
 
     def preview(self, segment: Segment, result: dict[str, Any], context: Context) -> Path | None:
         """A poster frame of a video segment: its piece's first frame, at most 320 px wide,
@@ -403,8 +401,10 @@ class TranscodeProcessor(Processor):
 
     @staticmethod
     def _encode_video(context: Context, facts: SourceFacts, settings: TranscodeSettings, params: dict[str, Any],
-                      out: Path, threads: int, on_line: Callable[[str], None], preview: bool = False) -> tuple[Any, int]:
-        """Encode one video segment; what ffprobe finds in it, and its frame count."""
+                      out: Path, threads: int, on_line: Callable[[str], None], preview: bool = False) -> int:
+        """Encode one video segment; the frames written into it, as the ffmpeg that wrote it
+        counts them at its end (``-progress``'s last ``frame=``). The joined output is
+        counted by ffprobe at assembly; a piece needs no ffprobe process of its own."""
         assert settings.video is not None
         reads = sources.reads(facts)  # an image sequence's other frames
         overlapped = joins.overlapped(params)
@@ -419,12 +419,18 @@ class TranscodeProcessor(Processor):
             argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, passlog, 2, poster=poster)
         else:
             argv = ffmpeg_io.video_segment(facts, settings, params, encoded, threads, poster=poster)
-        run_ffmpeg(context, argv, cwd=context.scratch, on_line=on_line, read=reads)
+        written = ffmpeg_io.FrameCount()
+
+        def watch(line: str) -> None:
+            written.read(line)
+            on_line(line)
+
+        run_ffmpeg(context, argv, cwd=context.scratch, on_line=watch, read=reads)
         if overlapped:
-            run_ffmpeg(context, ffmpeg_io.keep_frames(settings, params, encoded, out), cwd=context.scratch)
-        found = probe_output(out, context.run, context.scratch)
-        streams = found.of_type("video")
-        return found, found.frames(streams[0]) if streams else 0
+            written = ffmpeg_io.FrameCount()
+            run_ffmpeg(context, ffmpeg_io.keep_frames(settings, params, encoded, out), cwd=context.scratch,
+                       on_line=written.read)
+        return written.frames
 
     def _run_audio(self, segment: Segment, context: Context, facts: SourceFacts, settings: TranscodeSettings,
                    ext: str) -> dict[str, Any]:

@@ -27,6 +27,20 @@ _GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning", "-sta
            "-progress", "pipe:1")
 
 
+class FrameCount:
+    """The frames an ffmpeg run with ``_GLOBAL`` wrote into its first video output, from its
+    ``-progress`` report: the last ``frame=``, given once more after the encoder is flushed.
+    It equals ffprobe's packet count of the file, encoding or stream copying (see
+    tests/test_transcode.py); 0 when it reported none."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def read(self, line: str) -> None:
+        if line.startswith("frame=") and line[6:].strip().isdigit():
+            self.frames = int(line[6:])
+
+
 def _source(facts: SourceFacts, **options: Any) -> Any:
     path, demuxer_options = input_for(facts)
     return ffmpeg.input(path, f=facts.demuxer, protocol_whitelist="file", **demuxer_options, **options)
