@@ -23,8 +23,8 @@ Run (per video segment)
     presentation timestamps picks the frames (for a frame-rate change, the same on the
     new rate's grid, after ``fps``). A seek that still lands late is redone from the
     beginning. The encoder starts afresh, so the first frame is a keyframe. Threads per
-    encoder are the node's cores divided by its slots. The frames written are counted
-    before the segment is reported done.
+    encoder are the node's cores divided by its slots. The frames written, as ffmpeg
+    reports them at its end, are checked before the segment is reported done.
 
 Assemble
     The segments are joined with ffmpeg's concat demuxer (stream copy), the audio (placed
