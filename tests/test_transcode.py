@@ -510,24 +510,21 @@ def test_a_missing_encoder_is_named(farm, farm_env, monkeypatch):
 # -- pieces, called directly ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tmp_path):
-    """A segment whose file holds fewer frames than planned: assembly refuses to deliver."""
+def run_directly(tmp_path: Path, profile_path: Path | str, source: Path):
+    """Plan ``source`` with the profile and run every segment in this process, as a node
+    would: (processor, job, context, the attempts' log, the segments' results)."""
     import logging
     import threading
 
     from farm.config import NodeConfig
-    from farm.errors import ProcessorError
     from farm.model import Job, Segment
     from farm.node import AttemptLog, CommandRunner
     from farm.plugins import load_plugins
     from farm.processor import Context, NodeInfo
     from farm.profiles import load_profile
 
-    source = movie(tmp_path / "clip.mp4", seconds=4)
-    path = profile(tmp_path, seconds=1)
     plugins = load_plugins()
-    loaded = load_profile(str(path), plugins)
+    loaded = load_profile(str(profile_path), plugins)
     processor = plugins.processor("transcode")
     job = Job(id="j1", batch_id="b1", input=source, profile=loaded.profile, settings=loaded.settings,
               destination=tmp_path / "out", work_dir=tmp_path / "work")
@@ -543,6 +540,17 @@ def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tm
                           attempt_id=f"a{index}", output_dir=tmp_path / "work" / f"a{index}")
         segment.output_dir.mkdir(parents=True)
         results.append(processor.run(segment, context))
+    (tmp_path / "out").mkdir()
+    return processor, job, context, log, results
+
+
+@pytest.mark.slow
+def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tmp_path):
+    """A segment whose file holds fewer frames than planned: assembly refuses to deliver."""
+    from farm.errors import ProcessorError
+
+    source = movie(tmp_path / "clip.mp4", seconds=4)
+    processor, job, context, log, results = run_directly(tmp_path, profile(tmp_path, seconds=1), source)
     assert "-threads 1" in log.text()  # 2 slots on this 2-core machine: one thread per encoder
     # A piece's frames are what its ffmpeg reported writing (no ffprobe per piece): they
     # must be what ffprobe counts in the file, for the cut-back pieces as for the encodes.
@@ -557,7 +565,6 @@ def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tm
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(good), "-c", "copy",
                     "-frames:v", "20", str(good.with_name("short.mp4"))], check=True)
     os.replace(good.with_name("short.mp4"), good)
-    (tmp_path / "out").mkdir()
     with pytest.raises(ProcessorError) as failure:
         processor.assemble(job, results, context)
     message = str(failure.value)
@@ -567,6 +574,33 @@ def test_failed_verification_names_the_figures_and_delivers_nothing(farm_env, tm
     good.unlink()
     again = processor.verify(job, results, context)
     assert [plan.label for plan in again] == [short["label"]]
+
+
+@pytest.mark.slow
+def test_sound_alone_is_verified_whole_at_assembly(farm_env, tmp_path):
+    """An audio-only job's piece is read by no ffprobe of its own: the joined output's check
+    must refuse a piece that lost a track or was cut short, and deliver nothing."""
+    from farm.errors import ProcessorError
+
+    source = movie(tmp_path / "song.mkv", seconds=3, audio=2)
+    processor, job, context, log, results = run_directly(tmp_path, "aac-audio", source)
+    piece, = [Path(r["file"]) for r in results]
+    assert "ffprobe" not in log.text()
+    whole = piece.with_name("whole" + piece.suffix)
+    os.replace(piece, whole)
+    for damage, said in ((["-map", "0:0"], "it has 1 audio track(s), expected 2"),
+                         (["-map", "0", "-t", "1.5"], "audio track 1 lasts 1.5")):
+        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(whole), *damage,
+                        "-c", "copy", str(piece)], check=True)
+        with pytest.raises(ProcessorError) as failure:
+            processor.assemble(job, results, context)
+        assert "failed verification" in str(failure.value) and said in str(failure.value), str(failure.value)
+        assert list((tmp_path / "out").iterdir()) == []
+    os.replace(whole, piece)
+    delivered = [Path(path) for path in processor.assemble(job, results, context)]
+    assert [path.name for path in delivered] == ["song.m4a"]
+    lengths = [duration(s) for s in streams(delivered[0], "audio")]
+    assert len(lengths) == 2 and all(abs(length - 3.0) < 0.1 for length in lengths), lengths
 
 
 @pytest.mark.slow

@@ -445,6 +445,10 @@ class TranscodeProcessor(Processor):
 
         run_ffmpeg(context, ffmpeg_io.audio_segment(facts, settings.audio, settings.box, streams, out),
                    cwd=context.scratch, on_line=on_line)
+        if settings.video is None:
+            # Sound alone: the joined output's ffprobe checks its tracks, durations and codec,
+            # and the join places nothing against a picture, so no ffprobe reads the piece.
+            return {"kind": "audio", "file": str(out), "label": segment.label, "params": segment.params}
         found = probe_output(out, context.run, context.scratch)
         tracks = found.of_type("audio")
         if len(tracks) != len(streams):
