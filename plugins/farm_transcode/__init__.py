@@ -187,7 +187,8 @@ class TranscodeProcessor(Processor):
         target = self.target(job)
         if target == job.input.resolve():
             raise PlanError(f"the output {target} would replace the source; change output: or the destination")
-        facts = sources.probe(job.input, settings.video.fps if settings.video else None)
+        facts = sources.probe(job.input, settings.video.fps if settings.video else None,
+                              picture=settings.video is not None)
         summary = facts.summary()
         plans: list[SegmentPlan] = []
         if settings.audio is not None and facts.audio:
@@ -217,7 +218,8 @@ class TranscodeProcessor(Processor):
         while its cluster starts)."""
         if job.input is not None:
             settings: TranscodeSettings = job.settings
-            sources.probe(job.input, settings.video.fps if settings.video else None, ahead=True)
+            sources.probe(job.input, settings.video.fps if settings.video else None, ahead=True,
+                          picture=settings.video is not None)
 
     @staticmethod
     def _check_rate(job: Job, plans: list[SegmentPlan]) -> None:

@@ -212,8 +212,9 @@ def stream_duration(stream: dict[str, Any], container: dict[str, Any] | None = N
     return duration
 
 
-def probe_source(path: Path) -> SourceFacts:
-    """Everything planning needs to know about a source (see the module's docstring)."""
+def probe_source(path: Path, picture_wanted: bool = True) -> SourceFacts:
+    """Everything planning needs to know about a source (see the module's docstring);
+    without ``picture_wanted``, nothing of its first frame (a job that makes sound alone)."""
     sniff(path)
     proc = _ffprobe(["-v", "error", "-protocol_whitelist", "file", "-show_format", "-show_streams",
                      "-of", "json", str(path)])
@@ -245,7 +246,7 @@ def probe_source(path: Path) -> SourceFacts:
                         "`ffmpeg -decoders` lists")
     # The first frame is decoded while the packets are read: two ffprobes at once, not in
     # turn. Never a frame whose header size is refused below (a decoder's memory bomb).
-    decodable = picture is not None and all(0 < int(picture.get(side) or 0) <= MAX_SIDE for side in ("width", "height"))
+    decodable = picture_wanted and picture is not None and all(0 < int(picture.get(side) or 0) <= MAX_SIDE for side in ("width", "height"))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-probe") as pool:
         first_frame = pool.submit(_first_frame, path, int(picture["index"])) if decodable else None
         packets = _packets(path, [s for s in (picture, *sounds) if s is not None])

@@ -124,15 +124,17 @@ _AHEAD: dict[tuple[Any, ...], SourceFacts] = {}
 _AHEAD_MOST = 16
 
 
-def probe(path: Path, fps: str | None, ahead: bool = False) -> SourceFacts:
+def probe(path: Path, fps: str | None, ahead: bool = False, picture: bool = True) -> SourceFacts:
     """What planning needs to know about any source: an image sequence or a movie file.
 
     ``ahead``: keep the facts for the next plan of this file, as long as the file does not
-    change meanwhile (its size, mtime and inode); that plan probes nothing."""
-    key = _stamp(path, fps)
+    change meanwhile (its size, mtime and inode); that plan probes nothing. ``picture``:
+    False for a job that makes no video, whose plan needs no decoded frame."""
+    key = _stamp(path, fps, picture)
     if key is not None and not ahead and key in _AHEAD:
         return _AHEAD.pop(key)
-    facts = probe_sequence(path, Fraction(fps) if fps else None) if is_sequence(path) else probe_source(path)
+    facts = probe_sequence(path, Fraction(fps) if fps else None) if is_sequence(path) else \
+        probe_source(path, picture)
     if ahead and key is not None:
         while len(_AHEAD) >= _AHEAD_MOST:
             _AHEAD.pop(next(iter(_AHEAD)))
@@ -140,14 +142,14 @@ def probe(path: Path, fps: str | None, ahead: bool = False) -> SourceFacts:
     return facts
 
 
-def _stamp(path: Path, fps: str | None) -> tuple[Any, ...] | None:
+def _stamp(path: Path, fps: str | None, picture: bool) -> tuple[Any, ...] | None:
     if is_sequence(path):  # its other frames are not in the first one's stamp
         return None
     try:
         info = path.stat()
     except OSError:
         return None
-    return (str(path), fps, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return (str(path), fps, picture, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def input_for(facts: SourceFacts) -> tuple[str, dict[str, Any]]:
