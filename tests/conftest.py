@@ -74,14 +74,13 @@ def write_config(farm_env, **node):
 
 @pytest.fixture
 def farm(farm_env):
-    """Run the real `farm` command in a child process; returns a Result."""
+    """Run the real `farm` command in a child process (forked ready-started: tests/farmfork.py);
+    returns a Result."""
+    import farmfork
 
     def run(*args: str, timeout: float = 300, cwd: Path | None = None) -> Result:
-        proc = subprocess.run(
-            [*FARM, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-            cwd=cwd or farm_env["tmp"], env=os.environ.copy(),
-        )
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        return Result(*farmfork.run([str(arg) for arg in args], env=os.environ.copy(), cwd=cwd or farm_env["tmp"],
+                                    timeout=timeout))
 
     return run
 
