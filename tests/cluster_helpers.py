@@ -14,6 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import farmfork
 import httpx
 import yaml
 
@@ -51,8 +52,8 @@ class Cluster:
         self._looks_url = self.url
         self.nodes: dict[str, subprocess.Popen] = {}
         self.schedulers: list[subprocess.Popen] = []  # plain Dask schedulers a test started: stopped last
-        subprocess.run([*FARM, "cluster", "init", name, "--dir", str(self.bundles)], env=self.env, check=True,
-                       capture_output=True)
+        made = self.farm("cluster", "init", name, "--dir", self.bundles)
+        assert made.returncode == 0, made.stderr
         #: the admin's token, from the admin client file that `farm cluster init` wrote
         self.token: str = yaml.safe_load((self.bundles / "admin.yaml").read_text())["token"]
 
@@ -65,9 +66,8 @@ class Cluster:
         return out
 
     def farm(self, *args: str, timeout: float = 120, env: dict | None = None) -> Result:
-        proc = subprocess.run([*FARM, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                              env={**self.env, **(env or {})}, cwd=self.root)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        return Result(*farmfork.run([str(arg) for arg in args], env={**self.env, **(env or {})}, cwd=self.root,
+                                    timeout=timeout))
 
     def start_controller(self) -> None:
         log = open(self.root / "controller.log", "a")

@@ -28,8 +28,11 @@ PRELOAD = ["farm.cli", "farm.local", "farm.engine", "farm.scheduler", "farm.prof
 
 
 def _starts_differently(env: dict[str, str]) -> dict[str, str]:
+    """The variables read when Python starts or Farm and Dask are imported. Dask's logger
+    levels (``DASK_LOGGING__NAME``) are the exception: the child sets them again."""
     return {key: value for key, value in env.items()
-            if key.startswith(("PYTHON", "DASK_")) or key == "FARM_LEASE_HEARTBEAT"}
+            if (key.startswith(("PYTHON", "DASK_")) and not key.startswith("DASK_LOGGING__"))
+            or key == "FARM_LEASE_HEARTBEAT"}
 
 
 _context: multiprocessing.context.ForkServerContext | None = None
@@ -62,9 +65,14 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
                                   errors="backslashreplace")
     sys.argv = ["farm", *argv]
+    import logging
+
     import dask.config
 
     dask.config.refresh()
+    for name, level in (dask.config.get("logging", default=None) or {}).items():
+        if isinstance(level, str):  # as distributed set them on import, from this environment
+            logging.getLogger(name).setLevel(level.upper())
     from farm.cli import main
 
     try:
