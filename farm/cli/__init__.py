@@ -317,11 +317,17 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
     inputs = check_inputs(loaded, plugins, args.inputs)
     destination = check_destination(args.output or loaded.profile.destination or "out")
     early = EarlyCluster(config.node.slots)  # starts while the node probes what it offers
+    # The sources are probed (programs that run on the other core) while this thread checks
+    # the sandbox and the node and Dask's thread imports it.
+    ahead = threading.Thread(target=plan_ahead, args=(loaded, plugins, inputs), name="farm-plan-ahead", daemon=True)
+    ahead.start()
     try:
-        require_sandbox(config.node)
-        node = install_runtime(config.node)
-        check_runnable(loaded, plugins, inputs, node.capabilities)
-        plan_ahead(loaded, plugins, inputs)  # probes the sources while Dask starts
+        try:
+            require_sandbox(config.node)
+            node = install_runtime(config.node)
+            check_runnable(loaded, plugins, inputs, node.capabilities)
+        finally:
+            ahead.join()  # a refused run leaves no probe behind
         fingerprint = run_fingerprint(loaded, inputs, destination)
         farm = LocalFarm.start(config, plugins, getattr(args, "state", None), node, early=early)
     finally:
