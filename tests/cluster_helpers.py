@@ -74,9 +74,8 @@ class Cluster:
                                     timeout=timeout))
 
     def start_controller(self) -> None:
-        log = open(self.root / "controller.log", "a")
-        self.controller = subprocess.Popen([*FARM, "controller", "--bundle", str(self.bundles / "controller.yaml")],
-                                           env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        self.controller = farmfork.start(["controller", "--bundle", str(self.bundles / "controller.yaml")],
+                                         env=self.env, cwd=self.root, log=self.root / "controller.log")
         self.wait_until(lambda: self.api_up(), 90, "the controller's API")
 
     def api(self, method: str, path: str, **kwargs) -> httpx.Response:
@@ -116,16 +115,14 @@ class Cluster:
             return False
 
     def start_node(self, name: str, *extra: str, bundle: Path | None = None, config: Path | None = None,
-                   extra_env: dict | None = None) -> subprocess.Popen:
-        log = open(self.root / f"node-{name}.log", "a")
+                   extra_env: dict | None = None) -> farmfork.Forked | subprocess.Popen:
         env = {**self.env, **(extra_env or {})}
         if config:
             env["FARM_CONFIG"] = str(config)
-        args = [*FARM, "node", "--name", name, "--bundle", str(bundle or self.bundles / "node.yaml"), *extra]
+        args = ["node", "--name", name, "--bundle", str(bundle or self.bundles / "node.yaml"), *extra]
         if "--cluster" not in extra:
             args += ["--controller", self.url]
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                start_new_session=True)
+        proc = farmfork.start(args, env=env, cwd=self.root, log=self.root / f"node-{name}.log", session=True)
         self.nodes[name] = proc
         return proc
 

@@ -2,9 +2,11 @@
 
 A `farm` process spends most of its CPU importing Farm, pydantic and Dask (0.2-0.5 s
 each time, against its work of a few hundredths for `farm status` and a few tenths for a
-one-frame `farm run`); the suite starts some seven hundred. Here each one is a child of
-multiprocessing's fork server, which imported all that once: it is still a process of its
-own, with its own environment, folder, output, exit status and end, but it skips the start.
+one-frame `farm run`); the suite starts some eight hundred, controllers and nodes included.
+Here each one is a child of multiprocessing's fork server, which imported all that once: it
+is still a process of its own, with its own environment, folder, output, signals, exit
+status and end, but it skips the start. :func:`run` runs a command to its end;
+:func:`start` leaves one running (a controller, a node) behind a ``Popen``-like handle.
 
 Whatever changes how an interpreter starts or imports (``PYTHON*``, ``DASK_*`` read at
 import, ``FARM_LEASE_HEARTBEAT``) is compared with the fork server's: a command whose
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +27,8 @@ from pathlib import Path
 
 #: What the fork server imports once: what `farm run` and the shorter commands use.
 PRELOAD = ["farm.cli", "farm.local", "farm.engine", "farm.scheduler", "farm.profiles", "farm.node", "farm.client",
-           "rich.progress", "farm_transcode", "farm_imageseq", "farm_command", "farm_notify"]
+           "farm.controller", "farm.nodeservice", "rich.progress", "farm_transcode", "farm_imageseq", "farm_command",
+           "farm_notify"]
 
 
 def _starts_differently(env: dict[str, str]) -> dict[str, str]:
@@ -50,15 +54,18 @@ def _server_for(env: dict[str, str]) -> multiprocessing.context.ForkServerContex
     return _context if _starts_differently(env) == _context_env else None
 
 
-def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, session: bool = False) -> None:
     """In the forked process: become `farm ARGV` run in ``cwd`` with ``env``, its output
-    going to the files ``out`` and ``err``, and end as the program ends."""
+    going to the files ``out`` and ``err`` (appended to), in a session of its own with
+    ``session``, and end as the program ends."""
+    if session:
+        os.setsid()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
     sys.path[0:0] = [cwd]  # as `python -m farm.cli` run there has it
     for fd, path in ((1, out), (2, err)):
-        file_fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        file_fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         os.dup2(file_fd, fd)
         os.close(file_fd)
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=False)
@@ -109,6 +116,55 @@ def run(argv: list[str], *, env: dict[str, str], cwd: Path | str, timeout: float
             process.join()
             raise subprocess.TimeoutExpired(["farm", *argv], timeout, _text(out), _text(err))
         return process.exitcode, _text(out), _text(err)
+
+
+class Forked:
+    """A long-running `farm` command (a controller, a node) forked from the fork server, with
+    the part of ``subprocess.Popen`` the tests use."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | str, log: Path, session: bool = False):
+        context = _server_for(env)
+        assert context is not None
+        log.touch()
+        self.args = ["farm", *argv]
+        self._process = context.Process(target=_child, args=(argv, env, str(cwd), str(log), str(log), session),
+                                        name=f"farm {argv[0]}")
+        self._process.start()
+        self.pid: int = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start(argv: list[str], *, env: dict[str, str], cwd: Path | str, log: Path,
+          session: bool = False) -> Forked | subprocess.Popen:
+    """`farm ARGV` started and left running, its output appended to ``log``: forked when
+    the fork server can have it (see the module's docstring), else a real process."""
+    if _server_for(env) is not None:
+        return Forked(argv, env=env, cwd=cwd, log=log, session=session)
+    with open(log, "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "farm.cli", *argv], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=session)
 
 
 def _text(path: Path) -> str:
