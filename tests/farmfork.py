@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-#: What the fork server imports once: what `farm run` and the shorter commands use.
+#: What the fork server imports once: what `farm run`, the shorter commands, controllers and nodes use.
 PRELOAD = ["farm.cli", "farm.local", "farm.engine", "farm.scheduler", "farm.profiles", "farm.node", "farm.client",
            "farm.controller", "farm.nodeservice", "rich.progress", "farm_transcode", "farm_imageseq", "farm_command",
            "farm_notify"]
