@@ -122,9 +122,8 @@ class Forked:
     """A long-running `farm` command (a controller, a node) forked from the fork server, with
     the part of ``subprocess.Popen`` the tests use."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path | str, log: Path, session: bool = False):
-        context = _server_for(env)
-        assert context is not None
+    def __init__(self, context: multiprocessing.context.ForkServerContext, argv: list[str], *,
+                 env: dict[str, str], cwd: Path | str, log: Path, session: bool = False):
         log.touch()
         self.args = ["farm", *argv]
         self._process = context.Process(target=_child, args=(argv, env, str(cwd), str(log), str(log), session),
@@ -160,8 +159,9 @@ def start(argv: list[str], *, env: dict[str, str], cwd: Path | str, log: Path,
           session: bool = False) -> Forked | subprocess.Popen:
     """`farm ARGV` started and left running, its output appended to ``log``: forked when
     the fork server can have it (see the module's docstring), else a real process."""
-    if _server_for(env) is not None:
-        return Forked(argv, env=env, cwd=cwd, log=log, session=session)
+    context = _server_for(env)
+    if context is not None:
+        return Forked(context, argv, env=env, cwd=cwd, log=log, session=session)
     with open(log, "a") as out:
         return subprocess.Popen([sys.executable, "-m", "farm.cli", *argv], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=cwd, start_new_session=session)
