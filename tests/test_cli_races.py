@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from farm.store import Store
-from tests.conftest import FARM, lavfi, write_profile
+from tests.conftest import FARM, Result, lavfi, write_profile
 from tests.test_droplets import SETTLE, Running, drop, wait_for
 
 SHELL_FARM = " ".join(f"'{part}'" for part in FARM)
@@ -151,7 +151,7 @@ def test_farm_watch_piped_into_head_stops_as_after_ctrl_c(farm_env, reader):
 # -- an input deleted at every moment between the arguments and the store -------------------------
 
 
-def classify(done: subprocess.CompletedProcess, source: Path) -> str:
+def classify(done: Result, source: Path) -> str:
     """One run's outcome, checked: a one-line error, a job failed with its reason, or done."""
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
     if done.returncode == 2:
@@ -171,8 +171,8 @@ def classify(done: subprocess.CompletedProcess, source: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["command", "transcode"])
-def test_an_input_deleted_at_any_moment_is_a_one_line_error_or_a_failed_job(farm_env, reader, kind):
-    """`farm run` as a real process; the input is deleted after d seconds, for delays spread
+def test_an_input_deleted_at_any_moment_is_a_one_line_error_or_a_failed_job(farm, farm_env, reader, kind):
+    """`farm run` as a process of its own; the input is deleted after d seconds, for delays spread
     over a whole run (measured first), then between the last refusal and the first success
     until a run lands in between. Every run ends in one line or a job failed with its reason."""
     tmp = farm_env["tmp"]
@@ -191,15 +191,12 @@ def test_an_input_deleted_at_any_moment_is_a_one_line_error_or_a_failed_job(farm
         source = tmp / f"input{runs:03d}{original.suffix}"
         shutil.copyfile(original, source)
         started = time.monotonic()
-        proc = subprocess.Popen([*FARM, "run", profile, str(source), "-o", str(tmp / f"out{runs:03d}"), "--json",
-                                 "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
         timer = threading.Timer(delay, source.unlink) if delay is not None else None
         if timer is not None:
             timer.start()
-        out, err = proc.communicate(timeout=300)
+        done = farm("run", profile, source, "-o", tmp / f"out{runs:03d}", "--json", "--quiet", cwd=tmp)
         if timer is not None:
             timer.join()
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         return classify(done, source), time.monotonic() - started
 
     outcome, whole = run(None)
@@ -276,7 +273,7 @@ def test_files_deleted_while_a_droplet_takes_them_end_with_a_reason(farm_env, re
 
 
 @pytest.mark.slow
-def test_an_input_deleted_while_farm_plan_runs_is_a_one_line_error(farm_env):
+def test_an_input_deleted_while_farm_plan_runs_is_a_one_line_error(farm, farm_env):
     """`farm plan` with a transcode profile (it probes the source with ffprobe twice); the
     input deleted after d seconds, for delays spread over a whole run measured first."""
     tmp = farm_env["tmp"]
@@ -289,12 +286,11 @@ def test_an_input_deleted_while_farm_plan_runs_is_a_one_line_error(farm_env):
         source = tmp / f"plan{runs:03d}.mp4"
         shutil.copyfile(original, source)
         started = time.monotonic()
-        proc = subprocess.Popen([*FARM, "plan", "h264-web-720p", str(source), "--json"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=tmp)
         timer = threading.Timer(delay, source.unlink) if delay is not None else None
         if timer is not None:
             timer.start()
-        out, err = proc.communicate(timeout=120)
+        proc = farm("plan", "h264-web-720p", source, "--json", timeout=120, cwd=tmp)
+        out, err = proc.stdout, proc.stderr
         if timer is not None:
             timer.join()
         assert "Traceback" not in err and "internal error" not in err, err
