@@ -102,11 +102,19 @@ class Controller:
             import dask
 
             with dask.config.set({**LEAN_DASK, **HEALTH_ONLY_HTTP}):
-                cluster = LocalCluster(
-                    n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
-                    protocol="tls://", security=security, dashboard_address=LOOPBACK_HTTP,
-                    scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
-                )
+                try:
+                    cluster = LocalCluster(
+                        n_workers=0, processes=False, host=settings.host, scheduler_port=settings.scheduler_port,
+                        protocol="tls://", security=security, dashboard_address=LOOPBACK_HTTP,
+                        scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
+                    )
+                except RuntimeError as exc:  # Dask's "Cluster failed to start", the reason two causes down
+                    reason = _os_error_in(exc)
+                    if reason is None:
+                        raise
+                    logging.getLogger("distributed.deploy.spec").setLevel(logging.ERROR)  # "closed without starting up"
+                    raise UsageError(f"the scheduler could not listen on {settings.host}:{settings.scheduler_port}: "
+                                     f"{reason.strerror or reason} (controller.scheduler_port in farm.yaml)") from None
             client = Client(cluster, security=security, set_as_default=False)
         self.engine = Engine(client, cluster, stamped=True)  # its scheduler runs farm.daskroles
         storage = Path(settings.storage).expanduser() if settings.storage else self.root / "work"
@@ -399,3 +407,13 @@ class Controller:
     def info(self) -> dict[str, Any]:
         return {"cluster": self.bundle.cluster, "version": __version__, "scheduler": self.dask_address,
                 "api": self.api_url, "fingerprint": self.bundle.fingerprint}
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The operating system's refusal behind an exception, if one is in its chain of causes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

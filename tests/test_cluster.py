@@ -121,6 +121,23 @@ def test_the_api_wants_the_token_and_a_foreign_node_cannot_join(cluster):
     assert logs and not [name for name, text in logs.items() if any(t in text for t in tokens)], "a token leaked"
 
 
+def test_a_controller_whose_port_is_taken_says_which_and_leaves(cluster):
+    import socket
+
+    c = cluster()
+    for port, what in ((c.scheduler_port, "the scheduler"), (c.api_port, "the API")):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            started = c.farm("controller", "--bundle", c.bundles / "controller.yaml", timeout=90)
+        assert started.returncode == 2, started.stderr
+        assert "Traceback" not in started.stderr and "internal error" not in started.stderr, started.stderr
+        assert started.stderr.strip().splitlines()[-1].startswith(f"farm: error: {what} could not listen on "
+                                                                 f"127.0.0.1:{port}"), started.stderr
+    c.start_controller()  # the ports free again: it starts
+    assert c.api("GET", "/api/nodes").status_code == 200
+
+
 def test_a_node_killed_mid_batch_loses_nothing(cluster):
     c = cluster()
     c.start_controller()
