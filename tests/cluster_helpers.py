@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,8 +28,41 @@ except ModuleNotFoundError:  # a benchmark imports this as tests.cluster_helpers
     from tests import farmfork
 
 
+#: How many ports each pytest-xdist worker has to pick from (see free_port).
+PORTS_PER_WORKER = 1500
+_next_ports: Iterator[int] | None = None
+
+
+def _ports() -> Iterator[int]:
+    """This worker's ports, from a random start, below the kernel's ephemeral range."""
+    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index = int(worker) if worker.isdigit() else 0
+    slices = (ephemeral_from - 1024) // PORTS_PER_WORKER
+    if slices < 1:
+        return
+    low = ephemeral_from - (index % slices + 1) * PORTS_PER_WORKER
+    start = random.randrange(PORTS_PER_WORKER)
+    for offset in range(PORTS_PER_WORKER):
+        yield low + (start + offset) % PORTS_PER_WORKER
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port no one listens on, for a controller that may be stopped and started again on
+    it. A port the kernel hands out (bind to port 0) is free only until the kernel hands it
+    to the next listener or outgoing connection, any test's; so ports come from below the
+    ephemeral range, a slice for each xdist worker."""
+    global _next_ports
+    if _next_ports is None:
+        _next_ports = _ports()
+    for port in _next_ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no range of our own: as the kernel hands them out
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
