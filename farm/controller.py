@@ -13,6 +13,7 @@ a job whose owner lives (a ``farm run`` on the same state directory) is never to
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -109,7 +110,7 @@ class Controller:
                         scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
                     )
                 except RuntimeError as exc:  # Dask's "Cluster failed to start", the reason two causes down
-                    reason = _os_error_in(exc)
+                    reason = _refusal_to_listen(exc)
                     if reason is None:
                         raise
                     logging.getLogger("distributed.deploy.spec").setLevel(logging.ERROR)  # "closed without starting up"
@@ -409,11 +410,12 @@ class Controller:
                 "api": self.api_url, "fingerprint": self.bundle.fingerprint}
 
 
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The operating system's refusal behind an exception, if one is in its chain of causes."""
+def _refusal_to_listen(exc: BaseException) -> OSError | None:
+    """The system's refusal to listen (address in use or not this machine's, port not
+    allowed) behind an exception, if one is in its chain of causes."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError):
+        if isinstance(seen, OSError) and seen.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
