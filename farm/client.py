@@ -14,7 +14,7 @@ from typing import Any
 
 from farm.config import config_dir
 from farm.credentials import ClientFile, PinMismatch, is_client_file, running_quickcluster
-from farm.errors import FarmError, UsageError
+from farm.errors import FarmError, UsageError, causes
 from farm.security import Bundle
 
 DEFAULT_CLUSTER_DIR = "cluster"
@@ -71,11 +71,9 @@ def find_credentials(client: str | None = None, bundle: str | None = None) -> Cr
 
 def _why(exc: BaseException) -> str:
     """The pin's own sentence when the handshake was refused for it, else the error."""
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in causes(exc):
         if isinstance(seen, PinMismatch) or (seen.args and isinstance(seen.args[0], PinMismatch)):
             return str(seen if isinstance(seen, PinMismatch) else seen.args[0])
-        seen = seen.__cause__ or seen.__context__
     return str(exc)
 
 

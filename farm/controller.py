@@ -26,7 +26,7 @@ from farm import __version__
 from farm.config import FarmConfig, state_dir
 from farm.engine import HEALTH_ONLY_HTTP, LEAN_DASK, LOOPBACK_HTTP, Engine
 from farm.events import EventHub
-from farm.errors import Forbidden, IllegalTransition, StoreError, UsageError
+from farm.errors import Forbidden, IllegalTransition, StoreError, UsageError, causes
 from farm.lease import Lease, LeaseLost
 from farm.local import STORE_NAME, check_destination, check_inputs
 from farm.model import Submission
@@ -413,9 +413,5 @@ class Controller:
 def _refusal_to_listen(exc: BaseException) -> OSError | None:
     """The system's refusal to listen (address in use or not this machine's, port not
     allowed) behind an exception, if one is in its chain of causes."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    refusals = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+    return next((seen for seen in causes(exc) if isinstance(seen, OSError) and seen.errno in refusals), None)

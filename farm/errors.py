@@ -6,6 +6,7 @@ wrong, where, and what was expected; the CLI prints it as one line.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import IntEnum
 
 
@@ -71,3 +72,13 @@ class StoreError(FarmError):
     """The state store cannot be opened or written."""
 
     exit_status = ExitStatus.INTERNAL
+
+
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or while handling, outermost first: libraries
+    (Dask, httpx) wrap the error a user can act on in their own."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -27,7 +27,7 @@ import yaml
 # puts the role checks in place before the worker listens or dials its scheduler.
 import farm.daskroles  # noqa: F401  (isort: skip)
 from farm.config import FarmConfig
-from farm.errors import UsageError
+from farm.errors import UsageError, causes
 from farm.security import Bundle
 
 log = logging.getLogger("farm.node")
@@ -216,13 +216,7 @@ def numbered(name: str, number: int) -> str:
 def _name_taken(exc: BaseException | None) -> bool:
     """Dask's scheduler refused the worker's name (another worker holds it). It says so in
     the worker process; the nanny passes that on as the cause of its own error."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if "name taken" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any("name taken" in str(seen) for seen in causes(exc))
 
 
 # -- inside the worker process (a Dask preload) ------------------------------------------
