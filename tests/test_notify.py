@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.cluster_helpers import free_port
 from tests.conftest import write_profile
 
 # -- a real SMTP server ------------------------------------------------------------------
@@ -61,13 +62,6 @@ class Inbox:
     @staticmethod
     def body(message: dict[str, Any]) -> str:
         return message["message"].get_content()
-
-
-def free_port() -> int:
-    """A port nobody listens on (right after this call)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
