@@ -325,7 +325,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from farm.config import ControllerConfig, FarmConfig
     from farm.controller import Controller
-    from farm.scheduler import tune_collector_for_a_queue
+    from farm.collector import tune_for_a_queue
     from farm.security import Bundle
 
     root = Path(args.serve)
@@ -340,7 +340,7 @@ def serve(args: argparse.Namespace) -> None:
     controller = Controller(config, Bundle.load(root / "bundles" / "controller.yaml"), str(root / "state"))
     try:
         controller.start()
-        tune_collector_for_a_queue()  # as `farm controller` does
+        tune_for_a_queue()  # as `farm controller` does
         (root / "ready").write_text(controller.api_url)
         controller.serve_forever()
     finally:

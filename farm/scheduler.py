@@ -13,7 +13,6 @@ its order (``queue``), taking over jobs (``recovery``), hand-out and pipelining
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import logging
@@ -41,21 +40,6 @@ from farm.scheduling.recovery import Recovery, cancel_interrupted
 from farm.scheduling.runtime import AttemptRuntime, JobRuntime, SegmentRuntime, new_id
 
 log = logging.getLogger("farm.scheduler")
-
-#: Python's collector in a process that holds a queue. Its default first threshold (700
-#: allocations) runs a young collection hundreds of times a second under a busy queue, each
-#: promoting what is alive at that instant (attempts in flight, events not yet published), and
-#: the promoted pile up into full collections that scan the whole backlog: at 1,000 nodes and
-#: 100,000 segments, 24 to 27 pauses of 200-300 ms in 45 s (benchmarks/scale.py); with this, two.
-QUEUE_GC_THRESHOLD = (50_000, 20, 10)
-
-
-def tune_collector_for_a_queue() -> None:
-    """For the process that runs the queue (a controller, ``farm run``), once it has started:
-    what start-up made is never scanned again, and young collections are rarer."""
-    gc.freeze()
-    gc.set_threshold(*QUEUE_GC_THRESHOLD)
-
 
 # Outcomes taken per round at most: a round writes them, then refills the slots they freed,
 # so a slot waits for the outcomes before its own in the round, not for every one queued.

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from farm import __version__
+from farm import __version__, collector
 from farm.errors import ExitStatus, FarmError, UsageError
 from farm.pipes import reader_gone, silence
 
@@ -303,6 +303,7 @@ def _import_dask_early() -> None:
     threading.Thread(target=load, name="farm-import-dask", daemon=True).start()
 
 
+@collector.held()
 def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     _import_dask_early()
     from farm.lease import describe
@@ -352,9 +353,7 @@ def cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitSta
             batch_id, job_ids = scheduler.submit(loaded, inputs, destination, origin="cli", overwrite=args.overwrite,
                                                  fingerprint=fingerprint)
             every = job_ids
-        from farm.scheduler import tune_collector_for_a_queue
-
-        tune_collector_for_a_queue()  # the batch is planned: it is never scanned again
+        collector.tune_for_a_queue()  # the batch is planned: it is never scanned again
         report, status = _run_jobs(farm, batch_id, job_ids, every, args, stderr)
     finally:
         farm.close()
@@ -367,6 +366,7 @@ def _settle() -> None:
     _settled = True
 
 
+@collector.held()
 def cmd_resume(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.lease import alive, describe, sweep
     from farm.local import LocalFarm
@@ -409,6 +409,7 @@ def cmd_resume(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> Exit
             unmet = unmet_requirements(scheduler.jobs[job_id].requires, node.capabilities)
             if unmet:  # left for a machine that can: it is interrupted again when this process ends
                 raise UsageError(f"job {job_id} needs {', '.join(unmet)}, which this machine does not offer")
+        collector.tune_for_a_queue()
         print(f"farm: resuming {len(job_ids)} job(s) of batch {batch['id']}", file=stderr)
         report, status = _run_jobs(farm, batch["id"], job_ids, job_ids, args, stderr)
     finally:

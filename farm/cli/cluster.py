@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from farm import collector
 from farm.errors import ExitStatus
 
 
@@ -290,10 +291,10 @@ def cmd_export_tls(args: argparse.Namespace, folder: Path, stdout: TextIO) -> Ex
     return ExitStatus.OK
 
 
+@collector.held()
 def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from farm.client import default_bundle_path
     from farm.controller import Controller
-    from farm.scheduler import tune_collector_for_a_queue
     from farm.security import Bundle
 
     config = _config(args)
@@ -307,7 +308,7 @@ def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
                             advertise=False if args.no_advertise else None)
     try:
         controller.start()
-        tune_collector_for_a_queue()
+        collector.tune_for_a_queue()
         print(f"controller of cluster {bundle.cluster}: API {controller.api_url}, scheduler "
               f"{controller.dask_address}", file=stdout, flush=True)
         controller.serve_forever()
