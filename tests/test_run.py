@@ -239,3 +239,31 @@ def test_a_stalled_segment_is_ended_by_the_stall_timeout(farm, farm_env):
     result = farm("run", profile, "-o", farm_env["tmp"] / "out", "--json")
     assert result.returncode == 1
     assert "no progress for 1 s" in result.json()["jobs"][0]["error"]
+
+
+def test_farm_run_in_process_gives_the_collector_back(farm_env):
+    """`farm run` holds Python's collector off while it starts (what start-up makes stays
+    alive); a program that runs it in-process has the collector on again afterwards,
+    whether the run was refused or done."""
+    import gc
+    import io
+
+    from farm.cli import run_cli
+
+    out = farm_env["tmp"] / "out"
+    threshold = gc.get_threshold()
+    try:
+        said = io.StringIO()
+        assert run_cli(["run", "no-such-profile", "-o", str(out)], io.StringIO(), said) == 2
+        assert "no-such-profile" in said.getvalue() and gc.isenabled()
+        profile = write_profile(farm_env["tmp"], "touch", {
+            "processor": "command", "frames": "1-2", "segment": {"frames": 1},
+            "settings": {"command": [sys.executable, "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()",
+                                     "{output_dir}/f{start}.txt"], "expect": ["f{frame}.txt"]}})
+        said = io.StringIO()
+        assert run_cli(["run", str(profile), "-o", str(out), "--quiet"], io.StringIO(), said) == 0, said.getvalue()
+        assert sorted(p.name for p in out.iterdir()) == ["f1.txt", "f2.txt"] and gc.isenabled()
+    finally:  # this test process is left as it was found
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        gc.enable()

@@ -318,10 +318,11 @@ def cmd_controller(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
 
 
 def cmd_node(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    from farm.client import find_bundle
-    from farm.config import PartTime
-    from farm.node import require_sandbox
-    from farm.nodeservice import serve_node
+    with collector.held():  # importing Dask and Farm is most of a node's start
+        from farm.client import find_bundle
+        from farm.config import PartTime
+        from farm.node import require_sandbox
+        from farm.nodeservice import serve_node
 
     config = _config(args)
     require_sandbox(config.node)
