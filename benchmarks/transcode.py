@@ -12,13 +12,16 @@
     wall time. With ``--repeat N`` each is run N times, taking turns, and the medians are
     compared (a shared machine's load comes and goes; the load average is printed beside).
     CPU seconds (user + system, the processes' children included) are printed beside.
-    ``--tree /work/main`` measures another checkout's ``farm run`` (before/after in one run).
+    ``--tree /work/main`` measures another checkout's ``farm run``; ``--before TREE`` also
+    runs that checkout's ``farm run`` in each turn (plain, farm, before), for a before/after
+    in one run: the machine's speed drifts by a third from hour to hour here.
 (e) with ``--controller-cost N``: a controller and one node as real processes; N
     one-frame jobs submitted at once through the API; the controller process's own CPU
     seconds per job, less what it spends idle in the same time (target <= 0.2 s).
 
     .venv/bin/python benchmarks/transcode.py [--seconds 60] [--size 1280x720] [--profile h264-web-720p]
     .venv/bin/python benchmarks/transcode.py --fixed-only --repeat 7 [--controller-cost 20] [--tree /work/main]
+    .venv/bin/python benchmarks/transcode.py --fixed-only --repeat 11 --before /tmp/before  # a worktree of the old commit
 """
 
 from __future__ import annotations
@@ -81,7 +84,14 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
-def farm_run(work: Path, name: str, profile: str, source: Path, slots: int | None, extra: list[str]) -> tuple[float, dict]:
+def farm_argv(tree: Path) -> list[str]:
+    """``farm`` as run from ``tree`` (its .venv's Python; its own ``farm`` package, imported
+    from the folder it runs in)."""
+    return [sys.executable if tree == ROOT else str(tree / ".venv" / "bin" / "python"), "-m", "farm.cli"]
+
+
+def farm_run(work: Path, name: str, profile: str, source: Path, slots: int | None, extra: list[str],
+             tree: Path | None = None) -> tuple[float, dict]:
     home = work / name
     home.mkdir()
     node = {"kill_grace": 1.0}
@@ -89,9 +99,10 @@ def farm_run(work: Path, name: str, profile: str, source: Path, slots: int | Non
         node["slots"] = slots
     (home / "farm.yaml").write_text(yaml.safe_dump({"node": node}))
     env = {**os.environ, "FARM_STATE": str(home / "state"), "FARM_CONFIG": str(home / "farm.yaml")}
-    argv = [*FARM, "run", profile, str(source), "-o", str(home / "out"), "--json", "--quiet", *extra]
+    tree = tree or TREE
+    argv = [*farm_argv(tree), "run", profile, str(source), "-o", str(home / "out"), "--json", "--quiet", *extra]
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=TREE)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tree)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"farm run failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
@@ -146,6 +157,7 @@ def main() -> None:
     parser.add_argument("--fixed-only", action="store_true", help="only (d), the fixed cost of a job")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each side of (d); medians compared")
     parser.add_argument("--tree", help="measure the farm run of this checkout (its .venv), e.g. /work/main")
+    parser.add_argument("--before", type=Path, help="(d): also this checkout's farm run, in the same turns")
     parser.add_argument("--farm-set", action="append", default=[], type=lambda text: f"--set={text}",
                         metavar="KEY=VALUE", help="(d): a --set for farm run, e.g. preview=false")
     parser.add_argument("--controller-cost", type=int, default=0, metavar="N",
@@ -154,7 +166,7 @@ def main() -> None:
     if args.tree:
         global TREE
         TREE = Path(args.tree).resolve()
-        FARM[0] = str(TREE / ".venv" / "bin" / "python")
+        FARM[:] = farm_argv(TREE)
     console = Console(width=150)
     settings = yaml.safe_load((ROOT / "profiles" / f"{args.profile}.yaml").read_text())["settings"]
     segment = ["--set", f"segment.seconds={args.segment_seconds}"] if args.segment_seconds else []
@@ -163,7 +175,7 @@ def main() -> None:
         source = work / "source.mp4"
         rows: list[tuple[str, ...]] = []
         if args.fixed_only:
-            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat, args.farm_set)
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat, args.farm_set, args.before)
             if args.controller_cost:
                 rows += controller_cost(work, args.profile, args.controller_cost)
             return print_table(console, args, rows, "fixed cost")
@@ -187,12 +199,12 @@ def main() -> None:
                          str(frames(Path(r2["jobs"][0]["outputs"][0]))),
                          f"speedup c1/c2 = {t1 / t2:.2f}; target >= 1.8"))
         if not args.skip_fixed:
-            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat)
+            rows += fixed_cost(work, args.profile, settings, args.size, args.repeat, before=args.before)
     print_table(console, args, rows, f"{args.seconds} s {args.size}")
 
 
 def fixed_cost(work: Path, profile: str, settings: dict, size: str, repeat: int,
-               extra: list[str] | None = None) -> list[tuple[str, ...]]:
+               extra: list[str] | None = None, before: Path | None = None) -> list[tuple[str, ...]]:
     """(d): ``farm run`` against one plain ffmpeg doing the same encode, each ``repeat``
     times in turn (plain, farm, plain, farm, ...), wall time by the clock on the wall: the
     medians, their difference and the load average while they ran. Two sources: a one-frame
@@ -208,31 +220,37 @@ def fixed_cost(work: Path, profile: str, settings: dict, size: str, repeat: int,
     rows: list[tuple[str, ...]] = []
     for label, source, name, how in (("one-frame movie", one, profile, settings),
                                      ("10 s of sound", sound, "aac-audio", audio_settings)):
-        rows += _fixed_case(work, label, source, name, how, repeat, extra or [])
+        rows += _fixed_case(work, label, source, name, how, repeat, extra or [], before)
     return rows
 
 
 def _fixed_case(work: Path, label: str, source: Path, profile: str, settings: dict, repeat: int,
-                extra: list[str]) -> list[tuple[str, ...]]:
-    plains, farms, plain_cpu, farm_cpu = [], [], [], []
+                extra: list[str], before: Path | None = None) -> list[tuple[str, ...]]:
+    trees = {"farm": TREE, **({"before": before.resolve()} if before else {})}
+    plains, plain_cpu = [], []
+    walls: dict[str, list[float]] = {name: [] for name in trees}
+    cpus: dict[str, list[float]] = {name: [] for name in trees}
     load_before = os.getloadavg()[0]
     ext = "m4a" if settings.get("video") is None else "mp4"
     for turn in range(max(1, repeat)):
-        before = children_cpu()
+        started = children_cpu()
         plains.append(timed(plain_ffmpeg_argv(settings, source, work / f"plain-{profile}.{ext}")))
-        middle = children_cpu()
-        farms.append(farm_run(work, f"{profile}-{turn}", profile, source, None, extra)[0])
-        plain_cpu.append(middle - before)
-        farm_cpu.append(children_cpu() - middle)
+        plain_cpu.append(children_cpu() - started)
+        for name, tree in trees.items():
+            started = children_cpu()
+            walls[name].append(farm_run(work, f"{profile}-{name}-{turn}", profile, source, None, extra, tree)[0])
+            cpus[name].append(children_cpu() - started)
     load = f"load {load_before:.1f}-{os.getloadavg()[0]:.1f}"
-    plain, farm = statistics.median(plains), statistics.median(farms)
-    cpu_plain, cpu_farm = statistics.median(plain_cpu), statistics.median(farm_cpu)
-    runs = f"median of {len(farms)} (farm {min(farms):.2f}-{max(farms):.2f} s)"
-    return [(f"(d) {label}, one plain ffmpeg", f"{plain:.2f}", "", "",
-             f"CPU {cpu_plain:.2f} s; {load}"),
-            (f"(d) {label}, farm run {profile}", f"{farm:.2f}", f"{farm / plain:.2f}", "",
-             f"fixed cost {farm - plain:.2f} s of wall (target <= 1 s); CPU {cpu_farm:.2f} s, "
-             f"{cpu_farm - cpu_plain:.2f} s more than ffmpeg's; {runs}")]
+    plain, cpu_plain = statistics.median(plains), statistics.median(plain_cpu)
+    rows = [(f"(d) {label}, one plain ffmpeg", f"{plain:.2f}", "", "", f"CPU {cpu_plain:.2f} s; {load}")]
+    for name, tree in trees.items():
+        farm, cpu_farm = statistics.median(walls[name]), statistics.median(cpus[name])
+        runs = f"median of {len(walls[name])} ({min(walls[name]):.2f}-{max(walls[name]):.2f} s)"
+        who = "farm run" if name == "farm" else f"farm run of {tree}"
+        rows.append((f"(d) {label}, {who} {profile}", f"{farm:.2f}", f"{farm / plain:.2f}", "",
+                     f"fixed cost {farm - plain:.2f} s of wall (target <= 1 s); CPU {cpu_farm:.2f} s, "
+                     f"{cpu_farm - cpu_plain:.2f} s more than ffmpeg's; {runs}"))
+    return rows
 
 
 def process_cpu(pid: int) -> tuple[float, float]:
