@@ -85,9 +85,10 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
 
 
 def farm_argv(tree: Path) -> list[str]:
-    """``farm`` as run from ``tree`` (its .venv's Python; its own ``farm`` package, imported
-    from the folder it runs in)."""
-    return [sys.executable if tree == ROOT else str(tree / ".venv" / "bin" / "python"), "-m", "farm.cli"]
+    """``farm`` as run from ``tree``: its own ``farm`` package, imported from the folder it
+    runs in, by its .venv's Python, or by this one if it has none (a ``git worktree``)."""
+    python = tree / ".venv" / "bin" / "python"
+    return [str(python) if tree != ROOT and python.exists() else sys.executable, "-m", "farm.cli"]
 
 
 def farm_run(work: Path, name: str, profile: str, source: Path, slots: int | None, extra: list[str],
