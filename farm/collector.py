@@ -20,7 +20,7 @@ def held() -> Iterator[None]:
     """No collection until :func:`tune_for_a_queue` (or until the block ends, however it
     ends). Starting (importing Dask, the plugins and pydantic's models, starting a cluster)
     makes objects that all stay alive, so collections then find nothing to free; they took
-    about 0.07 s of a one-frame ``farm run``."""
+    0.05 to 0.15 s of a one-frame ``farm run`` (docs/SCALE.md)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
