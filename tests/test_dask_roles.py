@@ -164,20 +164,40 @@ def test_a_node_certificate_cannot_run_code_on_the_cluster_but_the_controller_wo
 
 # A node's Dask side told to join a scheduler at an address (argv: nanny|worker, address, bundle).
 JOIN = """
-    import asyncio, sys, threading, traceback
+    import asyncio, logging, sys, threading, traceback
     from distributed import Worker
     from farm.nodeservice import _run_worker
     from farm.security import Bundle
 
     kind, address, bundle = sys.argv[1], sys.argv[2], Bundle.load(sys.argv[3])
+    refusals = []
+
+    class Refusals(logging.Handler):
+        def emit(self, record):
+            if "not the controller's" in record.getMessage():
+                refusals.append(record)
+                print(record.getMessage(), file=sys.stderr)
+
+    logging.getLogger("farm.daskroles").addHandler(Refusals())
 
     async def bare_worker():
         async with Worker(address, security=bundle.dask_security(), preload=["farm.nodeservice"], dashboard=False):
             pass
 
-    join = _run_worker(address, bundle, "victim2", 1, {}, threading.Event(), print) if kind == "nanny" else bare_worker()
-    try:  # a refused worker keeps trying to register: give it time to try, then stop
-        asyncio.run(asyncio.wait_for(join, 30))
+    async def join():
+        # A refused nanny gives up; a refused bare worker tries to register again and
+        # again: it is stopped once a second try has been refused too.
+        task = asyncio.ensure_future(_run_worker(address, bundle, "victim2", 1, {}, threading.Event(), print)
+                                     if kind == "nanny" else bare_worker())
+        while not task.done() and len(refusals) < 2:
+            await asyncio.sleep(0.05)
+        if not task.done():
+            task.cancel()
+            raise RuntimeError(f"refused {len(refusals)} times")
+        task.result()
+
+    try:
+        asyncio.run(asyncio.wait_for(join(), 60))
         print("JOINED")
     except BaseException:
         print("REFUSED", traceback.format_exc())
@@ -215,6 +235,7 @@ def test_a_node_certificate_cannot_pose_as_the_controller(cluster, tmp_path):
                                     cwd=tmp_path, env=c.env)
             said = joined.stdout + joined.stderr
             assert "REFUSED" in joined.stdout and "JOINED" not in joined.stdout, (kind, said)
+            assert "victim2 joined" not in said, (kind, said)  # the nanny says so once in
             assert "not the controller's" in said, (kind, said)
     finally:
         fake_api.close()
