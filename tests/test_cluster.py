@@ -109,7 +109,9 @@ def test_the_api_wants_the_token_and_a_foreign_node_cannot_join(cluster):
     c.start_node("intruder", bundle=other.bundles / "node.yaml")
     c.start_node("member")
     c.wait_for_nodes("member")
-    time.sleep(2)
+    said = c.root / "node-intruder.log"
+    c.wait_until(lambda: said.exists() and "not reachable" in said.read_text(), 60, "the intruder to be refused")
+    assert "certificate" in said.read_text()
     assert c.node_names() == ["member"]
     refused = c.farm("nodes", env={"FARM_CLIENT": str(other.bundles / "admin.yaml")})
     assert refused.returncode == 2 and "cannot reach the controller" in refused.stderr
