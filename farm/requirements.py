@@ -95,12 +95,23 @@ def _read_answers(path: Path) -> dict[str, dict[str, object]]:
     return data if isinstance(data, dict) else {}
 
 
+def _still_installed(key: str) -> bool:
+    """Whether the binary an answer was kept for is still there, unchanged."""
+    try:
+        identity = json.loads(key)[0]
+    except (ValueError, TypeError, IndexError):
+        return False
+    return isinstance(identity, list) and bool(identity) and _identity(str(identity[0])) == identity
+
+
 def _keep_answer(path: Path, key: str, answer: dict[str, object]) -> None:
-    """Add one answer; a cache that cannot be written only means asking again next time."""
+    """Add one answer, and drop those of binaries since removed or replaced (the file
+    would otherwise grow with every upgrade); a cache that cannot be written only means
+    asking again next time."""
     with _CACHE_LOCK:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            answers = _read_answers(path)
+            answers = {kept: value for kept, value in _read_answers(path).items() if _still_installed(kept)}
             answers[key] = answer
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".programs-", suffix=".json")
             try:

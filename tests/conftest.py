@@ -53,6 +53,9 @@ def private_user_dirs(tmp_path_factory, monkeypatch):
     # caches stay shared: fontconfig, Mesa and Blender would rebuild theirs in every test
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    # Farm's answers of programs (their versions) are shared by the tests of one worker, and
+    # never reach the user's own cache: the tests' fake programs would be kept there.
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path_factory.getbasetemp() / "farm-cache"))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -62,3 +63,26 @@ def test_a_damaged_cache_is_asked_again(fake_program, tmp_path):
     assert program_answer(["renderer", "--version"]).stdout == "Renderer 1.0\n"
     assert program_answer(["renderer", "--version"]).stdout == "Renderer 1.0\n"
     assert count() == 1
+
+
+def test_answers_of_programs_since_replaced_or_removed_are_not_kept(fake_program, tmp_path):
+    write, count = fake_program
+    kept = tmp_path / "cache" / "programs.json"
+
+    def answered() -> list[str]:
+        return sorted(answer["stdout"] for answer in json.loads(kept.read_text()).values())
+
+    renderer = write("1.0")
+    program_answer(["renderer", "--version"])
+    write("2.0-longer")  # upgraded in place: the answer of 1.0 is of a binary that is gone
+    program_answer(["renderer", "--version"])
+    assert answered() == ["Renderer 2.0-longer\n"]
+    other = renderer.with_name("other")
+    other.write_text("#!/bin/sh\necho Other 1.0\n")
+    other.chmod(0o755)
+    program_answer(["other", "--version"])
+    assert answered() == ["Other 1.0\n", "Renderer 2.0-longer\n"]
+    renderer.unlink()  # uninstalled
+    program_answer(["other", "--help"])
+    assert answered() == ["Other 1.0\n", "Other 1.0\n"]
+    assert count() == 2
