@@ -24,7 +24,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
-from farm.node import JobRef, cancel_attempt, run_segment
+from farm.node import JobRef, cancel_attempt, run_segment, run_segments
 from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, SENDER, BadMessage, read_outcome
 
 log = logging.getLogger("farm.engine")
@@ -78,6 +78,7 @@ class Engine:
         self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._capabilities = capabilities or {}
         self._futures: dict[str, Any] = {}
+        self._sharing: dict[str, int] = {}  # a bundle's task -> its attempts not yet dropped
         self._handouts = itertools.count()
         self._arrived: dict[str, dict[str, Any]] = {}  # outcomes not yet collected
         self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
@@ -181,12 +182,13 @@ class Engine:
         self._drop(attempt_id)
         self._arrived.pop(attempt_id, None)
 
-    def submit(self, job: Job, segment: Segment, address: str) -> None:
-        """Hand one attempt to one worker. The job itself (profile, settings, frame list:
-        hundreds of KB for a long job) goes only with the first segment of it that this
+    def submit(self, job: Job, segments: list[Segment], address: str) -> None:
+        """Hand attempts of one job to one worker, in one task (a bundle, run one after
+        another, when there are several). The job itself (profile, settings, frame list:
+        hundreds of KB for a long job) goes only with the first task of it that this
         worker gets; the others carry a :class:`~farm.node.JobRef`, so a hand-out costs
         the same whatever the job's size, and Dask's scheduler holds no copy per task."""
-        attempt_id = segment.attempt_id
+        attempt_ids = [segment.attempt_id for segment in segments]
         sent = self._sent_jobs.setdefault(address, set())
         carried: Job | JobRef
         if job.id in sent:
@@ -194,19 +196,28 @@ class Engine:
         else:
             carried = job
             sent.add(job.id)
-            self._carried_whole.add(attempt_id)
+            self._carried_whole.update(attempt_ids)
+        sent_segments = [replace(segment, job=carried) for segment in segments]
         future = self.client.submit(
-            run_segment, carried, replace(segment, job=carried),
-            key=f"farm-{attempt_id}", workers=[address], allow_other_workers=False, pure=False,
+            *((run_segment, carried, sent_segments[0]) if len(segments) == 1 else
+              (run_segments, carried, sent_segments)),
+            key=f"farm-{attempt_ids[0]}", workers=[address], allow_other_workers=False, pure=False,
             # A node starts what it holds in the order it was handed out: Dask ranks tasks
             # sent within 100 ms of each other alike, and a node then ran a later segment
             # before an earlier one (which could wait behind long renders).
             priority=-next(self._handouts),
         )
-        self._futures[attempt_id] = future
-        self._handed[attempt_id] = address
-        self._job_of[attempt_id] = job.id
-        future.add_done_callback(lambda _: self.outcomes.put(("finished", attempt_id, None)))
+        if len(segments) > 1:
+            self._sharing[future.key] = len(segments)
+        for attempt_id in attempt_ids:
+            self._futures[attempt_id] = future
+            self._handed[attempt_id] = address
+            self._job_of[attempt_id] = job.id
+        def ended(_: Any) -> None:
+            for attempt_id in attempt_ids:
+                self.outcomes.put(("finished", attempt_id, None))
+
+        future.add_done_callback(ended)
 
     def forget_job(self, job_id: str) -> None:
         """The job has ended: later hand-outs of it (a retry) carry it whole again."""
@@ -289,8 +300,15 @@ class Engine:
         self._silent_since.pop(attempt_id, None)
         self._handed.pop(attempt_id, None)
         future = self._futures.pop(attempt_id, None)
-        if future is not None:
-            future.release()
+        if future is None:
+            return
+        sharing = self._sharing.get(future.key)
+        if sharing is not None:  # a bundle's task: kept until none of its attempts is waited for
+            if sharing > 1:
+                self._sharing[future.key] = sharing - 1
+                return
+            del self._sharing[future.key]
+        future.release()
 
     @staticmethod
     def _task_error(future: Any) -> str:

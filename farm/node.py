@@ -40,6 +40,9 @@ from farm.processor import Context, NodeInfo
 from farm.wire import PROGRESS_TOPIC, RESULT_TOPIC, outcome_message
 
 LOG_LINES_LIMIT = 2000
+#: A bundle (several short segments in one task) hands back what it has not started after
+#: this long: the controller sized it for about 0.05 s of work.
+BUNDLE_LIMIT_SECONDS = 1.0
 
 
 class Cancelled(Exception):
@@ -75,6 +78,11 @@ class NodeRuntime:
                 return False
             event.set()
             return True
+
+    def forget_cancel(self, attempt_id: str) -> None:
+        """``attempt_id`` will not run here: a cancel that came before it is done with."""
+        with self._lock:
+            self._cancelled_early.discard(attempt_id)
 
     def _register(self, attempt_id: str) -> threading.Event:
         event = threading.Event()
@@ -697,8 +705,37 @@ def run_segment(job: Job | JobRef, segment: Segment) -> dict[str, Any]:
 
     ``job`` is the whole job the first time this node gets a segment of it, and a
     :class:`JobRef` after that (``segment.job`` likewise)."""
+    started = time.monotonic()
     outcome = _run_attempt(job, segment)
-    message = outcome_message(segment.attempt_id, outcome)
+    outcome["seconds"] = round(time.monotonic() - started, 6)
+    return _tell(segment.attempt_id, outcome)
+
+
+def run_segments(job: Job | JobRef, segments: list[Segment]) -> list[dict[str, Any]]:
+    """Several segments of one job, one after another in one slot, in one task: the
+    controller sends them so when each takes much less than a round trip to it. Each
+    sends its own outcome as it ends; one cancelled before its turn never starts. Once
+    the task has run longer than ``BUNDLE_LIMIT_SECONDS`` (the job's segments got slow),
+    the rest go back to the controller unstarted, for any node to take."""
+    started = time.monotonic()
+    outcomes = [run_segment(job, segments[0])]
+    for segment in segments[1:]:
+        elapsed = time.monotonic() - started
+        if elapsed <= BUNDLE_LIMIT_SECONDS:
+            outcomes.append(run_segment(job, segment))
+            continue
+        node = runtime()
+        node.forget_cancel(segment.attempt_id)
+        outcomes.append(_tell(segment.attempt_id, {
+            "ok": False, "returned": True, "log": "", "node": node.name,
+            "reason": f"handed back unstarted by node {node.name}: the segments before it in its task "
+                      f"took {elapsed:.1f} s, longer than expected"}))
+    return outcomes
+
+
+def _tell(attempt_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Send an attempt's outcome to the controller (see :mod:`farm.wire`); returns it as sent."""
+    message = outcome_message(attempt_id, outcome)
     try:
         from distributed import get_worker
 
@@ -861,5 +898,5 @@ class _LogHandler(logging.Handler):
         self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
 
 
-__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "JobRef", "cancel_attempt", "runtime", "install_runtime",
+__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "run_segments", "JobRef", "cancel_attempt", "runtime", "install_runtime",
            "attempt_policy", "require_sandbox", "sandbox_state"]

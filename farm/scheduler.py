@@ -151,7 +151,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
             pass
         finished = [attempt_id for kind, attempt_id, _ in items if kind == "finished"]
         outcomes = self.engine.collect(finished) if finished else {}
-        dispatched: list[tuple[JobRuntime, Segment, NodeView]] = []
+        dispatched: list[tuple[JobRuntime, list[Segment], NodeView]] = []
         try:
             with self._committed():
                 self._hold_lease()
@@ -183,8 +183,8 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         to_cancel, self._to_cancel = self._to_cancel, []
         for attempt in to_cancel:
             self.engine.cancel(attempt.id, attempt.node.address)
-        for rt, segment, node in dispatched:
-            self.engine.submit(rt.job, segment, node.address)
+        for rt, segments, node in dispatched:
+            self.engine.submit(rt.job, segments, node.address)
 
     def _hold_lease(self) -> None:
         """Inside the round's transaction: write nothing once our lease was ended under us

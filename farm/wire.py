@@ -27,6 +27,11 @@ OUTCOME_FIELDS: dict[str, type | tuple[type, ...]] = {
     "ok": bool, "reason": str, "log": str, "node": str, "result": dict, "fatal": bool, "cancelled": bool,
     # the node was sent a segment by reference to a job it does not hold (it restarted)
     "missing_job": bool,
+    # how long the attempt took on the node, in seconds: the controller sends a job whose
+    # segments take less than a round trip several at a time (farm.scheduling.handout)
+    "seconds": (int, float),
+    # a segment of a bundle that its node handed back unstarted (the bundle ran long)
+    "returned": bool,
 }
 
 

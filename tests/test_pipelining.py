@@ -1,8 +1,9 @@
-"""Pipelined hand-outs: a node holds one announced segment per slot besides those it runs.
+"""Pipelined hand-outs: a node holds one announced segment per slot besides those it runs;
+a job of very short segments goes several segments to a task (a bundle).
 
 The in-process tests drive a real scheduler, store and Dask LocalCluster (its workers are
-the nodes) with a processor that records every run; the last one kills a real node
-process holding an announced segment.
+the nodes) with a processor that records every run; the slow ones kill a real node
+process holding announced segments.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ from tests.conftest import write_profile
 from tests.test_faults import HELD, assert_exact_outputs, finished
 
 RUNS: list[tuple[str, str, str]] = []  # (segment, attempt, node) of every run that started
+TASKS: dict[str, str] = {}  # attempt -> the Dask task it ran in
 GATE = threading.Event()  # "hold" segments wait for it
+LATE = 100  # "hold-late" and "slow-late" segments after this frame hold or take 0.6 s
 
 
 class Recorder(Processor):
     """Runs one frame a segment; what it does is chosen by the profile's name: ``write``
-    writes its frame, ``hold`` waits for GATE first, ``fail-once`` fails its first attempt."""
+    writes its frame, ``hold`` waits for GATE first, ``fail-once`` fails its first attempt,
+    ``hold-late`` and ``slow-late`` write frames up to LATE at once and then wait for GATE
+    or take 0.6 s."""
 
     name = "recorder"
     frame_based = True
@@ -51,12 +56,17 @@ class Recorder(Processor):
     def run(self, segment, context):
         from distributed import get_worker
 
-        RUNS.append((segment.id, segment.attempt_id, str(get_worker().name)))
+        worker = get_worker()
+        RUNS.append((segment.id, segment.attempt_id, str(worker.name)))
+        TASKS[segment.attempt_id] = str(worker.get_current_task())
         behaviour = segment.job.profile.name
-        if behaviour == "hold":
+        late = segment.start > LATE
+        if behaviour == "hold" or (behaviour == "hold-late" and late):
             while not GATE.wait(0.05):
                 if context.cancelled.is_set():
                     raise ProcessorError("cancelled while held")
+        if behaviour == "slow-late" and late:
+            time.sleep(0.6)
         if behaviour == "fail-once" and segment.attempt_id.endswith(".a1"):
             raise ProcessorError("the first attempt fails")
         (segment.output_dir / f"frame_{segment.start:04d}.txt").write_text(segment.attempt_id)
@@ -80,6 +90,7 @@ def farm_of(tmp_path):
     """``farm_of(nodes, slots)``: a scheduler over a LocalCluster of ``nodes`` workers."""
     made: list[tuple[Scheduler, Store, Engine]] = []
     RUNS.clear()
+    TASKS.clear()
     GATE.clear()
 
     def make(nodes: int, slots: int) -> Scheduler:
@@ -223,3 +234,107 @@ def test_an_announced_segments_timeout_runs_from_its_start_not_its_hand_out(farm
     assert scheduler.jobs[waiting].state == "done", scheduler.jobs[waiting].error
     (attempt,) = scheduler.store.attempts(job_id=waiting)
     assert attempt["state"] == "done"
+
+
+def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_of, tmp_path):
+    scheduler = farm_of(nodes=2, slots=2)
+    _, (job_id,) = scheduler.submit(recorder_profile("write", "1-400"), [None], tmp_path / "out")
+    scheduler.run_until_done([job_id])
+    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+    runs = Counter(segment for segment, _, _ in RUNS)
+    assert len(runs) == 400 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
+    attempts = scheduler.store.attempts(job_id=job_id)
+    assert len(attempts) == 400 and {a["state"] for a in attempts} == {"done"}
+    written = sorted(path.name for path in (tmp_path / "work" / job_id).glob("*/frame_*.txt"))
+    assert written == [f"frame_{frame:04d}.txt" for frame in range(1, 401)]
+    tasks = Counter(TASKS.values())
+    assert len(tasks) < 200 and max(tasks.values()) > 1, f"{len(tasks)} tasks for 400 segments of a few ms"
+    assert not scheduler.attempts, "an attempt was left held"
+
+
+def test_a_cancelled_job_never_starts_the_rest_of_its_bundles(farm_of, tmp_path):
+    scheduler = farm_of(nodes=1, slots=1)
+    _, (job_id,) = scheduler.submit(recorder_profile("hold-late", "1-300"), [None], tmp_path / "out")
+    # frames up to LATE go quickly and in bundles; the first after them holds its task, the
+    # rest of its bundle and the next bundle wait behind it
+    def holding_late_frames_only() -> bool:
+        held = [int(attempt.segment_id[-5:]) for attempt in scheduler.attempts.values()]
+        return len(held) > 2 and min(held) >= LATE
+
+    step_until(scheduler, holding_late_frames_only, "the node to hold only frames after the first late one")
+    held = dict(scheduler.attempts)
+    scheduler.cancel(job_id)
+    step_until(scheduler, lambda: scheduler.jobs[job_id].state == "cancelled", "the job to be cancelled")
+    GATE.set()
+    step_until(scheduler, lambda: not scheduler.attempts, "the node's tasks to come back")
+    started = {attempt for _, attempt, _ in RUNS}
+    late = [attempt for attempt in held if attempt in started]
+    assert len(late) == 1, f"{len(late)} of the {len(held)} attempts held at the cancel had started: {late}"
+    for attempt in held:
+        assert scheduler.store.attempt(attempt)["state"] == "cancelled"
+        if attempt not in started:
+            assert not (tmp_path / "work" / job_id / attempt).exists(), f"{attempt} never started but left files"
+
+
+def test_a_bundle_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path):
+    scheduler = farm_of(nodes=1, slots=2)
+    _, (job_id,) = scheduler.submit(recorder_profile("slow-late", f"1-{LATE + 12}"), [None], tmp_path / "out")
+    scheduler.run_until_done([job_id])
+    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+    runs = Counter(segment for segment, _, _ in RUNS)
+    assert len(runs) == LATE + 12 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
+    attempts = scheduler.store.attempts(job_id=job_id)
+    returned = [a for a in attempts if "handed back unstarted" in (a["reason"] or "")]
+    assert returned, "no bundle of late frames handed anything back"
+    assert {a["state"] for a in returned} == {"lost"}
+    assert {a["segment_id"] for a in returned} <= {a["segment_id"] for a in attempts if a["state"] == "done"}
+    done = [a["segment_id"] for a in attempts if a["state"] == "done"]
+    assert len(done) == len(set(done)) == LATE + 12
+
+
+#: frames up to 40 are written at once; later ones wait for the gate file (argv: folder, frame, gate)
+QUICK_THEN_HELD = 'if [ "$2" -gt 40 ]; then while [ ! -e "$3" ]; do sleep 0.05; done; fi; ' \
+                  'printf %s "$2" > "$1/frame_$(printf %04d "$2").txt"'
+
+
+@pytest.mark.slow
+def test_a_node_killed_with_bundles_of_segments_loses_nothing(tmp_path):
+    c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"]})
+    try:
+        c.start_controller()
+        c.start_node("steady", "--slots", "1")
+        c.wait_for_nodes("steady")
+        assert c.farm("pause-node", "steady").returncode == 0  # it waits while the victim works
+        gate = c.root / "gate" / "open"
+        gate.parent.mkdir()
+        profile = write_profile(c.root, "quick-then-held", {
+            "processor": "command", "frames": "1-120", "segment": {"frames": 1}, "retries": 1,
+            "settings": {"command": ["sh", "-c", QUICK_THEN_HELD, "sh", "{output_dir}", "{start}", str(gate)],
+                         "expect": ["frame_{frame:04d}.txt"]},
+            "sandbox": {"read": [str(gate.parent)]},
+        })
+        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+        c.start_node("victim", "--slots", "1")
+
+        def held_by_victim() -> list[dict]:
+            return [a for s in c.job(job_id)["segment_list"] for a in s["attempts"]
+                    if a["node"] == "victim" and a["state"] == "running"]
+
+        # its one slot holds a task: frame 41, which waits for the gate, and the rest of its
+        # bundle; the next task waits behind it
+        c.wait_until(lambda: len(held := held_by_victim()) > 2 and f"{job_id}.s00040.a1" in {a["id"] for a in held},
+                     120, "the victim to hold frame 41 and the rest of its bundle", every=0.1)
+        c.kill_node("victim")
+        c.wait_until(lambda: not held_by_victim(), 120, "the victim's segments to go back to the queue")
+        gate.touch()
+        assert c.farm("resume-node", "steady").returncode == 0
+        done = finished(c, job_id)
+        assert done["state"] == "done", done["error"]
+        assert_exact_outputs(c.root / "out", 120)
+        lost = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"]
+        assert len(lost) > 2 and all(a["node"] == "victim" for a in lost)
+        # only the frame that ran may count against its segment; the others never started
+        counted = [a["id"] for a in lost if "before it started" not in (a["reason"] or "")]
+        assert set(counted) <= {f"{job_id}.s00040.a1"}, [(a["id"], a["reason"]) for a in lost]
+    finally:
+        c.stop()

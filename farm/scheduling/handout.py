@@ -6,6 +6,12 @@ one announced attempt per slot that starts when a slot frees, so a slot never wa
 round trip; an announced attempt is taken back at no cost if its node leaves or stops
 taking work before it starts.
 
+A job whose segments take much less than a round trip (as its nodes measured them: a
+no-op, ``true``, a tiny frame) is handed out several segments to a Dask task, a bundle,
+so that Dask's cost per task is shared. A bundle holds one slot; its segments run one
+after another there, each sends its own outcome as it ends, and those not yet started
+are announced ones: cancelled or taken back one by one, as any other.
+
 Part of :class:`farm.scheduler.Scheduler` (a mixin: it works on the scheduler's state).
 """
 
@@ -18,9 +24,13 @@ from collections import Counter, deque
 from farm.engine import NodeView
 from farm.model import AttemptState, JobState, Segment, SegmentState
 from farm.requirements import unmet_requirements
-from farm.scheduling.runtime import AttemptRuntime, JobRuntime
+from farm.scheduling.runtime import AttemptRuntime, Bundle, JobRuntime
 
 NODE_POLL_SECONDS = 1.0  # how often the nodes' list is asked for
+#: A bundle carries about this much of its job's measured work, in at most MAX_BUNDLE
+#: segments: a Dask task costs the controller and the node a few milliseconds.
+BUNDLE_SECONDS = 0.05
+MAX_BUNDLE = 16
 
 
 class HandOut:
@@ -55,10 +65,20 @@ class HandOut:
                 self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
 
     def _slot_freed(self, ended: AttemptRuntime) -> None:
-        """An attempt left its node: if it held a slot, the oldest announced attempt there
-        starts now (its timeout runs from here)."""
+        """An attempt left its node: if it held a slot, the next of its bundle starts now,
+        or else the oldest announced attempt there (its timeout runs from here)."""
+        if ended.waiting:
+            return
+        if ended.bundle is not None:
+            waiting = ended.bundle.waiting
+            while waiting:
+                attempt = waiting.popleft()
+                if attempt.waiting and self.attempts.get(attempt.id) is attempt:
+                    attempt.waiting = False
+                    attempt.started = attempt.last_progress = time.monotonic()
+                    return
         announced = self._announced.get(ended.node.address)
-        if ended.waiting or not announced:
+        if not announced:
             return
         while announced:
             attempt = announced.popleft()
@@ -88,8 +108,13 @@ class HandOut:
             self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
 
     def _hold(self, attempt: AttemptRuntime) -> None:
-        """``attempt`` is handed out: its node holds one more."""
+        """``attempt`` is handed out: its node holds one more (a bundle counts once)."""
         self.attempts[attempt.id] = attempt
+        bundle = attempt.bundle
+        if bundle is not None:
+            bundle.held += 1
+            if bundle.held > 1:
+                return
         address = attempt.node.address
         self._busy[address] += 1
         node = self._taking.get(address)
@@ -100,6 +125,11 @@ class HandOut:
         """``attempt_id`` left its node (ended, lost or taken back); its slot is free."""
         attempt = self.attempts.pop(attempt_id, None)
         if attempt is not None:
+            bundle = attempt.bundle
+            if bundle is not None:
+                bundle.held -= 1
+                if bundle.held > 0:  # the rest of its bundle still holds the slot
+                    return attempt
             address = attempt.node.address
             self._busy[address] -= 1
             if self._busy[address] <= 0:
@@ -131,7 +161,7 @@ class HandOut:
         self._room = {address for address, node in self._taking.items() if busy[address] < self._capacity(node)}
 
     def _capacity(self, node: NodeView) -> int:
-        """Attempts a node may hold: one per slot, and with pipelining one announced per slot."""
+        """Tasks a node may hold: one per slot, and with pipelining one announced per slot."""
         return node.slots * 2 if self.pipeline else node.slots
 
     def _takes_work(self, node: NodeView) -> bool:
@@ -145,13 +175,13 @@ class HandOut:
             self._nodes_version += 1
         return self._nodes
 
-    def _dispatch(self) -> list[tuple[JobRuntime, Segment, NodeView]]:
+    def _dispatch(self) -> list[tuple[JobRuntime, list[Segment], NodeView]]:
         busy = self._busy
         self._see_room()
         listed = self._listed  # equal loads go in the nodes' own order, as when every node was sorted
         nodes = sorted((self._taking[address] for address in self._room),
                        key=lambda n: (busy[n.address] - n.slots, listed[n.address]))
-        handed: list[tuple[JobRuntime, Segment, NodeView]] = []
+        handed: list[tuple[JobRuntime, list[Segment], NodeView]] = []
         for node in nodes:
             while busy[node.address] < self._capacity(node):
                 picked = self._next_for(node, busy, nodes)
@@ -165,7 +195,7 @@ class HandOut:
         return handed
 
     def _next_for(self, node: NodeView, busy: Counter[str],
-                  nodes: list[NodeView]) -> tuple[JobRuntime, Segment, NodeView] | None:
+                  nodes: list[NodeView]) -> tuple[JobRuntime, list[Segment], NodeView] | None:
         for rt in self._order:
             if not rt.has_queued or rt.state not in (JobState.QUEUED, JobState.RUNNING):
                 continue
@@ -177,27 +207,45 @@ class HandOut:
             segment_id = self._take(rt, node, busy, nodes)
             if segment_id is None:
                 continue
-            seg = rt.segments[segment_id]
-            seg.attempts += 1
-            attempt_id = f"{seg.id}.a{seg.attempts}"
             if rt.state == JobState.QUEUED:
                 self._set_job(rt, JobState.RUNNING)
-            self.store.hand_out(attempt_id, seg.id, rt.job.id, node.name, seg.attempts, seg.state)
-            seg.state = SegmentState.RUNNING
-            now = time.monotonic()
-            attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now)
-            if busy[node.address] >= node.slots:  # every slot is taken: it waits on the node
-                attempt.waiting = True
-                self._announced.setdefault(node.address, deque()).append(attempt)
-            self._hold(attempt)
-            self._watch(attempt, rt.job.profile)
-            segment = Segment(
-                id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
-                params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,
-            )
-            self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
-            return rt, segment, node
+            bundle = Bundle() if rt.bundle > 1 else None
+            # every slot is taken: it waits on the node
+            segments = [self._hand_out(rt, segment_id, node, bundle, announced=busy[node.address] >= node.slots)]
+            while bundle is not None and len(segments) < rt.bundle:
+                self._top_up(rt)
+                segment_id = self._take(rt, node, busy, nodes) if rt.queue else None
+                if segment_id is None:
+                    break
+                segments.append(self._hand_out(rt, segment_id, node, bundle, announced=True))
+            return rt, segments, node
         return None
+
+    def _hand_out(self, rt: JobRuntime, segment_id: str, node: NodeView, bundle: Bundle | None,
+                  announced: bool) -> Segment:
+        """An attempt of ``segment_id`` for ``node``: stored, held and timed. An announced
+        one waits on the node (behind its busy slots, or the segments before it in its
+        bundle)."""
+        seg = rt.segments[segment_id]
+        seg.attempts += 1
+        attempt_id = f"{seg.id}.a{seg.attempts}"
+        self.store.hand_out(attempt_id, seg.id, rt.job.id, node.name, seg.attempts, seg.state)
+        seg.state = SegmentState.RUNNING
+        now = time.monotonic()
+        attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now, waiting=announced, bundle=bundle)
+        if bundle is not None and bundle.held:  # it starts when the one before it in its bundle ends
+            bundle.waiting.append(attempt)
+        elif bundle is not None:
+            bundle.head = attempt_id
+        elif announced:  # it starts when a slot of the node frees
+            self._announced.setdefault(node.address, deque()).append(attempt)
+        self._hold(attempt)
+        self._watch(attempt, rt.job.profile)
+        self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
+        return Segment(
+            id=seg.id, job=rt.job, index=seg.index, label=seg.label, frames=seg.frames,
+            params=seg.params, attempt_id=attempt_id, output_dir=rt.job.work_dir / attempt_id,
+        )
 
     def _take(self, rt: JobRuntime, node: NodeView, busy: Counter[str], nodes: list[NodeView]) -> str | None:
         """The next segment of ``rt`` for ``node``: the queue's head, unless ``node`` just
@@ -214,6 +262,15 @@ class HandOut:
                 del rt.queue[position]
                 return segment_id
         return None
+
+    def _judge_bundle(self, rt: JobRuntime) -> None:
+        """How many of ``rt``'s segments go in one task, from how long its nodes said the
+        ones done since it was last judged took: about ``BUNDLE_SECONDS`` of work, one
+        segment for any that take long."""
+        if rt.timed:
+            per_segment = rt.timed_seconds / rt.timed
+            rt.bundle = max(1, min(MAX_BUNDLE, int(BUNDLE_SECONDS / max(per_segment, 1e-6))))
+            rt.timed, rt.timed_seconds = 0, 0.0
 
     def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
         """Fail jobs every able node was kept off; say why the others are waiting."""

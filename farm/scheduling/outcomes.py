@@ -14,6 +14,7 @@ from typing import Any
 
 from farm.engine import NodeView
 from farm.model import AttemptState, JobState, SegmentState, TERMINAL_JOB_STATES
+from farm.scheduling.handout import BUNDLE_SECONDS
 from farm.scheduling.runtime import AttemptRuntime, JobRuntime, SegmentRuntime
 
 CANCEL_POLL_SECONDS = 0.5  # how often the store is asked for cancel requests (from other processes)
@@ -58,8 +59,15 @@ class Outcomes:
             seg.state, seg.result = SegmentState.DONE, outcome.get("result") or {}
             rt.done += 1
             seg.seconds = time.monotonic() - attempt.started
+            measured = outcome.get("seconds")
+            if isinstance(measured, (int, float)) and measured >= 0:
+                rt.timed += 1
+                rt.timed_seconds += measured
+                if measured > BUNDLE_SECONDS:  # its segments got slow: one a task until judged again
+                    rt.bundle = 1
             if rt.done & (rt.done - 1) == 0:  # judged again at 1, 2, 4, 8... done: not a scan of the job per segment
                 self._recut(rt)
+                self._judge_bundle(rt)
             self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})
@@ -68,6 +76,10 @@ class Outcomes:
             return
         reason = outcome.get("reason") or "unknown failure"
         if outcome.get("missing_job"):  # the node restarted since it was sent the job: nothing ran
+            self._unrun(rt, seg, attempt_id, reason)
+            return
+        if outcome.get("returned") and attempt.bundle is not None and attempt.id != attempt.bundle.head:
+            rt.bundle = 1  # its bundle ran long: its segments are not what they were measured to be
             self._unrun(rt, seg, attempt_id, reason)
             return
         if outcome.get("fatal"):  # retrying cannot help (a DeterministicFailure: a parse error, a changed source)

@@ -59,6 +59,12 @@ class JobRuntime:
     # segments held as objects took 0.5 KiB each).
     tail: int = 0
     unloaded: int = 0
+    # Segments handed to a node in one Dask task: more than one once the node-measured
+    # time of this job's segments (``timed_seconds`` over ``timed``) is much shorter than
+    # a round trip (farm.scheduling.handout)
+    bundle: int = 1
+    timed: int = 0
+    timed_seconds: float = 0.0
 
     def recount(self) -> None:
         self.done = sum(1 for seg in self.segments.values() if seg.state == SegmentState.DONE)
@@ -94,6 +100,17 @@ class AttemptRuntime:
     # node says when it starts); until then no timeout runs, and it is taken back at no
     # cost when the node leaves or stops taking work
     waiting: bool = False
+    bundle: Bundle | None = None  # the segments handed out with it in one task, if more than one
+
+
+@dataclass(slots=True)
+class Bundle:
+    """Attempts handed to one node in one task: they run one after another in one slot,
+    which they hold until the last of them leaves the node."""
+
+    head: str = ""  # the attempt the node starts first: it never hands that one back
+    held: int = 0  # attempts of it still on the node
+    waiting: deque[AttemptRuntime] = field(default_factory=deque)  # in the order the node starts them
 
 
 def segment_from_row(row: Any) -> SegmentRuntime:
