@@ -128,9 +128,9 @@ class JobCache:
                 self._jobs.popitem(last=False)
             self._arrived.notify_all()
 
-    def find(self, job_id: str, wait: float = WAIT_SECONDS) -> Job | None:
+    def find(self, job_id: str) -> Job | None:
         with self._arrived:
-            self._arrived.wait_for(lambda: job_id in self._jobs, timeout=wait)
+            self._arrived.wait_for(lambda: job_id in self._jobs, timeout=self.WAIT_SECONDS)
             return self._jobs.get(job_id)
 
 
@@ -719,10 +719,15 @@ def run_segments(job: Job | JobRef, segments: list[Segment]) -> list[dict[str, A
     the rest go back to the controller unstarted, for any node to take."""
     started = time.monotonic()
     outcomes = [run_segment(job, segments[0])]
+    missing = outcomes[0] if outcomes[0].get("missing_job") else None
     for segment in segments[1:]:
         elapsed = time.monotonic() - started
+        if missing is not None:  # the rest would wait for the job again, in vain
+            outcomes.append(_tell(segment.attempt_id, dict(missing)))
+            continue
         if elapsed <= BUNDLE_LIMIT_SECONDS:
             outcomes.append(run_segment(job, segment))
+            missing = outcomes[-1] if outcomes[-1].get("missing_job") else None
             continue
         node = runtime()
         node.forget_cancel(segment.attempt_id)

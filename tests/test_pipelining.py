@@ -24,7 +24,7 @@ from farm.engine import Engine
 from farm.errors import ProcessorError
 from farm.frames import chunk_frames
 from farm.model import SegmentPlan
-from farm.node import install_runtime
+from farm.node import JobCache, install_runtime, runtime
 from farm.plugins import load_plugins
 from farm.processor import Processor
 from farm.profiles import LoadedProfile, Profile
@@ -338,3 +338,23 @@ def test_a_node_killed_with_bundles_of_segments_loses_nothing(tmp_path):
         assert set(counted) <= {f"{job_id}.s00040.a1"}, [(a["id"], a["reason"]) for a in lost]
     finally:
         c.stop()
+
+
+def test_a_node_that_forgot_the_job_answers_for_its_whole_bundle_and_nothing_is_lost(farm_of, tmp_path, monkeypatch):
+    monkeypatch.setattr(JobCache, "WAIT_SECONDS", 0.5)
+    scheduler = farm_of(nodes=1, slots=2)
+    _, (job_id,) = scheduler.submit(recorder_profile("write", "1-400"), [None], tmp_path / "out")
+    step_until(scheduler, lambda: scheduler.jobs[job_id].done >= 100 and scheduler.jobs[job_id].bundle > 1,
+               "a hundred segments done, in bundles")
+    runtime().jobs = JobCache()  # as after a restart: the tasks sent since carry the job by reference
+    scheduler.run_until_done([job_id])
+    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+    runs = Counter(segment for segment, _, _ in RUNS)
+    assert len(runs) == 400 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
+    attempts = scheduler.store.attempts(job_id=job_id)
+    # those the node could not run went back without counting: the node's answer, or handed
+    # back unstarted behind a segment that waited for the job
+    unrun = [a for a in attempts if a["state"] == "lost"]
+    assert any("does not hold job" in a["reason"] for a in unrun), [a["reason"] for a in unrun]
+    assert all("does not hold job" in a["reason"] or "handed back unstarted" in a["reason"] for a in unrun)
+    assert len([a for a in attempts if a["state"] == "done"]) == 400

@@ -263,14 +263,14 @@ class HandOut:
                 return segment_id
         return None
 
-    def _judge_bundle(self, rt: JobRuntime) -> None:
-        """How many of ``rt``'s segments go in one task, from how long its nodes said the
-        ones done since it was last judged took: about ``BUNDLE_SECONDS`` of work, one
-        segment for any that take long."""
-        if rt.timed:
-            per_segment = rt.timed_seconds / rt.timed
-            rt.bundle = max(1, min(MAX_BUNDLE, int(BUNDLE_SECONDS / max(per_segment, 1e-6))))
-            rt.timed, rt.timed_seconds = 0, 0.0
+    def _judge_bundle(self, rt: JobRuntime, seconds: float) -> None:
+        """How many of ``rt``'s segments go in one task, now that one took ``seconds`` on
+        its node: about ``BUNDLE_SECONDS`` of work by a moving average of the last few
+        dozen, so that one slow moment does not undo it and segments that turn slow
+        (a title, then the film) go one a task after the first of them."""
+        average = seconds if rt.seconds_each is None else rt.seconds_each + (seconds - rt.seconds_each) / 16
+        rt.seconds_each = average
+        rt.bundle = max(1, min(MAX_BUNDLE, int(BUNDLE_SECONDS / max(average, 1e-6))))
 
     def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
         """Fail jobs every able node was kept off; say why the others are waiting."""

@@ -14,7 +14,6 @@ from typing import Any
 
 from farm.engine import NodeView
 from farm.model import AttemptState, JobState, SegmentState, TERMINAL_JOB_STATES
-from farm.scheduling.handout import BUNDLE_SECONDS
 from farm.scheduling.runtime import AttemptRuntime, JobRuntime, SegmentRuntime
 
 CANCEL_POLL_SECONDS = 0.5  # how often the store is asked for cancel requests (from other processes)
@@ -61,13 +60,9 @@ class Outcomes:
             seg.seconds = time.monotonic() - attempt.started
             measured = outcome.get("seconds")
             if isinstance(measured, (int, float)) and measured >= 0:
-                rt.timed += 1
-                rt.timed_seconds += measured
-                if measured > BUNDLE_SECONDS:  # its segments got slow: one a task until judged again
-                    rt.bundle = 1
+                self._judge_bundle(rt, measured)
             if rt.done & (rt.done - 1) == 0:  # judged again at 1, 2, 4, 8... done: not a scan of the job per segment
                 self._recut(rt)
-                self._judge_bundle(rt)
             self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
                                 result=seg.result, reason=None)
             self._emit("segment_done", rt, {"segment": seg.id})

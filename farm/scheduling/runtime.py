@@ -59,12 +59,11 @@ class JobRuntime:
     # segments held as objects took 0.5 KiB each).
     tail: int = 0
     unloaded: int = 0
-    # Segments handed to a node in one Dask task: more than one once the node-measured
-    # time of this job's segments (``timed_seconds`` over ``timed``) is much shorter than
-    # a round trip (farm.scheduling.handout)
+    # Segments handed to a node in one Dask task: more than one while the time its nodes
+    # measured for its recent segments (a moving average) is much shorter than a round
+    # trip (farm.scheduling.handout)
     bundle: int = 1
-    timed: int = 0
-    timed_seconds: float = 0.0
+    seconds_each: float | None = None
 
     def recount(self) -> None:
         self.done = sum(1 for seg in self.segments.values() if seg.state == SegmentState.DONE)
