@@ -1,7 +1,9 @@
 """Dispatch throughput: no-op segments through Farm's whole path against raw Dask.
 
 Farm: plan -> store -> queue -> Dask (pinned, slot-aware) -> result -> store, with
-pipelining (each node holds one announced segment per slot) and without it (strict slots).
+pipelining (each node holds one announced task per slot) and without it (strict slots),
+and with bundles (a job of very short segments goes several segments to a task) and
+without them (one segment a task).
 Baseline: the same number of no-op tasks submitted one by one with ``client.submit``
 to the same LocalCluster, in the same run. Also: one-frame ``command`` segments running
 ``true`` through ``farm run`` (sandboxed, and with ``node.sandbox: off``) against a pool
@@ -40,6 +42,8 @@ from farm.plugins import load_plugins
 from farm.processor import Processor
 from farm.profiles import LoadedProfile, Profile
 from farm.scheduler import Scheduler
+from farm.scheduling import handout
+from farm.scheduling.handout import MAX_BUNDLE
 from farm.store import Store
 
 
@@ -72,7 +76,9 @@ def farm_profile(segments: int) -> LoadedProfile:
     return LoadedProfile(profile, NoOp.settings_model(), None)
 
 
-def run_farm(engine: Engine, plugins, root: Path, segments: int, pipeline: bool = True) -> tuple[float, Scheduler, Store]:
+def run_farm(engine: Engine, plugins, root: Path, segments: int, pipeline: bool = True,
+             bundles: bool = True) -> tuple[float, Scheduler, Store]:
+    handout.MAX_BUNDLE = MAX_BUNDLE if bundles else 1
     store = Store(root / "farm.db")
     scheduler = Scheduler(store, plugins, engine, root / "work", pipeline=pipeline)
     started = time.perf_counter()
@@ -164,15 +170,16 @@ def main() -> None:
     plugins = load_plugins(extra=[NoOpPlugin()])
     node = install_runtime(NodeConfig(), plugins=plugins)
     engine = Engine.embedded(node.slots, node.capabilities)
-    times: dict[str, list[float]] = {"dask": [], "dask_limited": [], "farm": [], "farm_strict": []}
+    times: dict[str, list[float]] = {"dask": [], "dask_limited": [], "farm": [], "farm_strict": [], "farm_single": []}
     try:
         run_dask(engine, 200)  # warm up both paths
         for _ in range(args.rounds):
             times["dask"].append(run_dask(engine, args.segments))
             times["dask_limited"].append(run_dask_limited(engine, args.segments, node.slots))
-            for key, pipeline in (("farm", True), ("farm_strict", False)):
+            for key, pipeline, bundles in (("farm", True, True), ("farm_strict", False, True),
+                                           ("farm_single", True, False)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    elapsed, scheduler, store = run_farm(engine, plugins, Path(tmp), args.segments, pipeline)
+                    elapsed, scheduler, store = run_farm(engine, plugins, Path(tmp), args.segments, pipeline, bundles)
                     scheduler.close()
                     store.close()
                 times[key].append(elapsed)
@@ -199,8 +206,9 @@ def main() -> None:
     rows = [
         ("dask", "raw Dask: client.submit one by one, all in flight"),
         ("dask_limited", f"raw Dask, at most {node.slots} in flight (Farm's rule)"),
-        ("farm", "Farm: plan, store, queue, Dask, store (pipelined: one announced segment a slot)"),
+        ("farm", "Farm: plan, store, queue, Dask, store (pipelined: one announced task a slot; bundles)"),
         ("farm_strict", "Farm, strict slots (no pipelining)"),
+        ("farm_single", "Farm, one segment a task (no bundles)"),
     ]
     for key, label in rows:
         table.add_row(label, f"{min(times[key]):.2f}", f"{rate[key]:.0f}", f"{rate[key] / rate['dask']:.2f}")

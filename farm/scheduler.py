@@ -50,9 +50,11 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
 
     def __init__(self, store: Store, plugins: Any, engine: Engine, work_root: Path, pipeline: bool = True,
                  lease: Any = None, keep_work: bool = False):
-        """``pipeline``: each node may hold one announced segment per slot besides those it
+        """``pipeline``: each node may hold one announced task per slot besides those it
         runs, so that a slot that frees starts its next segment without waiting a round
-        trip to the controller; the queue still lives here (Dask never holds more).
+        trip to the controller. A task is one segment, or a bundle of a job's segments
+        that take about 0.05 s together (farm.scheduling.handout); the queue still lives
+        here (Dask never holds more).
         ``lease``: the :class:`farm.lease.Lease` of this process; every batch it submits
         or takes over is owned by it (None: batches without an owner, for tests).
         ``keep_work``: keep a done job's work folder (segment outputs) instead of removing it."""
