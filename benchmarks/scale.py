@@ -196,8 +196,8 @@ class SimulatedDask:
         self._running[address] += 1
         self._push(now + self.mean * (0.5 + self._random.random()), "end", task + (True,))
 
-    def run(self, fn: Any, attempt_id: str, workers: list[str], wait: bool = True) -> None:
-        self._cancelled.add(attempt_id)  # a node ends the attempt's process group; its outcome says cancelled
+    def run(self, fn: Any, *attempt_ids: str, workers: list[str], wait: bool = True) -> None:
+        self._cancelled.update(attempt_ids)  # a node ends the attempts' process groups; their outcomes say cancelled
 
     def close(self) -> None:
         self.stopped.set()

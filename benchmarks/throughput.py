@@ -2,7 +2,7 @@
 
 Farm: plan -> store -> queue -> Dask (pinned, slot-aware) -> result -> store, with
 pipelining (each node holds one announced task per slot) and without it (strict slots),
-and with bundles (a job of very short segments goes several segments to a task) and
+and with parcels (a job of very short segments goes several segments to a task) and
 without them (one segment a task).
 Baseline: the same number of no-op tasks submitted one by one with ``client.submit``
 to the same LocalCluster, in the same run. Also: one-frame ``command`` segments running
@@ -43,7 +43,7 @@ from farm.processor import Processor
 from farm.profiles import LoadedProfile, Profile
 from farm.scheduler import Scheduler
 from farm.scheduling import handout
-from farm.scheduling.handout import MAX_BUNDLE
+from farm.scheduling.handout import MAX_PARCEL
 from farm.store import Store
 
 
@@ -77,8 +77,8 @@ def farm_profile(segments: int) -> LoadedProfile:
 
 
 def run_farm(engine: Engine, plugins, root: Path, segments: int, pipeline: bool = True,
-             bundles: bool = True) -> tuple[float, Scheduler, Store]:
-    handout.MAX_BUNDLE = MAX_BUNDLE if bundles else 1
+             parcels: bool = True) -> tuple[float, Scheduler, Store]:
+    handout.MAX_PARCEL = MAX_PARCEL if parcels else 1
     store = Store(root / "farm.db")
     scheduler = Scheduler(store, plugins, engine, root / "work", pipeline=pipeline)
     started = time.perf_counter()
@@ -176,10 +176,10 @@ def main() -> None:
         for _ in range(args.rounds):
             times["dask"].append(run_dask(engine, args.segments))
             times["dask_limited"].append(run_dask_limited(engine, args.segments, node.slots))
-            for key, pipeline, bundles in (("farm", True, True), ("farm_strict", False, True),
+            for key, pipeline, parcels in (("farm", True, True), ("farm_strict", False, True),
                                            ("farm_single", True, False)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    elapsed, scheduler, store = run_farm(engine, plugins, Path(tmp), args.segments, pipeline, bundles)
+                    elapsed, scheduler, store = run_farm(engine, plugins, Path(tmp), args.segments, pipeline, parcels)
                     scheduler.close()
                     store.close()
                 times[key].append(elapsed)
@@ -206,9 +206,9 @@ def main() -> None:
     rows = [
         ("dask", "raw Dask: client.submit one by one, all in flight"),
         ("dask_limited", f"raw Dask, at most {node.slots} in flight (Farm's rule)"),
-        ("farm", "Farm: plan, store, queue, Dask, store (pipelined: one announced task a slot; bundles)"),
+        ("farm", "Farm: plan, store, queue, Dask, store (pipelined: one announced task a slot; parcels)"),
         ("farm_strict", "Farm, strict slots (no pipelining)"),
-        ("farm_single", "Farm, one segment a task (no bundles)"),
+        ("farm_single", "Farm, one segment a task (no parcels)"),
     ]
     for key, label in rows:
         table.add_row(label, f"{min(times[key]):.2f}", f"{rate[key]:.0f}", f"{rate[key] / rate['dask']:.2f}")

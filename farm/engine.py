@@ -24,7 +24,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from farm.model import Job, Segment
-from farm.node import JobRef, cancel_attempt, run_segment, run_segments
+from farm.node import JobRef, cancel_attempts, run_segment, run_segments
 from farm.wire import NODE_TOPIC, PROGRESS_TOPIC, RESULT_TOPIC, SENDER, BadMessage, read_outcome
 
 log = logging.getLogger("farm.engine")
@@ -78,7 +78,7 @@ class Engine:
         self.outcomes: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._capabilities = capabilities or {}
         self._futures: dict[str, Any] = {}
-        self._sharing: dict[str, int] = {}  # a bundle's task -> its attempts not yet dropped
+        self._sharing: dict[str, int] = {}  # a parcel's task -> its attempts not yet dropped
         self._handouts = itertools.count()
         self._arrived: dict[str, dict[str, Any]] = {}  # outcomes not yet collected
         self._silent_since: dict[str, float] = {}  # tasks that ended before their outcome came
@@ -183,7 +183,7 @@ class Engine:
         self._arrived.pop(attempt_id, None)
 
     def submit(self, job: Job, segments: list[Segment], address: str) -> None:
-        """Hand attempts of one job to one worker, in one task (a bundle, run one after
+        """Hand attempts of one job to one worker, in one task (a parcel, run one after
         another, when there are several). The job itself (profile, settings, frame list:
         hundreds of KB for a long job) goes only with the first task of it that this
         worker gets; the others carry a :class:`~farm.node.JobRef`, so a hand-out costs
@@ -303,7 +303,7 @@ class Engine:
         if future is None:
             return
         sharing = self._sharing.get(future.key)
-        if sharing is not None:  # a bundle's task: kept until none of its attempts is waited for
+        if sharing is not None:  # a parcel's task: kept until none of its attempts is waited for
             if sharing > 1:
                 self._sharing[future.key] = sharing - 1
                 return
@@ -323,12 +323,13 @@ class Engine:
             return f"the node running it died ({reason})"
         return reason
 
-    def cancel(self, attempt_id: str, address: str) -> None:
-        """Ask the node to end the attempt; its future reports back as usual."""
+    def cancel(self, attempt_ids: list[str], address: str) -> None:
+        """Ask the node to end these attempts, in one message; their futures report back
+        as usual."""
         try:
-            self.client.run(cancel_attempt, attempt_id, workers=[address], wait=False)
+            self.client.run(cancel_attempts, *attempt_ids, workers=[address], wait=False)
         except Exception:  # the node may already be gone; its future will say so
-            log.debug("could not reach %s to cancel %s", address, attempt_id, exc_info=True)
+            log.debug("could not reach %s to cancel %s", address, ", ".join(attempt_ids), exc_info=True)
 
     def _on_progress(self, event: Any) -> None:
         _, message = event

@@ -40,9 +40,9 @@ from farm.processor import Context, NodeInfo
 from farm.wire import PROGRESS_TOPIC, RESULT_TOPIC, outcome_message
 
 LOG_LINES_LIMIT = 2000
-#: A bundle (several short segments in one task) hands back what it has not started after
-#: this long: the controller sized it for about 0.05 s of work.
-BUNDLE_LIMIT_SECONDS = 1.0
+#: A parcel (several short segments in one task) hands back what it has not started after
+#: this long: the controller sized it for about 0.2 s of work.
+PARCEL_LIMIT_SECONDS = 1.0
 
 
 class Cancelled(Exception):
@@ -715,7 +715,7 @@ def run_segments(job: Job | JobRef, segments: list[Segment]) -> list[dict[str, A
     """Several segments of one job, one after another in one slot, in one task: the
     controller sends them so when each takes much less than a round trip to it. Each
     sends its own outcome as it ends; one cancelled before its turn never starts. Once
-    the task has run longer than ``BUNDLE_LIMIT_SECONDS`` (the job's segments got slow),
+    the task has run longer than ``PARCEL_LIMIT_SECONDS`` (the job's segments got slow),
     the rest go back to the controller unstarted, for any node to take."""
     started = time.monotonic()
     outcomes = [run_segment(job, segments[0])]
@@ -725,7 +725,7 @@ def run_segments(job: Job | JobRef, segments: list[Segment]) -> list[dict[str, A
         if missing is not None:  # the rest would wait for the job again, in vain
             outcomes.append(_tell(segment.attempt_id, dict(missing)))
             continue
-        if elapsed <= BUNDLE_LIMIT_SECONDS:
+        if elapsed <= PARCEL_LIMIT_SECONDS:
             outcomes.append(run_segment(job, segment))
             missing = outcomes[-1] if outcomes[-1].get("missing_job") else None
             continue
@@ -860,13 +860,16 @@ def _keep_preview(processor: Any, segment: Segment, result: dict[str, Any], cont
         log.write(f"=== preview: none ({type(exc).__name__}: {exc})")
 
 
-async def cancel_attempt(attempt_id: str) -> bool:
-    """Run on a node (through ``Client.run``) to end an attempt's process group.
+async def cancel_attempts(*attempt_ids: str) -> int:
+    """Run on a node (through ``Client.run``) to end attempts' process groups; one not
+    started yet never starts. All of them in one message: the rest of a parcel is marked
+    before the running one's end lets the next begin. Returns how many were running.
 
     A coroutine, because Dask runs only coroutines without waiting for the answer, and
     the scheduler must not wait on a node that may be slow or gone.
     """
-    return runtime().cancel(attempt_id)
+    node = runtime()
+    return sum(node.cancel(attempt_id) for attempt_id in attempt_ids)
 
 
 def _progress_reporter(attempt_id: str) -> Callable[..., None]:
@@ -903,5 +906,5 @@ class _LogHandler(logging.Handler):
         self.log.write(f"[{record.levelname.lower()}] {record.getMessage()}")
 
 
-__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "run_segments", "JobRef", "cancel_attempt", "runtime", "install_runtime",
+__all__ = ["CommandRunner", "CommandResult", "Cancelled", "run_segment", "run_segments", "JobRef", "cancel_attempts", "runtime", "install_runtime",
            "attempt_policy", "require_sandbox", "sandbox_state"]

@@ -52,7 +52,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
                  lease: Any = None, keep_work: bool = False):
         """``pipeline``: each node may hold one announced task per slot besides those it
         runs, so that a slot that frees starts its next segment without waiting a round
-        trip to the controller. A task is one segment, or a bundle of a job's segments
+        trip to the controller. A task is one segment, or a parcel of a job's segments
         that take about 0.05 s together (farm.scheduling.handout); the queue still lives
         here (Dask never holds more).
         ``lease``: the :class:`farm.lease.Lease` of this process; every batch it submits
@@ -132,8 +132,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
     def _abandon(self) -> None:
         """Our lease was ended under us: stop every attempt (the store already says they
         were lost), forget the jobs, and raise :class:`farm.lease.LeaseLost`."""
-        for attempt in list(self.attempts.values()):
-            self.engine.cancel(attempt.id, attempt.node.address)
+        self._cancel_on_nodes(list(self.attempts.values()))
         self.attempts.clear()
         self._busy.clear()
         self._room_version = -1  # worked out again from the nodes
@@ -183,10 +182,17 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
                 raise
         self._flush_hooks()
         to_cancel, self._to_cancel = self._to_cancel, []
-        for attempt in to_cancel:
-            self.engine.cancel(attempt.id, attempt.node.address)
+        self._cancel_on_nodes(to_cancel)
         for rt, segments, node in dispatched:
             self.engine.submit(rt.job, segments, node.address)
+
+    def _cancel_on_nodes(self, attempts: list[AttemptRuntime]) -> None:
+        """One message to each node for all of its attempts that are to end."""
+        by_node: dict[str, list[str]] = {}
+        for attempt in attempts:
+            by_node.setdefault(attempt.node.address, []).append(attempt.id)
+        for address, attempt_ids in by_node.items():
+            self.engine.cancel(attempt_ids, address)
 
     def _hold_lease(self) -> None:
         """Inside the round's transaction: write nothing once our lease was ended under us

@@ -30,7 +30,7 @@ OUTCOME_FIELDS: dict[str, type | tuple[type, ...]] = {
     # how long the attempt took on the node, in seconds: the controller sends a job whose
     # segments take less than a round trip several at a time (farm.scheduling.handout)
     "seconds": (int, float),
-    # a segment of a bundle that its node handed back unstarted (the bundle ran long)
+    # a segment of a parcel that its node handed back unstarted (the parcel ran long)
     "returned": bool,
 }
 

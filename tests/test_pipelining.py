@@ -1,5 +1,5 @@
 """Pipelined hand-outs: a node holds one announced segment per slot besides those it runs;
-a job of very short segments goes several segments to a task (a bundle).
+a job of very short segments goes several segments to a task (a parcel).
 
 The in-process tests drive a real scheduler, store and Dask LocalCluster (its workers are
 the nodes) with a processor that records every run; the slow ones kill a real node
@@ -29,6 +29,7 @@ from farm.plugins import load_plugins
 from farm.processor import Processor
 from farm.profiles import LoadedProfile, Profile
 from farm.scheduler import Scheduler
+from farm.scheduling import handout
 from farm.store import Store
 from tests.cluster_helpers import Cluster
 from tests.conftest import write_profile
@@ -236,7 +237,8 @@ def test_an_announced_segments_timeout_runs_from_its_start_not_its_hand_out(farm
     assert attempt["state"] == "done"
 
 
-def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_of, tmp_path):
+def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_of, tmp_path, monkeypatch):
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 1.0)  # parcels of 16 even when a busy machine slows each segment
     scheduler = farm_of(nodes=2, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("write", "1-400"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
@@ -252,11 +254,12 @@ def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_
     assert not scheduler.attempts, "an attempt was left held"
 
 
-def test_a_cancelled_job_never_starts_the_rest_of_its_bundles(farm_of, tmp_path):
+def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path, monkeypatch):
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 1.0)  # parcels of 16 even when a busy machine slows each segment
     scheduler = farm_of(nodes=1, slots=1)
     _, (job_id,) = scheduler.submit(recorder_profile("hold-late", "1-300"), [None], tmp_path / "out")
-    # frames up to LATE go quickly and in bundles; the first after them holds its task, the
-    # rest of its bundle and the next bundle wait behind it
+    # frames up to LATE go quickly and in parcels; the first after them holds its task, the
+    # rest of its parcel and the next parcel wait behind it
     def holding_late_frames_only() -> bool:
         held = [int(attempt.segment_id[-5:]) for attempt in scheduler.attempts.values()]
         return len(held) > 2 and min(held) >= LATE
@@ -265,7 +268,7 @@ def test_a_cancelled_job_never_starts_the_rest_of_its_bundles(farm_of, tmp_path)
     held = dict(scheduler.attempts)
     scheduler.cancel(job_id)
     step_until(scheduler, lambda: scheduler.jobs[job_id].state == "cancelled", "the job to be cancelled")
-    GATE.set()
+    # the held frame ends on its cancel; the one message that brought it marked the others
     step_until(scheduler, lambda: not scheduler.attempts, "the node's tasks to come back")
     started = {attempt for _, attempt, _ in RUNS}
     late = [attempt for attempt in held if attempt in started]
@@ -276,7 +279,8 @@ def test_a_cancelled_job_never_starts_the_rest_of_its_bundles(farm_of, tmp_path)
             assert not (tmp_path / "work" / job_id / attempt).exists(), f"{attempt} never started but left files"
 
 
-def test_a_bundle_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path):
+def test_a_parcel_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path, monkeypatch):
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 1.0)  # parcels of 16 even when a busy machine slows each segment
     scheduler = farm_of(nodes=1, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("slow-late", f"1-{LATE + 12}"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
@@ -285,7 +289,7 @@ def test_a_bundle_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp
     assert len(runs) == LATE + 12 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
     attempts = scheduler.store.attempts(job_id=job_id)
     returned = [a for a in attempts if "handed back unstarted" in (a["reason"] or "")]
-    assert returned, "no bundle of late frames handed anything back"
+    assert returned, "no parcel of late frames handed anything back"
     assert {a["state"] for a in returned} == {"lost"}
     assert {a["segment_id"] for a in returned} <= {a["segment_id"] for a in attempts if a["state"] == "done"}
     done = [a["segment_id"] for a in attempts if a["state"] == "done"]
@@ -298,7 +302,7 @@ QUICK_THEN_HELD = 'if [ "$2" -gt 40 ]; then while [ ! -e "$3" ]; do sleep 0.05; 
 
 
 @pytest.mark.slow
-def test_a_node_killed_with_bundles_of_segments_loses_nothing(tmp_path):
+def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
     c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"]})
     try:
         c.start_controller()
@@ -321,9 +325,9 @@ def test_a_node_killed_with_bundles_of_segments_loses_nothing(tmp_path):
                     if a["node"] == "victim" and a["state"] == "running"]
 
         # its one slot holds a task: frame 41, which waits for the gate, and the rest of its
-        # bundle; the next task waits behind it
+        # parcel; the next task waits behind it
         c.wait_until(lambda: len(held := held_by_victim()) > 2 and f"{job_id}.s00040.a1" in {a["id"] for a in held},
-                     120, "the victim to hold frame 41 and the rest of its bundle", every=0.1)
+                     120, "the victim to hold frame 41 and the rest of its parcel", every=0.1)
         c.kill_node("victim")
         c.wait_until(lambda: not held_by_victim(), 120, "the victim's segments to go back to the queue")
         gate.touch()
@@ -340,12 +344,12 @@ def test_a_node_killed_with_bundles_of_segments_loses_nothing(tmp_path):
         c.stop()
 
 
-def test_a_node_that_forgot_the_job_answers_for_its_whole_bundle_and_nothing_is_lost(farm_of, tmp_path, monkeypatch):
+def test_a_node_that_forgot_the_job_answers_for_its_whole_parcel_and_nothing_is_lost(farm_of, tmp_path, monkeypatch):
     monkeypatch.setattr(JobCache, "WAIT_SECONDS", 0.5)
     scheduler = farm_of(nodes=1, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("write", "1-400"), [None], tmp_path / "out")
-    step_until(scheduler, lambda: scheduler.jobs[job_id].done >= 100 and scheduler.jobs[job_id].bundle > 1,
-               "a hundred segments done, in bundles")
+    step_until(scheduler, lambda: scheduler.jobs[job_id].done >= 100 and scheduler.jobs[job_id].parcel > 1,
+               "a hundred segments done, in parcels")
     runtime().jobs = JobCache()  # as after a restart: the tasks sent since carry the job by reference
     scheduler.run_until_done([job_id])
     assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error

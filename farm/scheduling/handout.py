@@ -7,8 +7,8 @@ round trip; an announced attempt is taken back at no cost if its node leaves or 
 taking work before it starts.
 
 A job whose segments take much less than a round trip (as its nodes measured them: a
-no-op, ``true``, a tiny frame) is handed out several segments to a Dask task, a bundle,
-so that Dask's cost per task is shared. A bundle holds one slot; its segments run one
+no-op, ``true``, a tiny frame) is handed out several segments to a Dask task, a parcel,
+so that Dask's cost per task is shared. A parcel holds one slot; its segments run one
 after another there, each sends its own outcome as it ends, and those not yet started
 are announced ones: cancelled or taken back one by one, as any other.
 
@@ -24,13 +24,14 @@ from collections import Counter, deque
 from farm.engine import NodeView
 from farm.model import AttemptState, JobState, Segment, SegmentState
 from farm.requirements import unmet_requirements
-from farm.scheduling.runtime import AttemptRuntime, Bundle, JobRuntime
+from farm.scheduling.runtime import AttemptRuntime, JobRuntime, Parcel
 
 NODE_POLL_SECONDS = 1.0  # how often the nodes' list is asked for
-#: A bundle carries about this much of its job's measured work, in at most MAX_BUNDLE
-#: segments: a Dask task costs the controller and the node a few milliseconds.
-BUNDLE_SECONDS = 0.05
-MAX_BUNDLE = 16
+#: A parcel carries about this much of its job's measured work, in at most MAX_PARCEL
+#: segments: a Dask task costs the controller and the node a few milliseconds, and a busy
+#: node measures its segments slower than they are.
+PARCEL_SECONDS = 0.2
+MAX_PARCEL = 16
 
 
 class HandOut:
@@ -65,12 +66,12 @@ class HandOut:
                 self._requeue(attempt, AttemptState.CANCELLED, reason, count=False)
 
     def _slot_freed(self, ended: AttemptRuntime) -> None:
-        """An attempt left its node: if it held a slot, the next of its bundle starts now,
+        """An attempt left its node: if it held a slot, the next of its parcel starts now,
         or else the oldest announced attempt there (its timeout runs from here)."""
         if ended.waiting:
             return
-        if ended.bundle is not None:
-            waiting = ended.bundle.waiting
+        if ended.parcel is not None:
+            waiting = ended.parcel.waiting
             while waiting:
                 attempt = waiting.popleft()
                 if attempt.waiting and self.attempts.get(attempt.id) is attempt:
@@ -108,12 +109,12 @@ class HandOut:
             self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
 
     def _hold(self, attempt: AttemptRuntime) -> None:
-        """``attempt`` is handed out: its node holds one more (a bundle counts once)."""
+        """``attempt`` is handed out: its node holds one more (a parcel counts once)."""
         self.attempts[attempt.id] = attempt
-        bundle = attempt.bundle
-        if bundle is not None:
-            bundle.held += 1
-            if bundle.held > 1:
+        parcel = attempt.parcel
+        if parcel is not None:
+            parcel.held += 1
+            if parcel.held > 1:
                 return
         address = attempt.node.address
         self._busy[address] += 1
@@ -125,10 +126,10 @@ class HandOut:
         """``attempt_id`` left its node (ended, lost or taken back); its slot is free."""
         attempt = self.attempts.pop(attempt_id, None)
         if attempt is not None:
-            bundle = attempt.bundle
-            if bundle is not None:
-                bundle.held -= 1
-                if bundle.held > 0:  # the rest of its bundle still holds the slot
+            parcel = attempt.parcel
+            if parcel is not None:
+                parcel.held -= 1
+                if parcel.held > 0:  # the rest of its parcel still holds the slot
                     return attempt
             address = attempt.node.address
             self._busy[address] -= 1
@@ -209,34 +210,34 @@ class HandOut:
                 continue
             if rt.state == JobState.QUEUED:
                 self._set_job(rt, JobState.RUNNING)
-            bundle = Bundle() if rt.bundle > 1 else None
+            parcel = Parcel() if rt.parcel > 1 else None
             # every slot is taken: it waits on the node
-            segments = [self._hand_out(rt, segment_id, node, bundle, announced=busy[node.address] >= node.slots)]
-            while bundle is not None and len(segments) < rt.bundle:
+            segments = [self._hand_out(rt, segment_id, node, parcel, announced=busy[node.address] >= node.slots)]
+            while parcel is not None and len(segments) < rt.parcel:
                 self._top_up(rt)
                 segment_id = self._take(rt, node, busy, nodes) if rt.queue else None
                 if segment_id is None:
                     break
-                segments.append(self._hand_out(rt, segment_id, node, bundle, announced=True))
+                segments.append(self._hand_out(rt, segment_id, node, parcel, announced=True))
             return rt, segments, node
         return None
 
-    def _hand_out(self, rt: JobRuntime, segment_id: str, node: NodeView, bundle: Bundle | None,
+    def _hand_out(self, rt: JobRuntime, segment_id: str, node: NodeView, parcel: Parcel | None,
                   announced: bool) -> Segment:
         """An attempt of ``segment_id`` for ``node``: stored, held and timed. An announced
         one waits on the node (behind its busy slots, or the segments before it in its
-        bundle)."""
+        parcel)."""
         seg = rt.segments[segment_id]
         seg.attempts += 1
         attempt_id = f"{seg.id}.a{seg.attempts}"
         self.store.hand_out(attempt_id, seg.id, rt.job.id, node.name, seg.attempts, seg.state)
         seg.state = SegmentState.RUNNING
         now = time.monotonic()
-        attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now, waiting=announced, bundle=bundle)
-        if bundle is not None and bundle.held:  # it starts when the one before it in its bundle ends
-            bundle.waiting.append(attempt)
-        elif bundle is not None:
-            bundle.head = attempt_id
+        attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now, waiting=announced, parcel=parcel)
+        if parcel is not None and parcel.held:  # it starts when the one before it in its parcel ends
+            parcel.waiting.append(attempt)
+        elif parcel is not None:
+            parcel.head = attempt_id
         elif announced:  # it starts when a slot of the node frees
             self._announced.setdefault(node.address, deque()).append(attempt)
         self._hold(attempt)
@@ -263,14 +264,23 @@ class HandOut:
                 return segment_id
         return None
 
-    def _judge_bundle(self, rt: JobRuntime, seconds: float) -> None:
+    def _judge_parcel(self, rt: JobRuntime, seconds: float) -> None:
         """How many of ``rt``'s segments go in one task, now that one took ``seconds`` on
-        its node: about ``BUNDLE_SECONDS`` of work by a moving average of the last few
-        dozen, so that one slow moment does not undo it and segments that turn slow
-        (a title, then the film) go one a task after the first of them."""
+        its node: about ``PARCEL_SECONDS`` of work by a moving average of the last few
+        dozen, so that one slow moment does not undo it. A segment longer than a whole
+        parcel puts the average at half its time at once: segments that turn slow (a
+        title, then the film) go one a task after the first of them."""
         average = seconds if rt.seconds_each is None else rt.seconds_each + (seconds - rt.seconds_each) / 16
+        if seconds > PARCEL_SECONDS:
+            average = max(average, seconds / 2)
         rt.seconds_each = average
-        rt.bundle = max(1, min(MAX_BUNDLE, int(BUNDLE_SECONDS / max(average, 1e-6))))
+        rt.parcel = max(1, min(MAX_PARCEL, int(PARCEL_SECONDS / max(average, 1e-6))))
+
+    def _parcel_ran_long(self, rt: JobRuntime) -> None:
+        """A node handed back part of a parcel of ``rt``: its segments are not what they
+        were measured to be. One a task, until the segments measured since say otherwise."""
+        rt.seconds_each = max(rt.seconds_each or 0.0, PARCEL_SECONDS)
+        rt.parcel = 1
 
     def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
         """Fail jobs every able node was kept off; say why the others are waiting."""

@@ -60,7 +60,7 @@ class Outcomes:
             seg.seconds = time.monotonic() - attempt.started
             measured = outcome.get("seconds")
             if isinstance(measured, (int, float)) and measured >= 0:
-                self._judge_bundle(rt, measured)
+                self._judge_parcel(rt, measured)
             if rt.done & (rt.done - 1) == 0:  # judged again at 1, 2, 4, 8... done: not a scan of the job per segment
                 self._recut(rt)
             self._notify_later("farm_segment_finished", job=rt.job, segment_id=seg.id, state=AttemptState.DONE,
@@ -73,8 +73,8 @@ class Outcomes:
         if outcome.get("missing_job"):  # the node restarted since it was sent the job: nothing ran
             self._unrun(rt, seg, attempt_id, reason)
             return
-        if outcome.get("returned") and attempt.bundle is not None and attempt.id != attempt.bundle.head:
-            rt.bundle = 1  # its bundle ran long: its segments are not what they were measured to be
+        if outcome.get("returned") and attempt.parcel is not None and attempt.id != attempt.parcel.head:
+            self._parcel_ran_long(rt)
             self._unrun(rt, seg, attempt_id, reason)
             return
         if outcome.get("fatal"):  # retrying cannot help (a DeterministicFailure: a parse error, a changed source)

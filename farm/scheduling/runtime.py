@@ -62,7 +62,7 @@ class JobRuntime:
     # Segments handed to a node in one Dask task: more than one while the time its nodes
     # measured for its recent segments (a moving average) is much shorter than a round
     # trip (farm.scheduling.handout)
-    bundle: int = 1
+    parcel: int = 1
     seconds_each: float | None = None
 
     def recount(self) -> None:
@@ -99,11 +99,11 @@ class AttemptRuntime:
     # node says when it starts); until then no timeout runs, and it is taken back at no
     # cost when the node leaves or stops taking work
     waiting: bool = False
-    bundle: Bundle | None = None  # the segments handed out with it in one task, if more than one
+    parcel: Parcel | None = None  # the segments handed out with it in one task, if more than one
 
 
 @dataclass(slots=True)
-class Bundle:
+class Parcel:
     """Attempts handed to one node in one task: they run one after another in one slot,
     which they hold until the last of them leaves the node."""
 
