@@ -213,6 +213,7 @@ class Engine:
             self._futures[attempt_id] = future
             self._handed[attempt_id] = address
             self._job_of[attempt_id] = job.id
+
         def ended(_: Any) -> None:
             for attempt_id in attempt_ids:
                 self.outcomes.put(("finished", attempt_id, None))

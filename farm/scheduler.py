@@ -53,7 +53,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         """``pipeline``: each node may hold one announced task per slot besides those it
         runs, so that a slot that frees starts its next segment without waiting a round
         trip to the controller. A task is one segment, or a parcel of a job's segments
-        that take about 0.05 s together (farm.scheduling.handout); the queue still lives
+        that take about 0.2 s together (farm.scheduling.handout); the queue still lives
         here (Dask never holds more).
         ``lease``: the :class:`farm.lease.Lease` of this process; every batch it submits
         or takes over is owned by it (None: batches without an owner, for tests).
