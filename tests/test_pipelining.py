@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
+from typing import Callable
 
 import pytest
 from distributed import Client, LocalCluster
@@ -123,17 +123,25 @@ def step_until(scheduler: Scheduler, check, what: str, timeout: float = 60):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def assert_each_ran_once(scheduler: Scheduler, job_id: str, frames: int) -> list:
+    """The job is done: every segment ran once, into its own frame. Returns its attempts."""
+    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
+    runs = Counter(segment for segment, _, _ in RUNS)
+    assert len(runs) == frames and set(runs.values()) == {1}, "a segment ran twice, or not at all"
+    attempts = scheduler.store.attempts(job_id=job_id)
+    done = [a["segment_id"] for a in attempts if a["state"] == "done"]
+    assert len(done) == len(set(done)) == frames
+    written = sorted(path.name for path in (scheduler.work_root / job_id).glob("*/frame_*.txt"))
+    assert written == [f"frame_{frame:04d}.txt" for frame in range(1, frames + 1)]
+    return attempts
+
+
 def test_pipelined_hand_outs_never_run_a_segment_twice_into_an_output(farm_of, tmp_path):
     scheduler = farm_of(nodes=2, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("write", "1-120"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
-    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
-    runs = Counter(segment for segment, _, _ in RUNS)
-    assert len(runs) == 120 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
-    attempts = scheduler.store.attempts(job_id=job_id)
-    assert len(attempts) == 120 and {a["state"] for a in attempts} == {"done"}
-    written = sorted(path.name for path in (tmp_path / "work" / job_id).glob("*/frame_*.txt"))
-    assert written == [f"frame_{frame:04d}.txt" for frame in range(1, 121)]
+    attempts = assert_each_ran_once(scheduler, job_id, 120)
+    assert len(attempts) == 120
     assert len({a["node"] for a in attempts}) == 2, "both nodes took part"
 
 
@@ -169,39 +177,50 @@ def test_a_retried_segment_goes_to_another_node_when_one_is_free(farm_of, tmp_pa
         assert first["node"] != second["node"], f"the retry ran on {second['node']}, the node that failed it"
 
 
+def kill_victim_holding(c: Cluster, frames: int, command: list[str], holding: Callable[[list[dict]], bool],
+                        what: str) -> dict:
+    """A job of ``frames`` one-frame ``command`` segments (argv ends: output folder, frame,
+    a gate file that held frames wait for), run by a victim node of one slot while a
+    steady node is paused; the victim is killed once what it holds satisfies ``holding``,
+    then the gate opens and the steady node runs the rest. Returns the ended job."""
+    c.start_controller()
+    c.start_node("steady", "--slots", "1")
+    c.wait_for_nodes("steady")
+    assert c.farm("pause-node", "steady").returncode == 0  # it waits while the victim works
+    gate = c.root / "gate" / "open"
+    gate.parent.mkdir()
+    profile = write_profile(c.root, "held", {
+        "processor": "command", "frames": f"1-{frames}", "segment": {"frames": 1}, "retries": 1,
+        "settings": {"command": [*command, "{output_dir}", "{start}", str(gate)], "expect": ["frame_{frame:04d}.txt"]},
+        "sandbox": {"read": [str(gate.parent)]},
+    })
+    job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+    c.start_node("victim", "--slots", "1")
+
+    def held_by_victim() -> list[dict]:
+        return [a for s in c.job(job_id)["segment_list"] for a in s["attempts"]
+                if a["node"] == "victim" and a["state"] == "running"]
+
+    c.wait_until(lambda: holding(held_by_victim()), 120, what, every=0.1)
+    c.kill_node("victim")
+    c.wait_until(lambda: not held_by_victim(), 120, "the victim's segments to go back to the queue")
+    gate.touch()
+    assert c.farm("resume-node", "steady").returncode == 0
+    done = finished(c, job_id)
+    assert done["state"] == "done", done["error"]
+    assert_exact_outputs(c.root / "out", frames)
+    return done
+
+
 @pytest.mark.slow
 def test_a_node_killed_with_an_announced_segment_loses_nothing(tmp_path):
     c = Cluster(tmp_path / "c")
     try:
-        c.start_controller()
-        c.start_node("steady", "--slots", "1")
-        c.wait_for_nodes("steady")
-        assert c.farm("pause-node", "steady").returncode == 0  # it waits while the victim holds two
-        script, gate = c.root / "held.py", c.root / "gate" / "open"
+        script = c.root / "held.py"
         script.write_text(HELD)
-        gate.parent.mkdir()
-        profile = write_profile(c.root, "held", {
-            "processor": "command", "frames": "1-4", "segment": {"frames": 1}, "retries": 1,
-            "settings": {"command": [sys.executable, str(script), "{output_dir}", "{start}", str(gate)],
-                         "expect": ["frame_{frame:04d}.txt"]},
-            "sandbox": {"read": [str(gate.parent)]},
-        })
-        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-        c.start_node("victim", "--slots", "1")
-
-        def held_by_victim() -> list[dict]:
-            return [a for s in c.job(job_id)["segment_list"] for a in s["attempts"]
-                    if a["node"] == "victim" and a["state"] == "running"]
-
         # one segment runs on its one slot, the next is announced behind it
-        c.wait_until(lambda: len(held_by_victim()) == 2, 120, "the victim to hold two segments", every=0.1)
-        c.kill_node("victim")
-        c.wait_until(lambda: not held_by_victim(), 120, "the victim's segments to go back to the queue")
-        gate.touch()
-        assert c.farm("resume-node", "steady").returncode == 0
-        done = finished(c, job_id)
-        assert done["state"] == "done", done["error"]
-        assert_exact_outputs(c.root / "out", 4)
+        done = kill_victim_holding(c, 4, [sys.executable, str(script)], lambda held: len(held) == 2,
+                                   "the victim to hold two segments")
         lost = [a for s in done["segment_list"] for a in s["attempts"] if a["node"] == "victim"]
         assert sorted(a["state"] for a in lost) == ["lost", "lost"]
         assert any("before it started" in (a["reason"] or "") for a in lost), [a["reason"] for a in lost]
@@ -214,11 +233,7 @@ def test_a_job_on_one_slot_runs_each_segment_once(farm_of, tmp_path):
     scheduler = farm_of(nodes=1, slots=1)
     _, (job_id,) = scheduler.submit(recorder_profile("write", "1-60"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
-    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
-    runs = Counter(segment for segment, _, _ in RUNS)
-    assert len(runs) == 60 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
-    attempts = scheduler.store.attempts(job_id=job_id)
-    assert len(attempts) == 60 and {a["state"] for a in attempts} == {"done"}
+    assert len(assert_each_ran_once(scheduler, job_id, 60)) == 60
     assert not scheduler.attempts, "an attempt was left held"
 
 
@@ -238,24 +253,20 @@ def test_an_announced_segments_timeout_runs_from_its_start_not_its_hand_out(farm
 
 
 def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_of, tmp_path, monkeypatch):
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 1.0)  # parcels of 16 even when a busy machine slows each segment
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)  # parcels even when a busy machine slows each segment
     scheduler = farm_of(nodes=2, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("write", "1-400"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
-    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
-    runs = Counter(segment for segment, _, _ in RUNS)
-    assert len(runs) == 400 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
-    attempts = scheduler.store.attempts(job_id=job_id)
-    assert len(attempts) == 400 and {a["state"] for a in attempts} == {"done"}
-    written = sorted(path.name for path in (tmp_path / "work" / job_id).glob("*/frame_*.txt"))
-    assert written == [f"frame_{frame:04d}.txt" for frame in range(1, 401)]
+    attempts = assert_each_ran_once(scheduler, job_id, 400)
+    # on a busy machine a parcel may outlast the node's limit: what it had not started came back
+    assert all(a["state"] == "done" or "handed back unstarted" in (a["reason"] or "") for a in attempts)
     tasks = Counter(TASKS.values())
     assert len(tasks) < 200 and max(tasks.values()) > 1, f"{len(tasks)} tasks for 400 segments of a few ms"
     assert not scheduler.attempts, "an attempt was left held"
 
 
 def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path, monkeypatch):
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 1.0)  # parcels of 16 even when a busy machine slows each segment
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)  # parcels even when a busy machine slows each segment
     scheduler = farm_of(nodes=1, slots=1)
     _, (job_id,) = scheduler.submit(recorder_profile("hold-late", "1-300"), [None], tmp_path / "out")
     # frames up to LATE go quickly and in parcels; the first after them holds its task, the
@@ -280,20 +291,14 @@ def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path,
 
 
 def test_a_parcel_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path, monkeypatch):
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 1.0)  # parcels of 16 even when a busy machine slows each segment
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)  # parcels even when a busy machine slows each segment
     scheduler = farm_of(nodes=1, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("slow-late", f"1-{LATE + 12}"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
-    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
-    runs = Counter(segment for segment, _, _ in RUNS)
-    assert len(runs) == LATE + 12 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
-    attempts = scheduler.store.attempts(job_id=job_id)
+    attempts = assert_each_ran_once(scheduler, job_id, LATE + 12)
     returned = [a for a in attempts if "handed back unstarted" in (a["reason"] or "")]
     assert returned, "no parcel of late frames handed anything back"
     assert {a["state"] for a in returned} == {"lost"}
-    assert {a["segment_id"] for a in returned} <= {a["segment_id"] for a in attempts if a["state"] == "done"}
-    done = [a["segment_id"] for a in attempts if a["state"] == "done"]
-    assert len(done) == len(set(done)) == LATE + 12
 
 
 #: frames up to 40 are written at once; later ones wait for the gate file (argv: folder, frame, gate)
@@ -305,41 +310,22 @@ QUICK_THEN_HELD = 'if [ "$2" -gt 40 ]; then while [ ! -e "$3" ]; do sleep 0.05; 
 def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
     c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"]})
     try:
-        c.start_controller()
-        c.start_node("steady", "--slots", "1")
-        c.wait_for_nodes("steady")
-        assert c.farm("pause-node", "steady").returncode == 0  # it waits while the victim works
-        gate = c.root / "gate" / "open"
-        gate.parent.mkdir()
-        profile = write_profile(c.root, "quick-then-held", {
-            "processor": "command", "frames": "1-120", "segment": {"frames": 1}, "retries": 1,
-            "settings": {"command": ["sh", "-c", QUICK_THEN_HELD, "sh", "{output_dir}", "{start}", str(gate)],
-                         "expect": ["frame_{frame:04d}.txt"]},
-            "sandbox": {"read": [str(gate.parent)]},
-        })
-        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
-        c.start_node("victim", "--slots", "1")
+        frame_41 = None
 
-        def held_by_victim() -> list[dict]:
-            return [a for s in c.job(job_id)["segment_list"] for a in s["attempts"]
-                    if a["node"] == "victim" and a["state"] == "running"]
+        def holds_frame_41_and_its_parcel(held: list[dict]) -> bool:
+            nonlocal frame_41
+            frame_41 = next((a["id"] for a in held if a["id"].endswith(".s00040.a1")), None)
+            return len(held) > 2 and frame_41 is not None
 
         # its one slot holds a task: frame 41, which waits for the gate, and the rest of its
         # parcel; the next task waits behind it
-        c.wait_until(lambda: len(held := held_by_victim()) > 2 and f"{job_id}.s00040.a1" in {a["id"] for a in held},
-                     120, "the victim to hold frame 41 and the rest of its parcel", every=0.1)
-        c.kill_node("victim")
-        c.wait_until(lambda: not held_by_victim(), 120, "the victim's segments to go back to the queue")
-        gate.touch()
-        assert c.farm("resume-node", "steady").returncode == 0
-        done = finished(c, job_id)
-        assert done["state"] == "done", done["error"]
-        assert_exact_outputs(c.root / "out", 120)
+        done = kill_victim_holding(c, 120, ["sh", "-c", QUICK_THEN_HELD, "sh"], holds_frame_41_and_its_parcel,
+                                   "the victim to hold frame 41 and the rest of its parcel")
         lost = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"]
         assert len(lost) > 2 and all(a["node"] == "victim" for a in lost)
         # only the frame that ran may count against its segment; the others never started
         counted = [a["id"] for a in lost if "before it started" not in (a["reason"] or "")]
-        assert set(counted) <= {f"{job_id}.s00040.a1"}, [(a["id"], a["reason"]) for a in lost]
+        assert set(counted) <= {frame_41}, [(a["id"], a["reason"]) for a in lost]
     finally:
         c.stop()
 
@@ -352,13 +338,9 @@ def test_a_node_that_forgot_the_job_answers_for_its_whole_parcel_and_nothing_is_
                "a hundred segments done, in parcels")
     runtime().jobs = JobCache()  # as after a restart: the tasks sent since carry the job by reference
     scheduler.run_until_done([job_id])
-    assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
-    runs = Counter(segment for segment, _, _ in RUNS)
-    assert len(runs) == 400 and set(runs.values()) == {1}, "a segment ran twice, or not at all"
-    attempts = scheduler.store.attempts(job_id=job_id)
+    attempts = assert_each_ran_once(scheduler, job_id, 400)
     # those the node could not run went back without counting: the node's answer, or handed
     # back unstarted behind a segment that waited for the job
     unrun = [a for a in attempts if a["state"] == "lost"]
     assert any("does not hold job" in a["reason"] for a in unrun), [a["reason"] for a in unrun]
     assert all("does not hold job" in a["reason"] or "handed back unstarted" in a["reason"] for a in unrun)
-    assert len([a for a in attempts if a["state"] == "done"]) == 400

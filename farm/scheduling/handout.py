@@ -70,23 +70,19 @@ class HandOut:
         or else the oldest announced attempt there (its timeout runs from here)."""
         if ended.waiting:
             return
-        if ended.parcel is not None:
-            waiting = ended.parcel.waiting
-            while waiting:
-                attempt = waiting.popleft()
-                if attempt.waiting and self.attempts.get(attempt.id) is attempt:
-                    attempt.waiting = False
-                    attempt.started = attempt.last_progress = time.monotonic()
-                    return
-        announced = self._announced.get(ended.node.address)
-        if not announced:
+        if ended.parcel is not None and self._start_next(ended.parcel.waiting):
             return
-        while announced:
-            attempt = announced.popleft()
+        self._start_next(self._announced.get(ended.node.address))
+
+    def _start_next(self, waiting: deque[AttemptRuntime] | None) -> bool:
+        """The first of ``waiting`` still held here starts now; False if none was left."""
+        while waiting:
+            attempt = waiting.popleft()
             if attempt.waiting and self.attempts.get(attempt.id) is attempt:
                 attempt.waiting = False
                 attempt.started = attempt.last_progress = time.monotonic()
-                return
+                return True
+        return False
 
     def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
         attempt.current = False
