@@ -123,6 +123,15 @@ def step_until(scheduler: Scheduler, check, what: str, timeout: float = 60):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.fixture
+def parcels_on_a_busy_machine(monkeypatch):
+    """Parcels even when a busy machine measures each segment tens of milliseconds: the
+    scheduler, Dask and the node share one process here. A parcel is half of what a
+    node runs before it hands back the rest (farm.node.PARCEL_LIMIT_SECONDS)."""
+    monkeypatch.setattr(handout, "PARCEL_UNDER_SECONDS", 0.1)
+    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)
+
+
 def assert_each_ran_once(scheduler: Scheduler, job_id: str, frames: int) -> list:
     """The job is done: every segment ran once, into its own frame. Returns its attempts."""
     assert scheduler.jobs[job_id].state == "done", scheduler.jobs[job_id].error
@@ -252,8 +261,8 @@ def test_an_announced_segments_timeout_runs_from_its_start_not_its_hand_out(farm
     assert attempt["state"] == "done"
 
 
-def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_of, tmp_path, monkeypatch):
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)  # parcels even when a busy machine slows each segment
+@pytest.mark.usefixtures("parcels_on_a_busy_machine")
+def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_of, tmp_path):
     scheduler = farm_of(nodes=2, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("write", "1-400"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
@@ -265,8 +274,8 @@ def test_a_job_of_very_short_segments_goes_several_to_a_task_each_run_once(farm_
     assert not scheduler.attempts, "an attempt was left held"
 
 
-def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path, monkeypatch):
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)  # parcels even when a busy machine slows each segment
+@pytest.mark.usefixtures("parcels_on_a_busy_machine")
+def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path):
     scheduler = farm_of(nodes=1, slots=1)
     _, (job_id,) = scheduler.submit(recorder_profile("hold-late", "1-300"), [None], tmp_path / "out")
     # frames up to LATE go quickly and in parcels; the first after them holds its task, the
@@ -290,8 +299,8 @@ def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path,
             assert not (tmp_path / "work" / job_id / attempt).exists(), f"{attempt} never started but left files"
 
 
-def test_a_parcel_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path, monkeypatch):
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)  # parcels even when a busy machine slows each segment
+@pytest.mark.usefixtures("parcels_on_a_busy_machine")
+def test_a_parcel_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path):
     scheduler = farm_of(nodes=1, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("slow-late", f"1-{LATE + 12}"), [None], tmp_path / "out")
     scheduler.run_until_done([job_id])
@@ -308,7 +317,8 @@ QUICK_THEN_HELD = 'if [ "$2" -gt 40 ]; then while [ ! -e "$3" ]; do sleep 0.05; 
 
 @pytest.mark.slow
 def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
-    c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"]})
+    # unsandboxed: a sandbox's start (30 to 50 ms on a busy machine) would make these too long to parcel
+    c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"], "sandbox": False})
     try:
         frame_41 = None
 
@@ -330,6 +340,7 @@ def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
         c.stop()
 
 
+@pytest.mark.usefixtures("parcels_on_a_busy_machine")
 def test_a_node_that_forgot_the_job_answers_for_its_whole_parcel_and_nothing_is_lost(farm_of, tmp_path, monkeypatch):
     monkeypatch.setattr(JobCache, "WAIT_SECONDS", 0.5)
     scheduler = farm_of(nodes=1, slots=2)

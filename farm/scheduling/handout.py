@@ -27,9 +27,10 @@ from farm.requirements import unmet_requirements
 from farm.scheduling.runtime import AttemptRuntime, JobRuntime, Parcel
 
 NODE_POLL_SECONDS = 1.0  # how often the nodes' list is asked for
-#: A parcel carries about this much of its job's measured work, in at most MAX_PARCEL
-#: segments: a Dask task costs the controller and the node a few milliseconds, and a busy
-#: node measures its segments slower than they are.
+#: Only a job whose segments average less than this on their nodes is parcelled: a Dask
+#: task costs the controller and the node a few milliseconds, a round trip more. A parcel
+#: then carries about PARCEL_SECONDS of work, in at most MAX_PARCEL segments.
+PARCEL_UNDER_SECONDS = 0.02
 PARCEL_SECONDS = 0.2
 MAX_PARCEL = 16
 
@@ -270,7 +271,7 @@ class HandOut:
         if seconds > PARCEL_SECONDS:
             average = max(average, seconds / 2)
         rt.seconds_each = average
-        rt.parcel = max(1, min(MAX_PARCEL, int(PARCEL_SECONDS / max(average, 1e-6))))
+        rt.parcel = 1 if average >= PARCEL_UNDER_SECONDS else min(MAX_PARCEL, int(PARCEL_SECONDS / max(average, 1e-6)))
 
     def _parcel_ran_long(self, rt: JobRuntime) -> None:
         """A node handed back part of a parcel of ``rt``: its segments are not what they
