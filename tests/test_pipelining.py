@@ -300,6 +300,19 @@ def test_a_cancelled_job_never_starts_the_rest_of_its_parcels(farm_of, tmp_path)
 
 
 @pytest.mark.usefixtures("parcels_on_a_busy_machine")
+def test_a_segment_held_in_a_parcel_is_timed_out_by_its_profile(farm_of, tmp_path):
+    scheduler = farm_of(nodes=1, slots=1)
+    profile = recorder_profile("hold-late", "1-300", retries=0, timeout=2)
+    _, (job_id,) = scheduler.submit(profile, [None], tmp_path / "out")
+    # the first late frame holds; it started when the one before it in its task ended
+    step_until(scheduler, lambda: scheduler.jobs[job_id].state == "failed", "the job to fail on the timeout")
+    assert "timeout of 2 s" in scheduler.jobs[job_id].error
+    assert scheduler.jobs[job_id].done >= LATE
+    timed_out = [a for a in scheduler.store.attempts(job_id=job_id) if a["state"] == "timed_out"]
+    assert [a["segment_id"][-6:] for a in timed_out] == [f"s{LATE:05d}"]
+
+
+@pytest.mark.usefixtures("parcels_on_a_busy_machine")
 def test_a_parcel_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp_path):
     scheduler = farm_of(nodes=1, slots=2)
     _, (job_id,) = scheduler.submit(recorder_profile("slow-late", f"1-{LATE + 12}"), [None], tmp_path / "out")
@@ -325,7 +338,10 @@ def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
         def holds_frame_41_and_its_parcel(held: list[dict]) -> bool:
             nonlocal frame_41
             frame_41 = next((a["id"] for a in held if a["id"].endswith(".s00040.a1")), None)
-            return len(held) > 2 and frame_41 is not None
+            if len(held) <= 2 or frame_41 is None:
+                return False
+            frame_40 = next(s for s in c.job(frame_41.split(".")[0])["segment_list"] if s["id"].endswith(".s00039"))
+            return frame_40["state"] == "done"  # recorded: the controller knows that frame 41 started
 
         # its one slot holds a task: frame 41, which waits for the gate, and the rest of its
         # parcel; the next task waits behind it
@@ -333,9 +349,9 @@ def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
                                    "the victim to hold frame 41 and the rest of its parcel")
         lost = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"]
         assert len(lost) > 2 and all(a["node"] == "victim" for a in lost)
-        # only the frame that ran may count against its segment; the others never started
+        # only the frame that ran counts against its segment; the others never started
         counted = [a["id"] for a in lost if "before it started" not in (a["reason"] or "")]
-        assert set(counted) <= {frame_41}, [(a["id"], a["reason"]) for a in lost]
+        assert counted == [frame_41], [(a["id"], a["reason"]) for a in lost]
     finally:
         c.stop()
 

@@ -233,10 +233,11 @@ class HandOut:
         attempt = AttemptRuntime(attempt_id, rt.job.id, seg.id, node, now, now, waiting=announced, parcel=parcel)
         if parcel is not None and parcel.held:  # it starts when the one before it in its parcel ends
             parcel.waiting.append(attempt)
-        elif parcel is not None:
-            parcel.head = attempt_id
-        elif announced:  # it starts when a slot of the node frees
-            self._announced.setdefault(node.address, deque()).append(attempt)
+        else:
+            if parcel is not None:
+                parcel.head = attempt_id
+            if announced:  # it starts when a slot of the node frees
+                self._announced.setdefault(node.address, deque()).append(attempt)
         self._hold(attempt)
         self._watch(attempt, rt.job.profile)
         self._emit("segment_started", rt, {"segment": seg.id, "node": node.name})
