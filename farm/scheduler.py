@@ -83,6 +83,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._room_version = -1
         self._deadlines: list[tuple[float, int, AttemptRuntime]] = []  # started attempts by when to time them out
         self._deadline_seq = itertools.count()
+        self._parcel_checks: list[tuple[float, int, AttemptRuntime]] = []  # running parcel segments, by when to look again
         self._cancel_checked = 0.0
         self._assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-assemble")
         self._cancel_local: set[str] = set()
@@ -137,6 +138,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._busy.clear()
         self._room_version = -1  # worked out again from the nodes
         self._deadlines = []
+        self._parcel_checks = []
         self.jobs.clear()
         self._order = []
         raise self.lease.lost_error()
@@ -165,6 +167,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
                         self._on_assembled(attempt_id, value)
                 self._check_nodes()
                 self._enforce_timeouts()
+                self._free_stuck_parcels()
                 self._apply_cancels()
                 dispatched = self._dispatch()
         except BaseException as exc:
@@ -295,6 +298,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._busy.clear()
         self._room_version = -1  # worked out again from the nodes
         self._deadlines = []
+        self._parcel_checks = []
         self._announced.clear()
         self.jobs.clear()
         self._order = []

@@ -17,6 +17,7 @@ Part of :class:`farm.scheduler.Scheduler` (a mixin: it works on the scheduler's 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import Counter, deque
@@ -33,6 +34,10 @@ NODE_POLL_SECONDS = 1.0  # how often the nodes' list is asked for
 PARCEL_UNDER_SECONDS = 0.02
 PARCEL_SECONDS = 0.2
 MAX_PARCEL = 16
+#: A parcel's segment that has run this long (a hundred times what its job's segments
+#: were measured to take) has the rest of its parcel taken back for any free slot, rather
+#: than waiting behind it until it ends or times out.
+STUCK_PARCEL_SECONDS = 2.0
 
 
 class HandOut:
@@ -82,8 +87,42 @@ class HandOut:
             if attempt.waiting and self.attempts.get(attempt.id) is attempt:
                 attempt.waiting = False
                 attempt.started = attempt.last_progress = time.monotonic()
+                self._check_parcel_later(attempt)
                 return True
         return False
+
+    def _check_parcel_later(self, attempt: AttemptRuntime) -> None:
+        """``attempt`` runs with segments of its parcel waiting behind it: look again when
+        it could have run ``STUCK_PARCEL_SECONDS``."""
+        if attempt.parcel is not None and attempt.parcel.waiting:
+            due = attempt.started + STUCK_PARCEL_SECONDS
+            heapq.heappush(self._parcel_checks, (due, next(self._deadline_seq), attempt))
+
+    def _free_stuck_parcels(self) -> None:
+        """The segments waiting behind a parcel's segment that has run too long are taken
+        back (cancelled on the node before they start, queued again without counting): a
+        hung frame holds its own slot, not a parcel's worth of its job."""
+        now = time.monotonic()
+        checks = self._parcel_checks
+        while checks and checks[0][0] <= now:
+            _, _, attempt = heapq.heappop(checks)
+            parcel = attempt.parcel
+            if self.attempts.get(attempt.id) is not attempt or parcel is None or not parcel.waiting:
+                continue  # it ended, and the next of its parcel started (and is looked at itself)
+            due = (now if attempt.waiting else attempt.started) + STUCK_PARCEL_SECONDS
+            if due > now:  # it started later than thought, or has not started yet
+                heapq.heappush(checks, (due, next(self._deadline_seq), attempt))
+                continue
+            behind = [waiting for waiting in parcel.waiting
+                      if waiting.waiting and waiting.current and self.attempts.get(waiting.id) is waiting]
+            parcel.waiting.clear()
+            if not behind:  # their job ended meanwhile: they are cancelled on the node already
+                continue
+            self._parcel_ran_long(self.jobs[attempt.job_id])
+            reason = (f"taken back before it started: the segment before it in its parcel ran over "
+                      f"{STUCK_PARCEL_SECONDS:g} s on node {attempt.node.name}")
+            for waiting in reversed(behind):  # each goes to the queue's head: the first comes out first
+                self._requeue(waiting, AttemptState.CANCELLED, reason, count=False)
 
     def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
         attempt.current = False
@@ -216,6 +255,8 @@ class HandOut:
                 if segment_id is None:
                     break
                 segments.append(self._hand_out(rt, segment_id, node, parcel, announced=True))
+            if parcel is not None and parcel.waiting:
+                self._check_parcel_later(self.attempts[parcel.head])
             return rt, segments, node
         return None
 
