@@ -7,7 +7,8 @@ without them (one segment a task).
 Baseline: the same number of no-op tasks submitted one by one with ``client.submit``
 to the same LocalCluster, in the same run. Also: one-frame ``command`` segments running
 ``true`` through ``farm run`` (sandboxed, and with ``node.sandbox: off``) against a pool
-of as many processes running ``/bin/true`` the same number of times; and, for one job of
+of as many processes running ``/bin/true`` the same number of times, bare and in the
+bubblewrap sandbox a segment gets (what the sandbox alone allows here); and, for one job of
 each size in ``--big``, its rate (a hand-out should cost the same whatever the job's size),
 the store's size and the controller's peak memory (the embedded Dask scheduler and worker
 run in the same process, so they are counted too).
@@ -123,6 +124,24 @@ def run_true_pool(count: int, slots: int) -> float:
     return time.perf_counter() - started
 
 
+def run_true_sandboxed_pool(count: int, slots: int) -> float:
+    """Baseline: ``count`` runs of /bin/true, ``slots`` at a time, each in the sandbox a
+    segment's process gets (its own output folder and scratch writable)."""
+    from farm import sandbox
+
+    with tempfile.TemporaryDirectory(prefix="farm-bench-bwrap-") as tmp:
+        folders = [Path(tmp) / "out", Path(tmp) / "scratch"]
+        for folder in folders:
+            folder.mkdir()
+        argv = sandbox.wrap(["/bin/true"], sandbox.Policy(read=[], write=list(map(str, folders))), str(folders[0]),
+                            sandbox.hidden_paths())
+        env = sandbox.sandbox_environment(dict(os.environ), str(folders[1]))
+        started = time.perf_counter()
+        with ThreadPoolExecutor(slots) as pool:
+            list(pool.map(lambda _: subprocess.run(argv, env=env, check=True), range(count)))
+        return time.perf_counter() - started
+
+
 def run_true_farm(count: int, slots: int, sandbox: bool = True) -> float:
     """``farm run`` of ``count`` one-frame command segments running ``true``, from start to exit."""
     with tempfile.TemporaryDirectory(prefix="farm-bench-true-") as tmp:
@@ -189,6 +208,7 @@ def main() -> None:
     true_times: dict[str, float] = {}
     if args.true:
         true_times["pool"] = run_true_pool(args.true, node.slots)
+        true_times["bwrap_pool"] = run_true_sandboxed_pool(args.true, node.slots)
         true_times["farm_small"] = run_true_farm(args.true // 10, node.slots)
         true_times["farm"] = run_true_farm(args.true, node.slots)
         true_times["farm_open"] = run_true_farm(args.true, node.slots, sandbox=False)
@@ -216,23 +236,26 @@ def main() -> None:
     console.print(table)
     if true_times:
         true_table = Table(title=f"{args.true} one-frame command segments running true, {node.slots} at a time")
-        for column in ("path", "seconds", "per second", "ratio to the pool"):
+        for column in ("path", "seconds", "per second", "ratio to the pool", "ratio to the sandboxed pool"):
             true_table.add_column(column, justify="right" if column != "path" else "left")
         pool_rate = args.true / true_times["pool"]
-        true_table.add_row(f"a pool of {node.slots} running /bin/true", f"{true_times['pool']:.2f}", f"{pool_rate:.0f}",
-                           "1.00")
-        farm_rate = args.true / true_times["farm"]
-        true_table.add_row("farm run, start to exit (sandboxed)", f"{true_times['farm']:.2f}", f"{farm_rate:.0f}",
-                           f"{farm_rate / pool_rate:.2f}")
-        open_rate = args.true / true_times["farm_open"]
-        true_table.add_row("farm run, start to exit, node.sandbox: off", f"{true_times['farm_open']:.2f}",
-                           f"{open_rate:.0f}", f"{open_rate / pool_rate:.2f}")
+        bwrap_rate = args.true / true_times["bwrap_pool"]
+
+        def true_row(label: str, seconds: float, rate: float) -> None:
+            true_table.add_row(label, f"{seconds:.2f}", f"{rate:.0f}", f"{rate / pool_rate:.2f}",
+                               f"{rate / bwrap_rate:.2f}")
+
+        true_row(f"a pool of {node.slots} running /bin/true", true_times["pool"], pool_rate)
+        true_row(f"a pool of {node.slots} running /bin/true in a segment's sandbox (bwrap)", true_times["bwrap_pool"],
+                 bwrap_rate)
+        true_row("farm run, start to exit (sandboxed)", true_times["farm"], args.true / true_times["farm"])
+        true_row("farm run, start to exit, node.sandbox: off", true_times["farm_open"],
+                 args.true / true_times["farm_open"])
         # what each segment costs, without the job's fixed cost: the difference of two runs
         small = args.true // 10
         marginal = (args.true - small) / max(true_times["farm"] - true_times["farm_small"], 1e-9)
-        true_table.add_row(f"farm run, per segment ({small} vs {args.true} segments)",
-                           f"{true_times['farm'] - true_times['farm_small']:.2f}", f"{marginal:.0f}",
-                           f"{marginal / pool_rate:.2f}")
+        true_row(f"farm run, per segment ({small} vs {args.true} segments)",
+                 true_times["farm"] - true_times["farm_small"], marginal)
         console.print(true_table)
     big_table = Table(title="one job per size, each in a separate process")
     for column in ("segments", "seconds", "segments per second", "store size", "controller peak memory"):
