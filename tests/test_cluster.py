@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.cluster_helpers import Cluster
-from tests.conftest import ROOT, running_with, write_profile
+from tests.conftest import ROOT, write_profile
 
 pytestmark = pytest.mark.slow
 
@@ -161,10 +161,9 @@ def test_a_node_killed_mid_batch_loses_nothing(cluster):
     assert frames_in(c.root / "out") == [f"frame_{i:04d}.txt" for i in range(1, 11)]
     lost = [a for s in done["segment_list"] for a in s["attempts"] if a["state"] == "lost"]
     assert lost and all("doomed" in a["reason"] for a in lost)
-    time.sleep(1)
     assert list((c.root / "pids").iterdir())  # segments did start
-    # A sandboxed script knows only its pid inside the sandbox: look for it by its path.
-    assert running_with(str(c.root / "work.py")) == [], "a killed node's segment processes survived"
+    # That a killed node's segment processes end is tried in test_faults, with segments that
+    # would outlive the test: these end by themselves before the job does.
 
 
 def test_the_controller_killed_mid_batch_resumes_from_the_store(cluster):
