@@ -27,6 +27,12 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def cache_dir() -> Path:
+    """Where Farm keeps what it can fetch or work out again (programs' answers, a node's
+    fetched inputs): ``$FARM_CACHE``, then the platform's cache folder."""
+    return Path(os.environ.get("FARM_CACHE") or platformdirs.user_cache_dir(APP)).expanduser()
+
+
 def make_state_dir(path: Path) -> Path:
     """Create the state directory 0700 when it is missing: it holds the store (profiles
     with their ``env`` values, every job's log). One that exists keeps its mode: it may

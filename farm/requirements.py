@@ -70,10 +70,10 @@ _CACHE_LOCK = threading.Lock()
 
 
 def answers_path() -> Path:
-    """The file that keeps programs' answers: ``$FARM_CACHE`` or the platform's cache folder."""
-    import platformdirs
+    """The file that keeps programs' answers, in :func:`farm.config.cache_dir`."""
+    from farm.config import cache_dir
 
-    return Path(os.environ.get("FARM_CACHE") or platformdirs.user_cache_dir("farm")).expanduser() / "programs.json"
+    return cache_dir() / "programs.json"
 
 
 def _identity(executable: str) -> list[object] | None:

@@ -832,9 +832,9 @@ def node_cache(config: Any) -> NodeCache:
 
 
 def default_cache_root() -> Path:
-    import platformdirs
+    from farm.config import cache_dir
 
-    return Path(platformdirs.user_cache_dir("farm")) / "transfer"
+    return cache_dir() / "transfer"
 
 
 def controller_link(node_name: str, rate: int | None) -> ControllerLink | None:

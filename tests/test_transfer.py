@@ -535,3 +535,15 @@ def test_a_file_sent_to_a_node_shows_what_the_node_has_until_it_has_all_or_falls
     depot.fetched("island", sha, 3 << 20)
     [shown] = depot.documents("job2")
     assert not shown["active"] and shown["bytes"] == 3 << 20  # over at once, at what the node had
+
+
+def test_a_node_keeps_fetched_inputs_under_farm_cache_when_farm_yaml_names_no_folder(tmp_path, monkeypatch):
+    from farm.config import NodeConfig
+    from farm.requirements import answers_path
+    from farm.transfer import node_cache
+
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path / "caches"))
+    cache = node_cache(NodeConfig(storage="local"))
+    assert cache.blobs.is_dir() and cache.blobs.is_relative_to(tmp_path / "caches" / "transfer")
+    assert answers_path() == tmp_path / "caches" / "programs.json"  # the programs' answers beside them
+    assert node_cache(NodeConfig(storage="local", cache=str(tmp_path / "chosen"))).root == tmp_path / "chosen"
