@@ -346,7 +346,9 @@ def test_the_rest_of_a_parcel_behind_a_hung_segment_runs_elsewhere(farm_of, tmp_
     GATE.set()
     scheduler.run_until_done([job_id])
     attempts = assert_each_ran_once(scheduler, job_id, frames)
-    assert not [a for a in attempts if a["state"] in ("failed", "lost", "timed_out")], "a taken-back segment counted"
+    counted = [a for a in attempts if a["state"] in ("failed", "timed_out")
+               or (a["state"] == "lost" and "handed back unstarted" not in a["reason"])]  # a busy machine's parcel
+    assert not counted, f"a taken-back segment counted: {counted}"
 
 
 #: frames up to 40 are written at once; later ones wait for the gate file (argv: folder, frame, gate)
