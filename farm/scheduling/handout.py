@@ -10,7 +10,8 @@ A job whose segments take much less than a round trip (as its nodes measured the
 no-op, ``true``, a tiny frame) is handed out several segments to a Dask task, a parcel,
 so that Dask's cost per task is shared. A parcel holds one slot; its segments run one
 after another there, each sends its own outcome as it ends, and those not yet started
-are announced ones: cancelled or taken back one by one, as any other.
+are announced ones: cancelled or taken back one by one, as any other, and taken back
+all at once when the one running before them has run far longer than measured.
 
 Part of :class:`farm.scheduler.Scheduler` (a mixin: it works on the scheduler's state).
 """
