@@ -46,13 +46,25 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def refuse(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+async def refuse(send: Send, status: int, message: str, headers: dict[str, str] | None = None,
+                 close: bool = True) -> None:
+    """Answer ``status`` with ``message``; ``close`` the connection when the request's body
+    is left unread (the rest of it is not worth reading)."""
     body = json.dumps({"error": message}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-           (b"connection", b"close")]  # the rest of an unread body is not worth reading
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        raw.append((b"connection", b"close"))
     raw += [(key.encode(), value.encode()) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
 
 
 class Gate:
@@ -72,8 +84,8 @@ class Gate:
         headers = scope.get("headers", [])
         if guarded(scope["path"]):
             principal = self.authenticate(bearer(headers))
-            if principal is None:
-                await refuse(send, 401, UNAUTHORISED, {"www-authenticate": "Bearer"})
+            if principal is None:  # a request with no body keeps its connection: a new TLS handshake costs more
+                await refuse(send, 401, UNAUTHORISED, {"www-authenticate": "Bearer"}, close=_has_body(headers))
                 return
             scope.setdefault("state", {})["principal"] = principal
             if scope["path"].startswith(STREAMED):  # files of any size, streamed by their route

@@ -191,6 +191,18 @@ def test_without_a_token_every_body_gets_401(controller, body):
 
 
 @pytest.mark.slow
+def test_a_refusal_hangs_up_only_on_a_body_left_unread(controller):
+    # a client polling without a token is refused on the same connection, not a new TLS
+    # handshake each time; one that sent a body is hung up on rather than read to its end
+    for _ in range(2):
+        polled = controller.anonymous.get("/api/jobs")
+        assert polled.status_code == 401 and polled.headers.get("connection") != "close"
+    posted = controller.anonymous.post("/api/batches", content=b'{"profile": "x"}',
+                                       headers={"Content-Type": "application/json"})
+    assert posted.status_code == 401 and posted.headers.get("connection") == "close"
+
+
+@pytest.mark.slow
 def test_an_oversize_body_with_a_token_gets_413(controller):
     c = controller
     body = b'{"profile": "' + b"x" * (2 * MiB) + b'"}'
