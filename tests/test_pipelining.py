@@ -9,6 +9,7 @@ process holding announced segments.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -399,3 +400,43 @@ def test_a_node_that_forgot_the_job_answers_for_its_whole_parcel_and_nothing_is_
     unrun = [a for a in attempts if a["state"] == "lost"]
     assert any("does not hold job" in a["reason"] for a in unrun), [a["reason"] for a in unrun]
     assert all("does not hold job" in a["reason"] or "handed back unstarted" in a["reason"] for a in unrun)
+
+
+@pytest.mark.slow
+def test_a_controller_killed_while_its_node_holds_parcels_loses_nothing(tmp_path):
+    c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"], "sandbox": False})  # unsandboxed: see above
+    try:
+        c.start_controller()
+        c.start_node("n1", "--slots", "2")
+        c.wait_for_nodes("n1")
+        gate = c.root / "gate" / "open"
+        gate.parent.mkdir()
+        profile = write_profile(c.root, "held", {
+            "processor": "command", "frames": "1-120", "segment": {"frames": 1}, "retries": 1,
+            "settings": {"command": ["sh", "-c", QUICK_THEN_HELD, "sh", "{output_dir}", "{start}", str(gate)],
+                         "expect": ["frame_{frame:04d}.txt"]},
+            "sandbox": {"read": [str(gate.parent)]},
+        })
+        job_id = json.loads(c.farm("submit", profile, "-o", c.root / "out", "--json").stdout)["jobs"][0]["id"]
+
+        def holding_parcels() -> bool:
+            # frames up to 40 done; the node holds more attempts than its 2 slots and 2
+            # announced tasks: held frames in parcels
+            detail = c.job(job_id)
+            held = [a for s in detail["segment_list"] for a in s["attempts"] if a["state"] == "running"]
+            return detail["segments_done"] >= 40 and len(held) > 4
+
+        c.wait_until(holding_parcels, 120, "the node to hold parcels of held frames", every=0.1)
+        c.controller.send_signal(signal.SIGKILL)
+        c.controller.wait()
+        c.start_controller()
+        c.wait_for_nodes("n1")
+        gate.touch()
+        done = finished(c, job_id)
+        assert done["state"] == "done", done["error"]
+        assert_exact_outputs(c.root / "out", 120)
+        # the frames that ran before the kill were kept, not run again
+        early = [s for s in done["segment_list"] if int(s["id"][-5:]) < 40]
+        assert all(len(s["attempts"]) == 1 for s in early), [s["id"] for s in early if len(s["attempts"]) > 1]
+    finally:
+        c.stop()
