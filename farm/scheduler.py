@@ -33,7 +33,7 @@ from farm.model import Segment, TERMINAL_JOB_STATES
 from farm.store import Store
 
 from farm.scheduling.assembly import Assembly
-from farm.scheduling.handout import HandOut
+from farm.scheduling.handout import HandOut, parcel_limits
 from farm.scheduling.outcomes import Outcomes
 from farm.scheduling.queue import JobQueue
 from farm.scheduling.recovery import Recovery, cancel_interrupted
@@ -59,6 +59,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         or takes over is owned by it (None: batches without an owner, for tests).
         ``keep_work``: keep a done job's work folder (segment outputs) instead of removing it."""
         self.pipeline = pipeline
+        self.parcel_limits = parcel_limits()
         # announced attempts per node, oldest first: when one of the node's attempts ends,
         # its freed slot starts the oldest (told by no extra message: a round trip saved)
         self._announced: dict[str, deque[AttemptRuntime]] = {}

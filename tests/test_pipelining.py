@@ -30,7 +30,6 @@ from farm.plugins import load_plugins
 from farm.processor import Processor
 from farm.profiles import LoadedProfile, Profile
 from farm.scheduler import Scheduler
-from farm.scheduling import handout
 from farm.store import Store
 from tests.cluster_helpers import Cluster
 from tests.conftest import write_profile
@@ -125,13 +124,17 @@ def step_until(scheduler: Scheduler, check, what: str, timeout: float = 60):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+#: Parcels even when a busy machine measures each segment tens of milliseconds (the
+#: suite's other workers, or the scheduler, Dask and the node sharing one process): a
+#: parcel is then half of what a node runs before it hands back the rest
+#: (farm.node.PARCEL_LIMIT_SECONDS). Read when a scheduler starts (handout.parcel_limits).
+BUSY_MACHINE_PARCELS = {"FARM_PARCEL_UNDER_SECONDS": "0.1", "FARM_PARCEL_SECONDS": "0.5"}
+
+
 @pytest.fixture
 def parcels_on_a_busy_machine(monkeypatch):
-    """Parcels even when a busy machine measures each segment tens of milliseconds: the
-    scheduler, Dask and the node share one process here. A parcel is half of what a
-    node runs before it hands back the rest (farm.node.PARCEL_LIMIT_SECONDS)."""
-    monkeypatch.setattr(handout, "PARCEL_UNDER_SECONDS", 0.1)
-    monkeypatch.setattr(handout, "PARCEL_SECONDS", 0.5)
+    for name, value in BUSY_MACHINE_PARCELS.items():
+        monkeypatch.setenv(name, value)
 
 
 def assert_each_ran_once(scheduler: Scheduler, job_id: str, frames: int) -> list:
@@ -361,6 +364,7 @@ QUICK_THEN_HELD = 'if [ "$2" -gt 40 ]; then while [ ! -e "$3" ]; do sleep 0.05; 
 def test_a_node_killed_with_parcels_of_segments_loses_nothing(tmp_path):
     # unsandboxed: a sandbox's start (30 to 50 ms on a busy machine) would make these too long to parcel
     c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"], "sandbox": False})
+    c.env.update(BUSY_MACHINE_PARCELS)
     try:
         frame_41 = None
 
@@ -405,6 +409,7 @@ def test_a_node_that_forgot_the_job_answers_for_its_whole_parcel_and_nothing_is_
 @pytest.mark.slow
 def test_a_controller_killed_while_its_node_holds_parcels_loses_nothing(tmp_path):
     c = Cluster(tmp_path / "c", node_config={"allow_commands": ["sh"], "sandbox": False})  # unsandboxed: see above
+    c.env.update(BUSY_MACHINE_PARCELS)
     try:
         c.start_controller()
         c.start_node("n1", "--slots", "2")

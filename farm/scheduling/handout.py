@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import time
 from collections import Counter, deque
 
@@ -39,6 +40,21 @@ MAX_PARCEL = 16
 #: were measured to take) has the rest of its parcel taken back for any free slot, rather
 #: than waiting behind it until it ends or times out.
 STUCK_PARCEL_SECONDS = 2.0
+
+
+def parcel_limits() -> tuple[float, float]:
+    """(``PARCEL_UNDER_SECONDS``, ``PARCEL_SECONDS``), or what ``$FARM_PARCEL_UNDER_SECONDS``
+    and ``$FARM_PARCEL_SECONDS`` say instead: on a machine too busy to measure a few
+    milliseconds (a test suite beside its controllers) a job of tiny segments measures
+    tens, and would not be parcelled."""
+    def from_env(name: str, default: float) -> float:
+        try:
+            value = float(os.environ.get(name, ""))
+        except ValueError:
+            return default
+        return value if 0 < value < 60 else default
+
+    return from_env("FARM_PARCEL_UNDER_SECONDS", PARCEL_UNDER_SECONDS), from_env("FARM_PARCEL_SECONDS", PARCEL_SECONDS)
 
 
 class HandOut:
@@ -310,16 +326,17 @@ class HandOut:
         dozen, so that one slow moment does not undo it. A segment longer than a whole
         parcel puts the average at half its time at once: segments that turn slow (a
         title, then the film) go one a task after the first of them."""
+        under, parcel_seconds = self.parcel_limits
         average = seconds if rt.seconds_each is None else rt.seconds_each + (seconds - rt.seconds_each) / 16
-        if seconds > PARCEL_SECONDS:
+        if seconds > parcel_seconds:
             average = max(average, seconds / 2)
         rt.seconds_each = average
-        rt.parcel = 1 if average >= PARCEL_UNDER_SECONDS else min(MAX_PARCEL, int(PARCEL_SECONDS / max(average, 1e-6)))
+        rt.parcel = 1 if average >= under else min(MAX_PARCEL, int(parcel_seconds / max(average, 1e-6)))
 
     def _parcel_ran_long(self, rt: JobRuntime) -> None:
         """A node handed back part of a parcel of ``rt``: its segments are not what they
         were measured to be. One a task, until the segments measured since say otherwise."""
-        rt.seconds_each = max(rt.seconds_each or 0.0, PARCEL_SECONDS)
+        rt.seconds_each = max(rt.seconds_each or 0.0, self.parcel_limits[1])
         rt.parcel = 1
 
     def _fail_unrunnable(self, nodes: list[NodeView]) -> None:
