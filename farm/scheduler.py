@@ -89,6 +89,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         self._assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-assemble")
         self._cancel_local: set[str] = set()
         self._to_cancel: list[AttemptRuntime] = []  # ended in this round; told to nodes after commit
+        self._queued_first: dict[str, int] = {}  # segments put back at a job's head in this round, by job
         self._lock = threading.Lock()
         self.paused_nodes: set[str] = store.paused_nodes()
         self._unrunnable_checked = 0.0
@@ -156,6 +157,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
         finished = [attempt_id for kind, attempt_id, _ in items if kind == "finished"]
         outcomes = self.engine.collect(finished) if finished else {}
         dispatched: list[tuple[JobRuntime, list[Segment], NodeView]] = []
+        self._queued_first.clear()
         try:
             with self._committed():
                 self._hold_lease()
@@ -170,6 +172,7 @@ class Scheduler(JobQueue, Recovery, HandOut, Outcomes, Assembly):
                 self._enforce_timeouts()
                 self._free_stuck_parcels()
                 self._apply_cancels()
+                self._queued_first.clear()  # dispatch takes from the heads: later ones go first again
                 dispatched = self._dispatch()
         except BaseException as exc:
             for kind, _, value in items:  # nobody waiting on an answer is left hanging

@@ -355,6 +355,27 @@ def test_the_rest_of_a_parcel_behind_a_hung_segment_runs_elsewhere(farm_of, tmp_
     assert not counted, f"a taken-back segment counted: {counted}"
 
 
+@pytest.mark.usefixtures("parcels_on_a_busy_machine")
+def test_what_a_parcel_hands_back_runs_again_in_its_order(farm_of, tmp_path):
+    scheduler = farm_of(nodes=1, slots=1)  # one slot: segments start in the order they are handed out
+    _, (job_id,) = scheduler.submit(recorder_profile("slow-late", f"1-{LATE + 12}"), [None], tmp_path / "out")
+    scheduler.run_until_done([job_id])
+    attempts = assert_each_ran_once(scheduler, job_id, LATE + 12)
+    returned = sorted(int(a["segment_id"][-5:]) for a in attempts if "handed back unstarted" in (a["reason"] or ""))
+    assert len(returned) > 1, "no parcel of late frames handed back more than one segment"
+    # a parcel's unstarted tail is a run of consecutive segments (its first one always runs)
+    tails: list[list[int]] = []
+    for index in returned:
+        if tails and index == tails[-1][-1] + 1:
+            tails[-1].append(index)
+        else:
+            tails.append([index])
+    started = [int(segment[-5:]) for segment, _, _ in RUNS]
+    for tail in tails:
+        again = [index for index in started if index in tail]
+        assert again == tail, f"handed back {tail}, run again in the order {again}"
+
+
 #: frames up to 40 are written at once; later ones wait for the gate file (argv: folder, frame, gate)
 QUICK_THEN_HELD = 'if [ "$2" -gt 40 ]; then while [ ! -e "$3" ]; do sleep 0.05; done; fi; ' \
                   'printf %s "$2" > "$1/frame_$(printf %04d "$2").txt"'

@@ -138,7 +138,7 @@ class HandOut:
             self._parcel_ran_long(self.jobs[attempt.job_id])
             reason = (f"taken back before it started: the segment before it in its parcel ran over "
                       f"{STUCK_PARCEL_SECONDS:g} s on node {attempt.node.name}")
-            for waiting in reversed(behind):  # each goes to the queue's head: the first comes out first
+            for waiting in behind:
                 self._requeue(waiting, AttemptState.CANCELLED, reason, count=False)
 
     def _requeue(self, attempt: AttemptRuntime, end: str, reason: str, count: bool) -> None:
@@ -158,7 +158,7 @@ class HandOut:
         else:
             self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
             seg.state = SegmentState.QUEUED
-            rt.queue.appendleft(seg.id)
+            self._queue_first(rt, seg.id)
             self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
 
     def _hold(self, attempt: AttemptRuntime) -> None:

@@ -103,8 +103,15 @@ class Outcomes:
                             result=None, reason=reason)
         self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED)
         seg.state = SegmentState.QUEUED
-        rt.queue.appendleft(seg.id)
+        self._queue_first(rt, seg.id)
         self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
+
+    def _queue_first(self, rt: JobRuntime, segment_id: str) -> None:
+        """Queue a segment again at the head of its job's queue, behind those put there
+        earlier in this round: a parcel's segments that come back together keep their order."""
+        position = self._queued_first.get(rt.job.id, 0)
+        rt.queue.insert(position, segment_id)
+        self._queued_first[rt.job.id] = position + 1
 
     def _segment_failed(self, rt: JobRuntime, seg: SegmentRuntime, node: NodeView, reason: str) -> None:
         seg.failures += 1
@@ -121,7 +128,7 @@ class Outcomes:
             return
         self.store.move_segment(seg.id, seg.state, SegmentState.QUEUED, error=reason)
         seg.state = SegmentState.QUEUED
-        rt.queue.appendleft(seg.id)
+        self._queue_first(rt, seg.id)
         self._emit("segment_retry", rt, {"segment": seg.id, "reason": reason})
 
     def _watch(self, attempt: AttemptRuntime, profile: Any) -> None:
