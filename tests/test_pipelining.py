@@ -31,6 +31,7 @@ from farm.processor import Processor
 from farm.profiles import LoadedProfile, Profile
 from farm.scheduler import Scheduler
 from farm.store import Store
+from farm_imageseq.renderers import consecutive_runs
 from tests.cluster_helpers import Cluster
 from tests.conftest import write_profile
 from tests.test_faults import HELD, assert_exact_outputs, finished
@@ -363,15 +364,9 @@ def test_what_a_parcel_hands_back_runs_again_in_its_order(farm_of, tmp_path):
     attempts = assert_each_ran_once(scheduler, job_id, LATE + 12)
     returned = sorted(int(a["segment_id"][-5:]) for a in attempts if "handed back unstarted" in (a["reason"] or ""))
     assert len(returned) > 1, "no parcel of late frames handed back more than one segment"
-    # a parcel's unstarted tail is a run of consecutive segments (its first one always runs)
-    tails: list[list[int]] = []
-    for index in returned:
-        if tails and index == tails[-1][-1] + 1:
-            tails[-1].append(index)
-        else:
-            tails.append([index])
     started = [int(segment[-5:]) for segment, _, _ in RUNS]
-    for tail in tails:
+    # a parcel's unstarted tail is a run of consecutive segments (its first one always runs)
+    for tail in consecutive_runs(returned):
         again = [index for index in started if index in tail]
         assert again == tail, f"handed back {tail}, run again in the order {again}"
 
