@@ -116,11 +116,11 @@ def run_dask_limited(engine: Engine, tasks: int, in_flight: int) -> float:
     return time.perf_counter() - started
 
 
-def run_true_pool(count: int, slots: int) -> float:
-    """Baseline: ``count`` runs of /bin/true, ``slots`` at a time."""
+def run_pool(argv: list[str], count: int, slots: int, env: dict[str, str] | None = None) -> float:
+    """Baseline: ``count`` runs of ``argv``, ``slots`` at a time."""
     started = time.perf_counter()
     with ThreadPoolExecutor(slots) as pool:
-        list(pool.map(lambda _: subprocess.run(["/bin/true"], check=True), range(count)))
+        list(pool.map(lambda _: subprocess.run(argv, env=env, check=True), range(count)))
     return time.perf_counter() - started
 
 
@@ -135,11 +135,7 @@ def run_true_sandboxed_pool(count: int, slots: int) -> float:
             folder.mkdir()
         argv = sandbox.wrap(["/bin/true"], sandbox.Policy(read=[], write=list(map(str, folders))), str(folders[0]),
                             sandbox.hidden_paths())
-        env = sandbox.sandbox_environment(dict(os.environ), str(folders[1]))
-        started = time.perf_counter()
-        with ThreadPoolExecutor(slots) as pool:
-            list(pool.map(lambda _: subprocess.run(argv, env=env, check=True), range(count)))
-        return time.perf_counter() - started
+        return run_pool(argv, count, slots, sandbox.sandbox_environment(dict(os.environ), str(folders[1])))
 
 
 def run_true_farm(count: int, slots: int, sandbox: bool = True) -> float:
@@ -207,7 +203,7 @@ def main() -> None:
 
     true_times: dict[str, float] = {}
     if args.true:
-        true_times["pool"] = run_true_pool(args.true, node.slots)
+        true_times["pool"] = run_pool(["/bin/true"], args.true, node.slots)
         true_times["bwrap_pool"] = run_true_sandboxed_pool(args.true, node.slots)
         true_times["farm_small"] = run_true_farm(args.true // 10, node.slots)
         true_times["farm"] = run_true_farm(args.true, node.slots)
