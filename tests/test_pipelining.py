@@ -46,7 +46,7 @@ class Recorder(Processor):
     """Runs one frame a segment; what it does is chosen by the profile's name: ``write``
     writes its frame, ``hold`` waits for GATE first, ``fail-once`` fails its first attempt,
     ``hold-late`` and ``slow-late`` write frames up to LATE at once and then wait for GATE
-    or take 0.6 s, ``hold-one`` waits for GATE in frame LATE + 1 only."""
+    or take 0.6 s, ``hold-two`` waits for GATE in frames LATE + 1 and LATE + 2 only."""
 
     name = "recorder"
     frame_based = True
@@ -64,7 +64,7 @@ class Recorder(Processor):
         behaviour = segment.job.profile.name
         late = segment.start > LATE
         if behaviour == "hold" or (behaviour == "hold-late" and late) or (
-                behaviour == "hold-one" and segment.start == LATE + 1):
+                behaviour == "hold-two" and segment.start in (LATE + 1, LATE + 2)):
             while not GATE.wait(0.05):
                 if context.cancelled.is_set():
                     raise ProcessorError("cancelled while held")
@@ -331,23 +331,29 @@ def test_a_parcel_that_runs_long_hands_back_what_it_has_not_started(farm_of, tmp
 
 @pytest.mark.usefixtures("parcels_on_a_busy_machine")
 def test_the_rest_of_a_parcel_behind_a_hung_segment_runs_elsewhere(farm_of, tmp_path):
-    scheduler = farm_of(nodes=1, slots=2)
+    # Two consecutive frames hang: wherever the parcels' bounds fall, one of them runs with
+    # segments of its parcel behind it (the first, or else the second at the head of the
+    # next parcel). Two slots can hang, the third runs the rest.
+    scheduler = farm_of(nodes=1, slots=3)
     frames = LATE + 60
-    _, (job_id,) = scheduler.submit(recorder_profile("hold-one", f"1-{frames}"), [None], tmp_path / "out")
-    hung = f"s{LATE + 1:05d}"
+    _, (job_id,) = scheduler.submit(recorder_profile("hold-two", f"1-{frames}"), [None], tmp_path / "out")
+    hung = (f"s{LATE:05d}", f"s{LATE + 1:05d}")
     rt = scheduler.jobs[job_id]
 
     def parcel_behind_hung():
-        return any(a.segment_id.endswith(hung) and a.parcel is not None and a.parcel.waiting
+        return any(a.segment_id.endswith(hung) and not a.waiting and a.parcel is not None and a.parcel.waiting
                    for a in scheduler.attempts.values())
 
-    step_until(scheduler, parcel_behind_hung, f"frame {LATE + 1} to hang with part of its parcel waiting behind it")
-    # the other slot runs what was waiting behind the hung frame: all but that frame end
-    step_until(scheduler, lambda: rt.done == frames - 1, "every frame but the hung one to be done")
+    def taken_back():
+        return [a for a in scheduler.store.attempts(job_id=job_id) if "taken back before it started" in (a["reason"] or "")]
+
+    step_until(scheduler, parcel_behind_hung, "a hung frame to run with part of its parcel waiting behind it")
+    # what waited behind a hung frame is taken back, and the free slot runs it: all but the two end
+    step_until(scheduler, lambda: taken_back() and rt.done == frames - 2,
+               "the rest of the parcel taken back, and every frame but the two hung ones done")
     assert rt.state == "running" and not GATE.is_set()
-    taken_back = [a for a in scheduler.store.attempts(job_id=job_id) if "taken back before it started" in (a["reason"] or "")]
-    assert taken_back and {a["state"] for a in taken_back} == {"cancelled"}
-    assert all("ran over 2 s" in a["reason"] for a in taken_back)
+    assert {a["state"] for a in taken_back()} == {"cancelled"}
+    assert all("ran over 2 s" in a["reason"] for a in taken_back())
     GATE.set()
     scheduler.run_until_done([job_id])
     attempts = assert_each_ran_once(scheduler, job_id, frames)
